@@ -1,0 +1,252 @@
+"""The WebSocket endpoint: HTTP checks, the upgrade, each connection's life, health and shutdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+from simple_websocket import Server  # type: ignore[import-untyped]
+from simple_websocket import ConnectionClosed, ConnectionError as WsConnectionError
+from werkzeug.wrappers import Request, Response
+
+from .connection import CLOSE_GOING_AWAY, Connection, GuardedSocket
+from .errors import ConfigError
+from .hub import Hub
+from .messages import DEFAULT_AUDIENCE
+
+logger = logging.getLogger(__name__)
+
+WSGIEnviron = Dict[str, Any]
+StartResponse = Callable[..., Any]
+
+_live_endpoints: "weakref.WeakSet[WebSocketEndpoint]" = weakref.WeakSet()
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Iterable[str] = ()) -> bool:
+    """Decide whether a browser on ``origin`` may open a socket on ``host``.
+
+    A missing Origin header (a non-browser client) is allowed; an origin whose
+    host and port equal the Host header is allowed; so is any origin listed in
+    ``allowed`` (compared as ``scheme://host[:port]``, case-insensitively), or
+    anything when ``allowed`` contains ``"*"``.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    allowed_set = {a.strip().lower().rstrip("/") for a in allowed}
+    if "*" in allowed_set or origin in allowed_set:
+        return True
+    try:
+        parts = urlsplit(origin)
+        origin_host, origin_port = parts.hostname, parts.port
+    except ValueError:
+        return False
+    if not origin_host or parts.scheme not in ("http", "https") or not host:
+        return False
+    default_port = 443 if parts.scheme == "https" else 80
+    try:
+        target = urlsplit("//" + host.strip().lower())
+        target_host, target_port = target.hostname, target.port
+    except ValueError:
+        return False
+    return origin_host == target_host and (origin_port or default_port) == (target_port or default_port)
+
+
+class _SocketDone(Response):
+    """Returned once a socket is over: tells the web server the connection is gone.
+
+    gunicorn ends the request on StopIteration, Werkzeug's server on
+    ConnectionError; neither then writes anything into the used-up socket.
+    """
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        if "gunicorn.socket" in environ:
+            raise StopIteration()
+        if "werkzeug.socket" in environ:
+            raise ConnectionError()
+        return []
+
+
+def _text_response(status: int, text: str, headers: Optional[Dict[str, str]] = None) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
+
+
+class WebSocketEndpoint:
+    """Serves WebSocket connections whose messages come from a :class:`Hub`.
+
+    Usable as a plain WSGI application or registered on a Flask app with
+    :meth:`init_app`. Subclasses decide audiences and health.
+
+    Options (all keyword-only): ``max_queue`` frames per connection before it
+    is dropped (1013); ``write_timeout`` seconds a write may block before the
+    socket is dropped; ``ping_interval`` seconds between pings (``None``
+    disables them; a missing pong closes the socket); ``max_message_size``
+    bytes of an incoming message before the socket is closed with 1009;
+    ``allowed_origins`` browser origins besides the page's own (``"*"`` for
+    any); ``compression`` to accept permessage-deflate; ``health_path`` for
+    the health check (``None`` for none); ``close_timeout`` seconds to wait
+    for the client's half of a close handshake.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue: int = 1024,
+        write_timeout: float = 10.0,
+        ping_interval: Optional[float] = 25.0,
+        max_message_size: Optional[int] = 1 << 20,
+        allowed_origins: Iterable[str] = (),
+        compression: bool = False,
+        health_path: Optional[str] = "/healthz",
+        close_timeout: float = 2.0,
+    ) -> None:
+        if max_queue < 1:
+            raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
+        if write_timeout <= 0 or close_timeout < 0:
+            raise ConfigError("write_timeout must be positive and close_timeout not negative")
+        if ping_interval is not None and ping_interval <= 0:
+            raise ConfigError("ping_interval must be positive seconds, or None to disable pings")
+        if isinstance(allowed_origins, str):
+            raise ConfigError("allowed_origins must be a list of origins, not one string")
+        self.max_queue = max_queue
+        self.write_timeout = write_timeout
+        self.ping_interval = ping_interval
+        self.max_message_size = max_message_size
+        self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
+        self.compression = compression
+        self.health_path = health_path
+        self.close_timeout = close_timeout
+        self.hub = Hub()
+        self._closing = False
+        self._close_lock = threading.Lock()
+        _live_endpoints.add(self)
+
+    # ------------------------------------------------------ for subclasses
+
+    def connection_audiences(self, request: Request) -> Sequence[str]:
+        """The audiences of a new connection (called once, before the upgrade)."""
+        return [DEFAULT_AUDIENCE]
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        """Whether this endpoint can deliver now, and a small JSON-able description."""
+        return not self._closing, {"sockets": len(self.hub)}
+
+    def prepare(self) -> None:
+        """Called before each request is handled: start per-process machinery here."""
+
+    def on_closed(self) -> None:
+        """Called once when :meth:`close` has closed every socket."""
+
+    # ------------------------------------------------------------- WSGI / Flask
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        request = Request(environ)
+        if self.health_path is not None and request.path == self.health_path:
+            response = self.health_response()
+        else:
+            response = self.handle(request)
+        return response(environ, start_response)
+
+    def init_app(self, app: Any, path: str = "/ws") -> None:
+        """Register the WebSocket route at ``path`` (and the health route) on a Flask app."""
+        import flask
+
+        name = f"pgws_sync_ws_{id(self):x}"
+        app.add_url_rule(path, endpoint=name, view_func=lambda: self.handle(flask.request),
+                         websocket=True)
+        if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
+            app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
+                             view_func=self.health_response)
+
+    def health_response(self) -> Response:
+        ok, body = self.health()
+        body = {"status": "ok" if ok else "unavailable", **body}
+        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+
+    # ---------------------------------------------------------------- serving
+
+    def handle(self, request: Request) -> Response:
+        """Check, upgrade and serve one WebSocket request; returns when the socket is over."""
+        environ = request.environ
+        if self._closing:
+            return _text_response(503, "server shutting down")
+        if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return _text_response(426, "this URL serves WebSocket connections only",
+                                  {"Upgrade": "websocket"})
+        if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
+                              self.allowed_origins):
+            logger.info("refused a socket from origin %r", environ.get("HTTP_ORIGIN"))
+            return _text_response(403, "origin not allowed")
+        key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
+        raw = environ.get(key)
+        if raw is None:
+            logger.error("the WSGI server does not expose its socket; run under gunicorn "
+                         "(gthread worker) or the Werkzeug development server")
+            return _text_response(500, "this server cannot serve WebSockets")
+        self.prepare()
+        audiences = self.connection_audiences(request)
+        conn = Connection(audiences, max_queue=self.max_queue,
+                          info={"remote_addr": request.remote_addr, "path": request.path})
+        guarded = GuardedSocket(raw, self.write_timeout, conn.wake)
+        ws_environ = {k: v for k, v in environ.items()
+                      if self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
+        ws_environ[key] = guarded
+        try:
+            ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
+                               max_message_size=self.max_message_size)
+        except (WsConnectionError, ConnectionClosed, OSError) as exc:
+            logger.info("WebSocket handshake failed: %s", exc)
+            guarded.abort()
+            return _SocketDone()
+        conn.attach(ws, guarded)
+        self.hub.add(conn)
+        try:
+            if self._closing:
+                conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+            conn.serve(compression=self.compression, close_timeout=self.close_timeout)
+        finally:
+            self.hub.remove(conn)
+            guarded.abort()
+            ws.thread.join(self.close_timeout + 1.0)
+        return _SocketDone()
+
+    # --------------------------------------------------------------- shutdown
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every socket with 1001 ``server shutdown`` and refuse new ones (503).
+
+        Waits up to ``timeout`` seconds for the close frames to go out, then
+        drops whatever is left.
+        """
+        with self._close_lock:
+            if self._closing:
+                return
+            self._closing = True
+        conns = self.hub.connections()
+        for conn in conns:
+            conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+        deadline = time.monotonic() + timeout
+        late: List[Connection] = []
+        for conn in conns:
+            if not conn.closed.wait(max(0.0, deadline - time.monotonic())):
+                late.append(conn)
+        for conn in late:
+            conn.abort()
+        if late:
+            logger.warning("dropped %d sockets that did not close within %.1fs", len(late), timeout)
+        logger.info("endpoint closed %d sockets", len(conns))
+        self.on_closed()
+
+
+def live_endpoints() -> List[WebSocketEndpoint]:
+    """Every endpoint created in this process that still exists."""
+    return list(_live_endpoints)
