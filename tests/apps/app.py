@@ -1,0 +1,56 @@
+"""The app the end-to-end tests run under gunicorn, configured by environment variables.
+
+PGWS_DB_URI           the database
+PGWS_CHANNELS         JSON list of channels (default ["pgws"])
+PGWS_OPTIONS          JSON object of endpoint options (max_queue, write_timeout, ...)
+PGWS_LISTENER_OPTIONS JSON object of Listener options
+Audiences: the X-Audience header (comma-separated, may be empty) if sent, else
+["default", "worker-<pid>"].
+"""
+
+import json
+import os
+import threading
+
+from flask import Flask, jsonify
+
+from pgws_sync import PGWS, Listener
+
+app = Flask(__name__)
+listener = Listener(
+    os.environ.get("PGWS_DB_URI", ""),
+    **{"min_reconnect": 0.2, "max_reconnect": 2.0,
+       **json.loads(os.environ.get("PGWS_LISTENER_OPTIONS", "{}"))},
+)
+endpoint = PGWS(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]')),
+                **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
+
+
+def audiences(request):
+    header = request.headers.get("X-Audience")
+    if header is not None:
+        return [a for a in header.split(",") if a]
+    return ["default", f"worker-{os.getpid()}"]
+
+
+endpoint.get_audience = audiences
+endpoint.init_app(app, "/ws")
+
+
+@app.route("/debug/stats")
+def stats():
+    return jsonify(
+        pid=os.getpid(),
+        threads=threading.active_count(),
+        thread_names=sorted(t.name for t in threading.enumerate()),
+        sockets=len(endpoint.hub),
+        audiences=endpoint.hub.audience_count(),
+        queue_depths=[c.queue_depth for c in endpoint.hub.connections()],
+        listener=listener.status(),
+    )
+
+
+@app.route("/debug/close")
+def close():
+    endpoint.close(timeout=5.0)
+    return jsonify(closed=True)

@@ -1,0 +1,63 @@
+"""Session fixtures: a real PostgreSQL server (or PGWS_TEST_DSN), connections, channel names."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from typing import Iterator
+
+import psycopg2
+import pytest
+
+from .pgserver import PgServer
+
+warnings.filterwarnings("ignore", module="platformdirs")
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """DSN of the session's database: PGWS_TEST_DSN, else a server started here."""
+    dsn = os.environ.get("PGWS_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    server = PgServer().start()
+    try:
+        yield server.dsn
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PgServer]:
+    """A private server this test may stop, restart or break."""
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def sender(pg_dsn: str) -> Iterator["psycopg2.extensions.connection"]:
+    """An autocommit connection for sending notifications (never the listener's)."""
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def channel() -> str:
+    """A channel name no other test uses (mixed case on purpose)."""
+    return f"Chan-{os.getpid()}-{next(_counter)}"
+
+
+def pg_notify(conn: "psycopg2.extensions.connection", channel: str, payload: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
