@@ -127,7 +127,7 @@ class Listener:
     def start(self) -> "Listener":
         """Start the listener thread in this process, if it is not running yet."""
         pid = os.getpid()
-        if self._pid == pid:
+        if self._pid == pid and not self._stopped:
             return self
         with self._lock:
             if self._stopped:
@@ -231,7 +231,7 @@ class Listener:
                     if failures:
                         delay = min(self.max_reconnect, self.min_reconnect * 2 ** (failures - 1))
                         delay = min(self.max_reconnect, delay * random.uniform(1.0, 1.1))
-                        logger.info("listener reconnecting in %.1fs", delay)
+                        logger.info("listener reconnecting in %.2fs", delay)
                     self._sleep(delay)
                 first = False
                 try:
@@ -257,7 +257,7 @@ class Listener:
                 try:
                     self._serve(self._conn)
                 except (psycopg2.Error, OSError, _Timeout) as exc:
-                    missed_reason = _describe(exc)
+                    missed_reason = _fatal_notice(self._conn) or _describe(exc)
                     logger.warning("listener connection lost: %s", missed_reason)
                 finally:
                     self._close_conn()
@@ -421,6 +421,14 @@ class Listener:
                 conn.close()
             except psycopg2.Error:
                 pass
+
+
+def _fatal_notice(conn: Any) -> Optional[str]:
+    """The server's own words when it ended the session (a FATAL notice), if it said any."""
+    for notice in reversed(getattr(conn, "notices", None) or []):
+        if notice.startswith("FATAL:"):
+            return notice[len("FATAL:"):].strip()
+    return None
 
 
 def _describe(exc: BaseException) -> str:
