@@ -159,6 +159,8 @@ class WebSocketEndpoint:
         name = f"pgws_sync_ws_{id(self):x}"
         app.add_url_rule(path, endpoint=name, view_func=lambda: self.handle(flask.request),
                          websocket=True)
+        # Plain HTTP on the same path: say what the URL is for, instead of a bare 400.
+        app.add_url_rule(path, endpoint=name + "_http", view_func=lambda: self.handle(flask.request))
         if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
             app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
                              view_func=self.health_response)
