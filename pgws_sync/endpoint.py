@@ -198,15 +198,18 @@ class WebSocketEndpoint:
         ws_environ = {k: v for k, v in environ.items()
                       if self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
         ws_environ[key] = guarded
+        # Registered before the handshake answer goes out: whatever is committed
+        # after the client sees its socket open reaches it (queued until served).
+        self.hub.add(conn)
         try:
             ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
                                max_message_size=self.max_message_size)
         except (WsConnectionError, ConnectionClosed, OSError) as exc:
+            self.hub.remove(conn)
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return _SocketDone()
         conn.attach(ws, guarded)
-        self.hub.add(conn)
         try:
             if self._closing:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")

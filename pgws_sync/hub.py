@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, Iterable, List, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery
 from .wire import encode_text
@@ -75,15 +75,13 @@ class Hub:
         for audience, conns in members.items():
             for conn in conns:
                 memberships.setdefault(conn, []).append(audience)
-        cache: Dict[frozenset, Delivery] = {}
+        cache: Dict[FrozenSet[str], Delivery] = {}
         pairs = []
         for conn, audiences in memberships.items():
             key = frozenset(audiences)
-            item = cache.get(key)
-            if item is None:
-                item = Delivery.join([d for a, d in encoded if a in key])
-                cache[key] = item
-            pairs.append((conn, item))
+            if key not in cache:
+                cache[key] = Delivery.join([d for a, d in encoded if a in key])
+            pairs.append((conn, cache[key]))
         self._deliver(pairs)
 
     def broadcast(self, text: str) -> None:

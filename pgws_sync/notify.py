@@ -27,7 +27,7 @@ def notify(
     """
     validate_channel(channel)
     if isinstance(payload, str):
-        body = payload
+        body = payload.strip()
     elif isinstance(payload, Mapping):
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     else:

@@ -51,12 +51,6 @@ class PGWS(WebSocketEndpoint):
         self.get_audience: Callable[[Request], Sequence[str]] = default_audience
         listener.add_sink(self, names)
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
     # ---------------------------------------------------- endpoint hooks
 
     def prepare(self) -> None:

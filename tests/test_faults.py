@@ -5,12 +5,16 @@ import socket
 import struct
 
 import pytest
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import Ping, Pong, TextMessage
 
 from .conftest import pg_notify
 from .helpers import Ws, raw_upgrade, read_frame, socket_closed_by_peer, wait_for
 from .test_endpoint import clients, serve, wait_sockets  # noqa: F401  (fixture)
 
 PAD = "x" * 7000  # large frames fill the stalled client's buffers quickly
+ROUNDS = 60  # 4.2 MB for the pong test
 
 
 def masked_frame(opcode, data, fin=True):
@@ -189,4 +193,45 @@ def test_1000_connect_disconnect_cycles_leave_no_residue(pg_dsn, sender):
         after = g.stats()
         assert after["audiences"] == 0
     finally:
+        g.stop()
+
+
+def test_pongs_never_interleave_with_large_frames(pg_dsn, sender):
+    """The client pings all the time while the writer pushes 4 MB through a small receive
+    buffer, so the server's reader thread writes pongs while data writes are blocked
+    mid-frame: every frame the client parses must still be whole."""
+    g = serve(pg_dsn, options={"ping_interval": None, "max_queue": 100000}).wait_up()
+    sock, head = raw_upgrade(g.port, rcvbuf=2048)
+    try:
+        assert head.startswith(b"HTTP/1.1 101")
+        wait_sockets(g, 1)
+        with sender.cursor() as cur:
+            for round_ in range(ROUNDS):
+                cur.execute(
+                    "SELECT pg_notify('pgws', format('default,{\"r\": %%s, \"i\": %%s, \"pad\": \"%%s\"}',"
+                    " %s, i, repeat('p', 7000))) FROM generate_series(0, 9) AS i", (round_,))
+        client = Connection(ConnectionType.CLIENT)
+        got, pongs, parts, reads = [], 0, [], 0
+        sock.settimeout(10)
+        while len(got) < ROUNDS * 10:
+            data = sock.recv(512)  # small reads: the server keeps finding the buffer full
+            assert data, "server closed the socket"
+            reads += 1
+            if reads % 4 == 0:
+                sock.sendall(client.send(Ping(b"%d" % reads)))
+            client.receive_data(data)
+            for event in client.events():
+                if isinstance(event, Pong):
+                    pongs += 1
+                    continue
+                assert isinstance(event, TextMessage), event
+                parts.append(event.data)
+                if event.message_finished:
+                    got.append(json.loads("".join(parts))["payload"])
+                    parts = []
+        assert [(p["r"], p["i"]) for p in got] == [(r, i) for r in range(ROUNDS) for i in range(10)]
+        assert all(len(p["pad"]) == 7000 for p in got)
+        assert pongs > 0
+    finally:
+        sock.close()
         g.stop()
