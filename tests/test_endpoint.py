@@ -250,3 +250,43 @@ def test_killed_listener_backend_resyncs_and_sockets_stay_open(server, sender, c
     server.wait_up()
     pg_notify(sender, "pgws", 'default,{"still": "open"}')
     assert all(ws.recv_json()["payload"] == {"still": "open"} for ws in socks)
+
+
+def test_plain_wsgi_under_gunicorn(pg_dsn, sender):
+    g = Gunicorn("tests.apps.plain:application", env={"PGWS_DB_URI": pg_dsn}).wait_up()
+    try:
+        ws = Ws(g.ws_url("/any/path"))
+        wait_for(lambda: json.loads(http_get(g.url("/healthz"))[1])["sockets"] == 1,
+                 message="socket registered")
+        pg_notify(sender, "pgws", 'default,{"plain": "wsgi"}')
+        assert ws.recv_json()["payload"] == {"plain": "wsgi"}
+        assert http_get(g.url("/other"))[0] == 426
+        ws.close()
+    finally:
+        g.stop()
+
+
+def test_plain_wsgi_under_werkzeug_dev_server(pg_dsn, sender):
+    """What `flask run` users get: Werkzeug's threaded development server."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    listener = Listener(pg_dsn, min_reconnect=0.2, max_reconnect=2.0)
+    endpoint = PGWS(listener, "pgws")
+    httpd = make_server("127.0.0.1", 0, endpoint, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="test-werkzeug", daemon=True)
+    thread.start()
+    try:
+        url = f"ws://127.0.0.1:{httpd.server_port}/ws"
+        ws = Ws(url)
+        assert listener.wait_connected(10)
+        wait_for(lambda: len(endpoint.hub) == 1, message="socket registered")
+        pg_notify(sender, "pgws", 'default,{"dev": "server"}')
+        assert ws.recv_json()["payload"] == {"dev": "server"}
+        ws.close()
+        wait_for(lambda: len(endpoint.hub) == 0, message="socket unregistered")
+        endpoint.close()
+    finally:
+        httpd.shutdown()
+        listener.stop()
