@@ -25,7 +25,8 @@ import psycopg2
 import psycopg2.extensions
 
 from .channels import validate_channel
-from .errors import ConfigError, PgwsError
+from .errors import ConfigError, PgwsError, first_line
+from .listener import close_quietly
 from .messages import DEFAULT_AUDIENCE, format_pgws
 from .notify import notify
 
@@ -85,7 +86,7 @@ def resolve_dsn(dsn: Optional[str], environ: Mapping[str, str]) -> str:
     try:
         psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
-        raise ConfigError(f"invalid database DSN: {_first_line(exc)}") from None
+        raise ConfigError(f"invalid database DSN: {first_line(exc)}") from None
     return dsn
 
 
@@ -99,11 +100,6 @@ def connect(dsn: str, environ: Mapping[str, str]) -> Any:
     conn = psycopg2.connect(dsn, **options)
     conn.autocommit = True
     return conn
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].strip() if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------- serve
@@ -241,7 +237,7 @@ class Demo:
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             if self.stop.is_set():  # a Ctrl-C in the terminal reached initdb or pg_ctl too
                 return ""
-            raise CommandFailed(f"the embedded PostgreSQL did not start: {_first_line(exc)}") from exc
+            raise CommandFailed(f"the embedded PostgreSQL did not start: {first_line(exc)}") from exc
         return str(self._server.get_uri())
 
     def _start_serve(self, dsn: str) -> None:
@@ -295,18 +291,14 @@ class Demo:
                     self._conn = connect(dsn, os.environ)
                 notify(self._conn, DEFAULT_CHANNEL, message)
             except psycopg2.Error as exc:
-                print(f"{PROG} demo: could not publish: {_first_line(exc)}", file=sys.stderr,
+                print(f"{PROG} demo: could not publish: {first_line(exc)}", file=sys.stderr,
                       flush=True)
                 self._close_conn()
             self.stop.wait(1.0)
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg2.Error:
-                pass
+        close_quietly(conn)
 
     def _shut_down(self) -> None:
         self._close_conn()
@@ -325,7 +317,7 @@ class Demo:
             try:
                 server.cleanup()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                print(f"{PROG} demo: could not stop PostgreSQL cleanly: {_first_line(exc)}",
+                print(f"{PROG} demo: could not stop PostgreSQL cleanly: {first_line(exc)}",
                       file=sys.stderr, flush=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -426,5 +418,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except psycopg2.Error as exc:
-        print(f"{PROG}: database error: {_first_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: database error: {first_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (database errors run to several), for logs."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 class PgwsError(Exception):
     """Root of every error pgws_sync raises on purpose."""
 

@@ -16,7 +16,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from .channels import validate_channel
-from .errors import ConfigError, ListenerStopped
+from .errors import ConfigError, ListenerStopped, first_line
 from .messages import Notification
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class Listener:
                     self._reconcile(self._conn)
                 except (psycopg2.Error, OSError, _Timeout) as exc:
                     failures += 1
-                    reason = _describe(exc)
+                    reason = first_line(exc)
                     missed_reason = missed_reason or reason
                     logger.warning("listener cannot connect: %s", reason)
                     self._close_conn()
@@ -257,7 +257,7 @@ class Listener:
                 try:
                     self._serve(self._conn)
                 except (psycopg2.Error, OSError, _Timeout) as exc:
-                    missed_reason = _fatal_notice(self._conn) or _describe(exc)
+                    missed_reason = _fatal_notice(self._conn) or first_line(exc)
                     logger.warning("listener connection lost: %s", missed_reason)
                 finally:
                     self._close_conn()
@@ -416,11 +416,7 @@ class Listener:
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg2.Error:
-                pass
+        close_quietly(conn)
 
 
 def _fatal_notice(conn: Any) -> Optional[str]:
@@ -431,6 +427,10 @@ def _fatal_notice(conn: Any) -> Optional[str]:
     return None
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def close_quietly(conn: Any) -> None:
+    """Close a psycopg2 connection, ignoring that it may be broken already."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
