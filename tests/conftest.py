@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 from typing import Iterator
 
 import psycopg2
 import pytest
 
 from .pgserver import PgServer
-
-warnings.filterwarnings("ignore", module="platformdirs")
 
 _counter = itertools.count()
 
