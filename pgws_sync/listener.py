@@ -94,6 +94,7 @@ class Listener:
         self.application_name = application_name
 
         self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
+        self._pipe_lock = threading.Lock()  # guards the wake-up pipe's descriptors
         self._changed = threading.Condition(self._lock)
         self._sinks: Dict[Sink, FrozenSet[str]] = {}
         self._stopped = False
@@ -139,9 +140,11 @@ class Listener:
                 self._conn = None
             self._connected = False
             self._listening = frozenset()
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            with self._pipe_lock:
+                self._wake_r, self._wake_w = wake_r, wake_w
             self._thread = threading.Thread(
                 target=self._run, name=f"pgws-listener-{pid}", daemon=True
             )
@@ -203,12 +206,16 @@ class Listener:
         return frozenset().union(*self._sinks.values()) if self._sinks else frozenset()
 
     def _wake(self) -> None:
-        if self._pid != os.getpid() or self._wake_w < 0:
+        if self._pid != os.getpid():
             return
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
+        # A non-blocking write of one byte: the lock only keeps the descriptor open meanwhile.
+        with self._pipe_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending anyway
 
     def _set_state(self, connected: bool, error: Optional[str] = None) -> None:
         with self._lock:
@@ -237,7 +244,7 @@ class Listener:
                 try:
                     self._conn = self._connect()
                     self._reconcile(self._conn)
-                except (psycopg2.Error, OSError, _Timeout) as exc:
+                except (psycopg2.Error, OSError, _Timeout, ValueError) as exc:
                     failures += 1
                     reason = first_line(exc)
                     missed_reason = missed_reason or reason
@@ -259,6 +266,9 @@ class Listener:
                 except (psycopg2.Error, OSError, _Timeout) as exc:
                     missed_reason = _fatal_notice(self._conn) or first_line(exc)
                     logger.warning("listener connection lost: %s", missed_reason)
+                except Exception as exc:  # a bug must not end delivery for good: log, reconnect
+                    missed_reason = first_line(exc)
+                    logger.exception("listener failed; reconnecting")
                 finally:
                     self._close_conn()
                     self._set_state(False, missed_reason)
@@ -267,12 +277,10 @@ class Listener:
         finally:
             self._close_conn()
             self._set_state(False)
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r = self._wake_w = -1
+            with self._pipe_lock:  # no _wake() may write to a closed (reused) descriptor
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
+                os.close(fd)
             logger.info("listener stopped")
 
     def _sleep(self, seconds: float) -> None:
