@@ -266,6 +266,8 @@ class Listener:
                 except (psycopg2.Error, OSError, _Timeout) as exc:
                     missed_reason = _fatal_notice(self._conn) or first_line(exc)
                     logger.warning("listener connection lost: %s", missed_reason)
+                except _Stopping:
+                    raise
                 except Exception as exc:  # a bug must not end delivery for good: log, reconnect
                     missed_reason = first_line(exc)
                     logger.exception("listener failed; reconnecting")

@@ -253,7 +253,7 @@ def test_a_failing_sink_does_not_stop_the_listener(pg_dsn, sender, channel, make
     wait_for(lambda: good.payloads() == ["1", "2"], message="the next one")
 
 
-def test_unlisten_and_stop_close_the_connection(pg_dsn, sender, channel, make_listener):
+def test_unlisten_and_stop_close_the_connection(pg_dsn, sender, channel, make_listener, caplog):
     name = "pgws test stop"
     listener = make_listener(pg_dsn, application_name=name)
     a, b = Recorder(), Recorder()
@@ -263,8 +263,10 @@ def test_unlisten_and_stop_close_the_connection(pg_dsn, sender, channel, make_li
     listener.remove_sink(b)
     wait_for(lambda: listener.listening == {channel}, message="UNLISTEN")
     thread = listener._thread
+    caplog.set_level(logging.INFO, logger="pgws_sync.listener")
     listener.stop()
     assert not thread.is_alive()
+    assert [r.levelname for r in caplog.records] == ["INFO"]  # "listener stopped", nothing else
     wait_for(lambda: not listener_backends(sender, name), message="the backend to go away")
     with pytest.raises(ListenerStopped):
         listener.start()
