@@ -166,6 +166,7 @@ class WebSocketEndpoint:
                              view_func=self.health_response)
 
     def health_response(self) -> Response:
+        self.prepare()  # a health check alone starts this process's machinery
         ok, body = self.health()
         body = {"status": "ok" if ok else "unavailable", **body}
         return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")

@@ -84,3 +84,24 @@ def test_endpoint_close_sends_1001_refuses_new_sockets_and_reports_unhealthy(pg_
         assert status == 503 and json.loads(body)["closing"] is True
     finally:
         g.stop()
+
+
+def test_without_the_hook_a_health_check_starts_the_listener(pg_dsn, sender):
+    """Plain gunicorn (no pgws_sync hook), preloaded: the first request of a worker,
+    even a health check, starts that worker's listener."""
+    from .helpers import Gunicorn
+
+    name = f"pgws test {uuid.uuid4().hex[:8]}"
+    g = Gunicorn(env={"PGWS_DB_URI": pg_dsn,
+                      "PGWS_LISTENER_OPTIONS": json.dumps({"application_name": name})},
+                 args=["-c", "/dev/null", "--worker-class", "gthread", "--preload"])
+    try:
+        g.wait_up(healthy=True)
+        assert listener_count(sender, name) == 1
+        ws = Ws(g.ws_url())
+        wait_sockets(g, 1)
+        pg_notify(sender, "pgws", 'default,{"no": "hook"}')
+        assert ws.recv_json()["payload"] == {"no": "hook"}
+        ws.close()
+    finally:
+        g.stop()
