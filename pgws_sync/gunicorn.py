@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .listener import live_listeners
 from .pgws import shutdown
@@ -24,21 +24,37 @@ graceful_timeout = 10
 
 #: Seconds the SIGTERM handler waits for sockets to take their close frame.
 SHUTDOWN_TIMEOUT = 5.0
+#: The same for SIGINT and SIGQUIT (Ctrl-C, immediate shutdown): a short wait, then exit.
+QUICK_SHUTDOWN_TIMEOUT = 1.0
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: start this worker's listeners and chain a SIGTERM handler."""
+    """gunicorn hook: start this worker's listeners and chain shutdown signal handlers.
+
+    SIGTERM (graceful stop): sockets are closed with 1001 on a separate thread
+    while gunicorn's own handler stops the worker, which then exits as soon as
+    the sockets are gone instead of after the whole graceful timeout.
+    SIGINT and SIGQUIT (Ctrl-C, immediate stop): the close frames are sent,
+    waiting at most QUICK_SHUTDOWN_TIMEOUT seconds, before gunicorn exits.
+    """
     for listener in live_listeners():
         try:
             listener.start()
         except Exception:  # a stopped listener must not stop the worker
             logger.exception("could not start listener in worker %s", worker.pid)
-    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+    _chain(signal.SIGTERM, lambda: threading.Thread(
+        target=shutdown, args=(SHUTDOWN_TIMEOUT,), name="pgws-shutdown", daemon=True).start())
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        _chain(signum, lambda: shutdown(QUICK_SHUTDOWN_TIMEOUT))
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        threading.Thread(target=shutdown, args=(SHUTDOWN_TIMEOUT,),
-                         name="pgws-shutdown", daemon=True).start()
+
+def _chain(signum: int, before: Callable[[], None]) -> None:
+    """Run ``before``, then the handler gunicorn installed for ``signum``."""
+    gunicorn_handler = signal.getsignal(signum)
+
+    def handler(received: int, frame: Any) -> None:
+        before()
         if callable(gunicorn_handler):
-            gunicorn_handler(signum, frame)
+            gunicorn_handler(received, frame)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signum, handler)

@@ -1,6 +1,7 @@
 """gunicorn deployment: one listener connection per worker, preload, SIGTERM, close()."""
 
 import json
+import os
 import signal
 import uuid
 
@@ -104,4 +105,22 @@ def test_without_the_hook_a_health_check_starts_the_listener(pg_dsn, sender):
         assert ws.recv_json()["payload"] == {"no": "hook"}
         ws.close()
     finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+def test_immediate_stop_still_sends_1001(pg_dsn, sig):
+    """Ctrl-C reaches the master and the workers; gunicorn then quits at once."""
+    g = serve(pg_dsn).wait_up()
+    socks = [Ws(g.ws_url()) for _ in range(3)]
+    try:
+        wait_sockets(g, 3)
+        for pid in [g.proc.pid] + g.worker_pids():
+            os.kill(pid, sig)
+        for ws in socks:
+            assert ws.expect_close(timeout=15) == (1001, "server shutdown")
+        g.proc.wait(20)
+    finally:
+        for ws in socks:
+            ws.close()
         g.stop()
