@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 #: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_GOING_AWAY = 1001
-CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 
 _WAKE = object()  # a queue item that only wakes the writer up
@@ -133,8 +132,6 @@ class Connection:
         self._ws: Any = None
         self._sock: Optional[GuardedSocket] = None
         self.closed = threading.Event()
-        #: Close code and reason this side sent, if it closed the socket.
-        self.close_sent: Optional[Tuple[int, str]] = None
 
     @property
     def queue_depth(self) -> int:
@@ -214,7 +211,6 @@ class Connection:
         code, reason = self._close_request or (CLOSE_GOING_AWAY, "")
         try:
             ws.close(code, reason)
-            self.close_sent = (code, reason)
         except (ConnectionClosed, OSError, LocalProtocolError):
             sock.abort()
             return

@@ -10,8 +10,11 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
-from simple_websocket import Server  # type: ignore[import-untyped]
-from simple_websocket import ConnectionClosed, ConnectionError as WsConnectionError
+from simple_websocket import (  # type: ignore[import-untyped]
+    ConnectionClosed,
+    Server,
+)
+from simple_websocket import ConnectionError as WsConnectionError
 from werkzeug.wrappers import Request, Response
 
 from .connection import CLOSE_GOING_AWAY, Connection, GuardedSocket

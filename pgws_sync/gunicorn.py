@@ -49,11 +49,22 @@ def post_worker_init(worker: Any) -> None:
 
 
 def _chain(signum: int, before: Callable[[], None]) -> None:
-    """Run ``before``, then the handler gunicorn installed for ``signum``."""
+    """Run ``before``, then the handler gunicorn installed for ``signum``.
+
+    A signal arriving while ``before`` still runs (gunicorn's master repeats
+    the one a terminal sent) is ignored: the first call chains when done.
+    """
     gunicorn_handler = signal.getsignal(signum)
+    running = threading.Event()
 
     def handler(received: int, frame: Any) -> None:
-        before()
+        if running.is_set():
+            return
+        running.set()
+        try:
+            before()
+        finally:
+            running.clear()
         if callable(gunicorn_handler):
             gunicorn_handler(received, frame)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import psycopg2
 import pytest
 
+from .helpers import Ws
 from .pgserver import PgServer
 
 _counter = itertools.count()
@@ -53,6 +54,21 @@ def sender(pg_dsn: str) -> Iterator["psycopg2.extensions.connection"]:
 def channel() -> str:
     """A channel name no other test uses (mixed case on purpose)."""
     return f"Chan-{os.getpid()}-{next(_counter)}"
+
+
+@pytest.fixture
+def clients() -> Iterator[Any]:
+    """Connect WebSocket clients that are closed when the test ends."""
+    made = []
+
+    def connect(url: str, **kwargs: Any) -> Ws:
+        ws = Ws(url, **kwargs)
+        made.append(ws)
+        return ws
+
+    yield connect
+    for ws in made:
+        ws.close()
 
 
 def pg_notify(conn: "psycopg2.extensions.connection", channel: str, payload: str) -> None:

@@ -103,6 +103,17 @@ class Gunicorn:
         return self.proc.returncode
 
 
+def serve(pg_dsn, channels=("pgws",), options=None, listener=None, **kwargs):
+    env = {"PGWS_DB_URI": pg_dsn, "PGWS_CHANNELS": json.dumps(list(channels)),
+           "PGWS_OPTIONS": json.dumps(options or {}),
+           "PGWS_LISTENER_OPTIONS": json.dumps(listener or {})}
+    return Gunicorn(env=env, **kwargs)
+
+
+def wait_sockets(server, n):
+    wait_for(lambda: server.stats()["sockets"] == n, message=f"{n} registered sockets")
+
+
 class Ws:
     """A real WebSocket client (simple-websocket) with deadline-bound reads."""
 
@@ -246,3 +257,26 @@ class TcpProxy:
         for a, b, _ in self._pairs:
             a.close()
             b.close()
+
+
+class Recorder:
+    """A sink that remembers what the listener handed it."""
+
+    def __init__(self):
+        self.notes = []
+        self.batches = 0
+        self.resyncs = []
+        self.lock = threading.Lock()
+
+    def on_notifications(self, batch):
+        with self.lock:
+            self.batches += 1
+            self.notes.extend(batch)
+
+    def on_resync(self, reason):
+        with self.lock:
+            self.resyncs.append(reason)
+
+    def payloads(self):
+        with self.lock:
+            return [n.payload for n in self.notes]

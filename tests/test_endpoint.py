@@ -13,14 +13,7 @@ from wsproto.extensions import PerMessageDeflate
 from pgws_sync import PGWS, InvalidChannel, Listener, PgwsError, origin_allowed
 
 from .conftest import pg_notify
-from .helpers import Gunicorn, Ws, http_get, raw_upgrade, wait_for
-
-
-def serve(pg_dsn, channels=("pgws",), options=None, listener=None, **kwargs):
-    env = {"PGWS_DB_URI": pg_dsn, "PGWS_CHANNELS": json.dumps(list(channels)),
-           "PGWS_OPTIONS": json.dumps(options or {}),
-           "PGWS_LISTENER_OPTIONS": json.dumps(listener or {})}
-    return Gunicorn(env=env, **kwargs)
+from .helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +21,6 @@ def server(pg_dsn):
     g = serve(pg_dsn, channels=["pgws", "Other Channel"]).wait_up()
     yield g
     g.stop()
-
-
-@pytest.fixture
-def clients():
-    made = []
-
-    def connect(url, **kwargs):
-        ws = Ws(url, **kwargs)
-        made.append(ws)
-        return ws
-
-    yield connect
-    for ws in made:
-        ws.close()
-
-
-def wait_sockets(server, n):
-    wait_for(lambda: server.stats()["sockets"] == n, message=f"{n} registered sockets")
 
 
 def kill_listener(server, sender):

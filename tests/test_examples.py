@@ -53,4 +53,4 @@ def test_examples_document_how_to_run(module):
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
-    assert f"gunicorn -c python:pgws_sync.gunicorn" in text and f"examples.{module}:app" in text
+    assert "gunicorn -c python:pgws_sync.gunicorn" in text and f"examples.{module}:app" in text

@@ -10,8 +10,7 @@ from wsproto.connection import Connection
 from wsproto.events import Ping, Pong, TextMessage
 
 from .conftest import pg_notify
-from .helpers import Ws, raw_upgrade, read_frame, socket_closed_by_peer, wait_for
-from .test_endpoint import clients, serve, wait_sockets  # noqa: F401  (fixture)
+from .helpers import Ws, raw_upgrade, read_frame, serve, socket_closed_by_peer, wait_for, wait_sockets
 
 PAD = "x" * 7000  # large frames fill the stalled client's buffers quickly
 ROUNDS = 60  # 4.2 MB for the pong test

@@ -8,8 +8,7 @@ import uuid
 import pytest
 
 from .conftest import pg_notify
-from .helpers import Ws, http_get, raw_upgrade, wait_for
-from .test_endpoint import clients, serve, wait_sockets  # noqa: F401  (fixture)
+from .helpers import Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
 
 
 def listener_count(sender, name):

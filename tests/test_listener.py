@@ -1,7 +1,6 @@
 """The listener against real PostgreSQL servers: delivery, one connection, and surviving faults."""
 
 import logging
-import threading
 
 import psycopg2
 import pytest
@@ -9,31 +8,8 @@ import pytest
 from pgws_sync import ConfigError, Listener, ListenerStopped
 
 from .conftest import pg_notify
-from .helpers import TcpProxy, wait_for
+from .helpers import Recorder, TcpProxy, wait_for
 from .pgserver import free_port
-
-
-class Recorder:
-    """A sink that remembers what the listener handed it."""
-
-    def __init__(self):
-        self.notes = []
-        self.batches = 0
-        self.resyncs = []
-        self.lock = threading.Lock()
-
-    def on_notifications(self, batch):
-        with self.lock:
-            self.batches += 1
-            self.notes.extend(batch)
-
-    def on_resync(self, reason):
-        with self.lock:
-            self.resyncs.append(reason)
-
-    def payloads(self):
-        with self.lock:
-            return [n.payload for n in self.notes]
 
 
 @pytest.fixture

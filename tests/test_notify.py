@@ -5,8 +5,7 @@ import pytest
 
 from pgws_sync import InvalidChannel, InvalidPayload, Listener, PayloadTooLarge, PgwsError, notify
 
-from .helpers import wait_for
-from .test_listener import Recorder
+from .helpers import Recorder, wait_for
 
 
 @pytest.fixture
