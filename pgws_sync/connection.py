@@ -44,6 +44,31 @@ class Delivery:
         return cls(texts, b"".join(p.wire for p in parts))
 
 
+class FrameQueue(queue.Queue):  # type: ignore[type-arg]
+    """A ``queue.Queue`` whose size, and so its bound, counts frames, not items.
+
+    One item carries every frame of one listener poll; bounding frames keeps
+    a slow client's memory bounded however the frames arrived. Anything else
+    (a wake-up marker) counts as one.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.frames = 0
+
+    def _qsize(self) -> int:
+        return self.frames
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.frames += len(item.texts) if isinstance(item, Delivery) else 1
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.frames -= len(item.texts) if isinstance(item, Delivery) else 1
+        return item
+
+
 class GuardedSocket:
     """The socket as simple-websocket sees it: whole writes, one at a time, with a deadline.
 
@@ -127,7 +152,7 @@ class Connection:
         self.id = str(uuid.uuid4())
         self.audiences: Tuple[str, ...] = tuple(dict.fromkeys(audiences))
         self.info: Dict[str, Any] = dict(info or {})
-        self._queue: "queue.Queue[Any]" = queue.Queue(max_queue)
+        self._queue = FrameQueue(max_queue)
         self._close_request: Optional[Tuple[int, str]] = None
         self._ws: Any = None
         self._sock: Optional[GuardedSocket] = None

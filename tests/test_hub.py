@@ -35,10 +35,10 @@ def test_audiences_route_and_keep_order_with_one_item_per_poll():
     for c in (noosa, coolum, both, nobody):
         hub.add(c)
     hub.fan_out([("noosa", "1"), ("coolum", "2"), ("elsewhere", "3"), ("noosa", "4")])
-    assert noosa.queue_depth == 1 and both.queue_depth == 1
-    assert texts(noosa) == ["1", "4"]
+    assert noosa.queue_depth == 2 and both.queue_depth == 3
+    assert [i.texts for i in drain(noosa)] == [("1", "4")]  # one item for the whole poll
+    assert [i.texts for i in drain(both)] == [("1", "2", "4")]
     assert texts(coolum) == ["2"]
-    assert texts(both) == ["1", "2", "4"]
     assert texts(nobody) == []
 
 
@@ -65,3 +65,16 @@ def test_broadcast_reaches_every_audience_and_remove_leaves_no_residue():
         assert hub.remove(c)
         assert not hub.remove(c)
     assert len(hub) == 0 and hub.audience_count() == 0
+
+
+def test_the_bound_counts_frames_not_polls():
+    hub = Hub()
+    conn = Connection(["default"], max_queue=5)
+    hub.add(conn)
+    hub.fan_out([("default", str(i)) for i in range(4)])  # one item, four frames
+    assert conn.queue_depth == 4
+    hub.fan_out([("default", "4")])
+    assert conn.queue_depth == 5 and len(hub) == 1
+    hub.fan_out([("default", "5")])  # the sixth frame overflows
+    assert len(hub) == 0 and conn._close_request == (1013, "send queue full")
+    assert texts(conn) == ["0", "1", "2", "3", "4"]
