@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from simple_websocket import ConnectionClosed  # type: ignore[import-untyped]
 from wsproto.utilities import LocalProtocolError
@@ -30,10 +30,15 @@ class Delivery:
 
     __slots__ = ("texts", "wire")
 
-    def __init__(self, texts: Tuple[str, ...], wire: Optional[bytes] = None) -> None:
+    def __init__(self, texts: Tuple[str, ...], wire: bytes) -> None:
         self.texts = texts
         #: The complete WebSocket frames, ready to write to any uncompressed socket.
-        self.wire = wire if wire is not None else b"".join(encode_text(t) for t in texts)
+        self.wire = wire
+
+    @classmethod
+    def of(cls, text: str) -> "Delivery":
+        """One frame, encoded here once for every recipient."""
+        return cls((text,), encode_text(text))
 
     @classmethod
     def join(cls, parts: Sequence["Delivery"]) -> "Delivery":
@@ -147,11 +152,9 @@ class Connection:
         audiences: Sequence[str],
         *,
         max_queue: int = 1024,
-        info: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.audiences: Tuple[str, ...] = tuple(dict.fromkeys(audiences))
-        self.info: Dict[str, Any] = dict(info or {})
         self._queue = FrameQueue(max_queue)
         self._close_request: Optional[Tuple[int, str]] = None
         self._ws: Any = None

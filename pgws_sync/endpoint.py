@@ -196,8 +196,7 @@ class WebSocketEndpoint:
             return _text_response(500, "this server cannot serve WebSockets")
         self.prepare()
         audiences = self.connection_audiences(request)
-        conn = Connection(audiences, max_queue=self.max_queue,
-                          info={"remote_addr": request.remote_addr, "path": request.path})
+        conn = Connection(audiences, max_queue=self.max_queue)
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake)
         ws_environ = {k: v for k, v in environ.items()
                       if self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}

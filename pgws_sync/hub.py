@@ -7,7 +7,6 @@ import threading
 from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery
-from .wire import encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class Hub:
         """
         if not messages:
             return
-        encoded = [(audience, Delivery((text,), encode_text(text))) for audience, text in messages]
+        encoded = [(audience, Delivery.of(text)) for audience, text in messages]
         wanted = {audience for audience, _ in encoded}
         with self._lock:
             members = {a: list(self._by_audience.get(a, ())) for a in wanted}
@@ -86,7 +85,7 @@ class Hub:
 
     def broadcast(self, text: str) -> None:
         """Deliver one frame to every connection, whatever its audiences."""
-        item = Delivery((text,), encode_text(text))
+        item = Delivery.of(text)
         self._deliver((conn, item) for conn in self.connections())
 
     def _deliver(self, pairs: Iterable[Tuple[Connection, Delivery]]) -> None:

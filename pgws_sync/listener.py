@@ -386,11 +386,11 @@ class Listener:
             while True:
                 if self._stopped:
                     raise _Stopping()
-                self._reconcile(conn)
                 timeout = max(0.0, last_traffic + half - time.monotonic())
                 for key, _ in sel.select(timeout):
-                    if key.data == "wake":
+                    if key.data == "wake":  # stop(), or sinks changed their channels
                         self._drain_wake()
+                        self._reconcile(conn)
                     else:
                         conn.poll()
                         last_traffic = time.monotonic()

@@ -73,7 +73,7 @@ class PGWS(WebSocketEndpoint):
         )
         body = {"listener": "connected" if status["connected"] else "disconnected",
                 "sockets": len(self.hub)}
-        if status["error"] and not status["connected"]:
+        if status["error"]:
             body["error"] = status["error"]
         if self.closing:
             body["closing"] = True
