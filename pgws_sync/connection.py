@@ -9,20 +9,24 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from simple_websocket import ConnectionClosed  # type: ignore[import-untyped]
 from wsproto.utilities import LocalProtocolError
 
-from .wire import encode_text
+from .wire import OPCODE_BINARY, encode_frame, encode_text
 
 logger = logging.getLogger(__name__)
 
 #: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 _WAKE = object()  # a queue item that only wakes the writer up
+
+#: A frame's content: ``str`` for a text frame, ``bytes`` for a binary frame.
+Frame = Union[str, bytes]
 
 
 class Delivery:
@@ -30,22 +34,25 @@ class Delivery:
 
     __slots__ = ("texts", "wire")
 
-    def __init__(self, texts: Tuple[str, ...], wire: bytes) -> None:
+    def __init__(self, texts: Tuple[Frame, ...], wire: bytes) -> None:
+        #: The frames' contents (``str`` text, ``bytes`` binary), for compressing sockets.
         self.texts = texts
         #: The complete WebSocket frames, ready to write to any uncompressed socket.
         self.wire = wire
 
     @classmethod
-    def of(cls, text: str) -> "Delivery":
-        """One frame, encoded here once for every recipient."""
-        return cls((text,), encode_text(text))
+    def of(cls, data: Frame) -> "Delivery":
+        """One frame (text for ``str``, binary for ``bytes``), encoded here once for every recipient."""
+        if isinstance(data, str):
+            return cls((data,), encode_text(data))
+        return cls((bytes(data),), encode_frame(bytes(data), OPCODE_BINARY))
 
     @classmethod
     def join(cls, parts: Sequence["Delivery"]) -> "Delivery":
         """One delivery carrying ``parts`` in order."""
         if len(parts) == 1:
             return parts[0]
-        texts: Tuple[str, ...] = tuple(t for p in parts for t in p.texts)
+        texts: Tuple[Frame, ...] = tuple(t for p in parts for t in p.texts)
         return cls(texts, b"".join(p.wire for p in parts))
 
 
@@ -66,12 +73,16 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
     def _put(self, item: Any) -> None:
         super()._put(item)
-        self.frames += len(item.texts) if isinstance(item, Delivery) else 1
+        self.frames += _frame_count(item)
 
     def _get(self) -> Any:
         item = super()._get()
-        self.frames -= len(item.texts) if isinstance(item, Delivery) else 1
+        self.frames -= _frame_count(item)
         return item
+
+
+def _frame_count(item: Any) -> int:
+    return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
 
 
 class GuardedSocket:
@@ -79,8 +90,8 @@ class GuardedSocket:
 
     simple-websocket's reader thread writes pongs and close frames with
     ``sock.send`` while the connection's writer sends data, and ``send`` may
-    write only part of a frame. Here every write takes the lock and writes all
-    of its bytes (non-blocking sends and ``poll()``), or fails after
+    write only part of a frame. Here every write takes :attr:`lock` and writes
+    all of its bytes (non-blocking sends and ``poll()``), or fails after
     ``write_timeout`` seconds. ``close()`` (called by the reader thread when it
     ends) shuts the socket down instead of closing the descriptor: the web
     server closes it once the request is over, so the number is never reused
@@ -91,7 +102,8 @@ class GuardedSocket:
         self._sock = sock
         self._write_timeout = write_timeout
         self._on_close = on_close
-        self._lock = threading.Lock()
+        #: Held by whoever writes; reentrant so the writer can hold it across a drain.
+        self.lock = threading.RLock()
         self._aborted = False
 
     def fileno(self) -> int:
@@ -104,28 +116,35 @@ class GuardedSocket:
         self.sendall(data)
         return len(data)
 
+    def send_nowait(self, data: Union[bytes, memoryview]) -> int:
+        """Write what the socket takes without waiting; the caller holds :attr:`lock`.
+
+        Returns the number of bytes written (0 when the socket buffer is full).
+        """
+        if self._aborted:
+            raise ConnectionAbortedError("the connection was dropped")
+        try:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
-        with self._lock:
+        with self.lock:
             deadline: Optional[float] = None
             while view:
-                if self._aborted:
-                    raise ConnectionAbortedError("the connection was dropped")
-                try:
-                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    now = time.monotonic()
-                    if deadline is None:
-                        deadline = now + self._write_timeout
-                    if now >= deadline:
-                        raise TimeoutError(
-                            f"write blocked for more than {self._write_timeout:g}s"
-                        ) from None
-                    waiter = select.poll()
-                    waiter.register(self._sock.fileno(), select.POLLOUT)
-                    waiter.poll(max(1, int((deadline - now) * 1000)))
+                sent = self.send_nowait(view)
+                if sent:
+                    view = view[sent:]
                     continue
-                view = view[sent:]
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._write_timeout
+                if now >= deadline:
+                    raise TimeoutError(f"write blocked for more than {self._write_timeout:g}s")
+                waiter = select.poll()
+                waiter.register(self._sock.fileno(), select.POLLOUT)
+                waiter.poll(max(1, int((deadline - now) * 1000)))
 
     def abort(self) -> None:
         """Stop all traffic now: blocked reads and writes on other threads fail at once."""
@@ -140,11 +159,33 @@ class GuardedSocket:
         self._on_close()
 
 
-class Connection:
-    """A registered WebSocket: its id, audiences, bounded queue and close state.
+class WakingEvent(threading.Event):
+    """simple-websocket's "something arrived" event, which also wakes the connection's writer."""
 
-    Any thread may call :meth:`deliver` (never blocks) and :meth:`request_close`.
-    Only the thread that runs :meth:`serve` writes data to the socket.
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
+
+
+#: ``on_message(data)``: called by the writer for each inbound message, in order.
+MessageHandler = Callable[[Frame], None]
+
+
+class Connection:
+    """A registered WebSocket: its id, audiences, metadata, bounded queue and close state.
+
+    Any thread may call :meth:`deliver` / :meth:`send` (they never block),
+    :meth:`close` and :meth:`close_at`. Data reaches the socket two ways, both
+    under the socket's write lock, so frames are whole and in order: the
+    thread running :meth:`serve` drains the queue; and a deliverer that finds
+    the socket idle (lock free, nothing queued or being written) writes
+    directly without blocking, which spares waking the writer thread. Bytes
+    the socket does not take at once are queued for the writer, ahead of
+    anything else.
     """
 
     def __init__(
@@ -154,11 +195,18 @@ class Connection:
         max_queue: int = 1024,
     ) -> None:
         self.id = str(uuid.uuid4())
+        #: The audiences the connection was opened with (the hub keeps the live set).
         self.audiences: Tuple[str, ...] = tuple(dict.fromkeys(audiences))
+        #: Free for the application: filled in ``on_connect``, read anywhere.
+        self.metadata: Dict[str, Any] = {}
+        #: The Sec-WebSocket-Protocol to answer with (one the client offered), or None.
+        self.subprotocol: Optional[str] = None
         self._queue = FrameQueue(max_queue)
         self._close_request: Optional[Tuple[int, str]] = None
+        self._close_at: Optional[Tuple[float, int, str]] = None
         self._ws: Any = None
         self._sock: Optional[GuardedSocket] = None
+        self._direct = False
         self.closed = threading.Event()
 
     @property
@@ -166,17 +214,61 @@ class Connection:
         return self._queue.qsize()
 
     def deliver(self, item: Delivery) -> bool:
-        """Queue ``item`` for the writer. False if the queue is full (the caller drops us)."""
+        """Hand ``item`` to the socket without blocking. False if the queue is full."""
+        sock = self._sock
+        if self._direct and sock is not None and sock.lock.acquire(blocking=False):
+            try:
+                # unfinished_tasks counts items queued or held by the writer: only
+                # when it is zero may a write here go ahead of nothing.
+                if self._queue.unfinished_tasks == 0 and self._close_request is None:
+                    self._write_now(sock, item.wire)
+                    return True
+            finally:
+                sock.lock.release()
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             return False
         return True
 
+    def _write_now(self, sock: GuardedSocket, wire: bytes) -> None:
+        try:
+            sent = sock.send_nowait(wire)
+        except OSError:
+            sock.abort()
+            self.wake()
+            return
+        if sent < len(wire):
+            # The queue is empty and we hold the lock: the rest goes out first.
+            self._queue.put_nowait(Delivery((), wire[sent:]))
+
+    def send(self, data: Frame) -> bool:
+        """Send one frame to this connection only (text for ``str``, binary for ``bytes``).
+
+        Never blocks. Returns False if the queue was full: the connection is
+        then closed with 1013 ``send queue full``.
+        """
+        if self.deliver(Delivery.of(data)):
+            return True
+        self.request_close(CLOSE_TRY_AGAIN_LATER, "send queue full")
+        return False
+
     def request_close(self, code: int, reason: str) -> None:
         """Ask the writer to send a close frame and end; the first request wins."""
         if self._close_request is None:
             self._close_request = (code, reason)
+        self.wake()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket with ``code`` and ``reason`` after the frames already queued.
+
+        (A connection dropped for overflow, 1013, closes without writing its backlog.)
+        """
+        self.request_close(code, reason)
+
+    def close_at(self, when: float, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` at ``when`` (seconds since the epoch, ``time.time()``)."""
+        self._close_at = (when, code, reason)
         self.wake()
 
     def wake(self) -> None:
@@ -191,42 +283,53 @@ class Connection:
             self._sock.abort()
         self.wake()
 
-    def attach(self, ws: Any, sock: GuardedSocket) -> None:
+    def attach(self, ws: Any, sock: GuardedSocket, *, compression: bool = False) -> None:
         """Bind the accepted simple-websocket server and its guarded socket."""
         self._ws = ws
         self._sock = sock
+        # A compressing socket needs its own deflate state: its writer encodes.
+        self._direct = not (compression and getattr(ws.ws, "extensions", None))
 
-    def serve(self, *, compression: bool, close_timeout: float, idle_check: float = 5.0) -> None:
-        """Run the writer until the socket closes. Runs on the request thread."""
+    def serve(
+        self,
+        *,
+        compression: bool,
+        close_timeout: float,
+        on_message: Optional[MessageHandler] = None,
+        max_backlog: int = 256,
+        idle_check: float = 5.0,
+    ) -> None:
+        """Run the writer until the socket closes. Runs on the request thread.
+
+        Inbound messages are handed to ``on_message`` between writes, in
+        order; more than ``max_backlog`` of them waiting closes the socket
+        with 1008.
+        """
         ws, sock = self._ws, self._sock
         if ws is None or sock is None:
             raise RuntimeError("Connection.serve() needs attach() first")
         try:
             while True:
                 try:
-                    first = self._queue.get(timeout=idle_check)
+                    first = self._queue.get(timeout=self._wait_time(idle_check))
                 except queue.Empty:
                     first = _WAKE
+                else:
+                    request = self._close_request
+                    if request is None or request[0] != CLOSE_TRY_AGAIN_LATER:
+                        self._write(ws, sock, first, compression)
+                if self._close_at is not None and time.time() >= self._close_at[0]:
+                    self.request_close(self._close_at[1], self._close_at[2])
                 if self._close_request is not None:
                     self._send_close(ws, sock, close_timeout)
                     return
                 if not ws.connected:
                     return
-                items = [first]
-                while True:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                batch: List[Delivery] = [i for i in items if i is not _WAKE]
-                if not batch:
-                    continue
-                if compression:
-                    for item in batch:
-                        for text in item.texts:
-                            ws.send(text)
-                else:
-                    sock.sendall(batch[0].wire if len(batch) == 1 else b"".join(i.wire for i in batch))
+                if ws.input_buffer:
+                    if len(ws.input_buffer) > max_backlog:
+                        self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
+                        continue
+                    self._receive(ws, on_message)
         except TimeoutError as exc:
             logger.warning("dropping connection %s: %s", self.id, exc)
             sock.abort()
@@ -234,6 +337,44 @@ class Connection:
             sock.abort()
         finally:
             self.closed.set()
+
+    def _wait_time(self, idle_check: float) -> float:
+        if self._close_at is None:
+            return idle_check
+        return max(0.0, min(idle_check, self._close_at[0] - time.time()))
+
+    def _write(self, ws: Any, sock: GuardedSocket, first: Any, compression: bool) -> None:
+        """Write ``first`` and everything queued behind it, holding the write lock throughout."""
+        with sock.lock:
+            items = [first]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            batch: List[Delivery] = [i for i in items if i is not _WAKE]
+            if batch:
+                if compression and not self._direct:
+                    for item in batch:
+                        for data in item.texts:
+                            ws.send(data)
+                else:
+                    sock.sendall(batch[0].wire if len(batch) == 1
+                                 else b"".join(i.wire for i in batch))
+            for _ in items:
+                self._queue.task_done()
+
+    def _receive(self, ws: Any, on_message: Optional[MessageHandler]) -> None:
+        """Hand every waiting inbound message to ``on_message`` (outside the write lock)."""
+        buffer: List[Frame] = ws.input_buffer
+        while buffer:
+            data = buffer.pop(0)
+            if on_message is None:
+                continue
+            try:
+                on_message(data)
+            except Exception:  # an application hook: log it, keep the socket
+                logger.exception("on_message failed for connection %s", self.id)
 
     def _send_close(self, ws: Any, sock: GuardedSocket, close_timeout: float) -> None:
         code, reason = self._close_request or (CLOSE_GOING_AWAY, "")

@@ -17,8 +17,8 @@ from simple_websocket import (  # type: ignore[import-untyped]
 from simple_websocket import ConnectionError as WsConnectionError
 from werkzeug.wrappers import Request, Response
 
-from .connection import CLOSE_GOING_AWAY, Connection, GuardedSocket
-from .errors import ConfigError
+from .connection import CLOSE_GOING_AWAY, Connection, Frame, GuardedSocket, WakingEvent
+from .errors import ConfigError, Refused
 from .hub import Hub
 from .messages import DEFAULT_AUDIENCE
 
@@ -90,10 +90,17 @@ class WebSocketEndpoint:
     socket is dropped; ``ping_interval`` seconds between pings (``None``
     disables them; a missing pong closes the socket); ``max_message_size``
     bytes of an incoming message before the socket is closed with 1009;
-    ``allowed_origins`` browser origins besides the page's own (``"*"`` for
-    any); ``compression`` to accept permessage-deflate; ``health_path`` for
-    the health check (``None`` for none); ``close_timeout`` seconds to wait
-    for the client's half of a close handshake.
+    ``max_backlog`` inbound messages waiting to be handled before the socket
+    is closed with 1008; ``allowed_origins`` browser origins besides the
+    page's own (``"*"`` for any); ``compression`` to accept
+    permessage-deflate; ``health_path`` for the health check (``None`` for
+    none); ``close_timeout`` seconds to wait for the client's half of a close
+    handshake.
+
+    Hooks for subclasses, all run on the connection's request thread:
+    :meth:`on_connect` (before the upgrade; may refuse), :meth:`on_open`,
+    :meth:`on_message` (each inbound message, in order, between writes) and
+    :meth:`on_disconnect` (exactly once per connection ``on_connect`` let in).
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class WebSocketEndpoint:
         write_timeout: float = 10.0,
         ping_interval: Optional[float] = 25.0,
         max_message_size: Optional[int] = 1 << 20,
+        max_backlog: int = 256,
         allowed_origins: Iterable[str] = (),
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
@@ -110,6 +118,8 @@ class WebSocketEndpoint:
     ) -> None:
         if max_queue < 1:
             raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
+        if max_backlog < 1:
+            raise ConfigError(f"max_backlog must be at least 1, got {max_backlog}")
         if write_timeout <= 0 or close_timeout < 0:
             raise ConfigError("write_timeout must be positive and close_timeout not negative")
         if ping_interval is not None and ping_interval <= 0:
@@ -120,6 +130,7 @@ class WebSocketEndpoint:
         self.write_timeout = write_timeout
         self.ping_interval = ping_interval
         self.max_message_size = max_message_size
+        self.max_backlog = max_backlog
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
         self.compression = compression
         self.health_path = health_path
@@ -141,6 +152,27 @@ class WebSocketEndpoint:
 
     def prepare(self) -> None:
         """Called before each request is handled: start per-process machinery here."""
+
+    def on_connect(self, conn: Connection, request: Request) -> None:
+        """A socket is about to be accepted: check it, fill ``conn.metadata``, join keys.
+
+        Raise :class:`~pgws_sync.errors.Refused` to answer with an HTTP error
+        instead. ``conn`` is already in the hub under its audiences; frames
+        sent to it now go out right after the handshake.
+        """
+
+    def on_open(self, conn: Connection) -> None:
+        """The handshake is done and the socket is open."""
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """An inbound message: ``str`` for a text frame, ``bytes`` for a binary one.
+
+        The default ignores it. Reply with ``conn.send(...)``; an exception is
+        logged and the socket stays open.
+        """
+
+    def on_disconnect(self, conn: Connection) -> None:
+        """The connection is over and out of the hub (called exactly once)."""
 
     def on_closed(self) -> None:
         """Called once when :meth:`close` has closed every socket."""
@@ -195,28 +227,55 @@ class WebSocketEndpoint:
                          "(gthread worker) or the Werkzeug development server")
             return _text_response(500, "this server cannot serve WebSockets")
         self.prepare()
-        audiences = self.connection_audiences(request)
-        conn = Connection(audiences, max_queue=self.max_queue)
-        guarded = GuardedSocket(raw, self.write_timeout, conn.wake)
-        ws_environ = {k: v for k, v in environ.items()
-                      if self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
-        ws_environ[key] = guarded
+        conn = Connection(self.connection_audiences(request), max_queue=self.max_queue)
         # Registered before the handshake answer goes out: whatever is committed
         # after the client sees its socket open reaches it (queued until served).
         self.hub.add(conn)
         try:
-            ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
-                               max_message_size=self.max_message_size)
-        except (WsConnectionError, ConnectionClosed, OSError) as exc:
+            self.on_connect(conn, request)
+        except Refused as exc:
             self.hub.remove(conn)
+            logger.info("refused a socket: %s", exc)
+            return _text_response(exc.status, exc.body, exc.headers)
+        except BaseException:
+            self.hub.remove(conn)
+            raise
+        try:
+            return self._serve(conn, environ, key, raw)
+        finally:
+            self.hub.remove(conn)
+            try:
+                self.on_disconnect(conn)
+            except Exception:  # an application hook: log it
+                logger.exception("on_disconnect failed for connection %s", conn.id)
+
+    def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
+        guarded = GuardedSocket(raw, self.write_timeout, conn.wake)
+        # simple-websocket reads only the socket and the HTTP_ headers; keeping
+        # just those makes each connection lighter.
+        ws_environ: WSGIEnviron = {
+            k: v for k, v in environ.items()
+            if k.startswith("HTTP_") and (self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS")
+        }
+        ws_environ[key] = guarded
+        try:
+            ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
+                               max_message_size=self.max_message_size,
+                               subprotocols=[conn.subprotocol] if conn.subprotocol else None,
+                               event_class=lambda: WakingEvent(conn.wake))
+        except (WsConnectionError, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return _SocketDone()
-        conn.attach(ws, guarded)
+        conn.attach(ws, guarded, compression=self.compression)
         try:
             if self._closing:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
-            conn.serve(compression=self.compression, close_timeout=self.close_timeout)
+            else:
+                self.on_open(conn)
+            conn.serve(compression=self.compression, close_timeout=self.close_timeout,
+                       on_message=lambda data: self.on_message(conn, data),
+                       max_backlog=self.max_backlog)
         finally:
             self.hub.remove(conn)
             guarded.abort()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 
 def first_line(exc: BaseException) -> str:
@@ -51,6 +51,20 @@ class PayloadTooLarge(PgwsError, ValueError):
             f"(UTF-8 bytes, audience prefix included). Send a smaller message, for example "
             f"the id of a row the browser then fetches."
         )
+
+
+class Refused(PgwsError):
+    """Raised by an endpoint's ``on_connect`` hook to refuse a socket before the upgrade.
+
+    The client gets an HTTP response with ``status`` and ``body`` (plain text)
+    and no WebSocket is opened.
+    """
+
+    def __init__(self, status: int, body: str, headers: Optional[Dict[str, str]] = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = dict(headers or {})
+        super().__init__(f"refused with HTTP {status}: {body}")
 
 
 class ListenerStopped(PgwsError, RuntimeError):

@@ -1,46 +1,91 @@
-"""The hub: which connections exist, who is in which audience, and fan-out to their queues."""
+"""The hub: which connections exist, which keys (audiences, channels) reach them, and fan-out."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery
+from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery, Frame
 
 logger = logging.getLogger(__name__)
 
 
 class Hub:
-    """Registry of connections by audience; hands each one frames without ever blocking.
+    """Registry of connections by key; hands each one frames without ever blocking.
 
-    A connection whose queue is full is unregistered at once and asked to
-    close with 1013 ``send queue full``: a slow client never slows the others.
+    A key is any string a connection can be reached by: its audiences, and
+    whatever an application joins it to (prefix your own keys, e.g.
+    ``"sub:" + channel``, to keep them apart from audiences). A connection
+    whose queue is full is unregistered at once and asked to close with 1013
+    ``send queue full``: a slow client never slows the others.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards the two dicts below
+        self._lock = threading.Lock()  # guards the three dicts below
         self._connections: Dict[str, Connection] = {}
-        self._by_audience: Dict[str, Set[Connection]] = {}
+        self._by_key: Dict[str, Set[Connection]] = {}
+        self._keys: Dict[Connection, Set[str]] = {}
 
     def add(self, conn: Connection) -> None:
+        """Register ``conn`` under its audiences."""
         with self._lock:
             self._connections[conn.id] = conn
+            self._keys[conn] = set()
             for audience in conn.audiences:
-                self._by_audience.setdefault(audience, set()).add(conn)
+                self._join(conn, audience)
 
     def remove(self, conn: Connection) -> bool:
-        """Unregister ``conn``; False if it was not registered (any more)."""
+        """Unregister ``conn`` from every key; False if it was not registered (any more)."""
         with self._lock:
             if self._connections.pop(conn.id, None) is None:
                 return False
-            for audience in conn.audiences:
-                members = self._by_audience.get(audience)
-                if members is not None:
-                    members.discard(conn)
-                    if not members:
-                        del self._by_audience[audience]
+            for key in self._keys.pop(conn, ()):
+                self._drop(conn, key)
             return True
+
+    def join(self, conn: Connection, key: str) -> bool:
+        """Make ``conn`` receive what is sent to ``key``; False if it is not registered."""
+        with self._lock:
+            if conn.id not in self._connections:
+                return False
+            self._join(conn, key)
+            return True
+
+    def leave(self, conn: Connection, key: str) -> bool:
+        """Stop ``conn`` receiving ``key``; False if it was not a member."""
+        with self._lock:
+            keys = self._keys.get(conn)
+            if keys is None or key not in keys:
+                return False
+            keys.discard(key)
+            self._drop(conn, key)
+            return True
+
+    def _join(self, conn: Connection, key: str) -> None:
+        self._keys[conn].add(key)
+        self._by_key.setdefault(key, set()).add(conn)
+
+    def _drop(self, conn: Connection, key: str) -> None:
+        members = self._by_key.get(key)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._by_key[key]
+
+    def keys_of(self, conn: Connection) -> FrozenSet[str]:
+        """The keys ``conn`` is reachable by now (empty once it is unregistered)."""
+        with self._lock:
+            return frozenset(self._keys.get(conn, ()))
+
+    def members(self, key: str) -> List[Connection]:
+        with self._lock:
+            return list(self._by_key.get(key, ()))
+
+    def get(self, conn_id: str) -> Optional[Connection]:
+        """The registered connection with id ``conn_id``, if it is here."""
+        with self._lock:
+            return self._connections.get(conn_id)
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -49,10 +94,12 @@ class Hub:
         with self._lock:
             return list(self._connections.values())
 
-    def audience_count(self) -> int:
-        """How many audiences have at least one connection (for leak checks)."""
+    def key_count(self) -> int:
+        """How many keys have at least one connection (for leak checks)."""
         with self._lock:
-            return len(self._by_audience)
+            return len(self._by_key)
+
+    audience_count = key_count
 
     def fan_out(self, messages: Sequence[Tuple[str, str]]) -> None:
         """Deliver ``(audience, frame text)`` pairs, in order, as one item per connection.
@@ -65,7 +112,7 @@ class Hub:
         encoded = [(audience, Delivery.of(text)) for audience, text in messages]
         wanted = {audience for audience, _ in encoded}
         with self._lock:
-            members = {a: list(self._by_audience.get(a, ())) for a in wanted}
+            members = {a: list(self._by_key.get(a, ())) for a in wanted}
         if len(encoded) == 1:
             audience, item = encoded[0]
             self._deliver((conn, item) for conn in members[audience])
@@ -84,9 +131,17 @@ class Hub:
         self._deliver(pairs)
 
     def broadcast(self, text: str) -> None:
-        """Deliver one frame to every connection, whatever its audiences."""
+        """Deliver one frame to every connection, whatever its keys."""
         item = Delivery.of(text)
         self._deliver((conn, item) for conn in self.connections())
+
+    def send_to(self, conn_id: str, data: Frame) -> bool:
+        """Deliver one frame to the connection ``conn_id``; False if it is not here."""
+        conn = self.get(conn_id)
+        if conn is None:
+            return False
+        self._deliver([(conn, Delivery.of(data))])
+        return True
 
     def _deliver(self, pairs: Iterable[Tuple[Connection, Delivery]]) -> None:
         overflowed = [conn for conn, item in pairs if not conn.deliver(item)]
