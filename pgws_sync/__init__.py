@@ -9,6 +9,7 @@ from .errors import (
     ListenerStopped,
     PayloadTooLarge,
     PgwsError,
+    Refused,
 )
 from .listener import Listener
 from .messages import NOTIFY_PAYLOAD_LIMIT, Notification
@@ -29,6 +30,7 @@ __all__ = [
     "PGWS",
     "PayloadTooLarge",
     "PgwsError",
+    "Refused",
     "WebSocketEndpoint",
     "notify",
     "origin_allowed",
