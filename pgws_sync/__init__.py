@@ -11,6 +11,8 @@ from .errors import (
     PgwsError,
     Refused,
 )
+from .jwt_auth import Grant, JwtAuth, TokenRefused
+from .jwt_gateway import JwtGateway, WriteFailed, static_files
 from .listener import Listener
 from .messages import NOTIFY_PAYLOAD_LIMIT, Notification
 from .notify import notify
@@ -21,8 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "Connection",
+    "Grant",
     "InvalidChannel",
     "InvalidPayload",
+    "JwtAuth",
+    "JwtGateway",
     "Listener",
     "ListenerStopped",
     "NOTIFY_PAYLOAD_LIMIT",
@@ -31,8 +36,11 @@ __all__ = [
     "PayloadTooLarge",
     "PgwsError",
     "Refused",
+    "TokenRefused",
     "WebSocketEndpoint",
+    "WriteFailed",
     "notify",
     "origin_allowed",
     "shutdown",
+    "static_files",
 ]

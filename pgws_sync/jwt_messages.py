@@ -1,0 +1,75 @@
+"""postgres-websockets message formats: routing listen-channel payloads, building NOTIFYs (pure)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+from .errors import PayloadTooLarge
+from .messages import NOTIFY_PAYLOAD_LIMIT
+
+#: The NOTIFY channel postgres-websockets listens on unless told otherwise.
+DEFAULT_LISTEN_CHANNEL = "postgres-websockets-listener"
+
+#: ``event`` values of the messages the gateway NOTIFYs.
+WEBSOCKET_MESSAGE = "WebsocketMessage"
+CONNECTION_OPEN = "ConnectionOpen"
+CONNECTION_CLOSE = "ConnectionClose"
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def target_channel(payload: str, listen_channel: str) -> str:
+    """The channel whose readers get ``payload``, a NOTIFY on the listen channel.
+
+    A JSON object with a string ``channel`` goes to that channel; anything
+    else goes to the channel named like the listen channel (postgres-websockets).
+    """
+    try:
+        value = _decoder.decode(payload)
+    except ValueError:
+        return listen_channel
+    if isinstance(value, dict):
+        channel = value.get("channel")
+        if isinstance(channel, str):
+            return channel
+    return listen_channel
+
+
+def event_payload(event: str, channel: str, payload: str, claims: Mapping[str, Any],
+                  delivered_at: float) -> str:
+    """The NOTIFY payload postgres-websockets sends for a browser message or a meta event.
+
+    ``{"event":..,"channel":..,"payload":..,"claims":{..,"message_delivered_at":..}}``,
+    compact, non-ASCII kept as UTF-8. Raises :class:`PayloadTooLarge` when it
+    would reach PostgreSQL's 8000-byte limit.
+    """
+    body = {
+        "event": event,
+        "channel": channel,
+        "payload": payload,
+        "claims": {**claims, "message_delivered_at": delivered_at},
+    }
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8"))
+    if size >= NOTIFY_PAYLOAD_LIMIT:
+        raise PayloadTooLarge(size, NOTIFY_PAYLOAD_LIMIT, channel)
+    return text
+
+
+def error_frame(reason: str) -> str:
+    """The frame a sender gets when its message was not sent: ``{"event":"error","error":..}``."""
+    return json.dumps({"event": "error", "error": reason}, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def too_large_reason(exc: PayloadTooLarge, channel: Optional[str] = None) -> str:
+    """A one-line reason for an error frame about an oversized message."""
+    where = f" for channel {channel!r}" if channel else ""
+    return (f"message too large: its NOTIFY{where} would be {exc.size} bytes and PostgreSQL "
+            f"accepts at most {exc.limit - 1} (the claims count too); send less")
