@@ -39,6 +39,8 @@ DEFAULT_CHANNEL = "pgws"
 DEFAULT_BIND = "127.0.0.1:8080"
 DEFAULT_THREADS = 100
 DSN_ENV = "PGWS_DB_URI"
+#: Set (or --jwt-secret given), ``serve`` runs the postgres-websockets compatible gateway.
+JWT_SECRET_ENV = "PGWS_JWT_SECRET"
 #: libpq's environment variables that, when set, count as a configured database.
 LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 NO_DATABASE = (
@@ -106,21 +108,66 @@ def connect(dsn: str, environ: Mapping[str, str]) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.jwt_secret is not None or os.environ.get(JWT_SECRET_ENV) is not None:
+        return _serve_jwt(args)
     dsn = resolve_dsn(args.dsn, os.environ)
     channels = list(dict.fromkeys(validate_channel(c) for c in args.channel or [DEFAULT_CHANNEL]))
 
-    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
-
-    from . import gunicorn as hooks
     from .gateway import create_app
 
+    _setup_logging(args.log_level)
+    return _run_gunicorn(lambda: create_app(dsn, channels), args.bind or DEFAULT_BIND, args)
+
+
+def _serve_jwt(args: argparse.Namespace) -> int:
+    """``serve`` as a drop-in for postgres-websockets: its PGWS_* environment and URLs."""
+    from .jwt_gateway import (
+        DatabaseUnreachable,
+        create_gateway_app,
+        load_auth,
+        settings_from_environ,
+        wait_for_database,
+    )
+
+    if args.channel:
+        raise ConfigError("--channel is for the pgws gateway; with a JWT secret the gateway "
+                          "listens on PGWS_LISTEN_CHANNEL")
+    _setup_logging(args.log_level)
+    dsn = resolve_dsn(args.dsn, os.environ)
+    settings = settings_from_environ(os.environ, dsn=dsn, secret=args.jwt_secret)
+    auth = load_auth(settings)  # a bad secret stops us before anything starts
+    log = logging.getLogger(__name__)
+
+    def retrying(attempt: int, reason: str, delay: float) -> None:
+        log.warning("cannot reach the database (attempt %d%s): %s; retrying in %gs", attempt,
+                    f" of {settings.retries}" if settings.retries else "", reason, delay)
+
+    try:
+        wait_for_database(dsn, settings.retries, on_retry=retrying)
+    except DatabaseUnreachable as exc:
+        raise CommandFailed(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CommandFailed("interrupted while waiting for the database") from None
+    return _run_gunicorn(lambda: create_gateway_app(settings, auth),
+                         args.bind or settings.bind, args)
+
+
+def _setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S %z",
     )
+
+
+def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) -> int:
+    """Serve the WSGI app ``load()`` builds in each worker under gunicorn's gthread worker."""
+    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+
+    from . import gunicorn as hooks
+
     options: Dict[str, Any] = {
-        "bind": [args.bind],
+        "bind": [bind],
         "workers": args.workers,
         "threads": args.threads,
         "worker_class": "gthread",
@@ -142,7 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
                     self.cfg.set(name, value)
 
         def load(self) -> Any:
-            return create_app(dsn, channels)
+            return load()
 
     try:
         GatewayApplication(prog=f"{PROG} serve").run()
@@ -363,8 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dsn", help=dsn_help)
     serve.add_argument("--channel", action="append", metavar="NAME",
                        help=f"channel to listen on; repeat for more (default: {DEFAULT_CHANNEL})")
-    serve.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT",
-                       help=f"address to listen on (default: {DEFAULT_BIND})")
+    serve.add_argument("--bind", metavar="HOST:PORT",
+                       help=f"address to listen on (default: {DEFAULT_BIND}; with a JWT secret "
+                            f"$PGWS_HOST:$PGWS_PORT, else 0.0.0.0:3000)")
+    serve.add_argument("--jwt-secret", metavar="SECRET",
+                       help="serve as postgres-websockets does: JWT-authorised channels on "
+                            "/<channel>/<jwt> and /<jwt>, configured by its PGWS_* variables "
+                            "(default: $PGWS_JWT_SECRET; @FILE reads FILE)")
     serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                        help="worker processes, each with its own database listener (default: 1)")
     serve.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",

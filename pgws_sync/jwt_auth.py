@@ -171,12 +171,18 @@ def _algorithms_for(jwk: Mapping[str, Any]) -> FrozenSet[str]:
     return frozenset((alg,))
 
 
+def _jwk_name(jwk: Mapping[str, Any]) -> str:
+    kid = jwk.get("kid")
+    return f"the JWK {kid!r}" if kid is not None else "the JWK"
+
+
 def _load_jwk(jwk: Mapping[str, Any]) -> _Key:
     if not isinstance(jwk, Mapping):
         raise ConfigError("every JWK must be a JSON object")
+    name = _jwk_name(jwk)
     if jwk.get("use", "sig") != "sig":
-        raise ConfigError(f"JWK {jwk.get('kid')!r} has use {jwk.get('use')!r}; "
-                          f"a signing key needs use \"sig\" (or none)")
+        raise ConfigError(f"{name} has use {jwk.get('use')!r}; a signing key needs use "
+                          f"\"sig\" (or none)")
     algorithms = _algorithms_for(jwk)
     kid = jwk.get("kid")
     if kid is not None and not isinstance(kid, str):
@@ -187,13 +193,13 @@ def _load_jwk(jwk: Mapping[str, Any]) -> _Key:
         raise ConfigError(_CRYPTO_NEEDED) from None
     except (jwt.exceptions.PyJWKError, jwt.exceptions.InvalidKeyError, ValueError,
             TypeError, KeyError) as exc:
-        raise ConfigError(f"JWK {kid!r} cannot be used: {exc}") from None
+        raise ConfigError(f"{name} cannot be used: {exc}") from None
     key = loaded.key
     public = getattr(key, "public_key", None)
     if callable(public):  # a private JWK: verify with its public half
         key = public()
     if isinstance(key, bytes) and not key:
-        raise ConfigError(f"JWK {kid!r} has an empty key")
+        raise ConfigError(f"{name} has an empty key")
     return _Key(kid, key, algorithms)
 
 

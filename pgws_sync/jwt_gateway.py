@@ -446,8 +446,8 @@ def settings_from_environ(environ: Mapping[str, str], *, dsn: str,
     if secret is None:
         secret = environ.get("PGWS_JWT_SECRET")
     if not secret:
-        raise ConfigError("PGWS_JWT_SECRET is not set: give the JWT secret (a string, a JWK or "
-                          "a JWKS; @FILE reads it from FILE)")
+        raise ConfigError(f"PGWS_JWT_SECRET is {'empty' if secret == '' else 'not set'}: give "
+                          f"the JWT secret (a string, a JWK or a JWKS; @FILE reads it from FILE)")
     listen = environ.get("PGWS_LISTEN_CHANNEL") or DEFAULT_LISTEN_CHANNEL
     try:
         validate_channel(listen)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from .errors import PayloadTooLarge
 from .messages import NOTIFY_PAYLOAD_LIMIT
@@ -68,8 +68,7 @@ def error_frame(reason: str) -> str:
                       separators=(",", ":"))
 
 
-def too_large_reason(exc: PayloadTooLarge, channel: Optional[str] = None) -> str:
+def too_large_reason(exc: PayloadTooLarge) -> str:
     """A one-line reason for an error frame about an oversized message."""
-    where = f" for channel {channel!r}" if channel else ""
-    return (f"message too large: its NOTIFY{where} would be {exc.size} bytes and PostgreSQL "
-            f"accepts at most {exc.limit - 1} (the claims count too); send less")
+    return (f"message too large: its NOTIFY would be {exc.size} bytes and PostgreSQL accepts "
+            f"at most {exc.limit - 1} (the claims count too); send less")

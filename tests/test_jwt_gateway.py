@@ -6,18 +6,12 @@ multi-channel writes and reads) plus refusals, expiry, error frames and meta eve
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import select
 import time
 import uuid
-import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import jwt
-import psycopg2
-import psycopg2.extensions
 import pytest
 import simple_websocket
 
@@ -25,16 +19,8 @@ from pgws_sync.jwt_gateway import CLOSE_JWT_EXPIRED
 
 from .conftest import pg_notify
 from .helpers import Gunicorn, Ws, http_get, raw_upgrade, wait_for
+from .jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from .pgserver import PgServer
-
-SECRET = "reallyreallyreallyreallyverysafe"
-
-
-def make_token(claims: Dict[str, Any], secret: Any = SECRET, alg: str = "HS256") -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return jwt.encode(claims, secret, algorithm=alg)
-
 
 def start(dsn: str, listen: str, **env: str) -> Gunicorn:
     return Gunicorn("tests.apps.jwt_app:app", env={
@@ -44,20 +30,6 @@ def start(dsn: str, listen: str, **env: str) -> Gunicorn:
 
 def sockets(server: Gunicorn) -> int:
     return int(json.loads(http_get(server.url("/healthz"))[1])["sockets"])
-
-
-def upgrade_refused(server: Gunicorn, path: str,
-                    headers: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
-    """Ask for a WebSocket on ``path``; return the HTTP status and body of the refusal."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", path, headers={
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", **(headers or {})})
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
 
 
 def receive_until(ws: Ws, predicate: Any, timeout: float = 10.0) -> Any:
@@ -72,33 +44,6 @@ def receive_until(ws: Ws, predicate: Any, timeout: float = 10.0) -> Any:
         if predicate(frame):
             return frame
         seen.append(frame)
-
-
-class DbListener:
-    """A plain PostgreSQL session LISTENing on one channel: what the database sees."""
-
-    def __init__(self, dsn: str, channel: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-        with self.conn.cursor() as cur:
-            cur.execute(f'LISTEN "{channel}"')
-
-    def next(self, timeout: float = 10.0) -> str:
-        """The next payload, skipping the meta events of sockets opening and closing."""
-        def arrived() -> Any:
-            if not self.conn.notifies:
-                select.select([self.conn], [], [], 0.05)
-                self.conn.poll()
-            while self.conn.notifies:
-                payload = self.conn.notifies.pop(0).payload
-                if not payload.startswith(('{"event":"ConnectionOpen"',
-                                           '{"event":"ConnectionClose"')):
-                    return payload
-            return None
-        return wait_for(arrived, timeout, "a notification in the database")
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 @pytest.fixture(scope="module")
