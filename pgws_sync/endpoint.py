@@ -236,7 +236,9 @@ class WebSocketEndpoint:
         except Refused as exc:
             self.hub.remove(conn)
             logger.info("refused a socket: %s", exc)
-            return _text_response(exc.status, exc.body, exc.headers)
+            # The body exactly as given: clients may compare it (postgres-websockets' answers).
+            return Response(exc.body, status=exc.status, mimetype="text/plain",
+                            headers=exc.headers)
         except BaseException:
             self.hub.remove(conn)
             raise

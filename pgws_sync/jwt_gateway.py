@@ -313,9 +313,7 @@ class JwtGateway(WebSocketEndpoint):
     def on_notifications(self, batch: Sequence[Notification]) -> None:
         """Hand each payload, as raw text, to the readers of the channel it names."""
         messages: List[Tuple[str, str]] = []
-        for note in batch:
-            if note.channel != self.listen_channel:
-                continue
+        for note in batch:  # the listener hands us the listen channel's notifications only
             messages.append((CHANNEL_KEY + target_channel(note.payload, self.listen_channel),
                              note.payload))
         self.hub.fan_out(messages)

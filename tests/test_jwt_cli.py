@@ -105,7 +105,7 @@ def test_static_files_from_the_root_path(served: JwtServe) -> None:
 
 def test_refusal_over_the_cli(served: JwtServe) -> None:
     assert upgrade_refused(served, "/c/" + make_token({"mode": "r", "exp": 1})) == (
-        400, "Token expired\n")
+        400, "Token expired")
 
 
 def test_jwt_secret_flag_overrides_the_environment(pg_dsn: str, channel: str) -> None:
@@ -114,7 +114,7 @@ def test_jwt_secret_flag_overrides_the_environment(pg_dsn: str, channel: str) ->
                       "--jwt-secret", other).wait_up()
     try:
         status, body = upgrade_refused(server, f"/{channel}/" + make_token({"mode": "r"}))
-        assert (status, body) == (400, "Error: invalid signature\n")
+        assert (status, body) == (400, "Error: invalid signature")
         ws = Ws(server.ws_url(f"/{channel}/" + make_token({"mode": "r"}, secret=other)))
         ws.close()
     finally:
