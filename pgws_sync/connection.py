@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from simple_websocket import ConnectionClosed  # type: ignore[import-untyped]
 from wsproto.utilities import LocalProtocolError
 
+from .protocol import gap_frame
 from .wire import OPCODE_BINARY, encode_frame, encode_text
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,11 @@ class Connection:
         self._ws: Any = None
         self._sock: Optional[GuardedSocket] = None
         self._direct = False
+        self._gap_lock = threading.Lock()  # guards _missed and dropped
+        #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
+        self._missed: Dict[str, int] = {}
+        #: Every frame dropped for this connection so far, by channel.
+        self.dropped: Dict[str, int] = {}
         self.closed = threading.Event()
 
     @property
@@ -214,7 +220,13 @@ class Connection:
         return self._queue.qsize()
 
     def deliver(self, item: Delivery) -> bool:
-        """Hand ``item`` to the socket without blocking. False if the queue is full."""
+        """Hand ``item`` to the socket without blocking. False if the queue is full.
+
+        While frames are missing (:meth:`add_missed`), ``item`` is queued behind
+        one gap frame per channel, or not at all if the queue has no room.
+        """
+        if self._missed:
+            return self._deliver_after_gap(item)
         sock = self._sock
         if self._direct and sock is not None and sock.lock.acquire(blocking=False):
             try:
@@ -230,6 +242,49 @@ class Connection:
         except queue.Full:
             return False
         return True
+
+    def add_missed(self, counts: Dict[str, int]) -> None:
+        """Count frames dropped for this client only (``drop`` policy), by channel.
+
+        The client gets ``{"event": "gap", "channel": ..., "missed": N}`` before
+        its next frame, or as soon as its queue is empty again.
+        """
+        with self._gap_lock:
+            for channel, n in counts.items():
+                self._missed[channel] = self._missed.get(channel, 0) + n
+                self.dropped[channel] = self.dropped.get(channel, 0) + n
+        self.wake()
+
+    @property
+    def missed(self) -> Dict[str, int]:
+        """Frames dropped and not yet reported in a gap frame, by channel."""
+        with self._gap_lock:
+            return dict(self._missed)
+
+    def _gap_delivery(self) -> Delivery:
+        """The gap frames for what is missing now (call with the gap lock held)."""
+        return Delivery.join([Delivery.of(gap_frame(channel, n))
+                              for channel, n in self._missed.items()])
+
+    def _deliver_after_gap(self, item: Delivery) -> bool:
+        with self._gap_lock:
+            if self._missed:
+                item = Delivery.join([self._gap_delivery(), item])
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                return False
+            self._missed = {}
+        return True
+
+    def _take_gap_if_idle(self) -> Optional[Delivery]:
+        """The pending gap frames if nothing is queued (so none can go ahead of older frames)."""
+        with self._gap_lock:
+            if not self._missed or self._queue.qsize():
+                return None
+            gap = self._gap_delivery()
+            self._missed = {}
+            return gap
 
     def _write_now(self, sock: GuardedSocket, wire: bytes) -> None:
         try:
@@ -326,10 +381,7 @@ class Connection:
                 if not ws.connected:
                     return
                 if ws.input_buffer:
-                    if len(ws.input_buffer) > max_backlog:
-                        self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
-                        continue
-                    self._receive(ws, on_message)
+                    self._receive(ws, on_message, max_backlog)
         except TimeoutError as exc:
             logger.warning("dropping connection %s: %s", self.id, exc)
             sock.abort()
@@ -353,6 +405,10 @@ class Connection:
                 except queue.Empty:
                     break
             batch: List[Delivery] = [i for i in items if i is not _WAKE]
+            if self._missed:
+                gap = self._take_gap_if_idle()
+                if gap is not None:
+                    batch.append(gap)
             if batch:
                 if compression and not self._direct:
                     for item in batch:
@@ -364,10 +420,17 @@ class Connection:
             for _ in items:
                 self._queue.task_done()
 
-    def _receive(self, ws: Any, on_message: Optional[MessageHandler]) -> None:
-        """Hand every waiting inbound message to ``on_message`` (outside the write lock)."""
+    def _receive(self, ws: Any, on_message: Optional[MessageHandler], max_backlog: int) -> None:
+        """Hand every waiting inbound message to ``on_message`` (outside the write lock).
+
+        More than ``max_backlog`` messages waiting asks for a 1008 close instead.
+        """
         buffer: List[Frame] = ws.input_buffer
         while buffer:
+            if len(buffer) > max_backlog:
+                buffer.clear()
+                self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
+                return
             data = buffer.pop(0)
             if on_message is None:
                 continue
