@@ -6,10 +6,13 @@ multi-channel writes and reads) plus refusals, expiry, error frames and meta eve
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -18,18 +21,15 @@ import simple_websocket
 from pgws_sync.jwt_gateway import CLOSE_JWT_EXPIRED
 
 from .conftest import pg_notify
-from .helpers import Gunicorn, Ws, http_get, raw_upgrade, wait_for
+from .helpers import ROOT, Gunicorn, Ws, http_get, raw_upgrade, wait_for
 from .jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from .pgserver import PgServer
+
 
 def start(dsn: str, listen: str, **env: str) -> Gunicorn:
     return Gunicorn("tests.apps.jwt_app:app", env={
         "PGWS_DB_URI": dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_LISTEN_CHANNEL": listen, **env,
     }).wait_up()
-
-
-def sockets(server: Gunicorn) -> int:
-    return int(json.loads(http_get(server.url("/healthz"))[1])["sockets"])
 
 
 def receive_until(ws: Ws, predicate: Any, timeout: float = 10.0) -> Any:
@@ -254,7 +254,6 @@ def test_refused_claims(server: Gunicorn, claims: Dict[str, Any], path_channel: 
 
 
 def _b64(data: bytes) -> str:
-    import base64
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
@@ -358,7 +357,6 @@ def test_token_expiring_while_connected_closes_with_3001(server: Gunicorn, liste
     assert expiring.expect_close(timeout=15) == (CLOSE_JWT_EXPIRED, "JWT expired")
     pg_notify(sender, listen, json.dumps({"channel": channel, "after": "expiry"}))
     assert lasting.recv_json()["after"] == "expiry"
-    wait_for(lambda: sockets(server) >= 1, message="the lasting socket to stay registered")
 
 
 # -------------------------------------------------------------- meta events
@@ -414,3 +412,46 @@ def test_health_and_plain_http(server: Gunicorn) -> None:
     assert status == 200 and json.loads(body)["listener"] == "connected"
     status, body = http_get(server.url("/anything"))
     assert status == 426 and "WebSocket" in body
+
+
+def test_mounted_in_a_flask_app(pg_dsn: str, sender: Any, clients: Any, channel: str) -> None:
+    listen = f"pgws-flask-{uuid.uuid4().hex[:6]}"
+    server = Gunicorn("tests.apps.jwt_flask:app", env={
+        "PGWS_DB_URI": pg_dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_LISTEN_CHANNEL": listen})
+    try:
+        wait_for(lambda: _healthy(server), 20, "the mounted gateway's health check")
+        assert http_get(server.url("/")) == (200, "the Flask app")
+        ws = clients(server.ws_url(f"/ws/{channel}/" + make_token({"mode": "rw"})))
+        ws.client.send("through Flask")
+        assert json.loads(ws.recv())["payload"] == "through Flask"
+        assert upgrade_refused(server, "/ws/c/" + make_token({"channel": "c"})) == (
+            400, "Missing mode")
+    finally:
+        server.stop()
+
+
+def _healthy(server: Gunicorn) -> bool:
+    try:
+        return http_get(server.url("/ws/healthz"), timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+def test_readme_snippet_serves_sockets_and_files(pg_dsn: str, sender: Any, clients: Any,
+                                                 channel: str, tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(from pgws_sync import JwtAuth, JwtGateway.*?)```", text,
+                     re.S).group(1)
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "index.html").write_text("the page")
+    (tmp_path / "readme_jwt.py").write_text(
+        code.replace("postgresql://localhost/app", pg_dsn).replace('"public"', repr(str(public))))
+    server = Gunicorn("readme_jwt:app", env={"PYTHONPATH": str(tmp_path)}).wait_up()
+    try:
+        assert http_get(server.url("/")) == (200, "the page")
+        ws = clients(server.ws_url(f"/{channel}/" + make_token({"mode": "rw"})))
+        pg_notify(sender, "postgres-websockets-listener", json.dumps({"channel": channel}))
+        assert ws.recv_json() == {"channel": channel}
+    finally:
+        server.stop()
