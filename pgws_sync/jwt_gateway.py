@@ -342,7 +342,7 @@ class JwtGateway(WebSocketEndpoint):
     def on_closed(self) -> None:
         self.listener.remove_sink(self)
         # Let the sockets just closed send their ConnectionClose before the pool goes.
-        deadline = time.monotonic() + self.close_timeout + 2.0
+        deadline = time.monotonic() + 2.0
         with self._opened_changed:
             while self._opened > 0:
                 left = deadline - time.monotonic()

@@ -45,7 +45,7 @@ class DbListener:
         with self.conn.cursor() as cur:
             cur.execute(f'LISTEN "{channel}"')
 
-    def next(self, timeout: float = 10.0) -> str:
+    def next(self, timeout: float = 10.0, *, skip_meta: bool = True) -> str:
         """The next payload, skipping the meta events of sockets opening and closing."""
         def arrived() -> Any:
             if not self.conn.notifies:
@@ -53,8 +53,8 @@ class DbListener:
                 self.conn.poll()
             while self.conn.notifies:
                 payload = self.conn.notifies.pop(0).payload
-                if not payload.startswith(('{"event":"ConnectionOpen"',
-                                           '{"event":"ConnectionClose"')):
+                if not skip_meta or not payload.startswith(('{"event":"ConnectionOpen"',
+                                                            '{"event":"ConnectionClose"')):
                     return payload
             return None
         return wait_for(arrived, timeout, "a notification in the database")

@@ -18,7 +18,7 @@ from pgws_sync.jwt_gateway import GatewaySettings, settings_from_environ
 from .clirun import COMMAND, no_database_env, run_cli
 from .conftest import pg_notify
 from .helpers import ROOT, Gunicorn, Ws, http_get, wait_for
-from .jwt_helpers import SECRET, make_token, upgrade_refused
+from .jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from .pgserver import PgServer, free_port
 
 class JwtServe(Gunicorn):
@@ -137,16 +137,23 @@ def test_base64_secret_and_default_listen_channel(pg_dsn: str, sender: Any, chan
         server.stop()
 
 
-def test_sigterm_closes_sockets_with_1001(pg_dsn: str, channel: str) -> None:
+def test_sigterm_closes_sockets_with_1001_and_sends_connection_close(pg_dsn: str,
+                                                                     channel: str) -> None:
+    listen = f"jwt-term-{os.getpid()}"
     server = JwtServe({"PGWS_DB_URI": pg_dsn, "PGWS_JWT_SECRET": SECRET,
-                       "PGWS_LISTEN_CHANNEL": f"jwt-term-{os.getpid()}"}).wait_up()
+                       "PGWS_LISTEN_CHANNEL": listen, "PGWS_META_CHANNEL": "meta"}).wait_up()
+    db = DbListener(pg_dsn, listen)
     ws = Ws(server.ws_url(f"/{channel}/" + make_token({"mode": "r"})))
     try:
+        assert json.loads(db.next(skip_meta=False))["event"] == "ConnectionOpen"
         server.proc.send_signal(signal.SIGTERM)
         assert ws.expect_close()[0] == 1001
+        closed = json.loads(db.next(skip_meta=False))
+        assert (closed["event"], closed["payload"]) == ("ConnectionClose", channel)
         assert server.proc.wait(20) == 0
     finally:
         ws.close()
+        db.close()
         server.stop()
 
 
