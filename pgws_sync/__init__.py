@@ -1,5 +1,6 @@
 """pgws_sync: PostgreSQL NOTIFY to browsers over WebSockets, for threaded WSGI apps."""
 
+from .batching import Batcher, BatcherStopped
 from .connection import Connection
 from .endpoint import WebSocketEndpoint, origin_allowed
 from .errors import (
@@ -17,12 +18,19 @@ from .listener import Listener
 from .messages import NOTIFY_PAYLOAD_LIMIT, Notification
 from .notify import notify
 from .pgws import PGWS, shutdown
+from .protocol import ProtocolError
+from .publication import DEFAULT_PUBSUB_CHANNEL
+from .publisher import PublishFailed, Publisher, publish
+from .pubsub import PubSub
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batcher",
+    "BatcherStopped",
     "ConfigError",
     "Connection",
+    "DEFAULT_PUBSUB_CHANNEL",
     "Grant",
     "InvalidChannel",
     "InvalidPayload",
@@ -35,12 +43,17 @@ __all__ = [
     "PGWS",
     "PayloadTooLarge",
     "PgwsError",
+    "ProtocolError",
+    "PubSub",
+    "PublishFailed",
+    "Publisher",
     "Refused",
     "TokenRefused",
     "WebSocketEndpoint",
     "WriteFailed",
     "notify",
     "origin_allowed",
+    "publish",
     "shutdown",
     "static_files",
 ]

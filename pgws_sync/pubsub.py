@@ -1,0 +1,357 @@
+"""PubSub: client subscriptions and server-side publishing through PostgreSQL, in every worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from werkzeug.wrappers import Request
+
+from .batching import Batcher
+from .connection import Connection, Frame
+from .endpoint import WebSocketEndpoint
+from .errors import ConfigError, InvalidPayload, PayloadTooLarge
+from .listener import Listener
+from .messages import Notification, new_message_id, resync_frame
+from .protocol import (
+    BACKPRESSURE_POLICIES,
+    Action,
+    ProtocolError,
+    error_frame,
+    json_message_frame,
+    parse_action,
+    reply_frame,
+    text_message_frame,
+    validate_topic,
+)
+from .publication import (
+    DEFAULT_PUBSUB_CHANNEL,
+    MESSAGE_TYPES,
+    Publication,
+    format_publication,
+    message_body,
+    parse_publication,
+)
+from .publisher import Publisher, PublishFailed
+
+logger = logging.getLogger(__name__)
+
+#: Hub keys of subscriptions start with this, apart from audiences.
+SUBSCRIPTION_PREFIX = "sub:"
+
+
+class PubSub(WebSocketEndpoint):
+    """Channel pub/sub over WebSockets; every message goes through PostgreSQL.
+
+    Clients send ``{"action": "subscribe" | "unsubscribe" | "publish",
+    "channel": ..., "id": ...}`` (see docs/protocol.md). The server publishes
+    with :meth:`publish`, :meth:`send_to` and :meth:`publish_batched` from any
+    thread; each message is one NOTIFY on ``pubsub_channel``, so it reaches
+    subscribers in every worker and process listening there, and SQL can
+    publish too.
+
+    Subclass it and override :meth:`can_subscribe` (default: allow),
+    :meth:`can_publish` (default: refuse), and the endpoint hooks
+    :meth:`on_connect` / :meth:`on_disconnect`.
+
+    Options: ``dsn`` for publishing (default: the listener's);
+    ``pubsub_channel``; ``backpressure`` ``"close"`` (a client whose queue is
+    full is closed with 1013) or ``"drop"`` (it loses what does not fit and
+    later gets a ``gap`` frame), which a subscription may override;
+    ``max_subscriptions`` per connection; ``pool_size`` publishing connections
+    per process; ``flush_timeout`` seconds :meth:`close` waits for flushed
+    batches to come back from the database. Other keyword options are those
+    of :class:`WebSocketEndpoint`.
+    """
+
+    def __init__(
+        self,
+        listener: Listener,
+        *,
+        dsn: Optional[str] = None,
+        pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
+        backpressure: str = "close",
+        max_subscriptions: int = 100,
+        pool_size: int = 4,
+        flush_timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
+        if not isinstance(listener, Listener):
+            raise ConfigError("PubSub(listener, ...): the first argument must be a Listener")
+        if backpressure not in BACKPRESSURE_POLICIES:
+            raise ConfigError(f"backpressure must be 'close' or 'drop', got {backpressure!r}")
+        if max_subscriptions < 1:
+            raise ConfigError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
+        super().__init__(**options)
+        self.listener = listener
+        self.backpressure = backpressure
+        self.max_subscriptions = max_subscriptions
+        self.flush_timeout = flush_timeout
+        self.publisher = Publisher(listener.dsn if dsn is None else dsn,
+                                   pubsub_channel=pubsub_channel, pool_size=pool_size)
+        self.pubsub_channel = self.publisher.pubsub_channel
+        self.batcher = Batcher(self._publish_batch)
+        self._echo_lock = threading.Lock()  # guards _awaited
+        self._echoed = threading.Condition(self._echo_lock)
+        self._awaited: Optional[Set[str]] = None  # ids flushed at close, until they come back
+        listener.add_sink(self, [self.pubsub_channel])
+
+    # ---------------------------------------------------- application hooks
+
+    def can_subscribe(self, conn: Connection, channel: str) -> bool:
+        """Whether ``conn`` may subscribe to ``channel`` (default: yes)."""
+        return True
+
+    def can_publish(self, conn: Connection, channel: str) -> bool:
+        """Whether ``conn`` may publish to ``channel`` (default: no)."""
+        return False
+
+    # ---------------------------------------------------- server-side API
+
+    def publish(self, channel: str, message: Any, *, type: str = "json") -> str:
+        """Send ``message`` to every subscriber of ``channel`` in every worker; returns its id.
+
+        ``type``: ``json`` (any JSON value), ``text`` (a str), or ``binary``
+        (bytes, sent as a binary frame). Raises :class:`PayloadTooLarge` for
+        messages whose NOTIFY would reach 8000 bytes, :class:`InvalidPayload`
+        or :class:`InvalidChannel` for bad input, :class:`PublishFailed` when
+        the database does not take it.
+        """
+        validate_type(type)
+        return self.publisher.publish(channel, message, type=type)
+
+    def send_to(self, connection_id: str, message: Any, *, type: str = "json",
+                channel: Optional[str] = None) -> str:
+        """Send ``message`` to one connection, in whichever worker it is; returns the id.
+
+        The frame carries ``channel`` if one is given. Nothing happens if no
+        such connection exists (any more).
+        """
+        validate_type(type)
+        return self.publisher.publish(channel, message, type=type, to=connection_id)
+
+    def publish_batched(self, channel: str, key: str, message: Any, *, name: str,
+                        window: float = 0.1, text: bool = False) -> None:
+        """Collect messages for ``(channel, key)`` for ``window`` seconds, then publish them
+        as one: ``{"name": name, "messages": [...]}``, identical messages once.
+
+        With ``text=True`` messages are strings and the batch is one text
+        message: ``name``, then each message, one per line. Pending batches are
+        published when the endpoint closes, before the sockets are.
+        """
+        validate_topic(channel)
+        self.batcher.add(channel, key, message, name=name, window=window, text=text)
+
+    def cancel_batch(self, channel: str, key: str) -> bool:
+        """Discard the pending batch of ``(channel, key)``; False if there was none."""
+        return self.batcher.cancel(channel, key)
+
+    def subscribe(self, conn: Connection, channel: str, *,
+                  backpressure: Optional[str] = None) -> bool:
+        """Subscribe ``conn`` (e.g. from :meth:`on_connect`); False if it is gone.
+
+        ``backpressure`` overrides the endpoint's policy for this channel.
+        No hook is asked and no limit applies.
+        """
+        validate_topic(channel)
+        policy = backpressure or self.backpressure
+        if policy not in BACKPRESSURE_POLICIES:
+            raise ConfigError(f"backpressure must be 'close' or 'drop', got {policy!r}")
+        return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
+                             drop_as=channel if policy == "drop" else None)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> bool:
+        """End ``conn``'s subscription to ``channel``; False if it had none."""
+        return self.hub.leave(conn, SUBSCRIPTION_PREFIX + channel)
+
+    def subscriptions(self, conn: Connection) -> List[str]:
+        """The channels ``conn`` is subscribed to, sorted."""
+        n = len(SUBSCRIPTION_PREFIX)
+        return sorted(k[n:] for k in self.hub.keys_of(conn) if k.startswith(SUBSCRIPTION_PREFIX))
+
+    # ---------------------------------------------------- monitoring
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections of this endpoint in this process."""
+        return len(self.hub)
+
+    def connection_list(self) -> List[Dict[str, Any]]:
+        """Each connection of this process: id, audiences, subscriptions, metadata,
+        queue depth and frames dropped by channel (``drop`` policy)."""
+        return [
+            {
+                "id": conn.id,
+                "audiences": list(conn.audiences),
+                "subscriptions": self.subscriptions(conn),
+                "metadata": dict(conn.metadata),
+                "queue_depth": conn.queue_depth,
+                "dropped": dict(conn.dropped),
+            }
+            for conn in self.hub.connections()
+        ]
+
+    # ---------------------------------------------------- endpoint hooks
+
+    def prepare(self) -> None:
+        self.listener.start()
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        status = self.listener.status()
+        ok = (not self.closing and status["connected"]
+              and self.pubsub_channel in self.listener.listening)
+        body: Dict[str, Any] = {"listener": "connected" if status["connected"] else "disconnected",
+                                "sockets": len(self.hub)}
+        if status["error"]:
+            body["error"] = status["error"]
+        if self.closing:
+            body["closing"] = True
+        return ok, body
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """Handle one client action; every problem is answered with an error frame."""
+        try:
+            action = parse_action(data)
+        except ProtocolError as exc:
+            conn.send(error_frame(exc.reason, exc.reply_to))
+            return
+        if action.action == "subscribe":
+            self._client_subscribe(conn, action)
+        elif action.action == "unsubscribe":
+            self.unsubscribe(conn, action.channel)
+            conn.send(reply_frame("unsubscribed", action.channel, action.id))
+        else:
+            self._client_publish(conn, action)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish pending batches and wait (``flush_timeout``) until they are queued for this
+        process's sockets, then close every socket with 1001 and refuse new ones (503)."""
+        if not self.closing:
+            with self._echo_lock:
+                self._awaited = set()
+            flushed = self.batcher.stop(flush=True)
+            deadline = time.monotonic() + self.flush_timeout
+            with self._echo_lock:
+                while self._awaited and time.monotonic() < deadline:
+                    self._echoed.wait(max(0.0, deadline - time.monotonic()))
+                late = len(self._awaited or ())
+                self._awaited = None
+            if late:
+                logger.warning("%d flushed batches did not come back within %.1fs before "
+                               "closing the sockets", late, self.flush_timeout)
+            elif flushed:
+                logger.info("flushed %d pending batches before closing the sockets", flushed)
+        super().close(timeout)
+
+    def on_closed(self) -> None:
+        self.listener.remove_sink(self)
+        self.publisher.close()
+
+    # ---------------------------------------------------- listener sink
+
+    def on_notifications(self, batch: Sequence[Notification]) -> None:
+        """Turn each publication into its frame and hand it to its subscribers, in order."""
+        pending: List[Tuple[str, Frame]] = []
+        echoed: List[str] = []
+        for note in batch:
+            try:
+                pub = parse_publication(note.payload)
+            except InvalidPayload as exc:
+                logger.warning("dropped a publication on channel %r: %s", note.channel, exc)
+                continue
+            message_id = pub.id or new_message_id()
+            if pub.id is not None and self._awaited is not None:
+                echoed.append(pub.id)
+            frame = _frame(pub, message_id)
+            if pub.target is None and pub.channel is not None:
+                pending.append((SUBSCRIPTION_PREFIX + pub.channel, frame))
+                continue
+            self.hub.fan_out(pending)  # whatever came before goes first
+            pending = []
+            if pub.target is not None:
+                self.hub.send_to(pub.target, frame)
+        self.hub.fan_out(pending)
+        if echoed:
+            with self._echo_lock:
+                if self._awaited is not None:
+                    self._awaited.difference_update(echoed)
+                    self._echoed.notify_all()
+
+    def on_resync(self, reason: str) -> None:
+        """Tell each socket which of its channels may have lost messages."""
+        for conn in self.hub.connections():
+            conn.send(resync_frame(self.subscriptions(conn), reason))
+
+    # ---------------------------------------------------- internals
+
+    def _client_subscribe(self, conn: Connection, action: Action) -> None:
+        channel = action.channel
+        if channel not in self.subscriptions(conn) and \
+                len(self.subscriptions(conn)) >= self.max_subscriptions:
+            conn.send(error_frame(
+                f"too many subscriptions: at most {self.max_subscriptions} per connection",
+                action.id))
+            return
+        if not self._ask(self.can_subscribe, conn, channel):
+            conn.send(error_frame(f"not allowed to subscribe to {channel!r}", action.id))
+            return
+        self.subscribe(conn, channel, backpressure=action.backpressure)
+        conn.send(reply_frame("subscribed", channel, action.id))
+
+    def _client_publish(self, conn: Connection, action: Action) -> None:
+        channel = action.channel
+        if not self._ask(self.can_publish, conn, channel):
+            conn.send(error_frame(f"not allowed to publish to {channel!r}", action.id))
+            return
+        message_id = new_message_id()
+        try:
+            text = format_publication(channel, action.payload or "null", message_id=message_id)
+            self.publisher.notify(text)
+        except PayloadTooLarge as exc:
+            conn.send(error_frame(
+                f"payload too large: the message would be {exc.size} bytes in PostgreSQL, "
+                f"which takes less than {exc.limit}", action.id))
+            return
+        except (InvalidPayload, PublishFailed) as exc:
+            conn.send(error_frame(str(exc), action.id))
+            return
+        conn.send(reply_frame("published", channel, action.id, id=message_id))
+
+    def _ask(self, hook: Any, conn: Connection, channel: str) -> bool:
+        try:
+            return bool(hook(conn, channel))
+        except Exception:  # an application hook: refuse, log, keep the socket
+            logger.exception("%s failed for connection %s, channel %r",
+                             getattr(hook, "__name__", "hook"), conn.id, channel)
+            return False
+
+    def _publish_batch(self, channel: str, message: Any, type: str) -> None:
+        message_id = new_message_id()
+        with self._echo_lock:
+            if self._awaited is not None:
+                self._awaited.add(message_id)
+        try:
+            self.publisher.notify(format_publication(channel, message_body(message, type),
+                                                     type=type, message_id=message_id))
+        except BaseException:
+            with self._echo_lock:
+                if self._awaited is not None:
+                    self._awaited.discard(message_id)
+            raise
+
+
+def validate_type(type: str) -> None:
+    """Raise :class:`InvalidPayload` unless ``type`` is json, text or binary."""
+    if type not in MESSAGE_TYPES:
+        raise InvalidPayload(f"unknown message type {type!r} (expected json, text or binary)")
+
+
+def _frame(pub: Publication, message_id: str) -> Frame:
+    """The frame subscribers receive for ``pub``."""
+    if pub.type == "binary":
+        return pub.body
+    if pub.type == "text":
+        return text_message_frame(pub.channel, str(pub.body), message_id)
+    return json_message_frame(pub.channel, str(pub.body), message_id)
