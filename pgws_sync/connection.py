@@ -49,6 +49,11 @@ class Delivery:
         return cls((bytes(data),), encode_frame(bytes(data), OPCODE_BINARY))
 
     @classmethod
+    def raw(cls, wire: bytes) -> "Delivery":
+        """Bytes already framed (a pong, the rest of a frame): written as they are."""
+        return cls((), wire)
+
+    @classmethod
     def join(cls, parts: Sequence["Delivery"]) -> "Delivery":
         """One delivery carrying ``parts`` in order."""
         if len(parts) == 1:
@@ -86,6 +91,19 @@ def _frame_count(item: Any) -> int:
     return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
 
 
+_thread_flags = threading.local()
+
+
+def forbid_blocking_writes() -> None:
+    """Mark the calling thread as one that must never wait on a socket.
+
+    A :class:`GuardedSocket` written from such a thread (the shared reader)
+    sends what the socket takes at once and queues the rest for the
+    connection's writer.
+    """
+    _thread_flags.nonblocking = True
+
+
 class GuardedSocket:
     """The socket as simple-websocket sees it: whole writes, one at a time, with a deadline.
 
@@ -99,10 +117,12 @@ class GuardedSocket:
     while a writer might still hold it.
     """
 
-    def __init__(self, sock: socket.socket, write_timeout: float, on_close: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket, write_timeout: float, on_close: Callable[[], None],
+                 hand_over: Optional[Callable[[bytes], None]] = None) -> None:
         self._sock = sock
         self._write_timeout = write_timeout
         self._on_close = on_close
+        self._hand_over = hand_over
         #: Held by whoever writes; reentrant so the writer can hold it across a drain.
         self.lock = threading.RLock()
         self._aborted = False
@@ -113,8 +133,18 @@ class GuardedSocket:
     def recv(self, size: int) -> bytes:
         return self._sock.recv(size)
 
+    def recv_nowait(self, size: int) -> Optional[bytes]:
+        """What has arrived (``b""`` at end of stream), or None if nothing has."""
+        try:
+            return self._sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
     def send(self, data: bytes) -> int:
-        self.sendall(data)
+        if self._hand_over is not None and getattr(_thread_flags, "nonblocking", False):
+            self._hand_over(bytes(data))  # never wait here: the connection's writer finishes it
+        else:
+            self.sendall(data)
         return len(data)
 
     def send_nowait(self, data: Union[bytes, memoryview]) -> int:
@@ -295,7 +325,12 @@ class Connection:
             return
         if sent < len(wire):
             # The queue is empty and we hold the lock: the rest goes out first.
-            self._queue.put_nowait(Delivery((), wire[sent:]))
+            self._queue.put_nowait(Delivery.raw(wire[sent:]))
+
+    def hand_over(self, wire: bytes) -> None:
+        """Write framed bytes without waiting: now if the socket is idle, else after what is queued."""
+        if not self.deliver(Delivery.raw(wire)):
+            self.abort()  # the queue is full: the connection is being dropped anyway
 
     def send(self, data: Frame) -> bool:
         """Send one frame to this connection only (text for ``str``, binary for ``bytes``).
@@ -379,6 +414,7 @@ class Connection:
                     self._send_close(ws, sock, close_timeout)
                     return
                 if not ws.connected:
+                    self._write_rest(ws, sock, compression)
                     return
                 if ws.input_buffer:
                     self._receive(ws, on_message, max_backlog)
@@ -412,6 +448,8 @@ class Connection:
             if batch:
                 if compression and not self._direct:
                     for item in batch:
+                        if not item.texts:
+                            sock.sendall(item.wire)
                         for data in item.texts:
                             ws.send(data)
                 else:
@@ -419,6 +457,17 @@ class Connection:
                                  else b"".join(i.wire for i in batch))
             for _ in items:
                 self._queue.task_done()
+
+    def _write_rest(self, ws: Any, sock: GuardedSocket, compression: bool) -> None:
+        """The socket is closing: write what is still queued (a close frame, say), best effort."""
+        try:
+            first = self._queue.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            self._write(ws, sock, first, compression)
+        except (ConnectionClosed, OSError, LocalProtocolError, TimeoutError):
+            pass
 
     def _receive(self, ws: Any, on_message: Optional[MessageHandler], max_backlog: int) -> None:
         """Hand every waiting inbound message to ``on_message`` (outside the write lock).

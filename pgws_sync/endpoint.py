@@ -20,6 +20,7 @@ from werkzeug.wrappers import Request, Response
 from .connection import CLOSE_GOING_AWAY, Connection, Frame, GuardedSocket, WakingEvent
 from .errors import ConfigError, Refused
 from .hub import Hub
+from .reader import reading_thread
 from .messages import DEFAULT_AUDIENCE
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class WebSocketEndpoint:
                 logger.exception("on_disconnect failed for connection %s", conn.id)
 
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
-        guarded = GuardedSocket(raw, self.write_timeout, conn.wake)
+        guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
         # simple-websocket reads only the socket and the HTTP_ headers; keeping
         # just those makes each connection lighter.
         ws_environ: WSGIEnviron = {
@@ -264,7 +265,8 @@ class WebSocketEndpoint:
             ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
                                max_message_size=self.max_message_size,
                                subprotocols=[conn.subprotocol] if conn.subprotocol else None,
-                               event_class=lambda: WakingEvent(conn.wake))
+                               event_class=lambda: WakingEvent(conn.wake),
+                               thread_class=reading_thread)
         except (WsConnectionError, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
