@@ -2,6 +2,7 @@
 
 import base64
 import json
+import urllib.request
 import uuid
 
 import psycopg2
@@ -318,6 +319,15 @@ def test_subscription_limit(pg_dsn):
 def test_two_workers_publish_across(pg_dsn):
     g = serve_pubsub(pg_dsn, workers=2)
     try:
+        listening = set()  # both workers' listeners, whichever answers each request
+
+        def both_listening():
+            now = stats(g)
+            if "pgws_sync" in now["listener"]["channels"]:
+                listening.add(now["pid"])
+            return len(listening) == 2
+
+        wait_for(both_listening, message="both workers listening")
         by_pid = {}
         spare = []
         while len(by_pid) < 2:  # the kernel picks the worker: connect until both have one
@@ -387,3 +397,41 @@ def test_closed_client_socket_runs_on_disconnect_once(server, connect):
     with pytest.raises(simple_websocket.ConnectionClosed):
         client.ws.client.send("late")
     assert stats(server)["disconnects"].count(client.id) == 1
+
+
+def test_pubsub_example_runs_as_its_docstring_says(pg_dsn, sender):
+    from .helpers import ROOT, Gunicorn, Ws
+
+    text = (ROOT / "examples" / "pubsub.py").read_text()
+    assert "gunicorn -c python:pgws_sync.gunicorn" in text and "examples.pubsub:app" in text
+    g = Gunicorn("examples.pubsub:app", env={"PGWS_DB_URI": pg_dsn}).wait_up()
+    try:
+        user, anonymous = Ws(g.ws_url(), headers={"X-User": "ann"}), Ws(g.ws_url())
+        for ws in (user, anonymous):
+            for channel in ("prices", "chat"):
+                ws.client.send(json.dumps({"action": "subscribe", "channel": channel}))
+                assert ws.recv_json()["event"] == "subscribed"
+        anonymous.client.send(json.dumps({"action": "subscribe", "channel": "other", "id": 1}))
+        assert anonymous.recv_json()["error"] == "not allowed to subscribe to 'other'"
+        anonymous.client.send(json.dumps({"action": "publish", "channel": "chat", "payload": "hi", "id": 2}))
+        assert anonymous.recv_json()["error"] == "not allowed to publish to 'chat'"
+        listed = json.loads(http_get(g.url("/connections"))[1])  # one worker's view
+        assert listed["count"] == len(listed["connections"]) == 2
+        assert {c["metadata"]["user"] for c in listed["connections"]} == {"ann", None}
+        request = urllib.request.Request(g.url("/prices/ACME"), data=b"12.5",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 202
+        batch = {"name": "prices", "messages": [{"symbol": "ACME", "price": 12.5}]}
+        assert user.recv_json()["payload"] == batch and anonymous.recv_json()["payload"] == batch
+        sql_publish(sender, "chat", "json_build_object('text', %s)", ("hello from SQL",))
+        assert user.recv_json()["payload"] == {"text": "hello from SQL"}
+        assert anonymous.recv_json()["payload"] == {"text": "hello from SQL"}
+        user.client.send(json.dumps({"action": "publish", "channel": "chat", "payload": {"text": "hi"}}))
+        frames = [user.recv_json(), user.recv_json()]
+        assert {f.get("event") for f in frames} == {"published", None}
+        assert anonymous.recv_json()["payload"] == {"text": "hi"}
+        user.close()
+        anonymous.close()
+    finally:
+        g.stop()
