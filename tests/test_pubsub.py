@@ -435,3 +435,15 @@ def test_pubsub_example_runs_as_its_docstring_says(pg_dsn, sender):
         anonymous.close()
     finally:
         g.stop()
+
+
+def test_readme_pubsub_snippet_is_the_example():
+    import re
+
+    from .helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Channels: subscriptions and publishing"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = (ROOT / "examples" / "pubsub.py").read_text()
+    assert snippet.strip() and all(line in example for line in snippet.splitlines())
