@@ -234,8 +234,9 @@ class PubSub(WebSocketEndpoint):
             flushed = self.batcher.stop(flush=True)
             deadline = time.monotonic() + self.flush_timeout
             with self._echo_lock:
-                while self._awaited and time.monotonic() < deadline:
-                    self._echoed.wait(max(0.0, deadline - time.monotonic()))
+                # (not worth waiting for while the listener is down: they cannot come back)
+                while self._awaited and self.listener.connected and time.monotonic() < deadline:
+                    self._echoed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
                 late = len(self._awaited or ())
                 self._awaited = None
             if late:
