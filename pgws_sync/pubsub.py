@@ -7,8 +7,6 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from werkzeug.wrappers import Request
-
 from .batching import Batcher
 from .connection import Connection, Frame
 from .endpoint import WebSocketEndpoint
