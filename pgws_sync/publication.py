@@ -29,6 +29,20 @@ DEFAULT_PUBSUB_CHANNEL = "pgws_sync"
 MESSAGE_TYPES = ("json", "text", "binary")
 
 
+class PublicationTooLarge(PayloadTooLarge):
+    """A message whose publication NOTIFY would reach PostgreSQL's 8000-byte limit."""
+
+    def __init__(self, size: int, limit: int, channel: Optional[str]) -> None:
+        super().__init__(size, limit, channel)
+        where = f"for channel {channel!r} " if channel is not None else ""
+        self.args = (
+            f"the message {where}would take {size} bytes as a NOTIFY; PostgreSQL accepts at most "
+            f"{limit - 1} bytes, envelope included (about {limit - 100} bytes of JSON or text, "
+            f"{(limit - 100) * 3 // 4} of binary). Send a smaller message, for example the id "
+            f"of a row the browser then fetches.",
+        )
+
+
 class Publication(NamedTuple):
     """One published message as read back from its NOTIFY."""
 
@@ -120,7 +134,7 @@ def format_publication(
     text = text + (", " if head else "") + '"payload": ' + raw + "}"
     size = len(text.encode("utf-8"))
     if size >= NOTIFY_PAYLOAD_LIMIT:
-        raise PayloadTooLarge(size, NOTIFY_PAYLOAD_LIMIT, channel)
+        raise PublicationTooLarge(size, NOTIFY_PAYLOAD_LIMIT, channel)
     return text
 
 
