@@ -170,8 +170,9 @@ def test_slow_readers_under_a_firehose(pg_dsn, endpoint_policy):
     order, then 1013; the slow ``drop`` client stays, and its gap frames account for
     exactly the frames the server counted as dropped. Queues never exceed their bound.
     """
+    # write_timeout: the 1013 close frame waits behind what the paced reader has not read yet
     g = serve_pubsub(pg_dsn, options={"max_queue": MAX_QUEUE, "ping_interval": None,
-                                      "backpressure": endpoint_policy})
+                                      "write_timeout": 30.0, "backpressure": endpoint_policy})
     try:
         worker = psutil.Process(g.worker_pids()[0])
         fast = Client(g)
