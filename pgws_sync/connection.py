@@ -70,6 +70,12 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     (a wake-up marker) counts as one.
     """
 
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        # Only one thread ever waits (the writer, for an item); puts never wait and
+        # nobody joins. One condition serves all three roles: less memory per socket.
+        self.not_full = self.all_tasks_done = self.not_empty
+
     def _init(self, maxsize: int) -> None:
         super()._init(maxsize)
         self.frames = 0
@@ -89,6 +95,33 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
 def _frame_count(item: Any) -> int:
     return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
+
+
+class Latch:
+    """A one-way flag threads can wait on: a ``threading.Event`` that is never cleared,
+    built on one lock (an Event costs a condition, a deque and about 2 KB per socket)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # set already
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once set; False if ``timeout`` seconds passed first."""
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()
+            return True
+        return False
 
 
 _thread_flags = threading.local()
@@ -190,16 +223,31 @@ class GuardedSocket:
         self._on_close()
 
 
-class WakingEvent(threading.Event):
-    """simple-websocket's "something arrived" event, which also wakes the connection's writer."""
+class WakingEvent:
+    """simple-websocket's "something arrived" event: it wakes the connection's writer.
+
+    Nobody waits on it (the writer waits on its queue), so it is a flag, not
+    a ``threading.Event`` with its own condition.
+    """
+
+    __slots__ = ("_flag", "_wake")
 
     def __init__(self, wake: Callable[[], None]) -> None:
-        super().__init__()
+        self._flag = False
         self._wake = wake
 
     def set(self) -> None:
-        super().set()
+        self._flag = True
         self._wake()
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        raise RuntimeError("pgws_sync delivers inbound messages to on_message; nothing waits here")
 
 
 #: ``on_message(data)``: called by the writer for each inbound message, in order.
@@ -243,7 +291,8 @@ class Connection:
         self._missed: Dict[str, int] = {}
         #: Every frame dropped for this connection so far, by channel.
         self.dropped: Dict[str, int] = {}
-        self.closed = threading.Event()
+        #: Set once the writer has ended (the socket is over).
+        self.closed = Latch()
 
     @property
     def queue_depth(self) -> int:

@@ -271,6 +271,7 @@ class WebSocketEndpoint:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return _SocketDone()
+        ws.environ = None  # read only by the handshake
         conn.attach(ws, guarded, compression=self.compression)
         try:
             if self._closing:

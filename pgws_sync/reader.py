@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from wsproto.events import Ping
 from wsproto.utilities import LocalProtocolError
 
-from .connection import forbid_blocking_writes
+from .connection import Latch, forbid_blocking_writes
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Socket:
         self.name = "pgws-reader"
         self.next_ping = 0.0
         self.fd = -1
-        self._done = threading.Event()
+        self._done = Latch()
 
     # --- the part of threading.Thread that simple-websocket and the endpoint use
 
