@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import psycopg2
 import psycopg2.extensions
-import psycopg2.pool
 from werkzeug.exceptions import NotFound
 from werkzeug.utils import send_from_directory
 from werkzeug.wrappers import Request, Response
@@ -34,6 +32,7 @@ from .jwt_messages import (
 )
 from .listener import Listener
 from .messages import Notification, resync_frame
+from .pool import NotifyFailed, NotifyPool
 
 logger = logging.getLogger(__name__)
 
@@ -47,127 +46,8 @@ CHANNEL_KEY = "channel:"
 WSGIApp = Callable[[WSGIEnviron, StartResponse], Any]
 
 
-class WriteFailed(PgwsError):
+class WriteFailed(NotifyFailed):
     """A browser's message could not be NOTIFYed; the sender gets the reason in an error frame."""
-
-
-# ------------------------------------------------------------------ write pool
-
-
-class _LazyPool(psycopg2.pool.ThreadedConnectionPool):  # type: ignore[misc]
-    """A ThreadedConnectionPool that opens connections on first use and keeps up to ``size``.
-
-    ThreadedConnectionPool opens ``minconn`` connections in its constructor and
-    closes any returned connection beyond ``minconn``: created with 0 and then
-    raised, it connects lazily and still keeps what it opened.
-    """
-
-    def __init__(self, size: int, dsn: str, **params: Any) -> None:
-        super().__init__(0, size, dsn, **params)
-        self.minconn = size
-
-
-class WritePool:
-    """Up to ``size`` connections (never the listener's) that NOTIFY what browsers send.
-
-    Connections are opened on first use, in the process that uses them.
-    :meth:`notify` waits at most ``wait_timeout`` seconds for a free connection.
-    """
-
-    def __init__(self, dsn: str, size: int = 10, *, wait_timeout: float = 5.0,
-                 statement_timeout: float = 10.0, connect_timeout: float = 10.0,
-                 application_name: str = "pgws_sync writer") -> None:
-        if size < 1:
-            raise ConfigError(f"the write pool needs at least one connection, got {size}")
-        self.dsn = dsn
-        self.size = size
-        self.wait_timeout = wait_timeout
-        params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
-        options = params.pop("options", "")
-        self._params: Dict[str, Any] = {
-            "connect_timeout": int(connect_timeout),
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-            "keepalives_count": 3, "application_name": application_name,
-            **params,
-            "options": (options + f" -c statement_timeout={int(statement_timeout * 1000)}").strip(),
-        }
-        self._lock = threading.Lock()  # guards _pool, _pid and _closed
-        self._pool: Optional[_LazyPool] = None
-        self._pid: Optional[int] = None
-        self._closed = False
-        self._slots = threading.BoundedSemaphore(size)
-
-    def _current(self) -> _LazyPool:
-        with self._lock:
-            if self._closed:
-                raise WriteFailed("the server is shutting down")
-            if self._pool is None or self._pid != os.getpid():
-                # After a fork the parent's connections are never touched here.
-                self._pool = _LazyPool(self.size, "", **self._params)
-                self._pid = os.getpid()
-                self._slots = threading.BoundedSemaphore(self.size)
-            return self._pool
-
-    def notify(self, channel: str, payloads: Sequence[str]) -> None:
-        """NOTIFY each payload on ``channel`` in one transaction: all are sent, or none.
-
-        Raises :class:`WriteFailed` with a one-line reason.
-        """
-        pool = self._current()
-        slots = self._slots
-        if not slots.acquire(timeout=self.wait_timeout):
-            raise WriteFailed(f"the database is busy: all {self.size} write connections are in "
-                              f"use (PGWS_POOL_SIZE)")
-        try:
-            for attempt in (1, 2):
-                try:
-                    conn = pool.getconn()
-                except psycopg2.pool.PoolError as exc:
-                    raise WriteFailed(f"no database connection: {first_line(exc)}") from None
-                except psycopg2.Error as exc:
-                    raise WriteFailed(f"cannot connect to the database: {first_line(exc)}") from None
-                started = False
-                try:
-                    with conn.cursor() as cur:
-                        for payload in payloads:
-                            cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-                            started = True
-                    conn.commit()
-                    pool.putconn(conn)
-                    return
-                except psycopg2.Error as exc:
-                    broken = bool(conn.closed)
-                    if not broken:
-                        try:
-                            conn.rollback()
-                        except psycopg2.Error:
-                            broken = True
-                    self._put_back(pool, conn, close=broken)
-                    # An idle connection that died (a database restart) fails on its
-                    # first statement, before anything was sent: try a fresh one once.
-                    if broken and not started and attempt == 1:
-                        continue
-                    raise WriteFailed(f"NOTIFY failed: {first_line(exc)}") from None
-        finally:
-            slots.release()
-
-    def _put_back(self, pool: _LazyPool, conn: Any, *, close: bool) -> None:
-        try:
-            pool.putconn(conn, close=close)
-        except psycopg2.pool.PoolError:  # closed meanwhile
-            conn.close()
-
-    def close(self) -> None:
-        """Close every connection; later notify() calls fail with WriteFailed."""
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-            mine = self._pid == os.getpid()
-        if pool is not None and mine:
-            try:
-                pool.closeall()
-            except psycopg2.pool.PoolError:
-                pass
 
 
 # --------------------------------------------------------------------- endpoint
@@ -208,8 +88,10 @@ class JwtGateway(WebSocketEndpoint):
         self.listen_channel = listen_channel
         self.meta_channel = meta_channel
         self.fallback = fallback
-        self.pool = WritePool(listener.dsn if dsn is None else dsn, pool_size,
-                              wait_timeout=self.write_timeout)
+        self.pool = NotifyPool(listener.dsn if dsn is None else dsn, size=pool_size,
+                               wait_timeout=self.write_timeout, statement_timeout=10.0,
+                               application_name="pgws_sync writer",
+                               size_name="PGWS_POOL_SIZE", error=WriteFailed)
         self._opened = 0
         self._opened_changed = threading.Condition()  # guards _opened
         listener.add_sink(self, [listen_channel])

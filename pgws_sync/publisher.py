@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-import time
-from typing import Any, List, Optional
-
-import psycopg2
-import psycopg2.extensions
+from typing import Any, Optional
 
 from .channels import validate_channel
-from .errors import PgwsError, first_line
-from .listener import close_quietly
 from .messages import new_message_id
+from .pool import NotifyFailed, NotifyPool
 from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
 
-logger = logging.getLogger(__name__)
 
-
-class PublishFailed(PgwsError, RuntimeError):
-    """The database did not take a NOTIFY (it is unreachable, or refused it)."""
+class PublishFailed(NotifyFailed):
+    """The database did not take a publication's NOTIFY (it is unreachable, or refused it)."""
 
     def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"could not publish: {reason}")
+        super().__init__(reason, f"could not publish: {reason}")
 
 
 def build_publication(
@@ -85,19 +74,14 @@ class Publisher:
         timeout: float = 10.0,
         application_name: str = "pgws_sync publisher",
     ) -> None:
-        if pool_size < 1:
-            raise PgwsError(f"pool_size must be at least 1, got {pool_size}")
+        self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
+                                connect_timeout=timeout, application_name=application_name,
+                                size_name="pool_size", error=PublishFailed)
         self.dsn = dsn or ""
         self.pubsub_channel = validate_channel(pubsub_channel)
         self.pool_size = pool_size
         self.timeout = timeout
         self.application_name = application_name
-        self._lock = threading.Lock()  # guards the pool state below
-        self._free = threading.Condition(self._lock)
-        self._idle: List[Any] = []
-        self._open = 0
-        self._pid = os.getpid()
-        self._closed = False
 
     def publish(self, channel: Optional[str], message: Any, *, type: str = "json",
                 to: Optional[str] = None) -> str:
@@ -112,78 +96,8 @@ class Publisher:
 
     def notify(self, text: str) -> None:
         """Send one already-built publication."""
-        for attempt in (1, 2):
-            conn = self._acquire()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_notify(%s, %s)", (self.pubsub_channel, text))
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                self._discard(conn)
-                if attempt == 2:
-                    raise PublishFailed(first_line(exc)) from exc
-                continue
-            except psycopg2.Error as exc:
-                self._release(conn)
-                raise PublishFailed(first_line(exc)) from exc
-            self._release(conn)
-            return
+        self._pool.notify(self.pubsub_channel, [text])
 
     def close(self) -> None:
         """Close this process's connections; later publishing raises :class:`PublishFailed`."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._free.notify_all()
-        if self._pid == os.getpid():
-            for conn in idle:
-                close_quietly(conn)
-
-    # --------------------------------------------------------- internals
-
-    def _acquire(self) -> Any:
-        deadline = time.monotonic() + self.timeout
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's connections are not ours
-                self._pid, self._idle, self._open = os.getpid(), [], 0
-            while True:
-                if self._closed:
-                    raise PublishFailed("the publisher is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self.pool_size:
-                    self._open += 1
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PublishFailed(f"no free connection within {self.timeout:g}s")
-                self._free.wait(left)
-        try:
-            return self._connect()
-        except psycopg2.Error as exc:
-            with self._lock:
-                self._open -= 1
-                self._free.notify()
-            raise PublishFailed(first_line(exc)) from exc
-
-    def _connect(self) -> Any:
-        conn = psycopg2.connect(self.dsn, connect_timeout=max(1, int(self.timeout)),
-                                application_name=self.application_name)
-        conn.autocommit = True
-        return conn
-
-    def _release(self, conn: Any) -> None:
-        with self._lock:
-            if not self._closed:
-                self._idle.append(conn)
-                self._free.notify()
-                return
-            self._open -= 1
-        close_quietly(conn)
-
-    def _discard(self, conn: Any) -> None:
-        with self._lock:
-            self._open -= 1
-            self._free.notify()
-        close_quietly(conn)
-
+        self._pool.close()

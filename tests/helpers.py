@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
+import pytest
 import simple_websocket
 
 from .pgserver import free_port
@@ -267,6 +268,18 @@ class TcpProxy:
         for a, b, _ in self._pairs:
             a.close()
             b.close()
+
+
+def proxied(dsn: str) -> Tuple[TcpProxy, str]:
+    """A TcpProxy in front of ``dsn``'s server and the DSN that goes through it.
+
+    Skips the test when ``dsn`` does not name a server on 127.0.0.1.
+    """
+    port = int(dsn.rsplit(":", 1)[1].split("/")[0]) if "127.0.0.1:" in dsn else None
+    if port is None:
+        pytest.skip("the proxy needs a TCP database address")
+    proxy = TcpProxy(port)
+    return proxy, dsn.replace(f"127.0.0.1:{port}", f"127.0.0.1:{proxy.port}")
 
 
 class Recorder:

@@ -8,7 +8,7 @@ import pytest
 from pgws_sync import ConfigError, Listener, ListenerStopped
 
 from .conftest import pg_notify
-from .helpers import Recorder, TcpProxy, wait_for
+from .helpers import Recorder, proxied, wait_for
 from .pgserver import free_port
 
 
@@ -191,12 +191,8 @@ def test_database_restart_reconnects_and_resyncs(pg_server, make_listener):
 
 
 def test_silent_death_is_noticed_within_a_heartbeat(pg_dsn, sender, make_listener):
-    port = int(pg_dsn.rsplit(":", 1)[1].split("/")[0]) if "127.0.0.1:" in pg_dsn else None
-    if port is None:
-        pytest.skip("the proxy needs a TCP database address")
-    proxy = TcpProxy(port)
+    proxy, dsn = proxied(pg_dsn)
     try:
-        dsn = pg_dsn.replace(f"127.0.0.1:{port}", f"127.0.0.1:{proxy.port}")
         listener = make_listener(dsn, heartbeat_interval=1.0)
         sink = Recorder()
         listener.add_sink(sink, ["silent"])
