@@ -17,7 +17,7 @@ from werkzeug.wrappers import Request, Response
 
 from .channels import validate_channel
 from .connection import Connection, Frame
-from .endpoint import StartResponse, WebSocketEndpoint, WSGIEnviron
+from .endpoint import StartResponse, WSGIEnviron
 from .errors import ConfigError, PayloadTooLarge, PgwsError, first_line
 from .jwt_auth import Grant, JwtAuth, split_request
 from .jwt_messages import (
@@ -31,6 +31,7 @@ from .jwt_messages import (
     too_large_reason,
 )
 from .listener import Listener
+from .listening import ListeningEndpoint
 from .messages import Notification, resync_frame
 from .pool import NotifyFailed, NotifyPool
 
@@ -53,7 +54,7 @@ class WriteFailed(NotifyFailed):
 # --------------------------------------------------------------------- endpoint
 
 
-class JwtGateway(WebSocketEndpoint):
+class JwtGateway(ListeningEndpoint):
     """postgres-websockets as a WSGI app: JWT-authorised channels to and from the database.
 
     Sockets open as ``/<channel>/<jwt>`` or ``/<jwt>`` (or with the token in
@@ -82,19 +83,17 @@ class JwtGateway(WebSocketEndpoint):
         if meta_channel is not None and not meta_channel:
             raise ConfigError("meta_channel must be a channel name or None")
         options.setdefault("allowed_origins", ("*",))
-        super().__init__(**options)
-        self.listener = listener
         self.auth = auth
         self.listen_channel = listen_channel
         self.meta_channel = meta_channel
         self.fallback = fallback
+        self._opened = 0
+        self._opened_changed = threading.Condition()  # guards _opened
+        super().__init__(listener, [listen_channel], **options)
         self.pool = NotifyPool(listener.dsn if dsn is None else dsn, size=pool_size,
                                wait_timeout=self.write_timeout, statement_timeout=10.0,
                                application_name="pgws_sync writer",
                                size_name="PGWS_POOL_SIZE", error=WriteFailed)
-        self._opened = 0
-        self._opened_changed = threading.Condition()  # guards _opened
-        listener.add_sink(self, [listen_channel])
 
     # ---------------------------------------------------------------- WSGI
 
@@ -111,9 +110,6 @@ class JwtGateway(WebSocketEndpoint):
         return response(environ, start_response)
 
     # ---------------------------------------------------------------- hooks
-
-    def prepare(self) -> None:
-        self.listener.start()
 
     def connection_audiences(self, request: Request) -> Sequence[str]:
         return []  # readers join their channels' keys in on_connect
@@ -207,22 +203,10 @@ class JwtGateway(WebSocketEndpoint):
             if grant is not None and grant.can_read:
                 conn.send(resync_frame(grant.channels, reason))
 
-    # ------------------------------------------------------------ health, close
-
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        status = self.listener.status()
-        ok = (not self.closing and status["connected"]
-              and self.listen_channel in self.listener.listening)
-        body: Dict[str, Any] = {"listener": "connected" if status["connected"] else "disconnected",
-                                "sockets": len(self.hub)}
-        if status["error"]:
-            body["error"] = status["error"]
-        if self.closing:
-            body["closing"] = True
-        return ok, body
+    # ------------------------------------------------------------------ close
 
     def on_closed(self) -> None:
-        self.listener.remove_sink(self)
+        super().on_closed()
         # Let the sockets just closed send their ConnectionClose before the pool goes.
         deadline = time.monotonic() + 2.0
         with self._opened_changed:

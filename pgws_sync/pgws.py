@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from werkzeug.wrappers import Request
 
 from .channels import validate_channel
-from .endpoint import WebSocketEndpoint, live_endpoints
+from .endpoint import live_endpoints
 from .errors import ConfigError, InvalidPayload
 from .listener import Listener, live_listeners
+from .listening import ListeningEndpoint
 from .messages import (
     DEFAULT_AUDIENCE,
     Notification,
@@ -28,7 +29,7 @@ def default_audience(request: Request) -> List[str]:
     return [DEFAULT_AUDIENCE]
 
 
-class PGWS(WebSocketEndpoint):
+class PGWS(ListeningEndpoint):
     """A WebSocket endpoint delivering NOTIFYs on ``channels`` in pgws format.
 
     A notification ``audience,{json}`` on one of the channels reaches every
@@ -44,17 +45,12 @@ class PGWS(WebSocketEndpoint):
         if not channels:
             raise ConfigError("PGWS needs at least one channel to listen on")
         names = tuple(dict.fromkeys(validate_channel(c) for c in channels))
-        super().__init__(**options)
-        self.listener = listener
         self.channels: Tuple[str, ...] = names
         #: ``request -> list of audiences``; the default puts everyone in ``default``.
         self.get_audience: Callable[[Request], Sequence[str]] = default_audience
-        listener.add_sink(self, names)
+        super().__init__(listener, names, **options)
 
     # ---------------------------------------------------- endpoint hooks
-
-    def prepare(self) -> None:
-        self.listener.start()
 
     def connection_audiences(self, request: Request) -> Sequence[str]:
         audiences = self.get_audience(request)
@@ -63,24 +59,6 @@ class PGWS(WebSocketEndpoint):
                 f"get_audience must return a list of strings, got {audiences!r}"
             )
         return list(audiences)
-
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        status = self.listener.status()
-        ok = (
-            not self.closing
-            and status["connected"]
-            and set(self.channels) <= self.listener.listening
-        )
-        body = {"listener": "connected" if status["connected"] else "disconnected",
-                "sockets": len(self.hub)}
-        if status["error"]:
-            body["error"] = status["error"]
-        if self.closing:
-            body["closing"] = True
-        return ok, body
-
-    def on_closed(self) -> None:
-        self.listener.remove_sink(self)
 
     # ---------------------------------------------------- listener sink
 

@@ -9,9 +9,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .batching import Batcher
 from .connection import Connection, Frame
-from .endpoint import WebSocketEndpoint
 from .errors import ConfigError, InvalidPayload, PayloadTooLarge
 from .listener import Listener
+from .listening import ListeningEndpoint
 from .messages import Notification, new_message_id, resync_frame
 from .protocol import (
     BACKPRESSURE_POLICIES,
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SUBSCRIPTION_PREFIX = "sub:"
 
 
-class PubSub(WebSocketEndpoint):
+class PubSub(ListeningEndpoint):
     """Channel pub/sub over WebSockets; every message goes through PostgreSQL.
 
     Clients send ``{"action": "subscribe" | "unsubscribe" | "publish",
@@ -82,8 +82,6 @@ class PubSub(WebSocketEndpoint):
             raise ConfigError(f"backpressure must be 'close' or 'drop', got {backpressure!r}")
         if max_subscriptions < 1:
             raise ConfigError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
-        super().__init__(**options)
-        self.listener = listener
         self.backpressure = backpressure
         self.max_subscriptions = max_subscriptions
         self.flush_timeout = flush_timeout
@@ -94,7 +92,7 @@ class PubSub(WebSocketEndpoint):
         self._echo_lock = threading.Lock()  # guards _awaited
         self._echoed = threading.Condition(self._echo_lock)
         self._awaited: Optional[Set[str]] = None  # ids flushed at close, until they come back
-        listener.add_sink(self, [self.pubsub_channel])
+        super().__init__(listener, [self.pubsub_channel], **options)
 
     # ---------------------------------------------------- application hooks
 
@@ -193,21 +191,6 @@ class PubSub(WebSocketEndpoint):
 
     # ---------------------------------------------------- endpoint hooks
 
-    def prepare(self) -> None:
-        self.listener.start()
-
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        status = self.listener.status()
-        ok = (not self.closing and status["connected"]
-              and self.pubsub_channel in self.listener.listening)
-        body: Dict[str, Any] = {"listener": "connected" if status["connected"] else "disconnected",
-                                "sockets": len(self.hub)}
-        if status["error"]:
-            body["error"] = status["error"]
-        if self.closing:
-            body["closing"] = True
-        return ok, body
-
     def on_message(self, conn: Connection, data: Frame) -> None:
         """Handle one client action; every problem is answered with an error frame."""
         try:
@@ -245,7 +228,7 @@ class PubSub(WebSocketEndpoint):
         super().close(timeout)
 
     def on_closed(self) -> None:
-        self.listener.remove_sink(self)
+        super().on_closed()
         self.publisher.close()
 
     # ---------------------------------------------------- listener sink
