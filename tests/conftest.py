@@ -1,4 +1,5 @@
-"""Session fixtures: a real PostgreSQL server (or PGWS_TEST_DSN), connections, channel names."""
+"""Session fixtures: a real PostgreSQL server (or PGWS_TEST_DSN), connections, channel names,
+WebSocket clients and a headless Chromium."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any, Iterator
 
 import psycopg2
 import pytest
+from playwright.sync_api import Browser, Page
 
+from .browser import chromium, fresh_page
 from .helpers import Ws
 from .pgserver import PgServer
 
@@ -69,6 +72,20 @@ def clients() -> Iterator[Any]:
     yield connect
     for ws in made:
         ws.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """A headless Chromium per test module (the test is skipped without one)."""
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page of the module's Chromium."""
+    with fresh_page(browser) as new_page:
+        yield new_page
 
 
 def pg_notify(conn: "psycopg2.extensions.connection", channel: str, payload: str) -> None:

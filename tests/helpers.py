@@ -140,6 +140,19 @@ class Ws:
     def recv_json(self, timeout: float = 10.0) -> Any:
         return json.loads(self.recv(timeout))
 
+    def recv_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+        """Read JSON frames until one satisfies ``predicate``; return it (the others are skipped)."""
+        deadline = time.monotonic() + timeout
+        seen: List[Any] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching frame within {timeout}s; got {seen!r}")
+            frame = self.recv_json(timeout=left)
+            if predicate(frame):
+                return frame
+            seen.append(frame)
+
     def nothing_pending(self) -> bool:
         return not self.client.input_buffer
 

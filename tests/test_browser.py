@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
 
 import psycopg2
-import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
 from .clirun import Serve
 from .pgserver import PgServer
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
-TIMEOUT_MS = 15_000
 
 # Records every text #state shows, so short-lived states cannot be missed.
 RECORD_STATES = """() => {
@@ -27,41 +18,6 @@ RECORD_STATES = """() => {
   new MutationObserver(() => window.pgwsStates.push(document.getElementById('state').textContent))
     .observe(document.getElementById('state'), {childList: true, characterData: true, subtree: true});
 }"""
-
-
-def find_chromium() -> Optional[str]:
-    """$PGWS_CHROMIUM, else Debian's /usr/bin/chromium, else ``chromium`` on PATH."""
-    configured = os.environ.get("PGWS_CHROMIUM")
-    if configured:
-        return configured
-    if os.path.exists("/usr/bin/chromium"):
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no Chromium: install the chromium package (Debian: apt-get install chromium) "
-                    "or point PGWS_CHROMIUM at a Chromium binary")
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    try:
-        new_page = context.new_page()
-        new_page.set_default_timeout(TIMEOUT_MS)
-        yield new_page
-    finally:
-        context.close()
 
 
 def open_client(page: Page, serve: Serve) -> None:

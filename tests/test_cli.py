@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional
+from typing import IO, Dict, Iterator, List, Optional
 
 import psutil
 import psycopg2.extensions
@@ -31,20 +31,6 @@ def one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {stderr!r}"
     return lines[0]
-
-
-def receive_until(ws: Ws, predicate: Callable[[Any], bool], timeout: float = 10.0) -> Any:
-    """Read JSON frames until one satisfies ``predicate``; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    seen: List[Any] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no matching frame within {timeout}s; got {seen!r}")
-        frame = ws.recv_json(timeout=left)
-        if predicate(frame):
-            return frame
-        seen.append(frame)
 
 
 def close_code(ws: Ws, timeout: float = 10.0) -> int:
@@ -265,7 +251,7 @@ def test_demo_runs_without_a_database_and_cleans_up(tmp_path: Path) -> None:
                            (psql_line, ["bash", "-c", psql_line])):
             result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20)
             assert result.returncode == 0, (line, result.stderr)
-            receive_until(ws, lambda f: f["payload"] == {"message": "hi"})
+            ws.recv_until(lambda f: f["payload"] == {"message": "hi"})
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the demo runs its server as a subprocess"

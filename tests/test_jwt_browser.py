@@ -9,39 +9,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
 from .conftest import pg_notify
 from .helpers import ROOT, Gunicorn
 from .jwt_helpers import SECRET, DbListener, make_token
-from .test_browser import CHROMIUM_ARGS, TIMEOUT_MS, find_chromium
 
 LISTEN = "postgres-websockets-listener"  # the example keeps the default listen channel
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no Chromium: install the chromium package (Debian: apt-get install chromium) "
-                    "or point PGWS_CHROMIUM at a Chromium binary")
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    try:
-        new_page = context.new_page()
-        new_page.set_default_timeout(TIMEOUT_MS)
-        yield new_page
-    finally:
-        context.close()
 
 
 @pytest.fixture(scope="module")

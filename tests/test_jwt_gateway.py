@@ -21,7 +21,7 @@ import simple_websocket
 from pgws_sync.jwt_gateway import CLOSE_JWT_EXPIRED
 
 from .conftest import pg_notify
-from .helpers import ROOT, Gunicorn, Ws, http_get, raw_upgrade, wait_for
+from .helpers import ROOT, Gunicorn, http_get, raw_upgrade, wait_for
 from .jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from .pgserver import PgServer
 
@@ -30,20 +30,6 @@ def start(dsn: str, listen: str, **env: str) -> Gunicorn:
     return Gunicorn("tests.apps.jwt_app:app", env={
         "PGWS_DB_URI": dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_LISTEN_CHANNEL": listen, **env,
     }).wait_up()
-
-
-def receive_until(ws: Ws, predicate: Any, timeout: float = 10.0) -> Any:
-    """Read JSON frames until one satisfies ``predicate``; return it."""
-    deadline = time.monotonic() + timeout
-    seen: List[Any] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no matching frame within {timeout}s; got {seen!r}")
-        frame = ws.recv_json(timeout=left)
-        if predicate(frame):
-            return frame
-        seen.append(frame)
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +210,10 @@ def test_failed_notify_gets_an_error_frame_and_writes_resume(pg_server: PgServer
         assert json.loads(writer.recv())["payload"] == "before"  # the pool has a connection
         pg_server.stop()
         writer.client.send("while down")
-        error = receive_until(writer, lambda f: f.get("event") == "error")
+        error = writer.recv_until(lambda f: f.get("event") == "error")
         assert error["error"].startswith(("cannot connect to the database", "NOTIFY failed"))
         pg_server.start()
-        resync = receive_until(writer, lambda f: f.get("event") == "resync", timeout=20)
+        resync = writer.recv_until(lambda f: f.get("event") == "resync", timeout=20)
         assert resync["channels"] == ["room"]
         writer.client.send("after")
         assert json.loads(writer.recv())["payload"] == "after"
@@ -372,17 +358,17 @@ def test_meta_channel_open_and_close_events(server: Gunicorn, meta: str, clients
     def mine(event: str) -> Any:
         return lambda f: f.get("event") == event and f["claims"].get("marker") == marker
 
-    opened = receive_until(watcher, mine("ConnectionOpen"))
+    opened = watcher.recv_until(mine("ConnectionOpen"))
     assert opened["channel"] == meta
     assert opened["payload"] == f"{channel},{channel}-2"
     assert isinstance(opened["claims"].pop("message_delivered_at"), float)
     assert opened["claims"] == claims
     ws.close()
-    closed = receive_until(watcher, mine("ConnectionClose"))
+    closed = watcher.recv_until(mine("ConnectionClose"))
     assert closed["payload"] == opened["payload"] and closed["channel"] == meta
     # Exactly once: the next event about our marker is a new socket's open, not a second close.
     clients(url(server, None, claims))
-    assert receive_until(watcher, lambda f: f["claims"].get("marker") == marker)["event"] == (
+    assert watcher.recv_until(lambda f: f["claims"].get("marker") == marker)["event"] == (
         "ConnectionOpen")
 
 
@@ -392,7 +378,7 @@ def test_refused_sockets_send_no_meta_events(server: Gunicorn, meta: str, client
     marker = uuid.uuid4().hex
     assert upgrade_refused(server, "/" + make_token({"mode": "r", "marker": marker}))[0] == 400
     clients(url(server, channel, {"mode": "r", "marker": marker, "n": 2}))
-    event = receive_until(watcher, lambda f: f["claims"].get("marker") == marker)
+    event = watcher.recv_until(lambda f: f["claims"].get("marker") == marker)
     assert event["event"] == "ConnectionOpen" and event["claims"]["n"] == 2
 
 
