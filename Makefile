@@ -21,5 +21,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# make bench ARGS='--clients 1000 --messages 200 --rate 50'   (options: bench/README.md)
+bench: install
+	$(BIN)/python -m bench.fanout $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

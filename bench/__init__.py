@@ -1,0 +1,1 @@
+"""pgws_sync's own fan-out benchmark: N WebSocket clients, M notifications, figures in a table."""
