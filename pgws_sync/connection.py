@@ -436,9 +436,13 @@ class Connection:
         close_timeout: float,
         on_message: Optional[MessageHandler] = None,
         max_backlog: int = 256,
-        idle_check: float = 5.0,
+        idle_check: float = 60.0,
     ) -> None:
         """Run the writer until the socket closes. Runs on the request thread.
+
+        Everything that concerns the writer wakes it (a frame, a close request,
+        an inbound message, the socket ending); ``idle_check`` seconds is only
+        a safety net, kept long so thousands of idle sockets cost no wake-ups.
 
         Inbound messages are handed to ``on_message`` between writes, in
         order; more than ``max_backlog`` of them waiting closes the socket
