@@ -355,7 +355,7 @@ def table(r: Dict[str, Any]) -> str:
         ("notifications", f"{r['messages']} at {rate}, pad {r['pad']} B"),
         ("connect", f"{r['opened']} opened, {r['failed']} failed in {r['connect_s']:.2f} s "
                     f"({conn_rate:.0f}/s)"),
-        ("publish", f"{r['publish_s']:.2f} s ({r['messages'] / max(r['publish_s'], 1e-9):.1f}/s)"),
+        ("publish", f"{r['publish_s']:.3f} s ({r['messages'] / max(r['publish_s'], 1e-9):.1f}/s)"),
         ("delivered", f"{r['delivered']} of {r['expected']}"),
         ("lost", f"{r['lost']} (min per client {num(r['min_per_client'])}, "
                  f"out of order {r['out_of_order']})"),
