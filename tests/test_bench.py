@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional
@@ -77,6 +78,9 @@ def test_exits_non_zero_when_the_server_cannot_start() -> None:
     proc = run_bench("--clients", "2", "--messages", "1", "--dsn", dead, "--start-timeout", "2")
     assert proc.returncode == 2
     assert "could not start" in proc.stderr and "/healthz" in proc.stderr
+    log = re.search(r"its log is (\S+):", proc.stderr)
+    assert log, proc.stderr
+    os.unlink(log.group(1))  # kept for the user to read; the test has seen the message
 
 
 # ---------------------------------------------------------------- framing, against wsproto
