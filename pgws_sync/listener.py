@@ -65,6 +65,12 @@ class Listener:
     ``heartbeat_interval`` seconds: after half of it without traffic a
     ``SELECT 1`` is sent, and an answer must come within the other half.
 
+    Under a stream of notifications faster than one per ``coalesce``
+    seconds, they are handed on at most once per ``coalesce`` seconds, all
+    that arrived together: each socket then gets one write for several
+    messages instead of one each. The first notification after a quiet spell
+    is handed on at once; ``0`` hands every poll on immediately.
+
     The thread starts on first use in each process (``start()`` is cheap and
     idempotent), so a listener created while a preloading gunicorn master
     imports the app still gets one thread and one connection per worker.
@@ -78,6 +84,7 @@ class Listener:
         max_reconnect: float = 60.0,
         heartbeat_interval: float = 10.0,
         connect_timeout: float = 10.0,
+        coalesce: float = 0.010,
         application_name: str = "pgws_sync listener",
     ) -> None:
         if min_reconnect <= 0 or max_reconnect < min_reconnect:
@@ -86,11 +93,15 @@ class Listener:
             )
         if heartbeat_interval <= 0 or connect_timeout <= 0:
             raise ConfigError("heartbeat_interval and connect_timeout must be positive seconds")
+        if coalesce < 0 or coalesce >= heartbeat_interval / 2:
+            raise ConfigError(f"coalesce must be at least 0 and well under heartbeat_interval, "
+                              f"got {coalesce}")
         self.dsn = dsn or ""
         self.min_reconnect = float(min_reconnect)
         self.max_reconnect = float(max_reconnect)
         self.heartbeat_interval = float(heartbeat_interval)
         self.connect_timeout = float(connect_timeout)
+        self.coalesce = float(coalesce)
         self.application_name = application_name
 
         self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
@@ -380,13 +391,17 @@ class Listener:
     def _serve(self, conn: Any) -> None:
         half = self.heartbeat_interval / 2
         last_traffic = time.monotonic()
+        last_dispatch = 0.0
         with selectors.DefaultSelector() as sel:
             sel.register(conn.fileno(), selectors.EVENT_READ, "db")
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             while True:
                 if self._stopped:
                     raise _Stopping()
-                timeout = max(0.0, last_traffic + half - time.monotonic())
+                now = time.monotonic()
+                timeout = max(0.0, last_traffic + half - now)
+                if conn.notifies:  # held back to coalesce: read more until it is due
+                    timeout = min(timeout, max(0.0, last_dispatch + self.coalesce - now))
                 for key, _ in sel.select(timeout):
                     if key.data == "wake":  # stop(), or sinks changed their channels
                         self._drain_wake()
@@ -394,7 +409,9 @@ class Listener:
                     else:
                         conn.poll()
                         last_traffic = time.monotonic()
-                self._dispatch(conn)
+                if conn.notifies and time.monotonic() >= last_dispatch + self.coalesce:
+                    last_dispatch = time.monotonic()
+                    self._dispatch(conn)
                 if time.monotonic() - last_traffic >= half:
                     self._query(conn, "SELECT 1", half)
                     last_traffic = time.monotonic()

@@ -77,11 +77,28 @@ def test_channel_names_are_quoted_identifiers(pg_dsn, sender, make_listener, nam
     assert sink.payloads() == ["right"]
 
 
+def test_a_stream_is_coalesced_but_the_first_after_a_quiet_spell_is_not(pg_dsn, sender, channel,
+                                                                        make_listener):
+    listener = make_listener(pg_dsn, coalesce=4.0)
+    sink = Recorder()
+    listener.add_sink(sink, [channel])
+    assert listener.wait_connected(10)
+    pg_notify(sender, channel, "m0")
+    wait_for(lambda: sink.payloads() == ["m0"], message="the first notification, not held back")
+    for i in range(1, 6):  # five commits while the window of the first dispatch is open
+        pg_notify(sender, channel, f"m{i}")
+    wait_for(lambda: len(sink.payloads()) == 6, message="the five that followed")
+    assert sink.payloads() == [f"m{i}" for i in range(6)]
+    assert sink.batches == 2  # m0 alone, then m1..m5 handed on together
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError):
         Listener("", min_reconnect=5, max_reconnect=1)
     with pytest.raises(ConfigError):
         Listener("", heartbeat_interval=0)
+    with pytest.raises(ConfigError):
+        Listener("", coalesce=-1)
 
 
 def test_connection_settings_survive_idle_session_timeout(pg_server, make_listener):
