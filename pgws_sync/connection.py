@@ -423,11 +423,14 @@ class Connection:
         self.wake()
 
     def attach(self, ws: Any, sock: GuardedSocket, *, compression: bool = False) -> None:
-        """Bind the accepted simple-websocket server and its guarded socket."""
+        """Bind the accepted simple-websocket server and its guarded socket.
+
+        ``compression``: permessage-deflate was negotiated, so frames go
+        through the socket's own writer (each recipient's deflate state).
+        """
         self._ws = ws
         self._sock = sock
-        # A compressing socket needs its own deflate state: its writer encodes.
-        self._direct = not (compression and getattr(ws.ws, "extensions", None))
+        self._direct = not compression
 
     def serve(
         self,

@@ -16,11 +16,14 @@ from simple_websocket import (  # type: ignore[import-untyped]
 )
 from simple_websocket import ConnectionError as WsConnectionError
 from werkzeug.wrappers import Request, Response
+from wsproto import ConnectionType
+from wsproto.connection import Connection as FrameConnection
 
 from .connection import CLOSE_GOING_AWAY, Connection, Frame, GuardedSocket, WakingEvent
 from .errors import ConfigError, Refused
 from .hub import Hub
 from .reader import reading_thread
+from .wire import switching_protocols, valid_key
 from .messages import DEFAULT_AUDIENCE
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,28 @@ class _SocketDone(Response):
         if "werkzeug.socket" in environ:
             raise ConnectionError()
         return []
+
+
+class _PlainServer(Server):  # type: ignore[misc]
+    """simple-websocket's server with the upgrade answered here, for sockets without extensions.
+
+    The request was parsed and checked by the web server and :meth:`handle`
+    already; parsing it again with wsproto's HTTP handshake only costs time
+    and about 2 KB per socket for the life of the socket. The frames are then
+    handled by wsproto as usual.
+    """
+
+    def handshake(self) -> None:
+        offered = _header_tokens(self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+        chosen = next((p for p in self.subprotocols if p in offered), None)
+        self.sock.send(switching_protocols(self.environ["HTTP_SEC_WEBSOCKET_KEY"], chosen))
+        self.subprotocol = chosen
+        self.ws = FrameConnection(ConnectionType.SERVER)
+        self.connected = True
+
+
+def _header_tokens(value: Optional[str]) -> List[str]:
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
 def _text_response(status: int, text: str, headers: Optional[Dict[str, str]] = None) -> Response:
@@ -217,6 +242,13 @@ class WebSocketEndpoint:
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return _text_response(426, "this URL serves WebSocket connections only",
                                   {"Upgrade": "websocket"})
+        if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+            return _text_response(426, "unsupported WebSocket version: this server speaks 13",
+                                  {"Sec-WebSocket-Version": "13"})
+        if not valid_key(environ.get("HTTP_SEC_WEBSOCKET_KEY")):
+            return _text_response(400, "missing or invalid Sec-WebSocket-Key")
+        if "upgrade" not in (t.lower() for t in _header_tokens(environ.get("HTTP_CONNECTION"))):
+            return _text_response(400, "the Connection header must include Upgrade")
         if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
                               self.allowed_origins):
             logger.info("refused a socket from origin %r", environ.get("HTTP_ORIGIN"))
@@ -261,8 +293,12 @@ class WebSocketEndpoint:
             if k.startswith("HTTP_") and (self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS")
         }
         ws_environ[key] = guarded
+        # simple-websocket accepts permessage-deflate whenever it is offered.
+        deflate = self.compression and "permessage-deflate" in environ.get(
+            "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
+        server_class = Server if deflate else _PlainServer
         try:
-            ws = Server.accept(ws_environ, ping_interval=self.ping_interval,
+            ws = server_class.accept(ws_environ, ping_interval=self.ping_interval,
                                max_message_size=self.max_message_size,
                                subprotocols=[conn.subprotocol] if conn.subprotocol else None,
                                event_class=lambda: WakingEvent(conn.wake),
@@ -272,7 +308,7 @@ class WebSocketEndpoint:
             guarded.abort()
             return _SocketDone()
         ws.environ = None  # read only by the handshake
-        conn.attach(ws, guarded, compression=self.compression)
+        conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")

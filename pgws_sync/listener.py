@@ -390,31 +390,37 @@ class Listener:
 
     def _serve(self, conn: Any) -> None:
         half = self.heartbeat_interval / 2
-        last_traffic = time.monotonic()
-        last_dispatch = 0.0
         with selectors.DefaultSelector() as sel:
             sel.register(conn.fileno(), selectors.EVENT_READ, "db")
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            while True:
-                if self._stopped:
-                    raise _Stopping()
-                now = time.monotonic()
-                timeout = max(0.0, last_traffic + half - now)
-                if conn.notifies:  # held back to coalesce: read more until it is due
-                    timeout = min(timeout, max(0.0, last_dispatch + self.coalesce - now))
-                for key, _ in sel.select(timeout):
-                    if key.data == "wake":  # stop(), or sinks changed their channels
-                        self._drain_wake()
-                        self._reconcile(conn)
-                    else:
-                        conn.poll()
-                        last_traffic = time.monotonic()
-                if conn.notifies and time.monotonic() >= last_dispatch + self.coalesce:
-                    last_dispatch = time.monotonic()
-                    self._dispatch(conn)
-                if time.monotonic() - last_traffic >= half:
-                    self._query(conn, "SELECT 1", half)
+            try:
+                self._poll_loop(conn, sel, half)
+            finally:
+                self._dispatch(conn)  # what was held back to coalesce is not lost with the connection
+
+    def _poll_loop(self, conn: Any, sel: selectors.BaseSelector, half: float) -> None:
+        last_traffic = time.monotonic()
+        last_dispatch = 0.0
+        while True:
+            if self._stopped:
+                raise _Stopping()
+            now = time.monotonic()
+            timeout = max(0.0, last_traffic + half - now)
+            if conn.notifies:  # held back to coalesce: read more until it is due
+                timeout = min(timeout, max(0.0, last_dispatch + self.coalesce - now))
+            for key, _ in sel.select(timeout):
+                if key.data == "wake":  # stop(), or sinks changed their channels
+                    self._drain_wake()
+                    self._reconcile(conn)
+                else:
+                    conn.poll()
                     last_traffic = time.monotonic()
+            if conn.notifies and time.monotonic() >= last_dispatch + self.coalesce:
+                last_dispatch = time.monotonic()
+                self._dispatch(conn)
+            if time.monotonic() - last_traffic >= half:
+                self._query(conn, "SELECT 1", half)
+                last_traffic = time.monotonic()
 
     def _dispatch(self, conn: Any) -> None:
         if not conn.notifies:

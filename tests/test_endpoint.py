@@ -169,11 +169,48 @@ def test_permessage_deflate_only_when_enabled(pg_dsn, sender, compression):
         wait_sockets(g, 1)
         text = '{"text": "' + "compressible " * 200 + '"}'
         pg_notify(sender, "pgws", "default," + text)
-        message = events(sock, conn, 1)[0]
-        assert isinstance(message, TextMessage) and text in message.data
+        sock.settimeout(10)
+        wire = b""
+        got = []
+        while not got:
+            chunk = sock.recv(65536)
+            wire += chunk
+            conn.receive_data(chunk)
+            got.extend(conn.events())
+        assert isinstance(got[0], TextMessage) and text in got[0].data
+        # Compressed when negotiated: the frame on the wire is much smaller than the text.
+        assert (len(wire) < len(text) / 4) is compression
         sock.close()
     finally:
         g.stop()
+
+
+@pytest.mark.parametrize("headers, status, says", [
+    ({"Sec-WebSocket-Key": "not base64!", "Sec-WebSocket-Version": "13"}, 400, b"Sec-WebSocket-Key"),
+    ({"Sec-WebSocket-Key": "c2hvcnQ=", "Sec-WebSocket-Version": "13"}, 400, b"Sec-WebSocket-Key"),
+    ({"Sec-WebSocket-Version": "13"}, 400, b"Sec-WebSocket-Key"),
+    ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "8"}, 426,
+     b"Sec-WebSocket-Version: 13"),
+])
+def test_bad_upgrade_requests_get_a_clear_http_answer(server, sender, clients, headers, status, says):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    lines = ["GET /ws HTTP/1.1", f"Host: 127.0.0.1:{server.port}", "Upgrade: websocket",
+             "Connection: Upgrade", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    sock.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"\n") and len(answer) < 400:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    assert answer.startswith(f"HTTP/1.1 {status}".encode())
+    assert says in answer
+    ws = clients(server.ws_url())  # the server goes on serving
+    wait_sockets(server, 1)
+    pg_notify(sender, "pgws", 'default,{"after": "bad upgrade"}')
+    assert ws.recv_json()["payload"] == {"after": "bad upgrade"}
 
 
 def test_health_reports_listener_state(pg_server, clients):
