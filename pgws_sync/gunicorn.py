@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .listener import live_listeners
 from .pgws import shutdown
+from .wire import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def post_worker_init(worker: Any) -> None:
     SIGINT and SIGQUIT (Ctrl-C, immediate stop): the close frames are sent,
     waiting at most QUICK_SHUTDOWN_TIMEOUT seconds, before gunicorn exits.
     """
+    warm_up()
     for listener in live_listeners():
         try:
             listener.start()
