@@ -150,6 +150,8 @@ class GuardedSocket:
     while a writer might still hold it.
     """
 
+    __slots__ = ("_sock", "_write_timeout", "_on_close", "_hand_over", "lock", "_aborted")
+
     def __init__(self, sock: socket.socket, write_timeout: float, on_close: Callable[[], None],
                  hand_over: Optional[Callable[[bytes], None]] = None) -> None:
         self._sock = sock
@@ -266,6 +268,11 @@ class Connection:
     the socket does not take at once are queued for the writer, ahead of
     anything else.
     """
+
+    # Thousands live at once: no per-instance dict.
+    __slots__ = ("id", "audiences", "metadata", "subprotocol", "_queue", "_close_request",
+                 "_close_at", "_ws", "_sock", "_direct", "_gap_lock", "_missed", "dropped",
+                 "closed", "__weakref__")
 
     def __init__(
         self,

@@ -42,6 +42,8 @@ CLOSE_POLICY_VIOLATION = 1008
 class _Socket:
     """One WebSocket as the shared reader sees it; also the ``thread`` simple-websocket holds."""
 
+    __slots__ = ("ws", "name", "next_ping", "fd", "_done")
+
     def __init__(self, target: Callable[[], None], **_: Any) -> None:
         # simple-websocket passes its bound ``_thread`` method: its instance is the socket.
         self.ws: Any = getattr(target, "__self__")
