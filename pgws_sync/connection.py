@@ -442,7 +442,6 @@ class Connection:
     def serve(
         self,
         *,
-        compression: bool,
         close_timeout: float,
         on_message: Optional[MessageHandler] = None,
         max_backlog: int = 256,
@@ -470,14 +469,14 @@ class Connection:
                 else:
                     request = self._close_request
                     if request is None or request[0] != CLOSE_TRY_AGAIN_LATER:
-                        self._write(ws, sock, first, compression)
+                        self._write(ws, sock, first)
                 if self._close_at is not None and time.time() >= self._close_at[0]:
                     self.request_close(self._close_at[1], self._close_at[2])
                 if self._close_request is not None:
                     self._send_close(ws, sock, close_timeout)
                     return
                 if not ws.connected:
-                    self._write_rest(ws, sock, compression)
+                    self._write_rest(ws, sock)
                     return
                 if ws.input_buffer:
                     self._receive(ws, on_message, max_backlog)
@@ -494,7 +493,7 @@ class Connection:
             return idle_check
         return max(0.0, min(idle_check, self._close_at[0] - time.time()))
 
-    def _write(self, ws: Any, sock: GuardedSocket, first: Any, compression: bool) -> None:
+    def _write(self, ws: Any, sock: GuardedSocket, first: Any) -> None:
         """Write ``first`` and everything queued behind it, holding the write lock throughout."""
         with sock.lock:
             items = [first]
@@ -509,7 +508,7 @@ class Connection:
                 if gap is not None:
                     batch.append(gap)
             if batch:
-                if compression and not self._direct:
+                if not self._direct:  # deflate: simple-websocket compresses for this socket
                     for item in batch:
                         if not item.texts:
                             sock.sendall(item.wire)
@@ -521,14 +520,14 @@ class Connection:
             for _ in items:
                 self._queue.task_done()
 
-    def _write_rest(self, ws: Any, sock: GuardedSocket, compression: bool) -> None:
+    def _write_rest(self, ws: Any, sock: GuardedSocket) -> None:
         """The socket is closing: write what is still queued (a close frame, say), best effort."""
         try:
             first = self._queue.get_nowait()
         except queue.Empty:
             return
         try:
-            self._write(ws, sock, first, compression)
+            self._write(ws, sock, first)
         except (ConnectionClosed, OSError, LocalProtocolError, TimeoutError):
             pass
 

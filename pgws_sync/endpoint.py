@@ -22,9 +22,9 @@ from wsproto.connection import Connection as FrameConnection
 from .connection import CLOSE_GOING_AWAY, Connection, Frame, GuardedSocket, WakingEvent
 from .errors import ConfigError, Refused
 from .hub import Hub
+from .messages import DEFAULT_AUDIENCE
 from .reader import reading_thread
 from .wire import switching_protocols, valid_key
-from .messages import DEFAULT_AUDIENCE
 
 logger = logging.getLogger(__name__)
 
@@ -286,14 +286,11 @@ class WebSocketEndpoint:
 
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
-        # simple-websocket reads only the socket and the HTTP_ headers; keeping
-        # just those makes each connection lighter.
-        ws_environ: WSGIEnviron = {
-            k: v for k, v in environ.items()
-            if k.startswith("HTTP_") and (self.compression or k != "HTTP_SEC_WEBSOCKET_EXTENSIONS")
-        }
+        # simple-websocket reads only the socket and the HTTP_ headers.
+        ws_environ: WSGIEnviron = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
         ws_environ[key] = guarded
-        # simple-websocket accepts permessage-deflate whenever it is offered.
+        # simple-websocket's own handshake accepts permessage-deflate whenever it
+        # is offered; ours (_PlainServer) accepts no extension.
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
         server_class = Server if deflate else _PlainServer
@@ -314,7 +311,7 @@ class WebSocketEndpoint:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
             else:
                 self.on_open(conn)
-            conn.serve(compression=self.compression, close_timeout=self.close_timeout,
+            conn.serve(close_timeout=self.close_timeout,
                        on_message=lambda data: self.on_message(conn, data),
                        max_backlog=self.max_backlog)
         finally:

@@ -12,6 +12,7 @@ from .endpoint import live_endpoints
 from .errors import ConfigError, InvalidPayload
 from .listener import Listener, live_listeners
 from .listening import ListeningEndpoint
+from .reader import stop_reader
 from .messages import (
     DEFAULT_AUDIENCE,
     Notification,
@@ -80,7 +81,7 @@ class PGWS(ListeningEndpoint):
 
 
 def shutdown(timeout: float = 5.0) -> None:
-    """Close every endpoint of this process (1001) and stop every listener.
+    """Close every endpoint of this process (1001), stop every listener and the shared reader.
 
     This is what the gunicorn hook runs on SIGTERM.
     """
@@ -88,3 +89,4 @@ def shutdown(timeout: float = 5.0) -> None:
         endpoint.close(timeout)
     for listener in live_listeners():
         listener.stop(timeout)
+    stop_reader(timeout)

@@ -31,12 +31,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from wsproto.events import Ping
 from wsproto.utilities import LocalProtocolError
 
-from .connection import Latch, forbid_blocking_writes
+from .connection import CLOSE_POLICY_VIOLATION, Latch, forbid_blocking_writes
 
 logger = logging.getLogger(__name__)
-
-#: simple-websocket's close code for a missing pong (RFC 6455 policy violation).
-CLOSE_POLICY_VIOLATION = 1008
 
 
 class _Socket:
@@ -87,9 +84,6 @@ class SharedReader:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgws-reader", daemon=True)
         self._thread.start()
-
-    def __len__(self) -> int:
-        return len(self._selector.get_map()) - 1
 
     def add(self, sock: _Socket) -> None:
         ws = sock.ws
