@@ -264,14 +264,14 @@ class Connection:
     under the socket's write lock, so frames are whole and in order: the
     thread running :meth:`serve` drains the queue; and a deliverer that finds
     the socket idle (lock free, nothing queued or being written) writes
-    directly without blocking, which spares waking the writer thread. Bytes
-    the socket does not take at once are queued for the writer, ahead of
-    anything else.
+    directly without blocking, which spares waking the writer thread. The end
+    of a frame the socket did not take at once is kept aside for the writer,
+    which sends it before anything else (a pong or a close frame included).
     """
 
     # Thousands live at once: no per-instance dict.
     __slots__ = ("id", "audiences", "metadata", "subprotocol", "_queue", "_close_request",
-                 "_close_at", "_ws", "_sock", "_direct", "_gap_lock", "_missed", "dropped",
+                 "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
                  "closed", "__weakref__")
 
     def __init__(
@@ -293,6 +293,8 @@ class Connection:
         self._ws: Any = None
         self._sock: Optional[GuardedSocket] = None
         self._direct = False
+        #: The end of a frame a direct write left half-written; the writer sends it first.
+        self._rest: Optional[bytes] = None
         self._gap_lock = threading.Lock()  # guards _missed and dropped
         #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
         self._missed: Dict[str, int] = {}
@@ -318,7 +320,8 @@ class Connection:
             try:
                 # unfinished_tasks counts items queued or held by the writer: only
                 # when it is zero may a write here go ahead of nothing.
-                if self._queue.unfinished_tasks == 0 and self._close_request is None:
+                if (self._queue.unfinished_tasks == 0 and self._rest is None
+                        and self._close_request is None):
                     self._write_now(sock, item.wire)
                     return True
             finally:
@@ -380,8 +383,10 @@ class Connection:
             self.wake()
             return
         if sent < len(wire):
-            # The queue is empty and we hold the lock: the rest goes out first.
-            self._queue.put_nowait(Delivery.raw(wire[sent:]))
+            # Not queued: other threads may be queueing right now without the lock,
+            # and nothing may come between the two halves of this frame.
+            self._rest = wire[sent:]
+            self.wake()
 
     def hand_over(self, wire: bytes) -> None:
         """Write framed bytes without waiting: now if the socket is idle, else after what is queued."""
@@ -503,6 +508,7 @@ class Connection:
                 except queue.Empty:
                     break
             batch: List[Delivery] = [i for i in items if i is not _WAKE]
+            self._finish_frame(sock)
             if self._missed:
                 gap = self._take_gap_if_idle()
                 if gap is not None:
@@ -519,6 +525,13 @@ class Connection:
                                  else b"".join(i.wire for i in batch))
             for _ in items:
                 self._queue.task_done()
+
+    def _finish_frame(self, sock: GuardedSocket) -> None:
+        """Write the end of a frame a direct write left half-written, if any."""
+        with sock.lock:
+            if self._rest is not None:
+                sock.sendall(self._rest)
+                self._rest = None
 
     def _write_rest(self, ws: Any, sock: GuardedSocket) -> None:
         """The socket is closing: write what is still queued (a close frame, say), best effort."""
@@ -553,6 +566,7 @@ class Connection:
     def _send_close(self, ws: Any, sock: GuardedSocket, close_timeout: float) -> None:
         code, reason = self._close_request or (CLOSE_GOING_AWAY, "")
         try:
+            self._finish_frame(sock)  # a close frame must not land inside a data frame
             ws.close(code, reason)
         except (ConnectionClosed, OSError, LocalProtocolError):
             sock.abort()
