@@ -203,6 +203,9 @@ class WebSocketEndpoint:
     def on_closed(self) -> None:
         """Called once when :meth:`close` has closed every socket."""
 
+    def _forget(self, conn: Connection) -> None:
+        """Drop whatever this class keeps about ``conn`` (it is over; before ``on_disconnect``)."""
+
     # ------------------------------------------------------------- WSGI / Flask
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
@@ -268,17 +271,20 @@ class WebSocketEndpoint:
             self.on_connect(conn, request)
         except Refused as exc:
             self.hub.remove(conn)
+            self._forget(conn)
             logger.info("refused a socket: %s", exc)
             # The body exactly as given: clients may compare it (postgres-websockets' answers).
             return Response(exc.body, status=exc.status, mimetype="text/plain",
                             headers=exc.headers)
         except BaseException:
             self.hub.remove(conn)
+            self._forget(conn)
             raise
         try:
             return self._serve(conn, environ, key, raw)
         finally:
             self.hub.remove(conn)
+            self._forget(conn)
             try:
                 self.on_disconnect(conn)
             except Exception:  # an application hook: log it

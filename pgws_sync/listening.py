@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Dict, Iterable, Protocol, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, Iterable, List, Protocol, Sequence, Tuple
 
 from .endpoint import WebSocketEndpoint
 from .listener import Sink
@@ -48,7 +48,20 @@ class ListeningEndpoint(WebSocketEndpoint):
         super().__init__(**options)
         self.listener = listener
         self.listen_channels: Tuple[str, ...] = tuple(channels)
-        listener.add_sink(self, self.listen_channels)
+        #: Every (source, sink, channels, name) this endpoint is fed by; the listener first.
+        self._feeds: List[Tuple[Source, Sink, Tuple[str, ...], str]] = []
+        self.add_source(listener, self, self.listen_channels, name="listener")
+
+    def add_source(self, source: Source, sink: Sink, channels: Iterable[str], *,
+                   name: str) -> None:
+        """Feed ``sink`` from ``channels`` of another source as well (e.g. a Redis source).
+
+        The endpoint then starts it with the listener, is healthy only while it
+        is connected too (reported under ``name``), and detaches from it on close.
+        """
+        names = tuple(channels)
+        source.add_sink(sink, names)
+        self._feeds.append((source, sink, names, name))
 
     # ---------------------------------------------------- listener sink
 
@@ -63,19 +76,23 @@ class ListeningEndpoint(WebSocketEndpoint):
     # ---------------------------------------------------- endpoint hooks
 
     def prepare(self) -> None:
-        self.listener.start()
+        for source, _sink, _channels, _name in self._feeds:
+            source.start()
 
     def health(self) -> Tuple[bool, Dict[str, Any]]:
-        status = self.listener.status()
-        ok = (not self.closing and status["connected"]
-              and set(self.listen_channels) <= self.listener.listening)
-        body: Dict[str, Any] = {"listener": "connected" if status["connected"] else "disconnected",
-                                "sockets": len(self.hub)}
-        if status["error"]:
-            body["error"] = status["error"]
+        ok = not self.closing
+        body: Dict[str, Any] = {}
+        for source, _sink, channels, name in self._feeds:
+            status = source.status()
+            ok = ok and status["connected"] and set(channels) <= source.listening
+            body[name] = "connected" if status["connected"] else "disconnected"
+            if status["error"]:
+                body["error" if name == "listener" else name + "_error"] = status["error"]
+        body["sockets"] = len(self.hub)
         if self.closing:
             body["closing"] = True
         return ok, body
 
     def on_closed(self) -> None:
-        self.listener.remove_sink(self)
+        for source, sink, _channels, _name in self._feeds:
+            source.remove_sink(sink)

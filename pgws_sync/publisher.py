@@ -94,9 +94,9 @@ class Publisher:
         self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id))
         return message_id
 
-    def notify(self, text: str) -> None:
-        """Send one already-built publication."""
-        self._pool.notify(self.pubsub_channel, [text])
+    def notify(self, text: str, *, channel: Optional[str] = None) -> None:
+        """Send one already-built publication (on ``channel``, default the pub/sub channel)."""
+        self._pool.notify(self.pubsub_channel if channel is None else channel, [text])
 
     def close(self) -> None:
         """Close this process's connections; later publishing raises :class:`PublishFailed`."""

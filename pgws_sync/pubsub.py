@@ -269,18 +269,22 @@ class PubSub(ListeningEndpoint):
     # ---------------------------------------------------- internals
 
     def _client_subscribe(self, conn: Connection, action: Action) -> None:
-        channel = action.channel
-        if channel not in self.subscriptions(conn) and \
-                len(self.subscriptions(conn)) >= self.max_subscriptions:
-            conn.send(error_frame(
-                f"too many subscriptions: at most {self.max_subscriptions} per connection",
-                action.id))
+        problem = self._subscribe_problem(conn, action.channel)
+        if problem is not None:
+            conn.send(error_frame(problem, action.id))
             return
+        self.subscribe(conn, action.channel, backpressure=action.backpressure)
+        conn.send(reply_frame("subscribed", action.channel, action.id))
+
+    def _subscribe_problem(self, conn: Connection, channel: str,
+                           verb: str = "subscribe to") -> Optional[str]:
+        """Why a client may not subscribe ``conn`` to ``channel`` now, or None if it may."""
+        subscribed = self.subscriptions(conn)
+        if channel not in subscribed and len(subscribed) >= self.max_subscriptions:
+            return f"too many subscriptions: at most {self.max_subscriptions} per connection"
         if not self._ask(self.can_subscribe, conn, channel):
-            conn.send(error_frame(f"not allowed to subscribe to {channel!r}", action.id))
-            return
-        self.subscribe(conn, channel, backpressure=action.backpressure)
-        conn.send(reply_frame("subscribed", channel, action.id))
+            return f"not allowed to {verb} {channel!r}"
+        return None
 
     def _client_publish(self, conn: Connection, action: Action) -> None:
         channel = action.channel

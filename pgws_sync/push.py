@@ -1,0 +1,306 @@
+"""Push: users, rooms and tab windows fed by backend messages (websocket-push's model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from werkzeug.wrappers import Request
+
+from .connection import Connection, Frame
+from .errors import ConfigError, InvalidPayload, PayloadTooLarge, Refused
+from .listener import Listener
+from .listening import Source
+from .messages import NOTIFY_PAYLOAD_LIMIT, Notification, preview, resync_frame
+from .protocol import ProtocolError
+from .pubsub import SUBSCRIPTION_PREFIX, PubSub
+from .push_messages import (
+    DEFAULT_PUSH_CHANNEL,
+    AuthEvent,
+    BackendMessage,
+    ToRoom,
+    ToUser,
+    format_backend_message,
+    parse_backend_message,
+    parse_room_request,
+    room_error_frame,
+    room_frame,
+    tab_window_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Hub keys of users and of tab windows (rooms are subscriptions: ``sub:<room>``).
+USER_PREFIX = "user:"
+TAB_PREFIX = "tab:"
+
+#: Longest user id taken from a request header, in characters.
+MAX_USER_CHARS = 200
+
+
+class Push(PubSub):
+    """websocket-push's model on pgws_sync: push to users, to one tab, or to rooms.
+
+    Backend services send JSON messages, as a NOTIFY on ``push_channel`` or,
+    with ``source=RedisSource(...)``, as a Redis ``PUBLISH`` there:
+
+    - ``{"pushToUser": "u1", "payload": P}``: every socket of user ``u1``;
+      with ``"tabWindowId": "t"`` only that socket (if it is ``u1``'s);
+    - ``{"pushToRoom": "r1", "payload": P}``: every socket in room ``r1``;
+    - ``{"guestId": "g", "authUserId": "u"}``: guest ``g``'s sockets become ``u``'s.
+
+    Each recipient gets exactly P's JSON text as one text frame; a message
+    that is not one of these is dropped with a warning. Every worker receives
+    every message and delivers to its own sockets, so each socket gets it once.
+
+    Clients join and leave rooms with ``{"joinRoom": "r1"}`` /
+    ``{"leaveRoom": "r1"}`` (answered ``{"event": "joined" | "left", "room":
+    "r1"}``, or an error frame). A room is a pub/sub channel: the
+    :class:`PubSub` protocol and :meth:`publish` work here too, and
+    ``pushToRoom`` reaches subscribers of the channel of that name.
+
+    Hooks: :meth:`get_user` (default: the ``user_header``, else the
+    ``guest_header``), :meth:`permit_connection` (False: HTTP 403),
+    :meth:`permit_join`. With ``tab_windows`` (default) the first frame of
+    each socket is ``{"tabWindowId": "<token>"}``, an unguessable token.
+    Other options are those of :class:`PubSub`. A subclass overriding
+    :meth:`on_connect` must call ``super().on_connect(conn, request)`` first.
+    """
+
+    def __init__(
+        self,
+        listener: Listener,
+        *,
+        source: Optional[Source] = None,
+        push_channel: str = DEFAULT_PUSH_CHANNEL,
+        tab_windows: bool = True,
+        user_header: str = "X-Auth-User",
+        guest_header: str = "X-Auth-Guest",
+        **options: Any,
+    ) -> None:
+        self.push_source: Source = listener if source is None else source
+        self.push_channel = push_channel
+        self.tab_windows = tab_windows
+        self.user_header = user_header
+        self.guest_header = guest_header
+        # The upgrade request of each socket, only if permit_join wants it later.
+        self._keep_requests = type(self).permit_join is not Push.permit_join
+        self._requests: Dict[Connection, Request] = {}
+        self._requests_lock = threading.Lock()  # guards _requests
+        super().__init__(listener, **options)
+        if self.push_source is listener and push_channel == self.pubsub_channel:
+            raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
+                              "give them different names")
+        self.add_source(self.push_source, _PushSink(self), [push_channel], name="push_source")
+
+    # ---------------------------------------------------- application hooks
+
+    def get_user(self, request: Request) -> Optional[str]:
+        """The user id of a new socket, or None for none (called once, before the upgrade).
+
+        Default: the ``user_header`` (``X-Auth-User``), else the
+        ``guest_header`` (``X-Auth-Guest``). Set them in a trusted proxy or
+        override this with your own authentication.
+        """
+        return (request.headers.get(self.user_header)
+                or request.headers.get(self.guest_header) or None)
+
+    def permit_connection(self, request: Request) -> bool:
+        """Whether to accept this upgrade at all (False: HTTP 403). Default: yes."""
+        return True
+
+    def permit_join(self, user: Optional[str], room: str, request: Request) -> bool:
+        """Whether the socket of ``user`` (None: anonymous) may join ``room``. Default: yes.
+
+        ``request`` is the socket's upgrade request. Also decides pub/sub
+        subscriptions, which are the same thing.
+        """
+        return True
+
+    # ---------------------------------------------------- server-side API
+
+    def push_to_user(self, user: str, payload: Any, *,
+                     tab_window_id: Optional[str] = None) -> None:
+        """Send ``payload`` (any JSON value) to every socket of ``user``, or one tab, in every worker."""
+        self.send_backend_message(ToUser(user, _json(payload), tab_window_id))
+
+    def push_to_room(self, room: str, payload: Any) -> None:
+        """Send ``payload`` (any JSON value) to every socket in ``room``, in every worker."""
+        self.send_backend_message(ToRoom(room, _json(payload)))
+
+    def authenticate(self, guest: str, user: str) -> None:
+        """Move guest ``guest``'s sockets to user ``user``, in every worker."""
+        self.send_backend_message(AuthEvent(guest, user))
+
+    def send_backend_message(self, message: BackendMessage) -> None:
+        """Send ``message`` through the push source, exactly as a backend service would.
+
+        Raises :class:`PayloadTooLarge` when a NOTIFY would reach 8000 bytes,
+        :class:`PublishFailed` (PostgreSQL) or the Redis source's error when
+        the source does not take it.
+        """
+        text = format_backend_message(message)
+        publish = getattr(self.push_source, "publish", None)
+        if self.push_source is self.listener:
+            size = len(text.encode("utf-8"))
+            if size >= NOTIFY_PAYLOAD_LIMIT:
+                raise PayloadTooLarge(size, NOTIFY_PAYLOAD_LIMIT, self.push_channel)
+            self.publisher.notify(text, channel=self.push_channel)
+        elif publish is not None:
+            publish(self.push_channel, text)
+        else:
+            raise ConfigError(f"the push source {type(self.push_source).__name__} cannot publish")
+
+    # ---------------------------------------------------- monitoring
+
+    @staticmethod
+    def user_of(conn: Connection) -> Optional[str]:
+        """The user id of ``conn`` now (after any guest login), or None."""
+        return conn.metadata.get("user")  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------- endpoint hooks
+
+    def connection_audiences(self, request: Request) -> Sequence[str]:
+        return ()  # reachable only once on_connect has sent the tab window frame
+
+    def on_connect(self, conn: Connection, request: Request) -> None:
+        """Permit, identify, send the tab window frame, and join the user's key."""
+        try:
+            permitted = self.permit_connection(request)
+        except Exception:  # an application hook: refuse, log
+            logger.exception("permit_connection failed; refused the socket")
+            raise Refused(500, "permit_connection failed") from None
+        if not permitted:
+            raise Refused(403, "connection not permitted")
+        user = self._identify(request)
+        if self.tab_windows:
+            token = secrets.token_urlsafe(16)
+            conn.send(tab_window_frame(token))
+            conn.metadata["tabWindowId"] = token
+            self.hub.join(conn, TAB_PREFIX + token)
+        if user is not None:
+            conn.metadata["user"] = user
+            if not request.headers.get(self.user_header):
+                conn.metadata["guest"] = True
+            self.hub.join(conn, USER_PREFIX + user)
+        if self._keep_requests:
+            with self._requests_lock:
+                self._requests[conn] = request
+
+    def _identify(self, request: Request) -> Optional[str]:
+        try:
+            user = self.get_user(request)
+        except Exception:  # an application hook: refuse, log
+            logger.exception("get_user failed; refused the socket")
+            raise Refused(500, "get_user failed") from None
+        if user is None or user == "":
+            return None
+        if not isinstance(user, str) or len(user) > MAX_USER_CHARS or \
+                any(ord(c) < 0x20 for c in user):
+            raise Refused(400, f"invalid user id: a string of at most {MAX_USER_CHARS} "
+                               "printable characters is expected")
+        return user
+
+    def _forget(self, conn: Connection) -> None:
+        super()._forget(conn)
+        if self._keep_requests:
+            with self._requests_lock:
+                self._requests.pop(conn, None)
+
+    def can_subscribe(self, conn: Connection, channel: str) -> bool:
+        with self._requests_lock:
+            request = self._requests.get(conn)
+        return self.permit_join(conn.metadata.get("user"), channel, request)  # type: ignore[arg-type]
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """Room requests here; everything else is the pub/sub protocol."""
+        try:
+            request = parse_room_request(data)
+        except ProtocolError as exc:
+            conn.send(room_error_frame(exc.reason))
+            return
+        if request is None:
+            super().on_message(conn, data)
+            return
+        if request.join:
+            problem = self._subscribe_problem(conn, request.room, "join room")
+            if problem is not None:
+                conn.send(room_error_frame(problem, request.room))
+                return
+            self.subscribe(conn, request.room)
+        else:
+            self.unsubscribe(conn, request.room)
+        conn.send(room_frame(request))
+
+    def on_resync(self, reason: str) -> None:
+        for conn in self._ready():
+            conn.send(resync_frame(self.subscriptions(conn), reason))
+
+    # ---------------------------------------------------- internals
+
+    def _ready(self) -> List[Connection]:
+        """Sockets that got their tab window frame (it must be their first)."""
+        conns = self.hub.connections()
+        return [c for c in conns if "tabWindowId" in c.metadata] if self.tab_windows else conns
+
+    def deliver_backend_messages(self, batch: Sequence[Notification]) -> None:
+        """Hand each backend message to its sockets, in order (on the source's thread)."""
+        pending: List[Tuple[str, Frame]] = []
+        for note in batch:
+            try:
+                message = parse_backend_message(note.payload)
+            except InvalidPayload as exc:
+                logger.warning("dropped a push message on channel %r: %s (%s)",
+                               note.channel, exc, preview(note.payload))
+                continue
+            if isinstance(message, ToRoom):
+                pending.append((SUBSCRIPTION_PREFIX + message.room, message.payload))
+            elif isinstance(message, ToUser):
+                if message.tab_window_id is None:
+                    pending.append((USER_PREFIX + message.user, message.payload))
+                    continue
+                key = TAB_PREFIX + message.tab_window_id
+                if any(c.metadata.get("user") == message.user for c in self.hub.members(key)):
+                    pending.append((key, message.payload))
+            else:
+                self.hub.fan_out(pending)  # what came before reaches the guest's sockets
+                pending = []
+                self._log_in(message)
+        self.hub.fan_out(pending)
+
+    def _log_in(self, event: AuthEvent) -> None:
+        moved = 0
+        for conn in self.hub.members(USER_PREFIX + event.guest):
+            if not conn.metadata.get("guest"):
+                continue  # only sockets that came as this guest move
+            self.hub.leave(conn, USER_PREFIX + event.guest)
+            if self.hub.join(conn, USER_PREFIX + event.user):
+                conn.metadata["user"] = event.user
+                conn.metadata.pop("guest", None)
+                moved += 1
+        logger.info("guest %r logged in as %r: %d sockets moved", event.guest, event.user, moved)
+
+
+class _PushSink:
+    """Feeds a :class:`Push` endpoint from its push source."""
+
+    def __init__(self, endpoint: Push) -> None:
+        self.endpoint = endpoint
+
+    def on_notifications(self, batch: Sequence[Notification]) -> None:
+        self.endpoint.deliver_backend_messages(batch)
+
+    def on_resync(self, reason: str) -> None:
+        if self.endpoint.push_source is not self.endpoint.listener:  # else PubSub said it
+            self.endpoint.on_resync(reason)
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"the payload cannot be sent as JSON: {exc}") from None
+
