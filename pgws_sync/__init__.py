@@ -22,6 +22,8 @@ from .protocol import ProtocolError
 from .publication import DEFAULT_PUBSUB_CHANNEL
 from .publisher import PublishFailed, Publisher, publish
 from .pubsub import PubSub
+from .push import Push
+from .push_messages import DEFAULT_PUSH_CHANNEL
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "DEFAULT_PUBSUB_CHANNEL",
+    "DEFAULT_PUSH_CHANNEL",
     "Grant",
     "InvalidChannel",
     "InvalidPayload",
@@ -45,6 +48,7 @@ __all__ = [
     "PgwsError",
     "ProtocolError",
     "PubSub",
+    "Push",
     "PublishFailed",
     "Publisher",
     "Refused",
