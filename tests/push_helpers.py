@@ -52,19 +52,21 @@ class Tab:
     """A browser tab's socket: reads its tabWindowId, joins and leaves rooms."""
 
     def __init__(self, server: Gunicorn, user: Optional[str] = None, guest: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None) -> None:
+                 headers: Optional[Dict[str, str]] = None, hello: bool = False) -> None:
         headers = dict(headers or {})
         if user is not None:
             headers["X-Auth-User"] = user
         if guest is not None:
             headers["X-Auth-Guest"] = guest
-        self.ws = Ws(server.ws_url(), headers=headers)
+        self.ws = Ws(server.ws_url("/ws?hello=1" if hello else "/ws"), headers=headers)
         first = self.ws.recv_json()
         assert list(first) == ["tabWindowId"], first
         self.tab: str = first["tabWindowId"]
+        #: The worker's pid, with ``hello`` (the app says it right after the tab window id).
+        self.pid: Optional[int] = self.ws.recv_json()["pid"] if hello else None
 
     def send(self, frame: Any) -> None:
-        self.ws.client.send(frame if isinstance(frame, str) else json.dumps(frame))
+        self.ws.client.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
 
     def join(self, room: str) -> None:
         self.send({"joinRoom": room})

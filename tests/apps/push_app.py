@@ -7,7 +7,8 @@ PGWS_OPTIONS     JSON object of Push options (push_channel, tab_windows, ...)
 Hooks: X-Deny refuses the upgrade (permit_connection); ``?user=`` in the URL
 names the user when no header does (browsers cannot set headers); rooms
 starting "private" may be joined only by user "admin"; "boom" makes the hook
-raise. ``/`` is a blank page for browser tests, ``/pgws.js`` the client.
+raise; ``?hello=1`` sends the worker's pid after the tab window id. ``/`` is
+a blank page for browser tests, ``/pgws.js`` the client.
 """
 
 import json
@@ -31,6 +32,11 @@ joins_lock = threading.Lock()
 
 
 class App(Push):
+    def on_connect(self, conn, req):
+        super().on_connect(conn, req)
+        if req.args.get("hello"):
+            conn.send(json.dumps({"pid": os.getpid()}))
+
     def get_user(self, req):
         return super().get_user(req) or req.args.get("user")
 
