@@ -183,8 +183,6 @@ class Push(PubSub):
             self.hub.join(conn, TAB_PREFIX + token)
         if user is not None:
             conn.metadata["user"] = user
-            if not request.headers.get(self.user_header):
-                conn.metadata["guest"] = True
             self.hub.join(conn, USER_PREFIX + user)
         if self._keep_requests:
             with self._requests_lock:
@@ -274,12 +272,9 @@ class Push(PubSub):
     def _log_in(self, event: AuthEvent) -> None:
         moved = 0
         for conn in self.hub.members(USER_PREFIX + event.guest):
-            if not conn.metadata.get("guest"):
-                continue  # only sockets that came as this guest move
             self.hub.leave(conn, USER_PREFIX + event.guest)
             if self.hub.join(conn, USER_PREFIX + event.user):
                 conn.metadata["user"] = event.user
-                conn.metadata.pop("guest", None)
                 moved += 1
         logger.info("guest %r logged in as %r: %d sockets moved", event.guest, event.user, moved)
 

@@ -155,21 +155,23 @@ def test_permit_connection_refuses_with_403(server):
 
 
 def test_guest_sockets_move_to_the_user_who_logged_in(server, tabs):
-    guest, user = fresh("guest-"), fresh("user-")
+    guest, user, other_guest = fresh("guest-"), fresh("user-"), fresh("guest-")
     g1, g2 = tabs(server, guest=guest), tabs(server, guest=guest)
-    already = tabs(server, user=user)
-    # a socket that came as *user* named like the guest is not a guest: it does not move
-    same_name = tabs(server, user=guest)
+    already, bystander = tabs(server, user=user), tabs(server, guest=other_guest)
+    # with both headers, the user header wins
+    both = tabs(server, user=user, headers={"X-Auth-Guest": guest})
     push(server, {"pushToUser": guest, "payload": "as guest"})
-    for tab in (g1, g2, same_name):
+    for tab in (g1, g2):
         assert tab.recv_json() == "as guest"
     push(server, {"guestId": guest, "authUserId": user})
     push(server, {"pushToUser": user, "payload": "as user"})
-    for tab in (g1, g2, already):
+    for tab in (g1, g2, already, both):
         assert tab.recv_json() == "as user"
-    push(server, {"pushToUser": guest, "payload": "guest again"})
-    assert same_name.recv_json() == "guest again"
-    sentinel(server, [g1, g2, already, same_name])
+    push(server, {"pushToUser": guest, "payload": "nobody is this guest now"})
+    sentinel(server, [g1, g2, already, bystander, both])
+    moved = [c for c in stats(server)["connections"]
+             if c["metadata"].get("tabWindowId") in (g1.tab, g2.tab)]
+    assert [c["metadata"]["user"] for c in moved] == [user, user]
 
 
 def test_server_side_api(server, tabs):
