@@ -48,9 +48,47 @@ def _sockets(g):
     return json.loads(body)["sockets"] if status == 200 else -1
 
 
-@pytest.mark.parametrize("module", ["minimal", "audiences"])
+@pytest.mark.parametrize("module", ["minimal", "audiences", "push"])
 def test_examples_document_how_to_run(module):
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
     assert "gunicorn -c python:pgws_sync.gunicorn" in text and f"examples.{module}:app" in text
+
+
+def test_push_example(pg_dsn, sender):
+    import http.cookiejar
+    import urllib.request
+
+    g = run_example("push", pg_dsn)
+    try:
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        page = browser.open(g.url("/")).read().decode()
+        assert "/pgws.js" in page and "guest-" in page
+        cookie = "; ".join(f"{c.name}={c.value}" for c in jar)
+        ws = Ws(g.ws_url(), headers={"Cookie": cookie})
+        assert "tabWindowId" in ws.recv_json()
+        ws.client.send('{"joinRoom": "lobby"}')
+        assert ws.recv_json() == {"event": "joined", "room": "lobby"}
+        ws.client.send('{"joinRoom": "team-bob"}')  # a guest is in no team
+        assert ws.recv_json()["event"] == "error"
+        pg_notify(sender, "BackgroundPush", '{"pushToRoom": "lobby", "payload": {"text": "hi all"}}')
+        assert ws.recv_json() == {"text": "hi all"}
+        browser.open(g.url("/login/alice")).read()  # the guest's open socket becomes alice's
+        # committed before the login answered, so it is handled before this push
+        assert _post_notify(g, "alice")
+        assert ws.recv_json() == {"text": "hi alice"}
+        ws.close()
+    finally:
+        g.stop()
+
+
+def _post_notify(g, user):
+    import urllib.request
+
+    req = urllib.request.Request(g.url(f"/notify/{user}"), data=b'{"text": "hi alice"}',
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status == 202
+
