@@ -123,3 +123,18 @@ def test_immediate_stop_still_sends_1001(pg_dsn, sig):
         for ws in socks:
             ws.close()
         g.stop()
+
+
+def test_malloc_arena_cap_applies_on_glibc_unless_the_environment_sets_it():
+    import platform
+    import subprocess
+    import sys
+
+    code = ("from pgws_sync.gunicorn import limit_malloc_arenas as f; "
+            "import sys; sys.exit(0 if f(2) else 3)")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    applied = subprocess.run([sys.executable, "-c", code], env=env).returncode
+    if platform.libc_ver()[0] == "glibc":
+        assert applied == 0
+    env["MALLOC_ARENA_MAX"] = "4"  # the environment wins: glibc reads it itself
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 3
