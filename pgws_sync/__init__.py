@@ -24,6 +24,7 @@ from .publisher import PublishFailed, Publisher, publish
 from .pubsub import PubSub
 from .push import Push
 from .push_messages import DEFAULT_PUSH_CHANNEL
+from .redis_source import RedisPublishFailed, RedisSource
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,8 @@ __all__ = [
     "Push",
     "PublishFailed",
     "Publisher",
+    "RedisPublishFailed",
+    "RedisSource",
     "Refused",
     "TokenRefused",
     "WebSocketEndpoint",

@@ -13,10 +13,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 from .listener import live_listeners
+from .listening import Source
 from .pgws import shutdown
+from .redis_source import live_sources
 from .wire import warm_up
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ MALLOC_ARENA_MAX = 2
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: start this worker's listeners and chain shutdown signal handlers.
+    """gunicorn hook: start this worker's listeners (and Redis sources), chain shutdown signals.
 
     SIGTERM (graceful stop): sockets are closed with 1001 on a separate thread
     while gunicorn's own handler stops the worker, which then exits as soon as
@@ -48,7 +50,8 @@ def post_worker_init(worker: Any) -> None:
     """
     limit_malloc_arenas(MALLOC_ARENA_MAX)
     warm_up()
-    for listener in live_listeners():
+    sources: List[Source] = [*live_listeners(), *live_sources()]
+    for listener in sources:
         try:
             listener.start()
         except Exception:  # a stopped listener must not stop the worker

@@ -13,6 +13,7 @@ from .errors import ConfigError, InvalidPayload
 from .listener import Listener, live_listeners
 from .listening import ListeningEndpoint
 from .reader import stop_reader
+from .redis_source import live_sources
 from .messages import (
     DEFAULT_AUDIENCE,
     Notification,
@@ -81,7 +82,8 @@ class PGWS(ListeningEndpoint):
 
 
 def shutdown(timeout: float = 5.0) -> None:
-    """Close every endpoint of this process (1001), stop every listener and the shared reader.
+    """Close every endpoint of this process (1001), stop every listener, Redis source and
+    the shared reader.
 
     This is what the gunicorn hook runs on SIGTERM.
     """
@@ -89,4 +91,6 @@ def shutdown(timeout: float = 5.0) -> None:
         endpoint.close(timeout)
     for listener in live_listeners():
         listener.stop(timeout)
+    for source in live_sources():
+        source.stop(timeout)
     stop_reader(timeout)

@@ -14,6 +14,7 @@ from playwright.sync_api import Browser, Page
 from .browser import chromium, fresh_page
 from .helpers import Ws
 from .pgserver import PgServer
+from .redisserver import RedisServer
 
 _counter = itertools.count()
 
@@ -36,6 +37,30 @@ def pg_dsn() -> Iterator[str]:
 def pg_server() -> Iterator[PgServer]:
     """A private server this test may stop, restart or break."""
     server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of the session's Redis: PGWS_TEST_REDIS_URL, else a redis-server started here."""
+    url = os.environ.get("PGWS_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server this test may kill and restart."""
+    server = RedisServer().start()
     try:
         yield server
     finally:

@@ -1,0 +1,623 @@
+"""The Redis source: one pub/sub connection per process that SUBSCRIBEs and hands messages on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import selectors
+import threading
+import time
+import weakref
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .errors import (
+    ConfigError,
+    InvalidChannel,
+    InvalidPayload,
+    ListenerStopped,
+    PgwsError,
+    first_line,
+)
+from .listener import Sink
+from .messages import Notification
+
+logger = logging.getLogger(__name__)
+
+#: The name the source's connections show in Redis's ``CLIENT LIST``.
+CLIENT_NAME = "pgws_sync-redis-source"
+
+#: Replies read in one go before the thread looks at its other duties (stop, dispatch, PING).
+_READ_BUDGET = 1000
+
+_live_sources: "weakref.WeakSet[RedisSource]" = weakref.WeakSet()
+
+
+def live_sources() -> List["RedisSource"]:
+    """Every Redis source created in this process that still exists."""
+    return list(_live_sources)
+
+
+class RedisPublishFailed(PgwsError, RuntimeError):
+    """A PUBLISH did not reach Redis (it is unreachable, refused it, or the source was stopped).
+
+    ``channel`` is the channel, ``reason`` one line saying why, ``url`` the
+    server's address with any password redacted.
+    """
+
+    def __init__(self, channel: str, reason: str, url: str,
+                 hint: str = "Check that redis-server is running there and that the URL is right.",
+                 ) -> None:
+        self.channel = channel
+        self.reason = reason
+        self.url = url
+        super().__init__(
+            f"could not PUBLISH on Redis channel {channel!r} at {url}: {reason}. {hint}"
+        )
+
+
+def validate_redis_channel(channel: object) -> str:
+    """Return ``channel`` if it can be SUBSCRIBEd to as is, else raise :class:`InvalidChannel`.
+
+    Redis takes any bytes as a channel name; pgws_sync names are non-empty
+    text without NUL that encodes as UTF-8. SUBSCRIBE is literal: ``*`` or
+    ``?`` in a name are ordinary characters, not patterns.
+    """
+    if not isinstance(channel, str):
+        raise InvalidChannel(channel, "a channel name must be a string")
+    if not channel:
+        raise InvalidChannel(channel, "a channel name cannot be empty")
+    if "\x00" in channel:
+        raise InvalidChannel(channel, "a channel name cannot contain NUL characters")
+    try:
+        channel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidChannel(channel, "a channel name must be encodable as UTF-8 "
+                                      "(it contains a lone surrogate)") from None
+    return channel
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (user part or ``password=`` parameter) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}"
+        query = parts.query
+        if "password" in query:
+            query = urlencode([(k, "***" if k == "password" else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)])
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url  # nothing to hide (and unix:///path keeps its slashes)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable Redis URL>"
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.backoff
+        import redis.connection
+        import redis.retry
+    except ImportError as exc:
+        raise ConfigError(
+            f"RedisSource needs the redis package ({exc}): pip install pgws_sync[redis]"
+        ) from None
+    return redis
+
+
+class _Stopping(Exception):
+    """Raised inside the source's thread when stop() was called."""
+
+
+class _Timeout(Exception):
+    """Redis did not answer in time."""
+
+
+class RedisSource:
+    """Owns the one SUBSCRIBE connection to Redis of this process and the thread that reads it.
+
+    It feeds sinks (endpoints) exactly as a :class:`~pgws_sync.Listener` does:
+    ``sink.on_notifications(batch)`` with :class:`~pgws_sync.Notification`
+    values (channel, payload decoded as UTF-8, pid 0) in arrival order, and
+    ``sink.on_resync(reason)`` after a reconnect that followed a lost
+    connection or a failed connect. A message whose payload is not UTF-8 is
+    dropped with a warning.
+
+    The connection is opened by the source's thread, used by it alone, and
+    reopened with exponential backoff between ``min_reconnect`` and
+    ``max_reconnect`` seconds whenever it fails. A silently dead connection
+    is noticed within ``heartbeat_interval`` seconds: after half of it
+    without traffic a PING is sent, and something must arrive within the
+    other half. ``connect_timeout`` bounds connecting, the SUBSCRIBE
+    confirmations of a new connection, and :meth:`publish`. :meth:`stop`
+    wakes the thread at once, except during a TCP connect or the connection
+    handshake (redis-py's, blocking): then it ends within ``connect_timeout``.
+
+    Under a stream faster than one message per ``coalesce`` seconds, messages
+    are handed on at most once per ``coalesce`` seconds, all that arrived
+    meanwhile; the first after a quiet spell goes at once, ``0`` hands every
+    read on immediately.
+
+    The thread starts on first use in each process (``start()`` is cheap and
+    idempotent), so a source created before a preloading gunicorn master
+    forks still gets one thread and one connection per worker.
+    :meth:`publish` sends from the caller's thread on a separate client.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        min_reconnect: float = 1.0,
+        max_reconnect: float = 30.0,
+        heartbeat_interval: float = 10.0,
+        connect_timeout: float = 5.0,
+        coalesce: float = 0.010,
+    ) -> None:
+        if min_reconnect <= 0 or max_reconnect < min_reconnect:
+            raise ConfigError(
+                f"need 0 < min_reconnect <= max_reconnect, got {min_reconnect} and {max_reconnect}"
+            )
+        if heartbeat_interval <= 0 or connect_timeout <= 0:
+            raise ConfigError("heartbeat_interval and connect_timeout must be positive seconds")
+        if coalesce < 0 or coalesce >= heartbeat_interval / 2:
+            raise ConfigError(f"coalesce must be at least 0 and well under heartbeat_interval, "
+                              f"got {coalesce}")
+        self._redis = _import_redis()
+        self.url = url
+        self.redacted_url = redact_url(url)
+        self.min_reconnect = float(min_reconnect)
+        self.max_reconnect = float(max_reconnect)
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.connect_timeout = float(connect_timeout)
+        self.coalesce = float(coalesce)
+        self._conn_class, self._conn_kwargs = self._connection_settings()
+
+        self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
+        self._pipe_lock = threading.Lock()  # guards the wake-up pipe's descriptors
+        self._changed = threading.Condition(self._lock)
+        self._sinks: Dict[Sink, FrozenSet[str]] = {}
+        self._stopped = False
+        self._connected = False
+        self._listening: FrozenSet[str] = frozenset()
+        self._last_error: Optional[str] = None
+
+        self._pid: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._wake_r = -1
+        self._wake_w = -1
+        # Used by the source's thread alone:
+        self._conn: Any = None
+        self._sent: FrozenSet[str] = frozenset()  # what SUBSCRIBE/UNSUBSCRIBE asked for so far
+        self._pending: List[Notification] = []  # read, not handed on yet
+        self._more = False  # replies may wait in the parser's buffer, where select() cannot see
+
+        self._publish_lock = threading.Lock()  # guards the publishing client below
+        self._client: Any = None
+        self._client_pid: Optional[int] = None
+        _live_sources.add(self)
+
+    # ----------------------------------------------------------------- public
+
+    def add_sink(self, sink: Sink, channels: Iterable[str]) -> None:
+        """Deliver messages on ``channels`` to ``sink`` (SUBSCRIBE happens on the thread)."""
+        names = frozenset(validate_redis_channel(c) for c in channels)
+        with self._lock:
+            self._sinks[sink] = names
+        self._wake()
+
+    def remove_sink(self, sink: Sink) -> None:
+        """Stop delivering to ``sink``; channels nobody needs any more are UNSUBSCRIBEd."""
+        with self._lock:
+            self._sinks.pop(sink, None)
+        self._wake()
+
+    def start(self) -> "RedisSource":
+        """Start the source's thread in this process, if it is not running yet."""
+        pid = os.getpid()
+        if self._pid == pid and not self._stopped:
+            return self
+        with self._lock:
+            if self._stopped:
+                raise ListenerStopped("this RedisSource was stopped; create a new RedisSource")
+            if self._pid == pid:
+                return self
+            # A connection inherited through fork belongs to the parent's thread. It is
+            # dropped, never used: redis-py closes only this process's copy of the socket
+            # (no shutdown) when the object goes, so the parent's session is untouched.
+            self._conn = None
+            self._connected = False
+            self._listening = frozenset()
+            self._sent = frozenset()
+            self._pending = []
+            self._more = False
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            with self._pipe_lock:
+                self._wake_r, self._wake_w = wake_r, wake_w
+            self._thread = threading.Thread(
+                target=self._run, name=f"pgws-redis-{pid}", daemon=True
+            )
+            self._pid = pid
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the connections; waits up to ``timeout`` seconds."""
+        with self._lock:
+            self._stopped = True
+            self._changed.notify_all()
+        with self._publish_lock:
+            client = self._client if self._client_pid == os.getpid() else None
+            self._client = None
+        if client is not None:
+            client.close()
+        thread = self._thread if self._pid == os.getpid() else None
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("redis source thread %s did not stop within %.1fs",
+                               thread.name, timeout)
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up and every channel wanted when it opened is SUBSCRIBEd.
+
+        Channels added later are in :attr:`listening` once Redis confirmed them.
+        """
+        return self._connected
+
+    @property
+    def listening(self) -> FrozenSet[str]:
+        """The channels Redis confirmed as SUBSCRIBEd on the current connection."""
+        return self._listening
+
+    @property
+    def last_error(self) -> Optional[str]:
+        """Why the last connection attempt failed or the last connection ended."""
+        return self._last_error
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected and subscribed to every wanted channel (starting the thread)."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not (self._connected and self._wanted() <= self._listening):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._changed.wait(left)
+            return True
+
+    def status(self) -> Dict[str, Any]:
+        """A small dict for health checks and logs (the URL's password is redacted)."""
+        return {
+            "connected": self._connected,
+            "channels": sorted(self._listening),
+            "error": None if self._connected else self._last_error,
+            "url": self.redacted_url,
+        }
+
+    def publish(self, channel: str, text: str) -> int:
+        """PUBLISH ``text`` on ``channel``; return how many subscribers received it.
+
+        Sent from the calling thread on this process's publishing client
+        (created on first use, shared by threads), never on the SUBSCRIBE
+        connection. Raises :class:`RedisPublishFailed` when Redis cannot be
+        reached within ``connect_timeout`` or refuses the command.
+        """
+        channel = validate_redis_channel(channel)
+        if not isinstance(text, str):
+            raise InvalidPayload(f"a Redis message must be text (str), got {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidPayload("a Redis message must be encodable as UTF-8 "
+                                 "(it contains a lone surrogate)") from None
+        client = self._publisher(channel)
+        try:
+            return int(client.publish(channel, data))
+        except (self._redis.RedisError, OSError) as exc:
+            raise RedisPublishFailed(channel, first_line(exc), self.redacted_url) from exc
+
+    # --------------------------------------------------------------- internals
+
+    def _connection_settings(self) -> Tuple[Any, Dict[str, Any]]:
+        """The redis-py connection class and arguments for the SUBSCRIBE connection."""
+        redis = self._redis
+        try:
+            kwargs = redis.connection.parse_url(self.url)  # what from_url() reads from a URL
+        except ValueError as exc:
+            raise ConfigError(f"cannot use Redis URL {self.redacted_url}: {exc}") from None
+        connection_class = kwargs.pop("connection_class", redis.connection.Connection)
+        kwargs.update(
+            socket_timeout=self.connect_timeout,  # only ever waits for the rest of a started reply
+            client_name=CLIENT_NAME,
+            health_check_interval=0,  # the thread sends its own PINGs
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),  # the thread does the retrying
+            decode_responses=False,  # payloads are decoded here, so bad UTF-8 drops one message
+        )
+        if int(redis.__version__.split(".")[0]) >= 5:
+            kwargs["protocol"] = 2  # pub/sub replies as plain arrays (redis-py 5+ may choose 3)
+        else:
+            kwargs.pop("protocol", None)  # redis-py 4 speaks RESP2 only
+        if issubclass(connection_class, redis.connection.Connection):
+            # TCP only: redis-py 4's unix socket connection takes neither option.
+            kwargs.update(socket_connect_timeout=self.connect_timeout, socket_keepalive=True)
+        try:
+            connection_class(**kwargs)  # no I/O: only checks the URL's options now, not later
+        except (TypeError, ValueError, redis.RedisError) as exc:
+            raise ConfigError(f"cannot use Redis URL {self.redacted_url}: {exc}") from None
+        return connection_class, kwargs
+
+    def _publisher(self, channel: str) -> Any:
+        pid = os.getpid()
+        with self._publish_lock:
+            if self._stopped:
+                raise RedisPublishFailed(channel, "this RedisSource was stopped",
+                                         self.redacted_url, "Publish through a new RedisSource.")
+            if self._client is None or self._client_pid != pid:
+                redis = self._redis
+                # Creating the client does no I/O: it connects on first use.
+                options: Dict[str, Any] = {"socket_timeout": self.connect_timeout}
+                if issubclass(self._conn_class, redis.connection.Connection):  # TCP
+                    options["socket_connect_timeout"] = self.connect_timeout
+                self._client = redis.Redis.from_url(
+                    self.url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options
+                )
+                self._client_pid = pid
+            return self._client
+
+    def _wanted(self) -> FrozenSet[str]:
+        return frozenset().union(*self._sinks.values()) if self._sinks else frozenset()
+
+    def _wake(self) -> None:
+        if self._pid != os.getpid():
+            return
+        # A non-blocking write of one byte: the lock only keeps the descriptor open meanwhile.
+        with self._pipe_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending anyway
+
+    def _set_state(self, connected: bool, error: Optional[str] = None) -> None:
+        with self._lock:
+            self._connected = connected
+            if not connected:
+                self._listening = frozenset()
+            if error is not None:
+                self._last_error = error
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        failed = (self._redis.RedisError, OSError, _Timeout)
+        failures = 0
+        missed_reason: Optional[str] = None
+        first = True
+        try:
+            while not self._stopped:
+                if not first:
+                    delay = 0.0
+                    if failures:
+                        delay = min(self.max_reconnect, self.min_reconnect * 2 ** (failures - 1))
+                        delay = min(self.max_reconnect, delay * random.uniform(1.0, 1.1))
+                        logger.info("redis source reconnecting in %.2fs", delay)
+                    self._sleep(delay)
+                first = False
+                try:
+                    with selectors.DefaultSelector() as sel:
+                        self._open(sel)
+                        failures = 0
+                        logger.info("redis source connected to %s, subscribed to %s",
+                                    self.redacted_url, sorted(self._listening))
+                        self._set_state(True)
+                        if missed_reason is not None:
+                            self._resync(f"redis source reconnected after: {missed_reason}")
+                            missed_reason = None
+                        self._serve(sel)
+                except _Stopping:
+                    raise
+                except failed as exc:
+                    reason = first_line(exc)
+                    if self._connected:
+                        missed_reason = reason
+                        logger.warning("redis source connection lost: %s", reason)
+                    else:
+                        failures += 1
+                        missed_reason = missed_reason or reason
+                        logger.warning("redis source cannot connect to %s: %s",
+                                       self.redacted_url, reason)
+                    self._set_state(False, reason)
+                except Exception as exc:  # a bug must not end delivery for good: log, reconnect
+                    failures += 0 if self._connected else 1
+                    missed_reason = first_line(exc)
+                    logger.exception("redis source failed; reconnecting")
+                    self._set_state(False, missed_reason)
+                finally:
+                    self._close_conn()
+        except _Stopping:
+            pass
+        finally:
+            self._close_conn()
+            self._set_state(False)
+            with self._pipe_lock:  # no _wake() may write to a closed (reused) descriptor
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
+                os.close(fd)
+            logger.info("redis source stopped")
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if self._stopped:
+                raise _Stopping()
+            if left <= 0:
+                return
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                if sel.select(left):
+                    self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _open(self, sel: selectors.BaseSelector) -> None:
+        """Connect, SUBSCRIBE to every wanted channel and wait until Redis confirmed them."""
+        self._sent = frozenset()
+        self._pending = []
+        self._more = False
+        self._conn = conn = self._conn_class(**self._conn_kwargs)
+        conn.connect()  # blocking, each step bounded by connect_timeout
+        # redis-py has no public accessor for the socket; ``_sock`` has held it from 4.x on.
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise ConfigError("this redis-py version keeps its socket elsewhere: "
+                              "RedisSource cannot wait on it")
+        sel.register(sock, selectors.EVENT_READ, "redis")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._reconcile(conn)
+        deadline = time.monotonic() + self.connect_timeout
+        while not self._sent <= self._listening:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout(f"Redis did not confirm SUBSCRIBE within "
+                               f"{self.connect_timeout:.1f}s")
+            self._pump(conn, sel, left)
+
+    def _serve(self, sel: selectors.BaseSelector) -> None:
+        conn = self._conn
+        try:
+            self._read_loop(conn, sel, self.heartbeat_interval / 2)
+        finally:
+            self._dispatch()  # what was held back to coalesce is not lost with the connection
+
+    def _read_loop(self, conn: Any, sel: selectors.BaseSelector, half: float) -> None:
+        last_traffic = time.monotonic()
+        ping_sent: Optional[float] = None
+        last_dispatch = 0.0
+        while True:
+            now = time.monotonic()
+            timeout = max(0.0, (last_traffic if ping_sent is None else ping_sent) + half - now)
+            if self._pending:  # held back to coalesce: read more until it is due
+                timeout = min(timeout, max(0.0, last_dispatch + self.coalesce - now))
+            if self._pump(conn, sel, timeout):
+                last_traffic = time.monotonic()
+                ping_sent = None  # anything that arrives shows the connection is alive
+            now = time.monotonic()
+            if self._pending and now >= last_dispatch + self.coalesce:
+                last_dispatch = now
+                self._dispatch()
+            now = time.monotonic()
+            if ping_sent is not None and now - ping_sent >= half:
+                raise _Timeout(f"Redis did not answer a PING within {half:.1f}s")
+            if ping_sent is None and now - last_traffic >= half:
+                conn.send_command("PING")
+                ping_sent = now
+
+    def _pump(self, conn: Any, sel: selectors.BaseSelector, timeout: float) -> bool:
+        """Wait up to ``timeout`` for Redis or a wake-up and handle both; True if Redis sent."""
+        readable = self._more
+        for key, _ in sel.select(0.0 if self._more else timeout):
+            if key.data == "wake":  # stop(), or sinks changed their channels
+                self._drain_wake()
+                if self._stopped:
+                    raise _Stopping()
+                self._reconcile(conn)
+            else:
+                readable = True
+        if self._stopped:
+            raise _Stopping()
+        if readable:
+            self._more = self._read(conn)
+        return readable
+
+    def _read(self, conn: Any) -> bool:
+        """Handle what Redis sent; True if more may wait in the parser's buffer."""
+        for _ in range(_READ_BUDGET):
+            self._handle(conn.read_response())
+            if not conn.can_read(timeout=0):
+                return False
+        return True
+
+    def _handle(self, reply: Any) -> None:
+        if not isinstance(reply, list) or len(reply) < 2:
+            return  # PONG outside subscribed mode (no channel wanted)
+        kind = reply[0]
+        channel = reply[1].decode("utf-8", "replace") if isinstance(reply[1], bytes) else ""
+        if kind == b"message":
+            try:
+                payload = reply[2].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                logger.warning("dropped a message on Redis channel %r: its payload is not "
+                               "valid UTF-8 (%s)", channel, exc)
+                return
+            self._pending.append(Notification(channel, payload, 0))
+        elif kind == b"subscribe":
+            with self._lock:
+                self._listening = self._listening | {channel}
+                self._changed.notify_all()
+        elif kind == b"unsubscribe":
+            with self._lock:
+                self._listening = self._listening - {channel}
+                self._changed.notify_all()
+        # b"pong": only its arrival matters
+
+    def _reconcile(self, conn: Any) -> None:
+        """Send SUBSCRIBE and UNSUBSCRIBE so the connection asks for exactly what sinks want."""
+        with self._lock:
+            wanted = self._wanted()
+        add = sorted(wanted - self._sent)
+        drop = sorted(self._sent - wanted)
+        if add:
+            conn.send_command("SUBSCRIBE", *add)
+        if drop:  # never without names: a bare UNSUBSCRIBE drops every channel
+            conn.send_command("UNSUBSCRIBE", *drop)
+        self._sent = wanted
+
+    def _dispatch(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        with self._lock:
+            sinks = list(self._sinks.items())
+        for sink, channels in sinks:
+            mine = [n for n in batch if n.channel in channels]
+            if not mine:
+                continue
+            try:
+                sink.on_notifications(mine)
+            except Exception:  # a broken sink must not stop the source
+                logger.exception("notification handler %r failed", sink)
+
+    def _resync(self, reason: str) -> None:
+        with self._lock:
+            sinks = list(self._sinks)
+        for sink in sinks:
+            try:
+                sink.on_resync(reason)
+            except Exception:
+                logger.exception("resync handler %r failed", sink)
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except (self._redis.RedisError, OSError):
+                pass
