@@ -19,6 +19,7 @@ from werkzeug.wrappers import Request, Response
 from wsproto import ConnectionType
 from wsproto.connection import Connection as FrameConnection
 
+from .assets import client_js_response
 from .connection import CLOSE_GOING_AWAY, Connection, Frame, GuardedSocket, WakingEvent
 from .errors import ConfigError, Refused
 from .hub import Hub
@@ -216,8 +217,12 @@ class WebSocketEndpoint:
             response = self.handle(request)
         return response(environ, start_response)
 
-    def init_app(self, app: Any, path: str = "/ws") -> None:
-        """Register the WebSocket route at ``path`` (and the health route) on a Flask app."""
+    def init_app(self, app: Any, path: str = "/ws", client_path: Optional[str] = "/pgws.js") -> None:
+        """Register the WebSocket route at ``path`` on a Flask app, and the shared routes.
+
+        The shared routes, registered once per app: health on ``health_path``
+        and the browser client pgws.js on ``client_path`` (``None``: not served).
+        """
         import flask
 
         name = f"pgws_sync_ws_{id(self):x}"
@@ -228,6 +233,9 @@ class WebSocketEndpoint:
         if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
             app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
                              view_func=self.health_response)
+        if client_path is not None and "pgws_sync_client_js" not in app.view_functions:
+            app.add_url_rule(client_path, endpoint="pgws_sync_client_js",
+                             view_func=lambda: client_js_response(flask.request))
 
     def health_response(self) -> Response:
         self.prepare()  # a health check alone starts this process's machinery

@@ -1,37 +1,26 @@
-"""The ready-made gateway app: a PGWS endpoint at /ws, the browser client at /, /healthz."""
+"""The ready-made gateway app: a PGWS endpoint at /ws, the browser page at /, pgws.js, /healthz."""
 
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from typing import Sequence
 
 from flask import Flask, Response
 
-from .errors import ConfigError
+from .assets import client_html
 from .listener import Listener
 from .pgws import PGWS
 
 logger = logging.getLogger(__name__)
 
-CLIENT_RESOURCE = "client.html"
-
-
-def client_html() -> str:
-    """The text of the browser client shipped with the package."""
-    try:
-        return resources.files(__package__).joinpath(CLIENT_RESOURCE).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"the package file {CLIENT_RESOURCE} cannot be read ({exc}); reinstall pgws_sync"
-        ) from exc
+__all__ = ["client_html", "create_app"]
 
 
 def create_app(dsn: str, channels: Sequence[str]) -> Flask:
     """A Flask app serving NOTIFYs on ``channels`` to the audience ``default``.
 
     ``dsn`` is a libpq connection string or URI (empty: libpq's environment).
-    Routes: ``/ws`` (the WebSocket), ``/`` (client.html), ``/healthz``.
+    Routes: ``/ws`` (the WebSocket), ``/`` (client.html), ``/pgws.js``, ``/healthz``.
     Create it in the process that serves it (after any fork): its listener
     connects from there.
     """

@@ -15,6 +15,7 @@ from werkzeug.exceptions import NotFound
 from werkzeug.utils import send_from_directory
 from werkzeug.wrappers import Request, Response
 
+from .assets import client_js_response
 from .channels import validate_channel
 from .connection import Connection, Frame
 from .endpoint import StartResponse, WSGIEnviron
@@ -66,7 +67,8 @@ class JwtGateway(ListeningEndpoint):
     channel, sent through a pool of ``pool_size`` connections to ``dsn``
     (default: the listener's). With ``meta_channel``, ``ConnectionOpen`` and
     ``ConnectionClose`` events are NOTIFYed for that channel's readers.
-    Other requests go to ``fallback`` (a WSGI app, e.g. :func:`static_files`).
+    The browser client pgws.js is served on ``client_path`` (``None``: not
+    served); other requests go to ``fallback`` (a WSGI app, e.g. :func:`static_files`).
     Keyword options are those of :class:`WebSocketEndpoint`; ``allowed_origins``
     defaults to any origin, since tokens, not cookies, authorise sockets.
     """
@@ -74,7 +76,8 @@ class JwtGateway(ListeningEndpoint):
     def __init__(self, listener: Listener, auth: JwtAuth, *, dsn: Optional[str] = None,
                  listen_channel: str = DEFAULT_LISTEN_CHANNEL,
                  meta_channel: Optional[str] = None, pool_size: int = 10,
-                 fallback: Optional[WSGIApp] = None, **options: Any) -> None:
+                 fallback: Optional[WSGIApp] = None,
+                 client_path: Optional[str] = "/pgws.js", **options: Any) -> None:
         if not isinstance(listener, Listener):
             raise ConfigError("JwtGateway(listener, auth): the first argument must be a Listener")
         if not isinstance(auth, JwtAuth):
@@ -87,6 +90,7 @@ class JwtGateway(ListeningEndpoint):
         self.listen_channel = listen_channel
         self.meta_channel = meta_channel
         self.fallback = fallback
+        self.client_path = client_path
         self._opened = 0
         self._opened_changed = threading.Condition()  # guards _opened
         super().__init__(listener, [listen_channel], **options)
@@ -103,6 +107,9 @@ class JwtGateway(ListeningEndpoint):
             response = self.handle(request)
         elif self.health_path is not None and request.path == self.health_path:
             response = self.health_response()
+        elif (self.client_path is not None and request.path == self.client_path
+              and request.method in ("GET", "HEAD")):
+            response = client_js_response(request)
         elif self.fallback is not None:
             return self.fallback(environ, start_response)
         else:

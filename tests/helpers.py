@@ -50,8 +50,9 @@ class Gunicorn:
     """A real gunicorn serving ``app`` on a free port, configured by environment variables."""
 
     def __init__(self, app: str = "tests.apps.app:app", *, env: Optional[Dict[str, str]] = None,
-                 workers: int = 1, threads: int = 64, args: Sequence[str] = ()) -> None:
-        self.port = free_port()
+                 workers: int = 1, threads: int = 64, args: Sequence[str] = (),
+                 port: Optional[int] = None) -> None:
+        self.port = port or free_port()  # a port given: a restart where the last one served
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-gunicorn-{self.port}.log"
         cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "tests" / "gunicorn_conf.py"),
                "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "--threads", str(threads),

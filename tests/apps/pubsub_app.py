@@ -49,6 +49,12 @@ endpoint = App(listener, **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
 endpoint.init_app(app, "/ws")
 
 
+@app.route("/")
+def blank_page():
+    """An empty page of this origin, for browser tests that load /pgws.js into it."""
+    return "<!doctype html><title>pubsub test</title>\n"
+
+
 def _message(body):
     if body.get("type") == "binary":
         return base64.b64decode(body["message"])
