@@ -51,8 +51,8 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>pgws_sync push</title>
     document.getElementById("log").prepend(li);
   };
   const sock = new PgwsSocket("/ws");
-  sock.joinRoom("lobby");
-  if (!who.startsWith("guest-")) sock.joinRoom("team-" + who);
+  sock.joinRoom("lobby").then(() => log("joined the lobby"));
+  if (!who.startsWith("guest-")) sock.joinRoom("team-" + who).then(() => log("joined the team"));
   sock.on("open", () => { document.getElementById("state").textContent = "live"; });
   sock.on("close", () => { document.getElementById("state").textContent = "reconnecting"; });
   sock.on("tabwindow", (d) => { document.getElementById("tab").textContent = d.tabWindowId; });

@@ -92,3 +92,16 @@ def _post_notify(g, user):
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status == 202
 
+
+
+def test_push_example_page_in_chromium(pg_dsn, sender, page):
+    g = run_example("push", pg_dsn)
+    try:
+        page.goto(g.url("/"))
+        page.wait_for_function("document.getElementById('state').textContent === 'live'")
+        page.wait_for_function("document.getElementById('tab').textContent.length >= 22")
+        page.wait_for_function("document.getElementById('log').textContent.includes('joined the lobby')")
+        pg_notify(sender, "BackgroundPush", '{"pushToRoom": "lobby", "payload": {"text": "hi all"}}')
+        page.wait_for_function("document.getElementById('log').textContent.includes('hi all')")
+    finally:
+        g.stop()
