@@ -6,13 +6,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Optional
 
 import pytest
 import redis
 
+from .helpers import wait_for
 from .pgserver import free_port
 
 
@@ -66,23 +66,21 @@ class RedisServer:
                                      stdin=subprocess.DEVNULL)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1,
                              socket_timeout=1)
-        deadline = time.monotonic() + timeout
+
+        def answers() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"redis-server exited with {code}:\n{self.log()[-2000:]}")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n"
-                                       f"{self.log()[-2000:]}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer PING within {timeout}s:\n"
-                                       f"{self.log()[-2000:]}")
-                time.sleep(0.02)
+            wait_for(answers, timeout, message=f"redis-server on port {self.port} to answer PING")
         finally:
             client.close()
+        return self
 
     def stop(self, graceful: bool = False, timeout: float = 20.0) -> None:
         """Kill the server (SIGKILL, a crash) or, if ``graceful``, shut it down with SIGTERM."""
