@@ -48,7 +48,7 @@ def stats(server: Gunicorn) -> Dict[str, Any]:
     return json.loads(body)  # type: ignore[no-any-return]
 
 
-class Tab:
+class Tab(Ws):
     """A browser tab's socket: reads its tabWindowId, joins and leaves rooms."""
 
     def __init__(self, server: Gunicorn, user: Optional[str] = None, guest: Optional[str] = None,
@@ -58,34 +58,25 @@ class Tab:
             headers["X-Auth-User"] = user
         if guest is not None:
             headers["X-Auth-Guest"] = guest
-        self.ws = Ws(server.ws_url("/ws?hello=1" if hello else "/ws"), headers=headers)
-        first = self.ws.recv_json()
+        super().__init__(server.ws_url("/ws?hello=1" if hello else "/ws"), headers=headers)
+        first = self.recv_json()
         assert list(first) == ["tabWindowId"], first
         self.tab: str = first["tabWindowId"]
         #: The worker's pid, with ``hello`` (the app says it right after the tab window id).
-        self.pid: Optional[int] = self.ws.recv_json()["pid"] if hello else None
+        self.pid: Optional[int] = self.recv_json()["pid"] if hello else None
 
     def send(self, frame: Any) -> None:
-        self.ws.client.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+        self.client.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
 
     def join(self, room: str) -> None:
         self.send({"joinRoom": room})
-        reply = self.ws.recv_json()
+        reply = self.recv_json()
         assert reply == {"event": "joined", "room": room}, reply
 
     def leave(self, room: str) -> None:
         self.send({"leaveRoom": room})
-        reply = self.ws.recv_json()
+        reply = self.recv_json()
         assert reply == {"event": "left", "room": room}, reply
-
-    def recv(self, timeout: float = 10.0) -> Any:
-        return self.ws.recv(timeout)
-
-    def recv_json(self, timeout: float = 10.0) -> Any:
-        return self.ws.recv_json(timeout)
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 def wait_sockets(server: Gunicorn, n: int) -> None:
