@@ -138,11 +138,14 @@ class Push(PubSub):
     def send_backend_message(self, message: BackendMessage) -> None:
         """Send ``message`` through the push source, exactly as a backend service would.
 
-        Raises :class:`PayloadTooLarge` when a NOTIFY would reach 8000 bytes,
-        :class:`PublishFailed` (PostgreSQL) or the Redis source's error when
-        the source does not take it.
+        Raises :class:`InvalidPayload` for a name receivers would refuse (not
+        a non-empty string of at most 200 characters), :class:`PayloadTooLarge`
+        when a NOTIFY would reach 8000 bytes, :class:`PublishFailed`
+        (PostgreSQL) or :class:`RedisPublishFailed` when the source does not
+        take it.
         """
         text = format_backend_message(message)
+        parse_backend_message(text)  # InvalidPayload now, not a warning in every worker later
         publish = getattr(self.push_source, "publish", None)
         if self.push_source is self.listener:
             size = len(text.encode("utf-8"))

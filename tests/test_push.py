@@ -338,3 +338,22 @@ def test_redis_restart_mid_stream(pg_dsn, redis_server, tabs):
         assert other.recv_json() == "u2 too"
     finally:
         g.stop()
+
+
+def test_server_side_api_refuses_names_receivers_would_drop(pg_dsn):
+    from pgws_sync import InvalidPayload, Listener, Push
+
+    endpoint = Push(Listener(pg_dsn))
+    try:
+        for bad in ("", "x" * 201, "tab\n"):
+            with pytest.raises(InvalidPayload, match="not a valid name"):
+                endpoint.push_to_user(bad, {"a": 1})
+            with pytest.raises(InvalidPayload, match="not a valid name"):
+                endpoint.push_to_room(bad, 1)
+        with pytest.raises(InvalidPayload, match="cannot be sent as JSON"):
+            endpoint.push_to_room("r", object())
+        with pytest.raises(InvalidPayload, match="'tabWindowId' is not a valid name"):
+            endpoint.push_to_user("u", 1, tab_window_id="")
+    finally:
+        endpoint.close()
+        endpoint.listener.stop()
