@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import selectors
 import threading
 import time
 import weakref
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import (
-    ConfigError,
-    InvalidChannel,
-    InvalidPayload,
-    ListenerStopped,
-    PgwsError,
-    first_line,
-)
-from .listener import Sink
+from .errors import ConfigError, InvalidChannel, InvalidPayload, PgwsError, first_line
 from .messages import Notification
+from .source import NoAnswer, SourceThread, Stopping
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +103,7 @@ def _import_redis() -> Any:
     return redis
 
 
-class _Stopping(Exception):
-    """Raised inside the source's thread when stop() was called."""
-
-
-class _Timeout(Exception):
-    """Redis did not answer in time."""
-
-
-class RedisSource:
+class RedisSource(SourceThread):
     """Owns the one SUBSCRIBE connection to Redis of this process and the thread that reads it.
 
     It feeds sinks (endpoints) exactly as a :class:`~pgws_sync.Listener` does:
@@ -150,6 +134,11 @@ class RedisSource:
     :meth:`publish` sends from the caller's thread on a separate client.
     """
 
+    _thread_prefix = "pgws-redis"
+    _what = "redis source"
+    _log = logger
+    _stopped_message = "this RedisSource was stopped; create a new RedisSource"
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
@@ -160,40 +149,17 @@ class RedisSource:
         connect_timeout: float = 5.0,
         coalesce: float = 0.010,
     ) -> None:
-        if min_reconnect <= 0 or max_reconnect < min_reconnect:
-            raise ConfigError(
-                f"need 0 < min_reconnect <= max_reconnect, got {min_reconnect} and {max_reconnect}"
-            )
-        if heartbeat_interval <= 0 or connect_timeout <= 0:
-            raise ConfigError("heartbeat_interval and connect_timeout must be positive seconds")
-        if coalesce < 0 or coalesce >= heartbeat_interval / 2:
-            raise ConfigError(f"coalesce must be at least 0 and well under heartbeat_interval, "
-                              f"got {coalesce}")
+        super().__init__(min_reconnect=min_reconnect, max_reconnect=max_reconnect,
+                         heartbeat_interval=heartbeat_interval,
+                         connect_timeout=connect_timeout, coalesce=coalesce)
         self._redis = _import_redis()
         self.url = url
         self.redacted_url = redact_url(url)
-        self.min_reconnect = float(min_reconnect)
-        self.max_reconnect = float(max_reconnect)
-        self.heartbeat_interval = float(heartbeat_interval)
-        self.connect_timeout = float(connect_timeout)
-        self.coalesce = float(coalesce)
         self._conn_class, self._conn_kwargs = self._connection_settings()
+        self._connect_errors = self._serve_errors = (self._redis.RedisError, OSError, NoAnswer)
 
-        self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
-        self._pipe_lock = threading.Lock()  # guards the wake-up pipe's descriptors
-        self._changed = threading.Condition(self._lock)
-        self._sinks: Dict[Sink, FrozenSet[str]] = {}
-        self._stopped = False
-        self._connected = False
-        self._listening: FrozenSet[str] = frozenset()
-        self._last_error: Optional[str] = None
-
-        self._pid: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
-        self._wake_r = -1
-        self._wake_w = -1
-        # Used by the source's thread alone:
-        self._conn: Any = None
+        # Used by the source's thread alone (beside _conn):
+        self._sel: Any = None  # the selector of _conn and the wake-up pipe, made by _open()
         self._sent: FrozenSet[str] = frozenset()  # what SUBSCRIBE/UNSUBSCRIBE asked for so far
         self._pending: List[Notification] = []  # read, not handed on yet
         self._more = False  # replies may wait in the parser's buffer, where select() cannot see
@@ -204,98 +170,6 @@ class RedisSource:
         _live_sources.add(self)
 
     # ----------------------------------------------------------------- public
-
-    def add_sink(self, sink: Sink, channels: Iterable[str]) -> None:
-        """Deliver messages on ``channels`` to ``sink`` (SUBSCRIBE happens on the thread)."""
-        names = frozenset(validate_redis_channel(c) for c in channels)
-        with self._lock:
-            self._sinks[sink] = names
-        self._wake()
-
-    def remove_sink(self, sink: Sink) -> None:
-        """Stop delivering to ``sink``; channels nobody needs any more are UNSUBSCRIBEd."""
-        with self._lock:
-            self._sinks.pop(sink, None)
-        self._wake()
-
-    def start(self) -> "RedisSource":
-        """Start the source's thread in this process, if it is not running yet."""
-        pid = os.getpid()
-        if self._pid == pid and not self._stopped:
-            return self
-        with self._lock:
-            if self._stopped:
-                raise ListenerStopped("this RedisSource was stopped; create a new RedisSource")
-            if self._pid == pid:
-                return self
-            # A connection inherited through fork belongs to the parent's thread. It is
-            # dropped, never used: redis-py closes only this process's copy of the socket
-            # (no shutdown) when the object goes, so the parent's session is untouched.
-            self._conn = None
-            self._connected = False
-            self._listening = frozenset()
-            self._sent = frozenset()
-            self._pending = []
-            self._more = False
-            wake_r, wake_w = os.pipe()
-            os.set_blocking(wake_r, False)
-            os.set_blocking(wake_w, False)
-            with self._pipe_lock:
-                self._wake_r, self._wake_w = wake_r, wake_w
-            self._thread = threading.Thread(
-                target=self._run, name=f"pgws-redis-{pid}", daemon=True
-            )
-            self._pid = pid
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and close the connections; waits up to ``timeout`` seconds."""
-        with self._lock:
-            self._stopped = True
-            self._changed.notify_all()
-        with self._publish_lock:
-            client = self._client if self._client_pid == os.getpid() else None
-            self._client = None
-        if client is not None:
-            client.close()
-        thread = self._thread if self._pid == os.getpid() else None
-        self._wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.warning("redis source thread %s did not stop within %.1fs",
-                               thread.name, timeout)
-
-    @property
-    def connected(self) -> bool:
-        """True while the connection is up and every channel wanted when it opened is SUBSCRIBEd.
-
-        Channels added later are in :attr:`listening` once Redis confirmed them.
-        """
-        return self._connected
-
-    @property
-    def listening(self) -> FrozenSet[str]:
-        """The channels Redis confirmed as SUBSCRIBEd on the current connection."""
-        return self._listening
-
-    @property
-    def last_error(self) -> Optional[str]:
-        """Why the last connection attempt failed or the last connection ended."""
-        return self._last_error
-
-    def wait_connected(self, timeout: float) -> bool:
-        """Wait until connected and subscribed to every wanted channel (starting the thread)."""
-        self.start()
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not (self._connected and self._wanted() <= self._listening):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopped:
-                    return False
-                self._changed.wait(left)
-            return True
 
     def status(self) -> Dict[str, Any]:
         """A small dict for health checks and logs (the URL's password is redacted)."""
@@ -327,6 +201,76 @@ class RedisSource:
             return int(client.publish(channel, data))
         except (self._redis.RedisError, OSError) as exc:
             raise RedisPublishFailed(channel, first_line(exc), self.redacted_url) from exc
+
+    # ------------------------------------------------------ SourceThread hooks
+
+    def _validate_channel(self, channel: str) -> str:
+        return validate_redis_channel(channel)
+
+    def _reset_for_this_process(self) -> None:
+        # A connection inherited through fork belongs to the parent's thread. It is
+        # dropped, never used: redis-py closes only this process's copy of the socket
+        # (no shutdown) when the object goes, so the parent's session is untouched.
+        self._conn = None
+        self._sel = None
+        self._sent = frozenset()
+        self._pending = []
+        self._more = False
+
+    def _on_stop(self) -> None:
+        with self._publish_lock:
+            client = self._client if self._client_pid == os.getpid() else None
+            self._client = None
+        if client is not None:
+            client.close()
+
+    def _open(self) -> None:
+        """Connect, SUBSCRIBE to every wanted channel and wait until Redis confirmed them."""
+        self._sent = frozenset()
+        self._pending = []
+        self._more = False
+        self._sel = sel = selectors.DefaultSelector()
+        self._conn = conn = self._conn_class(**self._conn_kwargs)
+        conn.connect()  # blocking, each step bounded by connect_timeout
+        # redis-py has no public accessor for the socket; ``_sock`` has held it from 4.x on.
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise ConfigError("this redis-py version keeps its socket elsewhere: "
+                              "RedisSource cannot wait on it")
+        sel.register(sock, selectors.EVENT_READ, "redis")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._reconcile(conn)
+        deadline = time.monotonic() + self.connect_timeout
+        while not self._sent <= self._listening:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoAnswer(f"Redis did not confirm SUBSCRIBE within "
+                               f"{self.connect_timeout:.1f}s")
+            self._pump(conn, sel, left)
+        logger.info("redis source connected to %s, subscribed to %s",
+                    self.redacted_url, sorted(self._listening))
+
+    def _serve(self) -> None:
+        try:
+            self._read_loop(self._conn, self._sel, self.heartbeat_interval / 2)
+        finally:
+            if self._pending:  # what was held back to coalesce is not lost with the connection
+                batch, self._pending = self._pending, []
+                self._deliver(batch)
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        sel, self._sel = self._sel, None
+        if sel is not None:
+            sel.close()
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except (self._redis.RedisError, OSError):
+                pass
+
+    def _log_cannot_connect(self, reason: str) -> None:
+        logger.warning("redis source cannot connect to %s: %s", self.redacted_url, reason)
 
     # --------------------------------------------------------------- internals
 
@@ -376,137 +320,6 @@ class RedisSource:
                 self._client_pid = pid
             return self._client
 
-    def _wanted(self) -> FrozenSet[str]:
-        return frozenset().union(*self._sinks.values()) if self._sinks else frozenset()
-
-    def _wake(self) -> None:
-        if self._pid != os.getpid():
-            return
-        # A non-blocking write of one byte: the lock only keeps the descriptor open meanwhile.
-        with self._pipe_lock:
-            if self._wake_w < 0:
-                return
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full: a wake-up is pending anyway
-
-    def _set_state(self, connected: bool, error: Optional[str] = None) -> None:
-        with self._lock:
-            self._connected = connected
-            if not connected:
-                self._listening = frozenset()
-            if error is not None:
-                self._last_error = error
-            self._changed.notify_all()
-
-    def _run(self) -> None:
-        failed = (self._redis.RedisError, OSError, _Timeout)
-        failures = 0
-        missed_reason: Optional[str] = None
-        first = True
-        try:
-            while not self._stopped:
-                if not first:
-                    delay = 0.0
-                    if failures:
-                        delay = min(self.max_reconnect, self.min_reconnect * 2 ** (failures - 1))
-                        delay = min(self.max_reconnect, delay * random.uniform(1.0, 1.1))
-                        logger.info("redis source reconnecting in %.2fs", delay)
-                    self._sleep(delay)
-                first = False
-                try:
-                    with selectors.DefaultSelector() as sel:
-                        self._open(sel)
-                        failures = 0
-                        logger.info("redis source connected to %s, subscribed to %s",
-                                    self.redacted_url, sorted(self._listening))
-                        self._set_state(True)
-                        if missed_reason is not None:
-                            self._resync(f"redis source reconnected after: {missed_reason}")
-                            missed_reason = None
-                        self._serve(sel)
-                except _Stopping:
-                    raise
-                except failed as exc:
-                    reason = first_line(exc)
-                    if self._connected:
-                        missed_reason = reason
-                        logger.warning("redis source connection lost: %s", reason)
-                    else:
-                        failures += 1
-                        missed_reason = missed_reason or reason
-                        logger.warning("redis source cannot connect to %s: %s",
-                                       self.redacted_url, reason)
-                    self._set_state(False, reason)
-                except Exception as exc:  # a bug must not end delivery for good: log, reconnect
-                    failures += 0 if self._connected else 1
-                    missed_reason = first_line(exc)
-                    logger.exception("redis source failed; reconnecting")
-                    self._set_state(False, missed_reason)
-                finally:
-                    self._close_conn()
-        except _Stopping:
-            pass
-        finally:
-            self._close_conn()
-            self._set_state(False)
-            with self._pipe_lock:  # no _wake() may write to a closed (reused) descriptor
-                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
-            for fd in fds:
-                os.close(fd)
-            logger.info("redis source stopped")
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if self._stopped:
-                raise _Stopping()
-            if left <= 0:
-                return
-            with selectors.DefaultSelector() as sel:
-                sel.register(self._wake_r, selectors.EVENT_READ)
-                if sel.select(left):
-                    self._drain_wake()
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _open(self, sel: selectors.BaseSelector) -> None:
-        """Connect, SUBSCRIBE to every wanted channel and wait until Redis confirmed them."""
-        self._sent = frozenset()
-        self._pending = []
-        self._more = False
-        self._conn = conn = self._conn_class(**self._conn_kwargs)
-        conn.connect()  # blocking, each step bounded by connect_timeout
-        # redis-py has no public accessor for the socket; ``_sock`` has held it from 4.x on.
-        sock = getattr(conn, "_sock", None)
-        if sock is None:
-            raise ConfigError("this redis-py version keeps its socket elsewhere: "
-                              "RedisSource cannot wait on it")
-        sel.register(sock, selectors.EVENT_READ, "redis")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._reconcile(conn)
-        deadline = time.monotonic() + self.connect_timeout
-        while not self._sent <= self._listening:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Timeout(f"Redis did not confirm SUBSCRIBE within "
-                               f"{self.connect_timeout:.1f}s")
-            self._pump(conn, sel, left)
-
-    def _serve(self, sel: selectors.BaseSelector) -> None:
-        conn = self._conn
-        try:
-            self._read_loop(conn, sel, self.heartbeat_interval / 2)
-        finally:
-            self._dispatch()  # what was held back to coalesce is not lost with the connection
-
     def _read_loop(self, conn: Any, sel: selectors.BaseSelector, half: float) -> None:
         last_traffic = time.monotonic()
         ping_sent: Optional[float] = None
@@ -522,10 +335,11 @@ class RedisSource:
             now = time.monotonic()
             if self._pending and now >= last_dispatch + self.coalesce:
                 last_dispatch = now
-                self._dispatch()
+                batch, self._pending = self._pending, []
+                self._deliver(batch)
             now = time.monotonic()
             if ping_sent is not None and now - ping_sent >= half:
-                raise _Timeout(f"Redis did not answer a PING within {half:.1f}s")
+                raise NoAnswer(f"Redis did not answer a PING within {half:.1f}s")
             if ping_sent is None and now - last_traffic >= half:
                 conn.send_command("PING")
                 ping_sent = now
@@ -537,12 +351,12 @@ class RedisSource:
             if key.data == "wake":  # stop(), or sinks changed their channels
                 self._drain_wake()
                 if self._stopped:
-                    raise _Stopping()
+                    raise Stopping()
                 self._reconcile(conn)
             else:
                 readable = True
         if self._stopped:
-            raise _Stopping()
+            raise Stopping()
         if readable:
             self._more = self._read(conn)
         return readable
@@ -589,35 +403,3 @@ class RedisSource:
         if drop:  # never without names: a bare UNSUBSCRIBE drops every channel
             conn.send_command("UNSUBSCRIBE", *drop)
         self._sent = wanted
-
-    def _dispatch(self) -> None:
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        with self._lock:
-            sinks = list(self._sinks.items())
-        for sink, channels in sinks:
-            mine = [n for n in batch if n.channel in channels]
-            if not mine:
-                continue
-            try:
-                sink.on_notifications(mine)
-            except Exception:  # a broken sink must not stop the source
-                logger.exception("notification handler %r failed", sink)
-
-    def _resync(self, reason: str) -> None:
-        with self._lock:
-            sinks = list(self._sinks)
-        for sink in sinks:
-            try:
-                sink.on_resync(reason)
-            except Exception:
-                logger.exception("resync handler %r failed", sink)
-
-    def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except (self._redis.RedisError, OSError):
-                pass
