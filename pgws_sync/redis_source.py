@@ -11,7 +11,8 @@ import weakref
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import ConfigError, InvalidChannel, InvalidPayload, PgwsError, first_line
+from .channels import validate_name
+from .errors import ConfigError, InvalidPayload, PgwsError, first_line
 from .messages import Notification
 from .source import NoAnswer, SourceThread, Stopping
 
@@ -56,18 +57,7 @@ def validate_redis_channel(channel: object) -> str:
     text without NUL that encodes as UTF-8. SUBSCRIBE is literal: ``*`` or
     ``?`` in a name are ordinary characters, not patterns.
     """
-    if not isinstance(channel, str):
-        raise InvalidChannel(channel, "a channel name must be a string")
-    if not channel:
-        raise InvalidChannel(channel, "a channel name cannot be empty")
-    if "\x00" in channel:
-        raise InvalidChannel(channel, "a channel name cannot contain NUL characters")
-    try:
-        channel.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidChannel(channel, "a channel name must be encodable as UTF-8 "
-                                      "(it contains a lone surrogate)") from None
-    return channel
+    return validate_name(channel)
 
 
 def redact_url(url: str) -> str:

@@ -25,3 +25,11 @@ def test_invalid_names_are_refused_with_a_reason(name, why):
         validate_channel(name)
     assert isinstance(info.value, PgwsError) and isinstance(info.value, ValueError)
     assert why in str(info.value)
+
+
+def test_a_lone_surrogate_is_a_clear_invalid_channel():
+    from pgws_sync import InvalidChannel
+    from pgws_sync.channels import validate_channel
+
+    with pytest.raises(InvalidChannel, match="encodable as UTF-8"):
+        validate_channel("bad\ud800")
