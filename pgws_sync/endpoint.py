@@ -90,8 +90,10 @@ class _PlainServer(Server):  # type: ignore[misc]
     """
 
     def handshake(self) -> None:
-        offered = _header_tokens(self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
-        chosen = next((p for p in self.subprotocols if p in offered), None)
+        chosen = None
+        if self.subprotocols:
+            offered = _header_tokens(self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+            chosen = next((p for p in self.subprotocols if p in offered), None)
         self.sock.send(switching_protocols(self.environ["HTTP_SEC_WEBSOCKET_KEY"], chosen))
         self.subprotocol = chosen
         self.ws = FrameConnection(ConnectionType.SERVER)

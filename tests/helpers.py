@@ -105,10 +105,10 @@ class Gunicorn:
         return self.proc.returncode
 
 
-def serve(pg_dsn, channels=("pgws",), options=None, listener=None, **kwargs):
+def serve(pg_dsn, channels=("pgws",), options=None, listener=None, extra_env=None, **kwargs):
     env = {"PGWS_DB_URI": pg_dsn, "PGWS_CHANNELS": json.dumps(list(channels)),
            "PGWS_OPTIONS": json.dumps(options or {}),
-           "PGWS_LISTENER_OPTIONS": json.dumps(listener or {})}
+           "PGWS_LISTENER_OPTIONS": json.dumps(listener or {}), **(extra_env or {})}
     return Gunicorn(env=env, **kwargs)
 
 

@@ -138,3 +138,88 @@ def test_malloc_arena_cap_applies_on_glibc_unless_the_environment_sets_it():
         assert applied == 0
     env["MALLOC_ARENA_MAX"] = "4"  # the environment wins: glibc reads it itself
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 3
+
+
+def pool_threads(g):
+    return sum(name.startswith("ThreadPoolExecutor") for name in g.stats()["thread_names"])
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 32), ("all", 32), ("5", 5), ("1000", 32)],
+                         ids=["default", "all", "five", "capped-at-threads"])
+def test_the_hook_starts_pool_threads_before_the_worker_accepts(pg_dsn, setting, expected):
+    env = {} if setting is None else {"PGWS_PRESTART_THREADS": setting}
+    g = serve(pg_dsn, threads=32, extra_env=env).wait_up()
+    try:
+        assert pool_threads(g) == expected
+        socks = [Ws(g.ws_url()) for _ in range(3)]
+        wait_sockets(g, 3)
+        # the sockets took idle threads: none was started for them
+        assert pool_threads(g) == expected
+        for ws in socks:
+            ws.close()
+    finally:
+        g.stop()
+
+
+def test_without_prestarted_threads_each_socket_starts_one(pg_dsn):
+    g = serve(pg_dsn, threads=32, extra_env={"PGWS_PRESTART_THREADS": "0"}).wait_up()
+    try:
+        before = pool_threads(g)
+        assert before <= 2  # the health checks' and this request's
+        socks = [Ws(g.ws_url()) for _ in range(3)]
+        wait_sockets(g, 3)
+        assert pool_threads(g) >= 3
+        for ws in socks:
+            ws.close()
+    finally:
+        g.stop()
+
+
+def test_a_bad_prestart_setting_stops_gunicorn_with_a_clear_message(pg_dsn):
+    g = serve(pg_dsn, extra_env={"PGWS_PRESTART_THREADS": "many"})
+    try:
+        assert g.proc.wait(30) != 0
+        assert "PGWS_PRESTART_THREADS must be a whole number of threads or 'all', not 'many'" in g.log()
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("value, expected", [("all", None), (" ALL ", None), ("0", 0), (" 12 ", 12)])
+def test_prestart_setting_reads_the_environment(value, expected):
+    from pgws_sync.gunicorn import prestart_setting
+
+    assert prestart_setting({"PGWS_PRESTART_THREADS": value}) == expected
+    assert prestart_setting({}) is None
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "", "1.5"])
+def test_prestart_setting_refuses_anything_else(value):
+    from pgws_sync.errors import ConfigError
+    from pgws_sync.gunicorn import prestart_setting
+
+    with pytest.raises(ConfigError, match="PGWS_PRESTART_THREADS must be a whole number"):
+        prestart_setting({"PGWS_PRESTART_THREADS": value})
+
+
+def test_prestart_threads_fills_a_thread_pool_and_leaves_other_workers_alone():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from pgws_sync.gunicorn import prestart_threads
+
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
+        worker = SimpleNamespace(tpool=pool, cfg=SimpleNamespace(threads=8), pid=os.getpid())
+        before = threading.active_count()
+        assert prestart_threads(worker, 3) == 3
+        assert threading.active_count() == before + 3
+        assert prestart_threads(worker) == 8  # the three idle ones, and five more
+        assert threading.active_count() == before + 8
+        # the threads are idle: work submitted now runs on them, none is added
+        assert pool.submit(threading.current_thread).result(5).name.startswith("ThreadPoolExecutor")
+        assert threading.active_count() == before + 8
+    finally:
+        pool.shutdown()
+    sync_worker = SimpleNamespace(cfg=SimpleNamespace(threads=1), pid=os.getpid())  # no pool
+    assert prestart_threads(sync_worker) == 0

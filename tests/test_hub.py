@@ -78,3 +78,43 @@ def test_the_bound_counts_frames_not_polls():
     hub.fan_out([("default", "5")])  # the sixth frame overflows
     assert len(hub) == 0 and conn._close_request == (1013, "send queue full")
     assert texts(conn) == ["0", "1", "2", "3", "4"]
+
+
+def test_connection_ids_are_random_uuid4_strings_and_unique_across_threads():
+    import threading
+    import uuid
+
+    ids = []
+    lock = threading.Lock()
+
+    def make(n):
+        mine = [Connection(["a"]).id for _ in range(n)]
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=make, args=(500,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == len(ids) == 4000
+    for text in ids[:200]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and str(parsed) == text
+
+
+def test_a_forked_child_draws_ids_of_its_own():
+    import os
+
+    Connection(["a"])  # the parent now holds unused random bytes
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        os.write(write, " ".join(Connection(["a"]).id for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    child_ids = os.read(read, 4096).decode().split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent_ids = [Connection(["a"]).id for _ in range(3)]
+    assert len(child_ids) == 3 and not set(child_ids) & set(parent_ids)

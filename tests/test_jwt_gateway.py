@@ -275,8 +275,9 @@ def test_tokens_beyond_gunicorn_limits_are_refused(server: Gunicorn, listen: str
                                                    sender: Any, clients: Any,
                                                    channel: str) -> None:
     reader = clients(url(server, channel, {"mode": "r"}))
-    status, _ = upgrade_refused(server, f"/{channel}/" + "a" * 20000)
-    assert status == 414  # gunicorn's own limit on the request line
+    status, text = upgrade_refused(server, f"/{channel}/" + "a" * 20000)
+    # gunicorn's own limit on the request line: 414 before gunicorn 27, 400 since
+    assert status == 414 or (status == 400 and "Request Line is too large" in text), text
     huge_valid = make_token({"mode": "r", "pad": "p" * 20000})
     status, _ = upgrade_refused(server, f"/{channel}", {"Authorization": f"Bearer {huge_valid}"})
     assert status == 431  # gunicorn's own limit on a header field
