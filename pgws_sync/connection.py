@@ -69,6 +69,11 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     One item carries every frame of one listener poll; bounding frames keeps
     a slow client's memory bounded however the frames arrived. Anything else
     (a wake-up marker) counts as one.
+
+    An item goes in only if all its frames fit, so the queue never holds more
+    than ``maxsize`` frames, with one exception: an empty queue takes any item
+    (a client that has read everything is not slow, however large one poll was).
+    Puts never wait: :meth:`put` is always non-blocking.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -83,6 +88,15 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
     def _qsize(self) -> int:
         return self.frames
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Queue ``item``, or raise ``queue.Full`` if its frames do not all fit."""
+        with self.mutex:
+            if self.frames and self.frames + _frame_count(item) > self.maxsize:
+                raise queue.Full
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
     def _put(self, item: Any) -> None:
         super()._put(item)

@@ -45,6 +45,22 @@ def test_drop_policy_counts_and_puts_the_gap_before_the_next_frame():
     assert conn.missed == {} and conn.dropped == {"g": 4}
 
 
+def test_a_poll_goes_in_whole_or_not_at_all_and_an_empty_queue_takes_any():
+    hub = Hub()
+    conn = Connection([], max_queue=3)
+    hub.add(conn)
+    hub.join(conn, "sub:g", drop_as="g")
+    hub.fan_out([("sub:g", "0"), ("sub:g", "1")])
+    hub.fan_out([("sub:g", "2"), ("sub:g", "3")])  # 2 + 2 > 3: none of it goes in
+    assert conn.missed == {"g": 2}  # (its wake-up marker took the last place)
+    hub.fan_out([("sub:g", "4")])  # the gap frame and "4" are two frames: no room either
+    assert conn.missed == {"g": 3} and conn.queue_depth == 3
+    assert texts(conn) == ["0", "1"]
+    hub.fan_out([("sub:g", str(i)) for i in range(5, 10)])  # empty: a poll larger than the bound goes in
+    assert conn.queue_depth == 6 and conn.missed == {}
+    assert texts(conn) == [gap_frame("g", 3)] + [str(i) for i in range(5, 10)]
+
+
 def test_close_policy_and_mixed_frames_close_with_1013():
     hub = Hub()
     mixed = Connection([], max_queue=1)
@@ -224,8 +240,8 @@ def test_slow_readers_under_a_firehose(pg_dsn, endpoint_policy):
                 next_expected, pending = frame["payload"]["i"] + 1, 0
         assert next_expected + pending == sent
         assert closer.id not in {c["id"] for c in stats(g)["connections"]}
-        # bounded: a queue holds at most max_queue frames (plus the rest of one poll's item)
-        assert max(depths) <= MAX_QUEUE + 10, depths
+        # bounded: a poll's frames go into a queue only if they all fit
+        assert max(depths) <= MAX_QUEUE, depths
         assert rss_peak - rss_before < 16 << 20
         print(f"\n[{endpoint_policy}] sent {sent} x {PAD} B; drop client received "
               f"{len(dropper.messages())}, missed {missed} in {len(dropper.gaps())} gap frames; "
