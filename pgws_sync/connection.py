@@ -9,7 +9,6 @@ import select
 import socket
 import threading
 import time
-import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from simple_websocket import ConnectionClosed  # type: ignore[import-untyped]
@@ -77,10 +76,16 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     """
 
     def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        # Only one thread ever waits (the writer, for an item); puts never wait and
-        # nobody joins. One condition serves all three roles: less memory per socket.
-        self.not_full = self.all_tasks_done = self.not_empty
+        # queue.Queue.__init__'s attributes, but with one condition instead of three:
+        # only one thread ever waits (the writer, for an item), puts never wait and
+        # nobody joins. Less time and memory per socket, and less for the garbage
+        # collector to walk. (tests/test_hub.py checks no attribute of Queue is missing.)
+        self.maxsize = maxsize
+        self._init(maxsize)
+        self.mutex = threading.Lock()
+        self.not_empty = self.not_full = self.all_tasks_done = threading.Condition(self.mutex)
+        self.unfinished_tasks = 0
+        self.is_shutdown = False  # Python 3.13's Queue.shutdown()
 
     def _init(self, maxsize: int) -> None:
         super()._init(maxsize)
@@ -297,11 +302,20 @@ class _RandomIds:
                 start = self._offset
                 if start < len(self._bytes):
                     self._offset = start + 16
-                    return str(uuid.UUID(bytes=self._bytes[start:start + 16], version=4))
+                    return _uuid4_string(self._bytes, start)
             fresh = os.urandom(16 * self._BATCH)  # outside the lock
             with self._lock:
                 if self._offset >= len(self._bytes):  # no other thread refilled meanwhile
                     self._bytes, self._offset = fresh, 0
+
+
+def _uuid4_string(data: bytes, start: int) -> str:
+    """``str(uuid.UUID(bytes=data[start:start + 16], version=4))``, in a third of the time."""
+    raw = bytearray(data[start:start + 16])
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _ids = _RandomIds()

@@ -89,6 +89,9 @@ class _PlainServer(Server):  # type: ignore[misc]
     handled by wsproto as usual.
     """
 
+    #: The only request headers :meth:`handshake` reads.
+    READS = ("HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_PROTOCOL")
+
     def handshake(self) -> None:
         chosen = None
         if self.subprotocols:
@@ -302,14 +305,19 @@ class WebSocketEndpoint:
 
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
-        # simple-websocket reads only the socket and the HTTP_ headers.
-        ws_environ: WSGIEnviron = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
-        ws_environ[key] = guarded
         # simple-websocket's own handshake accepts permessage-deflate whenever it
         # is offered; ours (_PlainServer) accepts no extension.
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
         server_class = Server if deflate else _PlainServer
+        # simple-websocket's handshake reads only the socket and the HTTP_ headers;
+        # ours only the key and the subprotocols offered.
+        ws_environ: WSGIEnviron
+        if deflate:
+            ws_environ = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+        else:
+            ws_environ = {name: environ[name] for name in _PlainServer.READS if name in environ}
+        ws_environ[key] = guarded
         try:
             ws = server_class.accept(ws_environ, ping_interval=self.ping_interval,
                                max_message_size=self.max_message_size,

@@ -161,6 +161,21 @@ def test_the_hook_starts_pool_threads_before_the_worker_accepts(pg_dsn, setting,
         g.stop()
 
 
+def test_the_hook_freezes_what_the_worker_made_before_accepting(pg_dsn):
+    """The app, its modules and the pool's threads are out of the collector's walks."""
+    g = serve(pg_dsn, threads=8).wait_up()
+    try:
+        stats = g.stats()
+        # without the hook nothing is frozen; with it, the tens of thousands of objects
+        # a worker holds before its first request
+        assert stats["gc_frozen"] > 10_000, stats["gc_frozen"]
+        ws = Ws(g.ws_url())
+        wait_sockets(g, 1)
+        ws.close()
+    finally:
+        g.stop()
+
+
 def test_without_prestarted_threads_each_socket_starts_one(pg_dsn):
     g = serve(pg_dsn, threads=32, extra_env={"PGWS_PRESTART_THREADS": "0"}).wait_up()
     try:

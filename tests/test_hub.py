@@ -100,7 +100,37 @@ def test_connection_ids_are_random_uuid4_strings_and_unique_across_threads():
     assert len(set(ids)) == len(ids) == 4000
     for text in ids[:200]:
         parsed = uuid.UUID(text)
-        assert parsed.version == 4 and str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_ids_are_formatted_exactly_as_the_uuid_module_does():
+    import os
+    import uuid
+
+    from pgws_sync.connection import _uuid4_string
+
+    data = os.urandom(16 * 256) + bytes(16) + b"\xff" * 16
+    for start in range(0, len(data), 16):
+        assert _uuid4_string(data, start) == str(uuid.UUID(bytes=data[start:start + 16], version=4))
+
+
+def test_a_frame_queue_has_every_attribute_of_a_queue():
+    """FrameQueue sets Queue's attributes itself (one condition instead of three):
+    a Python that adds one to queue.Queue.__init__ fails here, not in production."""
+    import queue
+    import threading
+
+    from pgws_sync.connection import FrameQueue
+
+    frames = FrameQueue(4)
+    assert set(vars(queue.Queue(4))) <= set(vars(frames))
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(frames.get(timeout=10)))
+    waiter.start()
+    frames.put_nowait("x")  # wakes the waiting get
+    waiter.join(10)
+    frames.task_done()
+    assert got == ["x"] and frames.unfinished_tasks == 0 and frames.qsize() == 0
 
 
 def test_a_forked_child_draws_ids_of_its_own():

@@ -8,6 +8,7 @@ Audiences: the X-Audience header (comma-separated, may be empty) if sent, else
 ["default", "worker-<pid>"].
 """
 
+import gc
 import json
 import os
 import threading
@@ -43,6 +44,7 @@ def stats():
         pid=os.getpid(),
         threads=threading.active_count(),
         thread_names=sorted(t.name for t in threading.enumerate()),
+        gc_frozen=gc.get_freeze_count(),
         sockets=len(endpoint.hub),
         audiences=endpoint.hub.audience_count(),
         queue_depths=[c.queue_depth for c in endpoint.hub.connections()],
