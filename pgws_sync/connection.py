@@ -71,7 +71,8 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
     An item goes in only if all its frames fit, so the queue never holds more
     than ``maxsize`` frames, with one exception: an empty queue takes any item
-    (a client that has read everything is not slow, however large one poll was).
+    (a client that has read everything is not slow; sources hand on at most
+    ``source.MAX_BATCH`` notifications at a time, so one poll stays small).
     Puts never wait: :meth:`put` is always non-blocking.
     """
 

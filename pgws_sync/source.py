@@ -17,12 +17,19 @@ from .messages import Notification
 
 _S = TypeVar("_S", bound="SourceThread")
 
+#: Notifications per :meth:`Sink.on_notifications` call at most. What arrived together is
+#: handed on in slices of this size, so however long the thread was held up, no single item
+#: in a socket's queue carries more frames than this (a queue, which takes an item whole,
+#: then never holds more than ``max_queue`` frames if ``max_queue`` is at least this).
+MAX_BATCH = 64
+
 
 class Sink(Protocol):
     """What a source hands notifications to (the endpoints implement it)."""
 
     def on_notifications(self, batch: Sequence[Notification]) -> None:
-        """Called on the source's thread with everything that arrived together, in order."""
+        """Called on the source's thread with what arrived together, in order (in slices of
+        at most :data:`MAX_BATCH` notifications)."""
 
     def on_resync(self, reason: str) -> None:
         """Called on the source's thread after a reconnect: notifications may have been lost."""
@@ -346,17 +353,17 @@ class SourceThread:
             log.info("%s stopped", self._what)
 
     def _deliver(self, batch: List[Notification]) -> None:
-        """Hand ``batch`` to every sink, each getting the notifications on its channels."""
+        """Hand ``batch`` to every sink, each getting the notifications on its channels,
+        at most :data:`MAX_BATCH` at a time."""
         with self._lock:
             sinks = list(self._sinks.items())
         for sink, channels in sinks:
             mine = [n for n in batch if n.channel in channels]
-            if not mine:
-                continue
-            try:
-                sink.on_notifications(mine)
-            except Exception:  # a broken sink must not stop the source
-                self._log.exception("notification handler %r failed", sink)
+            for start in range(0, len(mine), MAX_BATCH):
+                try:
+                    sink.on_notifications(mine[start:start + MAX_BATCH])
+                except Exception:  # a broken sink must not stop the source
+                    self._log.exception("notification handler %r failed", sink)
 
     def _resync(self, reason: str) -> None:
         with self._lock:

@@ -240,7 +240,8 @@ def test_slow_readers_under_a_firehose(pg_dsn, endpoint_policy):
                 next_expected, pending = frame["payload"]["i"] + 1, 0
         assert next_expected + pending == sent
         assert closer.id not in {c["id"] for c in stats(g)["connections"]}
-        # bounded: a poll's frames go into a queue only if they all fit
+        # bounded: a poll's frames go into a queue only if they all fit, and no poll
+        # carries more than MAX_BATCH (< MAX_QUEUE) frames, so not even into an empty queue
         assert max(depths) <= MAX_QUEUE, depths
         assert rss_peak - rss_before < 16 << 20
         print(f"\n[{endpoint_policy}] sent {sent} x {PAD} B; drop client received "

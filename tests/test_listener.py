@@ -225,6 +225,32 @@ def test_silent_death_is_noticed_within_a_heartbeat(pg_dsn, sender, make_listene
         proxy.close()
 
 
+def test_what_arrives_together_is_handed_on_in_slices_of_max_batch(pg_dsn, sender, channel,
+                                                                   make_listener):
+    from pgws_sync.source import MAX_BATCH
+
+    class Sizes(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def on_notifications(self, batch):
+            self.sizes.append(len(batch))
+            super().on_notifications(batch)
+
+    listener = make_listener(pg_dsn)
+    sink = Sizes()
+    listener.add_sink(sink, [channel])
+    assert listener.wait_connected(10)
+    count = 2 * MAX_BATCH + 22
+    with sender.cursor() as cur:  # one statement, one commit: they arrive together
+        cur.execute("SELECT pg_notify(%s, i::text) FROM generate_series(1, %s) AS i", (channel, count))
+    wait_for(lambda: len(sink.payloads()) == count, message="every notification")
+    assert sink.payloads() == [str(i) for i in range(1, count + 1)]
+    assert max(sink.sizes) == MAX_BATCH  # at least one full slice: they did arrive together
+    assert sum(sink.sizes) == count
+
+
 def test_a_failing_sink_does_not_stop_the_listener(pg_dsn, sender, channel, make_listener):
     class Broken(Recorder):
         def on_notifications(self, batch):
