@@ -97,16 +97,14 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
     def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Queue ``item``, or raise ``queue.Full`` if its frames do not all fit."""
+        count = _frame_count(item)
         with self.mutex:
-            if self.frames and self.frames + _frame_count(item) > self.maxsize:
+            if self.frames and self.frames + count > self.maxsize:
                 raise queue.Full
             self._put(item)
+            self.frames += count
             self.unfinished_tasks += 1
             self.not_empty.notify()
-
-    def _put(self, item: Any) -> None:
-        super()._put(item)
-        self.frames += _frame_count(item)
 
     def _get(self) -> Any:
         item = super()._get()
