@@ -65,14 +65,14 @@ class Delivery:
 class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     """A ``queue.Queue`` whose size, and so its bound, counts frames, not items.
 
-    One item carries every frame of one listener poll; bounding frames keeps
+    One item carries the frames of one hand-on from a source (what one poll
+    brought, at most ``source.MAX_BATCH`` notifications); bounding frames keeps
     a slow client's memory bounded however the frames arrived. Anything else
     (a wake-up marker) counts as one.
 
     An item goes in only if all its frames fit, so the queue never holds more
     than ``maxsize`` frames, with one exception: an empty queue takes any item
-    (a client that has read everything is not slow; sources hand on at most
-    ``source.MAX_BATCH`` notifications at a time, so one poll stays small).
+    (a client that has read everything is not slow, and one item stays small).
     Puts never wait: :meth:`put` is always non-blocking.
     """
 
