@@ -1,66 +1,91 @@
 """pgws_sync: PostgreSQL NOTIFY to browsers over WebSockets, for threaded WSGI apps."""
 
-from .batching import Batcher, BatcherStopped
-from .connection import Connection
-from .endpoint import WebSocketEndpoint, origin_allowed
+from ._core.assets import static_files
+from ._core.connection import Connection
+from ._core.endpoint import WebSocketEndpoint, origin_allowed
+from ._formats import NOTIFY_PAYLOAD_LIMIT
 from .errors import (
+    BatcherStopped,
+    CommandFailed,
     ConfigError,
+    DatabaseUnreachable,
     InvalidChannel,
     InvalidPayload,
     ListenerStopped,
+    NotifyFailed,
     PayloadTooLarge,
     PgwsError,
+    ProtocolError,
+    PublicationTooLarge,
+    PublishFailed,
+    RedisPublishFailed,
     Refused,
+    TokenRefused,
+    WriteFailed,
 )
-from .jwt_auth import Grant, JwtAuth, TokenRefused
-from .jwt_gateway import JwtGateway, WriteFailed, static_files
-from .listener import Listener
-from .messages import NOTIFY_PAYLOAD_LIMIT, Notification
-from .notify import notify
-from .pgws import PGWS, shutdown
-from .protocol import ProtocolError
-from .publication import DEFAULT_PUBSUB_CHANNEL
-from .publisher import PublishFailed, Publisher, publish
-from .pubsub import PubSub
-from .push import Push
-from .push_messages import DEFAULT_PUSH_CHANNEL
-from .redis_source import RedisPublishFailed, RedisSource
+from .jwt.auth import Grant, JwtAuth
+from .jwt.endpoint import JwtGateway
+from .pgws.endpoint import PGWS, Pgws
+from .pgws.notify import notify
+from .pubsub.batching import Batcher
+from .pubsub.endpoint import PubSub
+from .pubsub.publication import DEFAULT_PUBSUB_CHANNEL
+from .pubsub.publisher import Publisher, publish
+from .push.endpoint import Push
+from .push.messages import DEFAULT_PUSH_CHANNEL
+from .runtime import shutdown
+from .sources.base import Notification, Source
+from .sources.postgres import Listener
+from .sources.redis import RedisSource
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batcher",
-    "BatcherStopped",
-    "ConfigError",
-    "Connection",
-    "DEFAULT_PUBSUB_CHANNEL",
-    "DEFAULT_PUSH_CHANNEL",
-    "Grant",
-    "InvalidChannel",
-    "InvalidPayload",
-    "JwtAuth",
-    "JwtGateway",
-    "Listener",
-    "ListenerStopped",
-    "NOTIFY_PAYLOAD_LIMIT",
-    "Notification",
-    "PGWS",
-    "PayloadTooLarge",
-    "PgwsError",
-    "ProtocolError",
+    # endpoints, one per product
+    "Pgws",
     "PubSub",
     "Push",
-    "PublishFailed",
-    "Publisher",
-    "RedisPublishFailed",
+    "JwtGateway",
+    "WebSocketEndpoint",
+    "Connection",
+    # sources
+    "Listener",
     "RedisSource",
+    "Source",
+    "Notification",
+    # publishing
+    "notify",
+    "publish",
+    "Publisher",
+    "Batcher",
+    "DEFAULT_PUBSUB_CHANNEL",
+    "DEFAULT_PUSH_CHANNEL",
+    "NOTIFY_PAYLOAD_LIMIT",
+    # JWT
+    "JwtAuth",
+    "Grant",
+    # helpers
+    "origin_allowed",
+    "static_files",
+    "shutdown",
+    # errors
+    "PgwsError",
+    "ConfigError",
+    "ListenerStopped",
+    "InvalidChannel",
+    "InvalidPayload",
+    "PayloadTooLarge",
+    "PublicationTooLarge",
+    "ProtocolError",
     "Refused",
     "TokenRefused",
-    "WebSocketEndpoint",
+    "NotifyFailed",
+    "PublishFailed",
     "WriteFailed",
-    "notify",
-    "origin_allowed",
-    "publish",
-    "shutdown",
-    "static_files",
+    "RedisPublishFailed",
+    "BatcherStopped",
+    "DatabaseUnreachable",
+    "CommandFailed",
+    # the name before 0.2, an alias of Pgws
+    "PGWS",
 ]

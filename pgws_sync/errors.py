@@ -1,8 +1,8 @@
-"""The one error tree of pgws_sync: every error the library raises is a PgwsError."""
+"""Every error pgws_sync raises: one tree under :class:`PgwsError`, each class exported."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 
 def first_line(exc: BaseException) -> str:
@@ -15,12 +15,22 @@ class PgwsError(Exception):
     """Root of every error pgws_sync raises on purpose."""
 
 
+# ------------------------------------------------------------------ settings
+
+
 class ConfigError(PgwsError, ValueError):
     """A setting is missing or has a value the library cannot use."""
 
 
-class InvalidChannel(ConfigError):
-    """A channel name PostgreSQL would not treat as the same name everywhere."""
+class ListenerStopped(PgwsError, RuntimeError):
+    """The listener (or another source) was stopped and cannot be used again."""
+
+
+# --------------------------------------------------------- names and payloads
+
+
+class InvalidChannel(PgwsError, ValueError):
+    """A channel name that cannot be used (``channel`` and ``reason`` say why)."""
 
     def __init__(self, channel: object, reason: str) -> None:
         self.channel = channel
@@ -29,7 +39,7 @@ class InvalidChannel(ConfigError):
 
 
 class InvalidPayload(PgwsError, ValueError):
-    """A payload that is not what the pgws format needs (a JSON object)."""
+    """A message or payload that does not have the shape its format needs."""
 
     def __init__(self, reason: str, payload_start: str = "") -> None:
         self.reason = reason
@@ -53,6 +63,32 @@ class PayloadTooLarge(PgwsError, ValueError):
         )
 
 
+class PublicationTooLarge(PayloadTooLarge):
+    """A pub/sub message whose NOTIFY would reach PostgreSQL's 8000-byte limit."""
+
+    def __init__(self, size: int, limit: int, channel: Optional[str]) -> None:
+        super().__init__(size, limit, channel)
+        where = f"for channel {channel!r} " if channel is not None else ""
+        self.args = (
+            f"the message {where}would take {size} bytes as a NOTIFY; PostgreSQL accepts at most "
+            f"{limit - 1} bytes, envelope included (about {limit - 100} bytes of JSON or text, "
+            f"{(limit - 100) * 3 // 4} of binary). Send a smaller message, for example the id "
+            f"of a row the browser then fetches.",
+        )
+
+
+class ProtocolError(PgwsError, ValueError):
+    """A client frame the server cannot act on; the reason goes back in an error frame."""
+
+    def __init__(self, reason: str, reply_to: Any = None) -> None:
+        self.reason = reason
+        self.reply_to = reply_to
+        super().__init__(reason)
+
+
+# ----------------------------------------------------------------- sockets
+
+
 class Refused(PgwsError):
     """Raised by an endpoint's ``on_connect`` hook to refuse a socket before the upgrade.
 
@@ -67,5 +103,82 @@ class Refused(PgwsError):
         super().__init__(f"refused with HTTP {status}: {body}")
 
 
-class ListenerStopped(PgwsError, RuntimeError):
-    """The listener was stopped and cannot be used again."""
+class TokenRefused(Refused):
+    """A token that does not open a socket: HTTP 400 with ``body`` as the answer.
+
+    ``body`` is ``Token expired``, ``Missing mode``, ``No allowed channels`` or
+    ``Error: <reason>``, as postgres-websockets answers.
+    """
+
+    def __init__(self, body: str) -> None:
+        super().__init__(400, body)
+
+    def __str__(self) -> str:
+        return self.body
+
+
+# -------------------------------------------------------------- publishing
+
+
+class NotifyFailed(PgwsError, RuntimeError):
+    """A NOTIFY was not sent: no connection was free, or the database is unreachable or refused it.
+
+    ``reason`` is one line; ``message`` (default: the reason) is what ``str()`` gives.
+    """
+
+    def __init__(self, reason: str, message: Optional[str] = None) -> None:
+        self.reason = reason
+        super().__init__(message or reason)
+
+
+class PublishFailed(NotifyFailed):
+    """The database did not take a publication's NOTIFY (it is unreachable, or refused it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, f"could not publish: {reason}")
+
+
+class WriteFailed(NotifyFailed):
+    """A browser's message could not be NOTIFYed; the sender gets the reason in an error frame."""
+
+
+class RedisPublishFailed(PgwsError, RuntimeError):
+    """A PUBLISH did not reach Redis (it is unreachable, refused it, or the source was stopped).
+
+    ``channel`` is the channel, ``reason`` one line, ``url`` the server's
+    address with any password redacted.
+    """
+
+    def __init__(self, channel: str, reason: str, url: str,
+                 hint: str = "Check that redis-server is running there and that the URL is right.",
+                 ) -> None:
+        self.channel = channel
+        self.reason = reason
+        self.url = url
+        super().__init__(
+            f"could not PUBLISH on Redis channel {channel!r} at {url}: {reason}. {hint}"
+        )
+
+
+class BatcherStopped(PgwsError, RuntimeError):
+    """The batcher was stopped (the endpoint is shutting down): nothing more is batched."""
+
+
+class DatabaseUnreachable(PgwsError):
+    """The database did not answer within the start-up attempts."""
+
+
+class CommandFailed(PgwsError):
+    """A command could not do its job for a reason outside the configuration (exit code 1)."""
+
+
+#: Every class above, as ``pgws_sync.<Name>`` (the documented place to import and catch them).
+ERRORS = (
+    PgwsError, ConfigError, ListenerStopped, InvalidChannel, InvalidPayload, PayloadTooLarge,
+    PublicationTooLarge, ProtocolError, Refused, TokenRefused, NotifyFailed, PublishFailed,
+    WriteFailed, RedisPublishFailed, BatcherStopped, DatabaseUnreachable, CommandFailed,
+)
+
+for _cls in ERRORS:
+    _cls.__module__ = "pgws_sync"
+del _cls

@@ -16,14 +16,11 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
+from ._core.wire import warm_up
 from .errors import ConfigError
-from .listener import live_listeners
-from .listening import Source
-from .pgws import shutdown
-from .redis_source import live_sources
-from .wire import warm_up
+from .runtime import shutdown, start_sources
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +41,8 @@ PRESTART_ENV = "PGWS_PRESTART_THREADS"
 #: Seconds :func:`prestart_threads` waits for the threads it asked for.
 PRESTART_TIMEOUT = 30.0
 
-#: glibc malloc arenas per worker (its default is 8 per core). Hundreds of threads each
-#: touching a fresh arena cost about 3 KB per socket; the GIL serialises them anyway.
+#: glibc malloc arenas per worker (its default is 8 per core): hundreds of threads each
+#: touching a fresh arena cost memory per socket, and the GIL serialises them anyway.
 #: The MALLOC_ARENA_MAX environment variable, when set, wins.
 MALLOC_ARENA_MAX = 2
 
@@ -66,12 +63,8 @@ def post_worker_init(worker: Any) -> None:
     limit_malloc_arenas(MALLOC_ARENA_MAX)
     warm_up()
     prestart_threads(worker, prestart_setting())
-    sources: List[Source] = [*live_listeners(), *live_sources()]
-    for listener in sources:
-        try:
-            listener.start()
-        except Exception:  # a stopped listener must not stop the worker
-            logger.exception("could not start listener in worker %s", worker.pid)
+    for source in start_sources():
+        logger.error("could not start %r in worker %s: it was stopped", source, worker.pid)
     _chain(signal.SIGTERM, lambda: threading.Thread(
         target=shutdown, args=(SHUTDOWN_TIMEOUT,), name="pgws-shutdown", daemon=True).start())
     for signum in (signal.SIGINT, signal.SIGQUIT):
@@ -83,11 +76,8 @@ def freeze_startup_objects() -> int:
     """Collect once, then put every object alive now out of the garbage collector's walks.
 
     The app, its modules and the worker's pool threads live as long as the
-    worker, yet every full collection walks them all again (``gc.freeze()``:
-    they are never collected, nor walked, from now on). Full collections then
-    walk only what was made since: about a third of the collector's time
-    while 1000 sockets connect. Returns how many objects were frozen;
-    ``gc.unfreeze()`` in a later hook undoes it.
+    worker, yet every full collection would walk them again. Returns how many
+    objects were frozen; ``gc.unfreeze()`` in a later hook undoes it.
     """
     gc.collect()
     gc.freeze()
@@ -132,17 +122,10 @@ def prestart_threads(worker: Any, count: Optional[int] = None,
                      timeout: float = PRESTART_TIMEOUT) -> int:
     """Start ``count`` of the worker's pool threads now (None: all of ``threads``); returns how many run.
 
-    Every open socket holds one gunicorn pool thread for its whole life, and
-    gunicorn starts a pool thread only when a connection finds none idle: so
-    without this, each new socket pays for starting a thread (about a quarter
-    of the worker's time while 1000 sockets connect at once). Started ahead,
-    the threads cost their time (about 0.25 ms each) and memory (about 18 KB
-    each) once, when the worker starts.
-
-    Call it before the worker accepts (:func:`post_worker_init` does): each
-    thread is kept busy until all have started, so a request queued among
-    them could wait up to ``timeout`` seconds. Works with the ``gthread``
-    worker; for any other it does nothing and returns 0.
+    Every open socket holds a gunicorn pool thread for its whole life, and
+    gunicorn otherwise starts one only when a connection finds none idle.
+    Call it before the worker accepts (:func:`post_worker_init` does); works
+    with the ``gthread`` worker, does nothing (returns 0) with any other.
     """
     pool = getattr(worker, "tpool", None)
     threads = getattr(getattr(worker, "cfg", None), "threads", 0)

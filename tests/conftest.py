@@ -111,8 +111,3 @@ def page(browser: Browser) -> Iterator[Page]:
     """A fresh page of the module's Chromium."""
     with fresh_page(browser) as new_page:
         yield new_page
-
-
-def pg_notify(conn: "psycopg2.extensions.connection", channel: str, payload: str) -> None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))

@@ -317,3 +317,9 @@ class Recorder:
     def payloads(self):
         with self.lock:
             return [n.payload for n in self.notes]
+
+
+def pg_notify(conn: Any, channel: str, payload: str) -> None:
+    """NOTIFY ``payload`` on ``channel`` from ``conn`` (leaves at commit; at once in autocommit)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))

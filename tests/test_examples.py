@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import Gunicorn, Ws, wait_for
 
 

@@ -9,7 +9,7 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import Ping, Pong, TextMessage
 
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import Ws, raw_upgrade, read_frame, serve, socket_closed_by_peer, wait_for, wait_sockets
 
 PAD = "x" * 7000  # large frames fill the stalled client's buffers quickly

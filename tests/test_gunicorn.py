@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
 
 

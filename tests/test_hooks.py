@@ -7,7 +7,7 @@ import socket
 import pytest
 import simple_websocket
 
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import Client, Gunicorn, http_get, raw_upgrade, wait_for
 
 

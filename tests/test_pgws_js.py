@@ -20,10 +20,10 @@ from flask import Flask
 from playwright.sync_api import Page
 
 from pgws_sync import PGWS, Listener
-from pgws_sync.assets import client_js
+from pgws_sync._core.assets import client_js
 
 from .clirun import Serve, no_database_env
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import ROOT, Gunicorn, http_get, wait_for
 from .jwt_helpers import SECRET, make_token
 from .pubsub_helpers import post, serve_pubsub, stats

@@ -2,7 +2,7 @@
 
 import re
 
-from .conftest import pg_notify
+from .helpers import pg_notify
 from .helpers import ROOT, Gunicorn, Ws, http_get, wait_for
 
 

@@ -46,7 +46,7 @@ def stats():
         thread_names=sorted(t.name for t in threading.enumerate()),
         gc_frozen=gc.get_freeze_count(),
         sockets=len(endpoint.hub),
-        audiences=endpoint.hub.audience_count(),
+        audiences=endpoint.hub.key_count(),
         queue_depths=[c.queue_depth for c in endpoint.hub.connections()],
         listener=listener.status(),
     )

@@ -1,0 +1,626 @@
+"""One WebSocket connection: its bounded queue and the single writer that drains it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .._formats import gap_frame
+from .simple_ws import ConnectionClosed, LocalProtocolError, inbound
+from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
+
+logger = logging.getLogger(__name__)
+
+#: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+_WAKE = object()  # a queue item that only wakes the writer up
+
+
+class Delivery:
+    """What one poll of the listener brings one connection: frames encoded once, shared."""
+
+    __slots__ = ("texts", "wire")
+
+    def __init__(self, texts: Tuple[Frame, ...], wire: bytes) -> None:
+        #: The frames' contents (``str`` text, ``bytes`` binary), for compressing sockets.
+        self.texts = texts
+        #: The complete WebSocket frames, ready to write to any uncompressed socket.
+        self.wire = wire
+
+    @classmethod
+    def of(cls, data: Frame) -> "Delivery":
+        """One frame (text for ``str``, binary for ``bytes``), encoded here once for every recipient."""
+        if isinstance(data, str):
+            return cls((data,), encode_text(data))
+        return cls((bytes(data),), encode_frame(bytes(data), OPCODE_BINARY))
+
+    @classmethod
+    def raw(cls, wire: bytes) -> "Delivery":
+        """Bytes already framed (a pong, the rest of a frame): written as they are."""
+        return cls((), wire)
+
+    @classmethod
+    def join(cls, parts: Sequence["Delivery"]) -> "Delivery":
+        """One delivery carrying ``parts`` in order."""
+        if len(parts) == 1:
+            return parts[0]
+        texts: Tuple[Frame, ...] = tuple(t for p in parts for t in p.texts)
+        return cls(texts, b"".join(p.wire for p in parts))
+
+
+class FrameQueue(queue.Queue):  # type: ignore[type-arg]
+    """A ``queue.Queue`` whose size, and so its bound, counts frames, not items.
+
+    An item (a :class:`Delivery`) carries the frames of one hand-on from a
+    source; anything else (a wake-up marker) counts as one. An item goes in
+    only if all its frames fit, except that an empty queue takes any item (a
+    client that has read everything is not slow). Puts never wait.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        # queue.Queue.__init__'s attributes, but with one condition instead of three:
+        # only the writer ever waits, puts never wait and nobody joins.
+        # (tests/core/test_connection.py checks no attribute of Queue is missing.)
+        self.maxsize = maxsize
+        self._init(maxsize)
+        self.mutex = threading.Lock()
+        self.not_empty = self.not_full = self.all_tasks_done = threading.Condition(self.mutex)
+        self.unfinished_tasks = 0
+        self.is_shutdown = False  # Python 3.13's Queue.shutdown()
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.frames = 0
+
+    def _qsize(self) -> int:
+        return self.frames
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Queue ``item``, or raise ``queue.Full`` if its frames do not all fit."""
+        count = _frame_count(item)
+        with self.mutex:
+            if self.frames and self.frames + count > self.maxsize:
+                raise queue.Full
+            self._put(item)
+            self.frames += count
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.frames -= _frame_count(item)
+        return item
+
+
+def _frame_count(item: Any) -> int:
+    return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
+
+
+class Latch:
+    """A one-way flag threads can wait on: a ``threading.Event`` that is never cleared,
+    built on one lock (an Event costs a condition and a deque per socket)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # set already
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once set; False if ``timeout`` seconds passed first."""
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()
+            return True
+        return False
+
+
+_thread_flags = threading.local()
+
+
+def forbid_blocking_writes() -> None:
+    """Mark the calling thread as one that must never wait on a socket.
+
+    A :class:`GuardedSocket` written from such a thread (the shared reader)
+    sends what the socket takes at once and queues the rest for the
+    connection's writer.
+    """
+    _thread_flags.nonblocking = True
+
+
+class GuardedSocket:
+    """The socket as simple-websocket sees it: whole writes, one at a time, with a deadline.
+
+    Every write takes :attr:`lock` and writes all its bytes, or fails after
+    ``write_timeout`` seconds. ``close()`` shuts the socket down but leaves the
+    descriptor to the web server, so its number is never reused while a
+    writer might still hold it.
+    """
+
+    __slots__ = ("_sock", "_write_timeout", "_on_close", "_hand_over", "lock", "_aborted")
+
+    def __init__(self, sock: socket.socket, write_timeout: float, on_close: Callable[[], None],
+                 hand_over: Optional[Callable[[bytes], None]] = None) -> None:
+        self._sock = sock
+        self._write_timeout = write_timeout
+        self._on_close = on_close
+        self._hand_over = hand_over
+        #: Held by whoever writes; reentrant so the writer can hold it across a drain.
+        self.lock = threading.RLock()
+        self._aborted = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def recv_nowait(self, size: int) -> Optional[bytes]:
+        """What has arrived (``b""`` at end of stream), or None if nothing has."""
+        try:
+            return self._sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    def send(self, data: bytes) -> int:
+        if self._hand_over is not None and getattr(_thread_flags, "nonblocking", False):
+            self._hand_over(bytes(data))  # never wait here: the connection's writer finishes it
+        else:
+            self.sendall(data)
+        return len(data)
+
+    def send_nowait(self, data: Union[bytes, memoryview]) -> int:
+        """Write what the socket takes without waiting; the caller holds :attr:`lock`.
+
+        Returns the number of bytes written (0 when the socket buffer is full).
+        """
+        if self._aborted:
+            raise ConnectionAbortedError("the connection was dropped")
+        try:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self.lock:
+            deadline: Optional[float] = None
+            while view:
+                sent = self.send_nowait(view)
+                if sent:
+                    view = view[sent:]
+                    continue
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._write_timeout
+                if now >= deadline:
+                    raise TimeoutError(f"write blocked for more than {self._write_timeout:g}s")
+                waiter = select.poll()
+                waiter.register(self._sock.fileno(), select.POLLOUT)
+                waiter.poll(max(1, int((deadline - now) * 1000)))
+
+    def abort(self) -> None:
+        """Stop all traffic now: blocked reads and writes on other threads fail at once."""
+        self._aborted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.abort()
+        self._on_close()
+
+
+class WakingEvent:
+    """simple-websocket's "something arrived" event: it wakes the connection's writer.
+
+    Nobody waits on it (the writer waits on its queue), so it is a flag, not
+    a ``threading.Event`` with its own condition.
+    """
+
+    __slots__ = ("_flag", "_wake")
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._flag = False
+        self._wake = wake
+
+    def set(self) -> None:
+        self._flag = True
+        self._wake()
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        raise RuntimeError("pgws_sync delivers inbound messages to on_message; nothing waits here")
+
+
+class _RandomIds:
+    """Random (version 4) UUID strings, drawn from random bytes fetched 64 ids at a time.
+
+    ``uuid.uuid4()`` asks the kernel on every call and lets go of the GIL:
+    a thread switch per socket while many connect. The ids are as
+    unguessable as uuid4's; a forked child starts with none of its parent's.
+    """
+
+    _BATCH = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = b""
+        self._offset = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = b""
+        self._offset = 0
+
+    def next(self) -> str:
+        while True:
+            with self._lock:
+                start = self._offset
+                if start < len(self._bytes):
+                    self._offset = start + 16
+                    return _uuid4_string(self._bytes, start)
+            fresh = os.urandom(16 * self._BATCH)  # outside the lock
+            with self._lock:
+                if self._offset >= len(self._bytes):  # no other thread refilled meanwhile
+                    self._bytes, self._offset = fresh, 0
+
+
+def _uuid4_string(data: bytes, start: int) -> str:
+    """``str(uuid.UUID(bytes=data[start:start + 16], version=4))``, in a third of the time."""
+    raw = bytearray(data[start:start + 16])
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_ids = _RandomIds()
+
+
+#: ``on_message(data)``: called by the writer for each inbound message, in order.
+MessageHandler = Callable[[Frame], None]
+
+
+class Connection:
+    """A registered WebSocket: its id, audiences, metadata, bounded queue and close state.
+
+    Any thread may call :meth:`deliver` / :meth:`send` (they never block),
+    :meth:`close` and :meth:`close_at`. The thread running :meth:`serve`
+    drains the queue; a deliverer that finds the socket idle writes directly
+    without blocking, and leaves the end of a frame the socket did not take
+    to the writer. Both write under the socket's lock, so frames stay whole.
+    """
+
+    # Thousands live at once: no per-instance dict.
+    __slots__ = ("id", "audiences", "metadata", "subprotocol", "_queue", "_close_request",
+                 "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
+                 "closed", "__weakref__")
+
+    def __init__(
+        self,
+        audiences: Sequence[str],
+        *,
+        max_queue: int = 1024,
+    ) -> None:
+        self.id = _ids.next()
+        #: The audiences the connection was opened with (the hub keeps the live set).
+        self.audiences: Tuple[str, ...] = tuple(dict.fromkeys(audiences))
+        #: Free for the application: filled in ``on_connect``, read anywhere.
+        self.metadata: Dict[str, Any] = {}
+        #: The Sec-WebSocket-Protocol to answer with (one the client offered), or None.
+        self.subprotocol: Optional[str] = None
+        self._queue = FrameQueue(max_queue)
+        self._close_request: Optional[Tuple[int, str]] = None
+        self._close_at: Optional[Tuple[float, int, str]] = None
+        self._ws: Any = None
+        self._sock: Optional[GuardedSocket] = None
+        self._direct = False
+        #: The end of a frame a direct write left half-written; the writer sends it first.
+        self._rest: Optional[bytes] = None
+        self._gap_lock = threading.Lock()  # guards _missed and dropped
+        #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
+        self._missed: Dict[str, int] = {}
+        #: Every frame dropped for this connection so far, by channel.
+        self.dropped: Dict[str, int] = {}
+        #: Set once the writer has ended (the socket is over).
+        self.closed = Latch()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def deliver(self, item: Delivery) -> bool:
+        """Hand ``item`` to the socket without blocking. False if the queue is full.
+
+        While frames are missing (:meth:`add_missed`), ``item`` is queued behind
+        one gap frame per channel, or not at all if the queue has no room.
+        """
+        if self._missed:
+            return self._deliver_after_gap(item)
+        sock = self._sock
+        if self._direct and sock is not None and sock.lock.acquire(blocking=False):
+            try:
+                # unfinished_tasks counts items queued or held by the writer: only
+                # when it is zero may a write here go ahead of nothing.
+                if (self._queue.unfinished_tasks == 0 and self._rest is None
+                        and self._close_request is None):
+                    self._write_now(sock, item.wire)
+                    return True
+            finally:
+                sock.lock.release()
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    def add_missed(self, counts: Dict[str, int]) -> None:
+        """Count frames dropped for this client only (``drop`` policy), by channel.
+
+        The client gets ``{"event": "gap", "channel": ..., "missed": N}`` before
+        its next frame, or as soon as its queue is empty again.
+        """
+        with self._gap_lock:
+            for channel, n in counts.items():
+                self._missed[channel] = self._missed.get(channel, 0) + n
+                self.dropped[channel] = self.dropped.get(channel, 0) + n
+        self.wake()
+
+    @property
+    def missed(self) -> Dict[str, int]:
+        """Frames dropped and not yet reported in a gap frame, by channel."""
+        with self._gap_lock:
+            return dict(self._missed)
+
+    def _gap_delivery(self) -> Delivery:
+        """The gap frames for what is missing now (call with the gap lock held)."""
+        return Delivery.join([Delivery.of(gap_frame(channel, n))
+                              for channel, n in self._missed.items()])
+
+    def _deliver_after_gap(self, item: Delivery) -> bool:
+        with self._gap_lock:
+            if self._missed:
+                item = Delivery.join([self._gap_delivery(), item])
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                return False
+            self._missed = {}
+        return True
+
+    def _take_gap_if_idle(self) -> Optional[Delivery]:
+        """The pending gap frames if nothing is queued (so none can go ahead of older frames)."""
+        with self._gap_lock:
+            if not self._missed or self._queue.qsize():
+                return None
+            gap = self._gap_delivery()
+            self._missed = {}
+            return gap
+
+    def _write_now(self, sock: GuardedSocket, wire: bytes) -> None:
+        try:
+            sent = sock.send_nowait(wire)
+        except OSError:
+            sock.abort()
+            self.wake()
+            return
+        if sent < len(wire):
+            # Not queued: other threads may be queueing right now without the lock,
+            # and nothing may come between the two halves of this frame.
+            self._rest = wire[sent:]
+            self.wake()
+
+    def hand_over(self, wire: bytes) -> None:
+        """Write framed bytes without waiting: now if the socket is idle, else after what is queued."""
+        if not self.deliver(Delivery.raw(wire)):
+            self.abort()  # the queue is full: the connection is being dropped anyway
+
+    def send(self, data: Frame) -> bool:
+        """Send one frame to this connection only (text for ``str``, binary for ``bytes``).
+
+        Never blocks. Returns False if the queue was full: the connection is
+        then closed with 1013 ``send queue full``.
+        """
+        if self.deliver(Delivery.of(data)):
+            return True
+        self.request_close(CLOSE_TRY_AGAIN_LATER, "send queue full")
+        return False
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask the writer to send a close frame and end; the first request wins."""
+        if self._close_request is None:
+            self._close_request = (code, reason)
+        self.wake()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket with ``code`` and ``reason`` after the frames already queued.
+
+        (A connection dropped for overflow, 1013, closes without writing its backlog.)
+        """
+        self.request_close(code, reason)
+
+    def close_at(self, when: float, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` at ``when`` (seconds since the epoch, ``time.time()``)."""
+        self._close_at = (when, code, reason)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self._queue.put_nowait(_WAKE)
+        except queue.Full:
+            pass  # a full queue wakes the writer anyway
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame."""
+        if self._sock is not None:
+            self._sock.abort()
+        self.wake()
+
+    def attach(self, ws: Any, sock: GuardedSocket, *, compression: bool = False) -> None:
+        """Bind the accepted simple-websocket server and its guarded socket.
+
+        ``compression``: permessage-deflate was negotiated, so frames go
+        through the socket's own writer (each recipient's deflate state).
+        """
+        self._ws = ws
+        self._sock = sock
+        self._direct = not compression
+
+    def serve(
+        self,
+        *,
+        close_timeout: float,
+        on_message: Optional[MessageHandler] = None,
+        max_backlog: int = 256,
+        idle_check: float = 60.0,
+    ) -> None:
+        """Run the writer until the socket closes. Runs on the request thread.
+
+        Everything that concerns the writer wakes it (a frame, a close request,
+        an inbound message, the socket ending); ``idle_check`` seconds is only
+        a safety net, kept long so thousands of idle sockets cost no wake-ups.
+
+        Inbound messages are handed to ``on_message`` between writes, in
+        order; more than ``max_backlog`` of them waiting closes the socket
+        with 1008.
+        """
+        ws, sock = self._ws, self._sock
+        if ws is None or sock is None:
+            raise RuntimeError("Connection.serve() needs attach() first")
+        try:
+            while True:
+                try:
+                    first = self._queue.get(timeout=self._wait_time(idle_check))
+                except queue.Empty:
+                    first = _WAKE
+                else:
+                    request = self._close_request
+                    if request is None or request[0] != CLOSE_TRY_AGAIN_LATER:
+                        self._write(ws, sock, first)
+                if self._close_at is not None and time.time() >= self._close_at[0]:
+                    self.request_close(self._close_at[1], self._close_at[2])
+                if self._close_request is not None:
+                    self._send_close(ws, sock, close_timeout)
+                    return
+                if not ws.connected:
+                    self._write_rest(ws, sock)
+                    return
+                if inbound(ws):
+                    self._receive(ws, on_message, max_backlog)
+        except TimeoutError as exc:
+            logger.warning("dropping connection %s: %s", self.id, exc)
+            sock.abort()
+        except (ConnectionClosed, OSError, LocalProtocolError):
+            sock.abort()
+        finally:
+            self.closed.set()
+
+    def _wait_time(self, idle_check: float) -> float:
+        if self._close_at is None:
+            return idle_check
+        return max(0.0, min(idle_check, self._close_at[0] - time.time()))
+
+    def _write(self, ws: Any, sock: GuardedSocket, first: Any) -> None:
+        """Write ``first`` and everything queued behind it, holding the write lock throughout."""
+        with sock.lock:
+            items = [first]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            batch: List[Delivery] = [i for i in items if i is not _WAKE]
+            self._finish_frame(sock)
+            if self._missed:
+                gap = self._take_gap_if_idle()
+                if gap is not None:
+                    batch.append(gap)
+            if batch:
+                if not self._direct:  # deflate: simple-websocket compresses for this socket
+                    for item in batch:
+                        if not item.texts:
+                            sock.sendall(item.wire)
+                        for data in item.texts:
+                            ws.send(data)
+                else:
+                    sock.sendall(batch[0].wire if len(batch) == 1
+                                 else b"".join(i.wire for i in batch))
+            for _ in items:
+                self._queue.task_done()
+
+    def _finish_frame(self, sock: GuardedSocket) -> None:
+        """Write the end of a frame a direct write left half-written, if any."""
+        with sock.lock:
+            if self._rest is not None:
+                sock.sendall(self._rest)
+                self._rest = None
+
+    def _write_rest(self, ws: Any, sock: GuardedSocket) -> None:
+        """The socket is closing: write what is still queued (a close frame, say), best effort."""
+        try:
+            first = self._queue.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            self._write(ws, sock, first)
+        except (ConnectionClosed, OSError, LocalProtocolError, TimeoutError):
+            pass
+
+    def _receive(self, ws: Any, on_message: Optional[MessageHandler], max_backlog: int) -> None:
+        """Hand every waiting inbound message to ``on_message`` (outside the write lock).
+
+        More than ``max_backlog`` messages waiting asks for a 1008 close instead.
+        """
+        buffer = inbound(ws)
+        while buffer:
+            if len(buffer) > max_backlog:
+                buffer.clear()
+                self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
+                return
+            data = buffer.pop(0)
+            if on_message is None:
+                continue
+            try:
+                on_message(data)
+            except Exception:  # an application hook: log it, keep the socket
+                logger.exception("on_message failed for connection %s", self.id)
+
+    def _send_close(self, ws: Any, sock: GuardedSocket, close_timeout: float) -> None:
+        code, reason = self._close_request or (CLOSE_GOING_AWAY, "")
+        try:
+            self._finish_frame(sock)  # a close frame must not land inside a data frame
+            ws.close(code, reason)
+        except (ConnectionClosed, OSError, LocalProtocolError):
+            sock.abort()
+            return
+        # Give the client a moment to answer the close handshake, then drop it.
+        thread = getattr(ws, "thread", None)
+        if thread is not None:
+            thread.join(close_timeout)
+        sock.abort()

@@ -1,0 +1,351 @@
+"""The WebSocket endpoint: HTTP checks, the upgrade, each connection's life, health and shutdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+from werkzeug.wrappers import Request, Response
+
+from ..errors import ConfigError, Refused
+from .assets import StartResponse, WSGIEnviron, client_js_response
+from .connection import CLOSE_GOING_AWAY, Connection, GuardedSocket, WakingEvent
+from .hub import Hub
+from .reader import reading_thread
+from .simple_ws import (
+    PLAIN_READS,
+    ConnectionClosed,
+    HandshakeFailed,
+    accept,
+    header_tokens,
+)
+from .wire import Frame, valid_key
+
+logger = logging.getLogger(__name__)
+
+_live_endpoints: "weakref.WeakSet[WebSocketEndpoint]" = weakref.WeakSet()
+
+#: The audience a connection belongs to unless the endpoint decides otherwise.
+DEFAULT_AUDIENCE = "default"
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Iterable[str] = ()) -> bool:
+    """Decide whether a browser on ``origin`` may open a socket on ``host``.
+
+    A missing Origin header (a non-browser client) is allowed; an origin whose
+    host and port equal the Host header is allowed; so is any origin listed in
+    ``allowed`` (compared as ``scheme://host[:port]``, case-insensitively), or
+    anything when ``allowed`` contains ``"*"``.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    allowed_set = {a.strip().lower().rstrip("/") for a in allowed}
+    if "*" in allowed_set or origin in allowed_set:
+        return True
+    try:
+        parts = urlsplit(origin)
+        origin_host, origin_port = parts.hostname, parts.port
+    except ValueError:
+        return False
+    if not origin_host or parts.scheme not in ("http", "https") or not host:
+        return False
+    default_port = 443 if parts.scheme == "https" else 80
+    try:
+        target = urlsplit("//" + host.strip().lower())
+        target_host, target_port = target.hostname, target.port
+    except ValueError:
+        return False
+    return origin_host == target_host and (origin_port or default_port) == (target_port or default_port)
+
+
+class _SocketDone(Response):
+    """Returned once a socket is over: tells the web server the connection is gone.
+
+    gunicorn ends the request on StopIteration, Werkzeug's server on
+    ConnectionError; neither then writes anything into the used-up socket.
+    """
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        if "gunicorn.socket" in environ:
+            raise StopIteration()
+        if "werkzeug.socket" in environ:
+            raise ConnectionError()
+        return []
+
+
+def _text_response(status: int, text: str, headers: Optional[Dict[str, str]] = None) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
+
+
+class WebSocketEndpoint:
+    """Serves WebSocket connections whose messages come from a :class:`Hub`.
+
+    A plain WSGI application, or registered on a Flask app with :meth:`init_app`.
+    Subclasses decide audiences and health, and override the hooks
+    :meth:`on_connect` (may refuse), :meth:`on_open`, :meth:`on_message` and
+    :meth:`on_disconnect`, all run on the connection's request thread.
+
+    :param max_queue: frames queued per connection before it is dropped (1013).
+    :param write_timeout: seconds a write may block before the socket is dropped.
+    :param ping_interval: seconds between pings; a missing pong closes the socket (None: no pings).
+    :param max_message_size: bytes of an incoming message before a 1009 close.
+    :param max_backlog: inbound messages waiting to be handled before a 1008 close.
+    :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
+    :param compression: accept permessage-deflate when the client offers it.
+    :param health_path: path of the health check (None: none).
+    :param close_timeout: seconds to wait for the client's half of a close handshake.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue: int = 1024,
+        write_timeout: float = 10.0,
+        ping_interval: Optional[float] = 25.0,
+        max_message_size: Optional[int] = 1 << 20,
+        max_backlog: int = 256,
+        allowed_origins: Iterable[str] = (),
+        compression: bool = False,
+        health_path: Optional[str] = "/healthz",
+        close_timeout: float = 2.0,
+    ) -> None:
+        if max_queue < 1:
+            raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
+        if max_backlog < 1:
+            raise ConfigError(f"max_backlog must be at least 1, got {max_backlog}")
+        if write_timeout <= 0 or close_timeout < 0:
+            raise ConfigError("write_timeout must be positive and close_timeout not negative")
+        if ping_interval is not None and ping_interval <= 0:
+            raise ConfigError("ping_interval must be positive seconds, or None to disable pings")
+        if isinstance(allowed_origins, str):
+            raise ConfigError("allowed_origins must be a list of origins, not one string")
+        self.max_queue = max_queue
+        self.write_timeout = write_timeout
+        self.ping_interval = ping_interval
+        self.max_message_size = max_message_size
+        self.max_backlog = max_backlog
+        self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
+        self.compression = compression
+        self.health_path = health_path
+        self.close_timeout = close_timeout
+        self.hub = Hub()
+        self._closing = False
+        self._close_lock = threading.Lock()
+        _live_endpoints.add(self)
+
+    # ------------------------------------------------------ for subclasses
+
+    def connection_audiences(self, request: Request) -> Sequence[str]:
+        """The audiences of a new connection (called once, before the upgrade)."""
+        return [DEFAULT_AUDIENCE]
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        """Whether this endpoint can deliver now, and a small JSON-able description."""
+        return not self._closing, {"sockets": len(self.hub)}
+
+    def prepare(self) -> None:
+        """Called before each request is handled: start per-process machinery here."""
+
+    def on_connect(self, conn: Connection, request: Request) -> None:
+        """A socket is about to be accepted: check it, fill ``conn.metadata``, join keys.
+
+        Raise :class:`~pgws_sync.errors.Refused` to answer with an HTTP error
+        instead. ``conn`` is already in the hub under its audiences; frames
+        sent to it now go out right after the handshake.
+        """
+
+    def on_open(self, conn: Connection) -> None:
+        """The handshake is done and the socket is open."""
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """An inbound message: ``str`` for a text frame, ``bytes`` for a binary one.
+
+        The default ignores it. Reply with ``conn.send(...)``; an exception is
+        logged and the socket stays open.
+        """
+
+    def on_disconnect(self, conn: Connection) -> None:
+        """The connection is over and out of the hub (called exactly once)."""
+
+    def on_closed(self) -> None:
+        """Called once when :meth:`close` has closed every socket."""
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop whatever this class keeps about ``conn`` (it is over; before ``on_disconnect``)."""
+
+    # ------------------------------------------------------------- WSGI / Flask
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        request = Request(environ)
+        if self.health_path is not None and request.path == self.health_path:
+            response = self.health_response()
+        else:
+            response = self.handle(request)
+        return response(environ, start_response)
+
+    def init_app(self, app: Any, path: str = "/ws", client_path: Optional[str] = "/pgws.js") -> None:
+        """Register the WebSocket route at ``path`` on a Flask app, and the shared routes.
+
+        The shared routes, registered once per app: health on ``health_path``
+        and the browser client pgws.js on ``client_path`` (``None``: not served).
+        """
+        import flask
+
+        name = f"pgws_sync_ws_{id(self):x}"
+        app.add_url_rule(path, endpoint=name, view_func=lambda: self.handle(flask.request),
+                         websocket=True)
+        # Plain HTTP on the same path: say what the URL is for, instead of a bare 400.
+        app.add_url_rule(path, endpoint=name + "_http", view_func=lambda: self.handle(flask.request))
+        if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
+            app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
+                             view_func=self.health_response)
+        if client_path is not None and "pgws_sync_client_js" not in app.view_functions:
+            app.add_url_rule(client_path, endpoint="pgws_sync_client_js",
+                             view_func=lambda: client_js_response(flask.request))
+
+    def health_response(self) -> Response:
+        self.prepare()  # a health check alone starts this process's machinery
+        ok, body = self.health()
+        body = {"status": "ok" if ok else "unavailable", **body}
+        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+
+    # ---------------------------------------------------------------- serving
+
+    def _check_upgrade(self, environ: WSGIEnviron) -> Optional[Response]:
+        """The HTTP answer refusing this upgrade request, or None if it may go ahead."""
+        if self._closing:
+            return _text_response(503, "server shutting down")
+        if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return _text_response(426, "this URL serves WebSocket connections only",
+                                  {"Upgrade": "websocket"})
+        if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+            return _text_response(426, "unsupported WebSocket version: this server speaks 13",
+                                  {"Sec-WebSocket-Version": "13"})
+        if not valid_key(environ.get("HTTP_SEC_WEBSOCKET_KEY")):
+            return _text_response(400, "missing or invalid Sec-WebSocket-Key")
+        if "upgrade" not in (t.lower() for t in header_tokens(environ.get("HTTP_CONNECTION"))):
+            return _text_response(400, "the Connection header must include Upgrade")
+        if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
+                              self.allowed_origins):
+            logger.info("refused a socket from origin %r", environ.get("HTTP_ORIGIN"))
+            return _text_response(403, "origin not allowed")
+        return None
+
+    def handle(self, request: Request) -> Response:
+        """Check, upgrade and serve one WebSocket request; returns when the socket is over."""
+        environ = request.environ
+        refusal = self._check_upgrade(environ)
+        if refusal is not None:
+            return refusal
+        key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
+        raw = environ.get(key)
+        if raw is None:
+            logger.error("the WSGI server does not expose its socket; run under gunicorn "
+                         "(gthread worker) or the Werkzeug development server")
+            return _text_response(500, "this server cannot serve WebSockets")
+        self.prepare()
+        conn = Connection(self.connection_audiences(request), max_queue=self.max_queue)
+        # Registered before the handshake answer goes out: whatever is committed
+        # after the client sees its socket open reaches it (queued until served).
+        self.hub.add(conn)
+        try:
+            self.on_connect(conn, request)
+        except Refused as exc:
+            self.hub.remove(conn)
+            self._forget(conn)
+            logger.info("refused a socket: %s", exc)
+            # The body exactly as given: clients may compare it (postgres-websockets' answers).
+            return Response(exc.body, status=exc.status, mimetype="text/plain",
+                            headers=exc.headers)
+        except BaseException:
+            self.hub.remove(conn)
+            self._forget(conn)
+            raise
+        try:
+            return self._serve(conn, environ, key, raw)
+        finally:
+            self.hub.remove(conn)
+            self._forget(conn)
+            try:
+                self.on_disconnect(conn)
+            except Exception:  # an application hook: log it
+                logger.exception("on_disconnect failed for connection %s", conn.id)
+
+    def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
+        guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
+        deflate = self.compression and "permessage-deflate" in environ.get(
+            "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
+        # simple-websocket's handshake reads only the socket and the HTTP_ headers;
+        # the plain one only the key and the subprotocols offered.
+        ws_environ: WSGIEnviron
+        if deflate:
+            ws_environ = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+        else:
+            ws_environ = {name: environ[name] for name in PLAIN_READS if name in environ}
+        ws_environ[key] = guarded
+        try:
+            ws = accept(ws_environ, deflate=deflate, ping_interval=self.ping_interval,
+                        max_message_size=self.max_message_size,
+                        subprotocols=[conn.subprotocol] if conn.subprotocol else None,
+                        event_class=lambda: WakingEvent(conn.wake),
+                        thread_class=reading_thread)
+        except (HandshakeFailed, ConnectionClosed, OSError) as exc:
+            logger.info("WebSocket handshake failed: %s", exc)
+            guarded.abort()
+            return _SocketDone()
+        conn.attach(ws, guarded, compression=deflate)
+        try:
+            if self._closing:
+                conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+            else:
+                self.on_open(conn)
+            conn.serve(close_timeout=self.close_timeout,
+                       on_message=lambda data: self.on_message(conn, data),
+                       max_backlog=self.max_backlog)
+        finally:
+            self.hub.remove(conn)
+            guarded.abort()
+            ws.thread.join(self.close_timeout + 1.0)
+        return _SocketDone()
+
+    # --------------------------------------------------------------- shutdown
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every socket with 1001 ``server shutdown`` and refuse new ones (503).
+
+        Waits up to ``timeout`` seconds for the close frames to go out, then
+        drops whatever is left.
+        """
+        with self._close_lock:
+            if self._closing:
+                return
+            self._closing = True
+        conns = self.hub.connections()
+        for conn in conns:
+            conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+        deadline = time.monotonic() + timeout
+        late: List[Connection] = []
+        for conn in conns:
+            if not conn.closed.wait(max(0.0, deadline - time.monotonic())):
+                late.append(conn)
+        for conn in late:
+            conn.abort()
+        if late:
+            logger.warning("dropped %d sockets that did not close within %.1fs", len(late), timeout)
+        logger.info("endpoint closed %d sockets", len(conns))
+        self.on_closed()
+
+
+def live_endpoints() -> List[WebSocketEndpoint]:
+    """Every endpoint created in this process that still exists."""
+    return list(_live_endpoints)

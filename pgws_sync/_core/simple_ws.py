@@ -1,0 +1,110 @@
+"""Every use of simple-websocket's (and wsproto's) private parts, fenced in one adapter.
+
+pgws_sync drives simple-websocket's server without its per-socket thread and
+answers the upgrade itself. That needs members simple-websocket does not
+document; they are touched here and nowhere else. ``setup.cfg`` pins the
+versions this was tested with, and ``tests/core/test_simple_ws.py`` fails when
+a release changes any of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from simple_websocket import ConnectionClosed, Server  # type: ignore[import-untyped]
+from simple_websocket import ConnectionError as HandshakeFailed
+from wsproto import ConnectionType
+from wsproto.connection import Connection as FrameConnection
+from wsproto.events import Ping
+from wsproto.utilities import LocalProtocolError
+
+from .wire import Frame, switching_protocols
+
+__all__ = [
+    "ConnectionClosed", "Frame", "HandshakeFailed", "LocalProtocolError", "PlainServer", "accept",
+    "feed", "inbound", "owner_of", "pong_missing", "receive_size", "send_ping",
+]
+
+#: The only request headers :meth:`PlainServer.handshake` reads.
+PLAIN_READS = ("HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_PROTOCOL")
+
+
+def header_tokens(value: Optional[str]) -> List[str]:
+    """The comma-separated tokens of a header value, stripped."""
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+class PlainServer(Server):  # type: ignore[misc]
+    """simple-websocket's server with the upgrade answered here, for sockets without extensions.
+
+    The web server and the endpoint have already parsed and checked the
+    request; wsproto's own HTTP handshake would parse it again and keep its
+    state for the life of the socket. Frames are handled by wsproto as usual.
+    """
+
+    def handshake(self) -> None:
+        chosen = None
+        if self.subprotocols:
+            offered = header_tokens(self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+            chosen = next((p for p in self.subprotocols if p in offered), None)
+        self.sock.send(switching_protocols(self.environ["HTTP_SEC_WEBSOCKET_KEY"], chosen))
+        self.subprotocol = chosen
+        self.ws = FrameConnection(ConnectionType.SERVER)
+        self.connected = True
+
+
+def accept(environ: Dict[str, Any], *, deflate: bool, ping_interval: Optional[float],
+           max_message_size: Optional[int], subprotocols: Optional[List[str]],
+           event_class: Callable[[], Any], thread_class: Callable[..., Any]) -> Any:
+    """Answer the upgrade and return simple-websocket's server object for the socket.
+
+    ``deflate``: simple-websocket's own handshake (it accepts permessage-deflate);
+    otherwise :class:`PlainServer`'s, which accepts no extension.
+    """
+    server_class = Server if deflate else PlainServer
+    ws = server_class.accept(environ, ping_interval=ping_interval,
+                             max_message_size=max_message_size, subprotocols=subprotocols,
+                             event_class=event_class, thread_class=thread_class)
+    ws.environ = None  # read only by the handshake
+    return ws
+
+
+def owner_of(thread_target: Callable[[], None]) -> Any:
+    """The server object whose ``thread_class`` was called with ``thread_target``.
+
+    simple-websocket passes its bound ``_thread`` method as the target.
+    """
+    return getattr(thread_target, "__self__")
+
+
+def receive_size(ws: Any) -> int:
+    """How many bytes simple-websocket reads at a time."""
+    return int(ws.receive_bytes)
+
+
+def feed(ws: Any, data: bytes) -> bool:
+    """Hand bytes read from the socket to ``ws``'s frame parser; False once the socket is over.
+
+    Messages land in its input buffer (see :func:`inbound`), pings are
+    answered and close frames acknowledged, all by simple-websocket itself.
+    """
+    ws.ws.receive_data(data)
+    connected: bool = ws._handle_events()
+    return connected
+
+
+def inbound(ws: Any) -> List[Frame]:
+    """The messages received and not yet handled, oldest first (the caller pops them)."""
+    buffer: List[Frame] = ws.input_buffer
+    return buffer
+
+
+def pong_missing(ws: Any) -> bool:
+    """Whether the pong answering the last ping has not come back."""
+    return not ws.pong_received
+
+
+def send_ping(ws: Any) -> None:
+    """Send a ping on ``ws``'s socket and expect its pong."""
+    ws.pong_received = False
+    ws.sock.send(ws.ws.send(Ping()))

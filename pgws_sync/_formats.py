@@ -1,0 +1,220 @@
+"""Rules every product shares: strict JSON, name and size checks, ids, control frames (pure)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Dict, Iterable, Optional, Tuple, Type
+
+from .errors import InvalidChannel, InvalidPayload, PayloadTooLarge
+
+#: PostgreSQL refuses NOTIFY payloads of this many UTF-8 bytes or more.
+NOTIFY_PAYLOAD_LIMIT = 8000
+
+#: PostgreSQL keeps NAMEDATALEN - 1 bytes of an identifier (LISTEN truncates, pg_notify refuses).
+MAX_CHANNEL_BYTES = 63
+
+#: Longest name a client or a backend may use (pub/sub channel, room, user, tab window, id).
+MAX_NAME_CHARS = 200
+
+_WHITESPACE = " \t\n\r"
+
+
+# -------------------------------------------------------------------- JSON
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: A JSON decoder that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (RFC 8259).
+DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def loads(text: str) -> Any:
+    """Decode one JSON text strictly; raises ``ValueError``."""
+    return DECODER.decode(text)
+
+
+def dumps(value: Any, *, compact: bool = False) -> str:
+    """JSON text with non-ASCII kept as is; ``compact`` drops the spaces after ``,`` and ``:``."""
+    if compact:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False)
+
+
+def json_fields(text: str) -> Dict[str, Tuple[Any, str]]:
+    """Parse one JSON object; map each key to (decoded value, the value's text as written).
+
+    The raw text lets a payload travel on byte for byte (key order, spacing,
+    number spelling). Raises ``ValueError`` for anything but exactly one JSON
+    object (surrounding whitespace allowed). A repeated key keeps its last value.
+    """
+    scan = DECODER.scan_once  # type: ignore[attr-defined]
+    end = len(text)
+
+    def skip(i: int) -> int:
+        while i < end and text[i] in _WHITESPACE:
+            i += 1
+        return i
+
+    def value_at(i: int) -> Tuple[Any, int]:
+        try:
+            return scan(text, i)  # type: ignore[no-any-return]
+        except StopIteration:
+            raise ValueError(f"expected a value at character {i}") from None
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+    i = skip(0)
+    if i >= end or text[i] != "{":
+        raise ValueError("not a JSON object")
+    fields: Dict[str, Tuple[Any, str]] = {}
+    i = skip(i + 1)
+    if i < end and text[i] == "}":
+        return _closed(fields, skip(i + 1), end)
+    while True:
+        if i >= end or text[i] != '"':
+            raise ValueError(f"expected a key at character {i}")
+        key, i = value_at(i)
+        i = skip(i)
+        if i >= end or text[i] != ":":
+            raise ValueError(f"expected ':' at character {i}")
+        start = skip(i + 1)
+        value, i = value_at(start)
+        fields[key] = (value, text[start:i])
+        i = skip(i)
+        if i < end and text[i] == ",":
+            i = skip(i + 1)
+            continue
+        if i < end and text[i] == "}":
+            return _closed(fields, skip(i + 1), end)
+        raise ValueError(f"expected ',' or '}}' at character {i}")
+
+
+def _closed(fields: Dict[str, Tuple[Any, str]], i: int, end: int) -> Dict[str, Tuple[Any, str]]:
+    if i != end:
+        raise ValueError("text after the JSON object")
+    return fields
+
+
+def check_json(text: str) -> str:
+    """Return ``text`` stripped if it is one strict JSON value, else raise ``ValueError``."""
+    raw = text.strip()
+    DECODER.decode(raw)
+    return raw
+
+
+# ------------------------------------------------------------------- names
+
+
+def name_problem(name: Any, *, max_chars: Optional[int] = MAX_NAME_CHARS,
+                 max_bytes: Optional[int] = None, controls: bool = False) -> Optional[str]:
+    """What is wrong with ``name`` as a name, or None if nothing.
+
+    A name is a non-empty ``str`` that encodes as UTF-8 (no lone surrogate),
+    without NUL, of at most ``max_chars`` characters and ``max_bytes`` UTF-8
+    bytes (None: no limit); other control characters only with ``controls``.
+    """
+    if not isinstance(name, str):
+        return "it must be a string"
+    if not name:
+        return "it cannot be empty"
+    if controls and "\x00" in name:
+        return "it cannot contain NUL characters"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it must be encodable as UTF-8 (it contains a lone surrogate)"
+    if max_chars is not None and len(name) > max_chars:
+        return f"{len(name)} characters, at most {max_chars} allowed"
+    if max_bytes is not None and size > max_bytes:
+        return f"it is {size} bytes long; PostgreSQL keeps only {max_bytes} bytes of a name"
+    if not controls and any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "control characters are not allowed"
+    return None
+
+
+def validate_name(channel: object) -> str:
+    """Return ``channel`` if any source can carry it (text, no NUL, UTF-8), else raise
+    :class:`InvalidChannel`."""
+    problem = name_problem(channel, max_chars=None, controls=True)
+    if problem is not None:
+        raise InvalidChannel(channel, problem)
+    return channel  # type: ignore[return-value]
+
+
+def validate_channel(channel: object) -> str:
+    """Return ``channel`` if it can be LISTENed to and NOTIFYed as is, else raise
+    :class:`InvalidChannel`.
+
+    Names are quoted identifiers (case, dashes and spaces are kept) of at most
+    63 bytes, since LISTEN would silently truncate a longer one.
+    """
+    problem = name_problem(channel, max_chars=None, max_bytes=MAX_CHANNEL_BYTES, controls=True)
+    if problem is not None:
+        raise InvalidChannel(channel, problem)
+    return channel  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------- sizes
+
+
+def check_notify_size(text: str, channel: Optional[str] = None, *,
+                      error: Type[PayloadTooLarge] = PayloadTooLarge) -> str:
+    """Return ``text`` if PostgreSQL takes it as a NOTIFY payload, else raise ``error``
+    (or :class:`InvalidPayload` for text that is not UTF-8)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidPayload("the payload must be encodable as UTF-8 "
+                             "(it contains a lone surrogate)") from None
+    if size >= NOTIFY_PAYLOAD_LIMIT:
+        raise error(size, NOTIFY_PAYLOAD_LIMIT, channel)
+    return text
+
+
+# ---------------------------------------------------------------- messages
+
+
+def new_message_id() -> str:
+    """A fresh message id (a random UUID4 in canonical text form)."""
+    return str(uuid.uuid4())
+
+
+def preview(text: str, limit: int = 60) -> str:
+    """The start of ``text`` for a log line or an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def message_frame(channel: Optional[str], body: str, message_id: str, *,
+                  payload_first: bool = False) -> str:
+    """``{"channel": ..., "payload": <body>, "id": ...}`` with ``body`` (JSON text) verbatim.
+
+    Without a channel the ``channel`` key is left out; ``payload_first`` puts
+    ``payload`` before ``channel`` (pgws's order).
+    """
+    ident = ', "id": ' + dumps(message_id) + "}"
+    if channel is None:
+        return '{"payload": ' + body + ident
+    name = dumps(channel)
+    if payload_first:
+        return '{"payload": ' + body + ', "channel": ' + name + ident
+    return '{"channel": ' + name + ', "payload": ' + body + ident
+
+
+def error_frame(error: str, *, compact: bool = False, **fields: Any) -> str:
+    """``{"event": "error", "error": <reason>, ...fields}``; fields that are None are left out."""
+    frame: Dict[str, Any] = {"event": "error", "error": error}
+    frame.update((k, v) for k, v in fields.items() if v is not None)
+    return dumps(frame, compact=compact)
+
+
+def resync_frame(channels: Iterable[str], reason: str) -> str:
+    """``{"event": "resync", "channels": [...], "reason": ...}``: messages may have been lost."""
+    return dumps({"event": "resync", "channels": list(channels), "reason": reason})
+
+
+def gap_frame(channel: str, missed: int) -> str:
+    """``{"event": "gap", "channel": ..., "missed": N}``: N messages were dropped for this client."""
+    return dumps({"event": "gap", "channel": channel, "missed": missed})

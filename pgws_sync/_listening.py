@@ -1,0 +1,90 @@
+"""Endpoints fed by notification sources: start them, report their health, resync, detach."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ._core.connection import Connection
+from ._core.endpoint import WebSocketEndpoint
+from ._formats import resync_frame
+from .errors import ConfigError
+from .sources.base import Notification, Sink, Source
+
+
+class ListeningEndpoint(WebSocketEndpoint):
+    """A WebSocket endpoint that ``listener`` (any :class:`Source`) feeds with ``channels``.
+
+    It registers itself as the source's sink when constructed, so a subclass
+    sets what :meth:`on_notifications` uses before calling this ``__init__``.
+    Each request starts the sources in its process; the health check is ok
+    while every source is connected and receives on its channels.
+    Keyword options are those of :class:`WebSocketEndpoint`.
+    """
+
+    def __init__(self, listener: Source, channels: Iterable[str], **options: Any) -> None:
+        if not isinstance(listener, Source):
+            raise ConfigError(f"{type(self).__name__}(listener, ...): the first argument must be "
+                              f"a Listener (or another source), not {type(listener).__name__}")
+        super().__init__(**options)
+        self.listener = listener
+        self.listen_channels: Tuple[str, ...] = tuple(channels)
+        #: Every (source, sink, channels, name) this endpoint is fed by; the listener first.
+        self._feeds: List[Tuple[Source, Sink, Tuple[str, ...], str]] = []
+        self.add_source(listener, self, self.listen_channels, name="listener")
+
+    def add_source(self, source: Source, sink: Sink, channels: Iterable[str], *,
+                   name: str) -> None:
+        """Feed ``sink`` from ``channels`` of another source as well (e.g. a Redis source).
+
+        The endpoint then starts it with the listener, is healthy only while it
+        is connected too (reported under ``name``), and detaches from it on close.
+        """
+        names = tuple(channels)
+        source.add_sink(sink, names)
+        self._feeds.append((source, sink, names, name))
+
+    # ---------------------------------------------------- source sink
+
+    def on_notifications(self, batch: Sequence[Notification]) -> None:
+        """Called on the source's thread with what arrived together on the channels, in order."""
+        raise NotImplementedError
+
+    def on_resync(self, reason: str) -> None:
+        """Called on a source's thread after a reconnect: tell each socket what it may have missed."""
+        frames: Dict[Tuple[str, ...], str] = {}
+        for conn in self.hub.connections():
+            channels = self.resync_channels(conn)
+            if channels is None:
+                continue
+            key = tuple(channels)
+            if key not in frames:
+                frames[key] = resync_frame(key, reason)
+            conn.send(frames[key])
+
+    def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
+        """The channels a ``resync`` frame names for ``conn``; None: it gets none."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------- endpoint hooks
+
+    def prepare(self) -> None:
+        for source, _sink, _channels, _name in self._feeds:
+            source.start()
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        ok = not self.closing
+        body: Dict[str, Any] = {}
+        for source, _sink, channels, name in self._feeds:
+            status = source.status()
+            ok = ok and status["connected"] and set(channels) <= source.listening
+            body[name] = "connected" if status["connected"] else "disconnected"
+            if status["error"]:
+                body["error" if name == "listener" else name + "_error"] = status["error"]
+        body["sockets"] = len(self.hub)
+        if self.closing:
+            body["closing"] = True
+        return ok, body
+
+    def on_closed(self) -> None:
+        for source, sink, _channels, _name in self._feeds:
+            source.remove_sink(sink)

@@ -1,0 +1,1 @@
+"""postgres-websockets on pgws_sync: JWT-authorised channels to and from the database."""

@@ -1,0 +1,1 @@
+"""pgws (Go) on pgws_sync: audiences, ``audience,{json}`` payloads, one listener per process."""

@@ -1,0 +1,1 @@
+"""wsnotify on pgws_sync: channel subscriptions, publishing through PostgreSQL, batching."""

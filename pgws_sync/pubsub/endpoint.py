@@ -1,0 +1,329 @@
+"""PubSub: client subscriptions and server-side publishing through PostgreSQL, in every worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from .._core.connection import Connection
+from .._core.wire import Frame
+from .._formats import error_frame, new_message_id
+from .._listening import ListeningEndpoint
+from ..errors import (
+    ConfigError,
+    InvalidPayload,
+    PayloadTooLarge,
+    ProtocolError,
+    PublishFailed,
+)
+from ..sources.base import Notification, Source
+from .batching import Batcher
+from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
+from .publication import (
+    DEFAULT_PUBSUB_CHANNEL,
+    format_publication,
+    message_body,
+    message_type,
+    parse_publication,
+    publication_frame,
+)
+from .publisher import Publisher
+
+logger = logging.getLogger(__name__)
+
+#: Hub keys of subscriptions start with this, apart from audiences.
+SUBSCRIPTION_PREFIX = "sub:"
+
+
+class PubSub(ListeningEndpoint):
+    """Channel pub/sub over WebSockets; every message goes through PostgreSQL.
+
+    Clients send ``{"action": "subscribe" | "unsubscribe" | "publish",
+    "channel": ..., "id": ...}`` (see docs/protocol.md); the server publishes
+    with :meth:`publish`, :meth:`send_to` and :meth:`publish_batched`. Each
+    message is one NOTIFY on ``pubsub_channel``, so it reaches subscribers in
+    every worker, and SQL can publish too. Override :meth:`can_subscribe`
+    (default: allow) and :meth:`can_publish` (default: refuse).
+
+    :param dsn: database for publishing (default: the listener's).
+    :param pubsub_channel: the NOTIFY channel publications travel on.
+    :param backpressure: ``"close"`` (a full queue closes with 1013) or ``"drop"`` (a ``gap`` frame).
+    :param max_subscriptions: subscriptions per connection.
+    :param pool_size: publishing connections per process.
+    :param flush_timeout: seconds :meth:`close` waits for flushed batches to come back.
+
+    Other keyword options are those of :class:`WebSocketEndpoint`.
+    """
+
+    def __init__(
+        self,
+        listener: Source,
+        *,
+        dsn: Optional[str] = None,
+        pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
+        backpressure: str = "close",
+        max_subscriptions: int = 100,
+        pool_size: int = 4,
+        flush_timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
+        if backpressure not in BACKPRESSURE_POLICIES:
+            raise ConfigError(f"backpressure must be 'close' or 'drop', got {backpressure!r}")
+        if max_subscriptions < 1:
+            raise ConfigError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
+        self.backpressure = backpressure
+        self.max_subscriptions = max_subscriptions
+        self.flush_timeout = flush_timeout
+        self.publisher = Publisher(_publishing_dsn(listener, dsn, type(self).__name__),
+                                   pubsub_channel=pubsub_channel, pool_size=pool_size)
+        self.pubsub_channel = self.publisher.pubsub_channel
+        self.batcher = Batcher(self._publish_batch)
+        self._echo_lock = threading.Lock()  # guards _awaited
+        self._echoed = threading.Condition(self._echo_lock)
+        self._awaited: Optional[Set[str]] = None  # ids flushed at close, until they come back
+        super().__init__(listener, [self.pubsub_channel], **options)
+
+    # ---------------------------------------------------- application hooks
+
+    def can_subscribe(self, conn: Connection, channel: str) -> bool:
+        """Whether ``conn`` may subscribe to ``channel`` (default: yes)."""
+        return True
+
+    def can_publish(self, conn: Connection, channel: str) -> bool:
+        """Whether ``conn`` may publish to ``channel`` (default: no)."""
+        return False
+
+    # ---------------------------------------------------- server-side API
+
+    def publish(self, channel: str, message: Any, *, type: str = "json") -> str:
+        """Send ``message`` to every subscriber of ``channel`` in every worker; returns its id.
+
+        ``type``: ``json`` (any JSON value), ``text`` (a str), or ``binary``
+        (bytes, sent as a binary frame). Raises :class:`PayloadTooLarge` for
+        messages whose NOTIFY would reach 8000 bytes, :class:`InvalidPayload`
+        or :class:`InvalidChannel` for bad input, :class:`PublishFailed` when
+        the database does not take it.
+        """
+        message_type(type)
+        return self.publisher.publish(channel, message, type=type)
+
+    def send_to(self, connection_id: str, message: Any, *, type: str = "json",
+                channel: Optional[str] = None) -> str:
+        """Send ``message`` to one connection, in whichever worker it is; returns the id.
+
+        The frame carries ``channel`` if one is given. Nothing happens if no
+        such connection exists (any more).
+        """
+        message_type(type)
+        return self.publisher.publish(channel, message, type=type, to=connection_id)
+
+    def publish_batched(self, channel: str, key: str, message: Any, *, name: str,
+                        window: float = 0.1, text: bool = False) -> None:
+        """Collect messages for ``(channel, key)`` for ``window`` seconds, then publish them
+        as one: ``{"name": name, "messages": [...]}``, identical messages once.
+
+        With ``text=True`` messages are strings and the batch is one text
+        message: ``name``, then each message, one per line. Pending batches are
+        published when the endpoint closes, before the sockets are.
+        """
+        check_channel(channel)
+        self.batcher.add(channel, key, message, name=name, window=window, text=text)
+
+    def cancel_batch(self, channel: str, key: str) -> bool:
+        """Discard the pending batch of ``(channel, key)``; False if there was none."""
+        return self.batcher.cancel(channel, key)
+
+    def subscribe(self, conn: Connection, channel: str, *,
+                  backpressure: Optional[str] = None) -> bool:
+        """Subscribe ``conn`` (e.g. from :meth:`on_connect`); False if it is gone.
+
+        ``backpressure`` overrides the endpoint's policy for this channel.
+        No hook is asked and no limit applies.
+        """
+        check_channel(channel)
+        policy = backpressure or self.backpressure
+        if policy not in BACKPRESSURE_POLICIES:
+            raise ConfigError(f"backpressure must be 'close' or 'drop', got {policy!r}")
+        return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
+                             drop_as=channel if policy == "drop" else None)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> bool:
+        """End ``conn``'s subscription to ``channel``; False if it had none."""
+        return self.hub.leave(conn, SUBSCRIPTION_PREFIX + channel)
+
+    def subscriptions(self, conn: Connection) -> List[str]:
+        """The channels ``conn`` is subscribed to, sorted."""
+        n = len(SUBSCRIPTION_PREFIX)
+        return sorted(k[n:] for k in self.hub.keys_of(conn) if k.startswith(SUBSCRIPTION_PREFIX))
+
+    # ---------------------------------------------------- monitoring
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections of this endpoint in this process."""
+        return len(self.hub)
+
+    def connection_list(self) -> List[Dict[str, Any]]:
+        """Each connection of this process: id, audiences, subscriptions, metadata,
+        queue depth and frames dropped by channel (``drop`` policy)."""
+        return [
+            {
+                "id": conn.id,
+                "audiences": list(conn.audiences),
+                "subscriptions": self.subscriptions(conn),
+                "metadata": dict(conn.metadata),
+                "queue_depth": conn.queue_depth,
+                "dropped": dict(conn.dropped),
+            }
+            for conn in self.hub.connections()
+        ]
+
+    # ---------------------------------------------------- endpoint hooks
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """Handle one client action; every problem is answered with an error frame."""
+        try:
+            action = parse_action(data)
+        except ProtocolError as exc:
+            conn.send(error_frame(exc.reason, reply_to=exc.reply_to))
+            return
+        if action.action == "subscribe":
+            self._client_subscribe(conn, action)
+        elif action.action == "unsubscribe":
+            self.unsubscribe(conn, action.channel)
+            conn.send(reply_frame("unsubscribed", action.channel, action.id))
+        else:
+            self._client_publish(conn, action)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish pending batches and wait (``flush_timeout``) until they are queued for this
+        process's sockets, then close every socket with 1001 and refuse new ones (503)."""
+        if not self.closing:
+            with self._echo_lock:
+                self._awaited = set()
+            flushed = self.batcher.stop(flush=True)
+            deadline = time.monotonic() + self.flush_timeout
+            with self._echo_lock:
+                # (not worth waiting for while the listener is down: they cannot come back)
+                while self._awaited and self.listener.connected and time.monotonic() < deadline:
+                    self._echoed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                late = len(self._awaited or ())
+                self._awaited = None
+            if late:
+                logger.warning("%d flushed batches did not come back within %.1fs before "
+                               "closing the sockets", late, self.flush_timeout)
+            elif flushed:
+                logger.info("flushed %d pending batches before closing the sockets", flushed)
+        super().close(timeout)
+
+    def on_closed(self) -> None:
+        super().on_closed()
+        self.publisher.close()
+
+    # ---------------------------------------------------- listener sink
+
+    def on_notifications(self, batch: Sequence[Notification]) -> None:
+        """Turn each publication into its frame and hand it to its subscribers, in order."""
+        pending: List[Tuple[str, Frame]] = []
+        echoed: List[str] = []
+        for note in batch:
+            try:
+                pub = parse_publication(note.payload)
+            except InvalidPayload as exc:
+                logger.warning("dropped a publication on channel %r: %s", note.channel, exc)
+                continue
+            message_id = pub.id or new_message_id()
+            if pub.id is not None and self._awaited is not None:
+                echoed.append(pub.id)
+            frame = publication_frame(pub, message_id)
+            if pub.target is None and pub.channel is not None:
+                pending.append((SUBSCRIPTION_PREFIX + pub.channel, frame))
+                continue
+            self.hub.fan_out(pending)  # whatever came before goes first
+            pending = []
+            if pub.target is not None:
+                self.hub.send_to(pub.target, frame)
+        self.hub.fan_out(pending)
+        if echoed:
+            with self._echo_lock:
+                if self._awaited is not None:
+                    self._awaited.difference_update(echoed)
+                    self._echoed.notify_all()
+
+    def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
+        """A resync frame names the socket's own subscriptions."""
+        return self.subscriptions(conn)
+
+    # ---------------------------------------------------- internals
+
+    def _client_subscribe(self, conn: Connection, action: Action) -> None:
+        problem = self._subscribe_problem(conn, action.channel)
+        if problem is not None:
+            conn.send(error_frame(problem, reply_to=action.id))
+            return
+        self.subscribe(conn, action.channel, backpressure=action.backpressure)
+        conn.send(reply_frame("subscribed", action.channel, action.id))
+
+    def _subscribe_problem(self, conn: Connection, channel: str,
+                           verb: str = "subscribe to") -> Optional[str]:
+        """Why a client may not subscribe ``conn`` to ``channel`` now, or None if it may."""
+        subscribed = self.subscriptions(conn)
+        if channel not in subscribed and len(subscribed) >= self.max_subscriptions:
+            return f"too many subscriptions: at most {self.max_subscriptions} per connection"
+        if not self._ask(self.can_subscribe, conn, channel):
+            return f"not allowed to {verb} {channel!r}"
+        return None
+
+    def _client_publish(self, conn: Connection, action: Action) -> None:
+        channel = action.channel
+        if not self._ask(self.can_publish, conn, channel):
+            conn.send(error_frame(f"not allowed to publish to {channel!r}", reply_to=action.id))
+            return
+        message_id = new_message_id()
+        try:
+            text = format_publication(channel, action.payload or "null", message_id=message_id)
+            self.publisher.notify(text)
+        except PayloadTooLarge as exc:
+            conn.send(error_frame(
+                f"payload too large: the message would be {exc.size} bytes in PostgreSQL, "
+                f"which takes less than {exc.limit}", reply_to=action.id))
+            return
+        except (InvalidPayload, PublishFailed) as exc:
+            conn.send(error_frame(str(exc), reply_to=action.id))
+            return
+        conn.send(reply_frame("published", channel, action.id, id=message_id))
+
+    def _ask(self, hook: Any, conn: Connection, channel: str) -> bool:
+        try:
+            return bool(hook(conn, channel))
+        except Exception:  # an application hook: refuse, log, keep the socket
+            logger.exception("%s failed for connection %s, channel %r",
+                             getattr(hook, "__name__", "hook"), conn.id, channel)
+            return False
+
+    def _publish_batch(self, channel: str, message: Any, type: str) -> None:
+        message_id = new_message_id()
+        with self._echo_lock:
+            if self._awaited is not None:
+                self._awaited.add(message_id)
+        try:
+            self.publisher.notify(format_publication(channel, message_body(message, type),
+                                                     type=type, message_id=message_id))
+        except BaseException:
+            with self._echo_lock:
+                if self._awaited is not None:
+                    self._awaited.discard(message_id)
+            raise
+
+
+def _publishing_dsn(listener: Source, dsn: Optional[str], name: str) -> str:
+    """The database to publish to: ``dsn``, else the listener's."""
+    if dsn is not None:
+        return dsn
+    listener_dsn = getattr(listener, "dsn", None)
+    if not isinstance(listener_dsn, str):
+        raise ConfigError(f"{name} publishes through PostgreSQL: give dsn=... when its first "
+                          f"argument is not a Listener")
+    return listener_dsn

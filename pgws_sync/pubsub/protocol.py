@@ -1,0 +1,101 @@
+"""The pub/sub client protocol: client actions in, reply and message frames out (pure)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem
+from ..errors import ProtocolError
+
+#: What a client may ask for.
+ACTIONS = ("subscribe", "unsubscribe", "publish")
+
+#: What happens to a subscriber whose send queue is full.
+BACKPRESSURE_POLICIES = ("close", "drop")
+
+
+class Action(NamedTuple):
+    """One parsed client request."""
+
+    action: str
+    channel: str
+    #: The client's id for this request, echoed as ``reply_to`` (a string or a number), or None.
+    id: Any = None
+    #: For ``publish``: the payload's JSON text exactly as the client wrote it.
+    payload: Optional[str] = None
+    #: For ``subscribe``: the backpressure policy asked for, or None for the endpoint's.
+    backpressure: Optional[str] = None
+
+
+def check_channel(name: Any, reply_to: Any = None) -> str:
+    """Return ``name`` if it may name a pub/sub channel, else raise :class:`ProtocolError`.
+
+    A name is a non-empty string of at most 200 characters without control characters.
+    """
+    problem = name_problem(name)
+    if problem is not None:
+        raise ProtocolError(f"invalid channel name: {problem}", reply_to)
+    return name  # type: ignore[no-any-return]
+
+
+def parse_action(data: Union[str, bytes]) -> Action:
+    """Parse one client frame into an :class:`Action`, or raise :class:`ProtocolError`.
+
+    The error's ``reply_to`` is the frame's ``id`` whenever it could be read,
+    so the client can match the error to its request.
+    """
+    if not isinstance(data, str):
+        raise ProtocolError("binary frames are not understood; send JSON text frames")
+    try:
+        fields = json_fields(data)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    reply_to = None
+    if "id" in fields:
+        reply_to = fields["id"][0]
+        if isinstance(reply_to, bool) or not isinstance(reply_to, (str, int, float)):
+            raise ProtocolError("'id' must be a string or a number")
+        if isinstance(reply_to, str) and len(reply_to) > MAX_NAME_CHARS:
+            raise ProtocolError(f"'id' is longer than {MAX_NAME_CHARS} characters")
+    if "action" not in fields:
+        raise ProtocolError("missing field 'action'", reply_to)
+    action = fields["action"][0]
+    if action not in ACTIONS:
+        raise ProtocolError(
+            f"unknown action {action!r} (expected subscribe, unsubscribe or publish)", reply_to
+        )
+    if "channel" not in fields:
+        raise ProtocolError("missing field 'channel'", reply_to)
+    channel = check_channel(fields["channel"][0], reply_to)
+    payload = None
+    backpressure = None
+    if action == "publish":
+        if "payload" not in fields:
+            raise ProtocolError("missing field 'payload'", reply_to)
+        payload = fields["payload"][1]
+    if action == "subscribe" and "backpressure" in fields:
+        backpressure = fields["backpressure"][0]
+        if backpressure not in BACKPRESSURE_POLICIES:
+            raise ProtocolError("'backpressure' must be \"close\" or \"drop\"", reply_to)
+    return Action(action, channel, reply_to, payload, backpressure)
+
+
+# ------------------------------------------------------------------ frames
+
+
+def reply_frame(event: str, channel: Optional[str], reply_to: Any = None, **extra: Any) -> str:
+    """``{"event": event, "channel": ..., "reply_to": ...}`` (absent fields left out)."""
+    frame: Dict[str, Any] = {"event": event}
+    if channel is not None:
+        frame["channel"] = channel
+    frame.update(extra)
+    if reply_to is not None:
+        frame["reply_to"] = reply_to
+    return dumps(frame)
+
+
+def text_message_frame(channel: Optional[str], text: str, message_id: str) -> str:
+    """``{"channel": ..., "type": "text", "payload": "<text>", "id": ...}``."""
+    frame: Dict[str, Any] = {} if channel is None else {"channel": channel}
+    frame.update(type="text", payload=text, id=message_id)
+    return dumps(frame)

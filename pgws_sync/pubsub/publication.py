@@ -1,0 +1,235 @@
+"""The publish format: one NOTIFY on the pub/sub channel per message, one table per type (pure).
+
+A publication is a JSON object, so SQL can build one with ``json_build_object``::
+
+    {"channel": "g", "type": "json", "id": "<uuid>", "to": "<connection id>", "payload": <...>}
+
+``type`` is ``json`` (the default; ``payload`` any JSON value, passed on as
+written), ``text`` (``payload`` a string) or ``binary`` (``payload`` the
+base64 of the bytes). ``to`` (optional) sends to one connection instead of a
+channel's subscribers; ``id`` (optional) is the message id every recipient
+sees (without one, each process picks its own).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+
+from .._core.wire import Frame
+from .._formats import (
+    check_json,
+    check_notify_size,
+    json_fields,
+    message_frame,
+    name_problem,
+    preview,
+)
+from ..errors import InvalidChannel, InvalidPayload, PublicationTooLarge
+from .protocol import text_message_frame
+
+#: The PostgreSQL channel publications travel on unless the endpoint is told otherwise.
+DEFAULT_PUBSUB_CHANNEL = "pgws_sync"
+
+Body = Union[str, bytes]
+
+
+class Publication(NamedTuple):
+    """One published message as read back from its NOTIFY."""
+
+    #: The pub/sub channel, or None for a message to one connection.
+    channel: Optional[str]
+    type: str
+    #: ``json``: the JSON text as written; ``text``: the string; ``binary``: the bytes.
+    body: Body
+    #: The connection id it is meant for, or None for every subscriber of ``channel``.
+    target: Optional[str] = None
+    id: Optional[str] = None
+
+
+class _Type(NamedTuple):
+    """How one message type travels: each step raises :class:`InvalidPayload` on a misfit."""
+
+    #: What a caller publishes -> the body.
+    body: Callable[[Any], Body]
+    #: The body -> the ``payload`` value's JSON text in the NOTIFY.
+    payload: Callable[[Body], str]
+    #: The ``payload`` read back (decoded value, text as written) -> the body.
+    read: Callable[[Any, str], Body]
+    #: (channel, body, message id) -> the frame subscribers receive.
+    frame: Callable[[Optional[str], Body, str], Frame]
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+# -------------------------------------------------------------------- json
+
+
+def _json_body(message: Any) -> Body:
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"the message cannot be sent as JSON: {exc}") from None
+
+
+def _json_payload(body: Body) -> str:
+    if not isinstance(body, str):
+        raise InvalidPayload("a json body must be JSON text")
+    try:
+        return check_json(body)
+    except ValueError as exc:
+        raise InvalidPayload(f"invalid JSON payload: {exc}", preview(body.strip())) from None
+
+
+# -------------------------------------------------------------------- text
+
+
+def _text_body(message: Any) -> Body:
+    if not isinstance(message, str):
+        raise InvalidPayload(f"a text message must be a str, not {_type_name(message)}")
+    return message
+
+
+def _text_payload(body: Body) -> str:
+    if not isinstance(body, str):
+        raise InvalidPayload("a text body must be a str")
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _text_read(value: Any, raw: str) -> Body:
+    if not isinstance(value, str):
+        raise InvalidPayload("a text message's payload must be a string")
+    return value
+
+
+# ------------------------------------------------------------------ binary
+
+
+def _binary_body(message: Any) -> Body:
+    if not isinstance(message, (bytes, bytearray, memoryview)):
+        raise InvalidPayload(f"a binary message must be bytes, not {_type_name(message)}")
+    return bytes(message)
+
+
+def _binary_payload(body: Body) -> str:
+    if not isinstance(body, bytes):
+        raise InvalidPayload("a binary body must be bytes")
+    return '"' + base64.b64encode(body).decode("ascii") + '"'
+
+
+def _binary_read(value: Any, raw: str) -> Body:
+    if not isinstance(value, str):
+        raise InvalidPayload("a binary message's payload must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidPayload("a binary message's payload is not valid base64") from None
+
+
+TYPES: Dict[str, _Type] = {
+    "json": _Type(_json_body, _json_payload, lambda value, raw: raw,
+                  lambda channel, body, mid: message_frame(channel, str(body), mid)),
+    "text": _Type(_text_body, _text_payload, _text_read,
+                  lambda channel, body, mid: text_message_frame(channel, str(body), mid)),
+    "binary": _Type(_binary_body, _binary_payload, _binary_read,
+                    lambda channel, body, mid: body),
+}
+
+#: Message types: JSON values, text, and bytes (binary WebSocket frames).
+MESSAGE_TYPES = tuple(TYPES)
+
+
+def message_type(name: Any) -> _Type:
+    """The table of message type ``name``; :class:`InvalidPayload` for an unknown one."""
+    kind = TYPES.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise InvalidPayload(f"unknown message type {name!r} (expected json, text or binary)")
+    return kind
+
+
+def message_body(message: Any, type: str = "json") -> Body:
+    """Turn what a caller publishes into a publication body, checking it fits the type.
+
+    ``json``: any JSON-serialisable value (a ``str`` is a JSON string);
+    ``text``: a ``str``; ``binary``: ``bytes``-like.
+    """
+    return message_type(type).body(message)
+
+
+def format_publication(
+    channel: Optional[str],
+    body: Body,
+    *,
+    type: str = "json",
+    target: Optional[str] = None,
+    message_id: Optional[str] = None,
+) -> str:
+    """Build the NOTIFY payload for one message and check PostgreSQL's size limit.
+
+    ``body`` is JSON text for ``json`` (inserted as written), a ``str`` for
+    ``text``, ``bytes`` for ``binary``. Raises :class:`InvalidPayload` for a
+    body that does not match its type, :class:`InvalidChannel` for a bad
+    channel and :class:`PublicationTooLarge` when the NOTIFY would reach 8000 bytes.
+    """
+    if channel is None and target is None:
+        raise InvalidPayload("a message needs a channel or a target connection")
+    if channel is not None:
+        problem = name_problem(channel)
+        if problem is not None:
+            raise InvalidChannel(channel, problem)
+    raw = message_type(type).payload(body)
+    head: Dict[str, str] = {}
+    if channel is not None:
+        head["channel"] = channel
+    if type != "json":
+        head["type"] = type
+    if message_id is not None:
+        head["id"] = message_id
+    if target is not None:
+        head["to"] = target
+    text = json.dumps(head, ensure_ascii=False)[:-1]
+    text = text + (", " if head else "") + '"payload": ' + raw + "}"
+    return check_notify_size(text, channel, error=PublicationTooLarge)
+
+
+def parse_publication(payload: str) -> Publication:
+    """Read one publication NOTIFY; raises :class:`InvalidPayload` naming what is wrong."""
+    try:
+        fields = json_fields(payload)
+    except ValueError as exc:
+        raise InvalidPayload(f"not a JSON object: {exc}", preview(payload)) from None
+
+    def text_field(name: str) -> Optional[str]:
+        if name not in fields or fields[name][0] is None:
+            return None
+        value = fields[name][0]
+        if not isinstance(value, str):
+            raise InvalidPayload(f"{name!r} must be a string", preview(payload))
+        return value
+
+    channel = text_field("channel")
+    target = text_field("to")
+    message_id = text_field("id")
+    kind = text_field("type") or "json"
+    if channel is None and target is None:
+        raise InvalidPayload("no 'channel' (or 'to') field", preview(payload))
+    if channel is not None:
+        problem = name_problem(channel)
+        if problem is not None:
+            raise InvalidPayload(f"invalid channel name: {problem}", preview(payload))
+    if "payload" not in fields:
+        raise InvalidPayload("no 'payload' field", preview(payload))
+    try:
+        body = message_type(kind).read(*fields["payload"])
+    except InvalidPayload as exc:
+        raise InvalidPayload(exc.reason, preview(payload)) from None
+    return Publication(channel, kind, body, target, message_id)
+
+
+def publication_frame(pub: Publication, message_id: str) -> Frame:
+    """The frame subscribers receive for ``pub``."""
+    return message_type(pub.type).frame(pub.channel, pub.body, message_id)

@@ -1,0 +1,96 @@
+"""Publishing side: send publications as NOTIFY, in the caller's transaction or from a small pool."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .._formats import new_message_id, validate_channel
+from ..errors import PublishFailed
+from ..sources.notify_pool import NotifyPool
+from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
+
+
+def build_publication(
+    channel: Optional[str],
+    message: Any,
+    *,
+    type: str = "json",
+    to: Optional[str] = None,
+    message_id: Optional[str] = None,
+) -> str:
+    """The NOTIFY payload publishing ``message`` would send (checks type and size)."""
+    return format_publication(channel, message_body(message, type), type=type, target=to,
+                              message_id=message_id or new_message_id())
+
+
+def publish(
+    conn: Any,
+    channel: Optional[str],
+    message: Any,
+    *,
+    type: str = "json",
+    to: Optional[str] = None,
+    pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
+) -> str:
+    """Publish ``message`` to ``channel``'s subscribers in every process, inside ``conn``'s
+    transaction (it leaves at commit; at once in autocommit). Returns the message id.
+
+    ``type`` is ``json`` (any JSON value), ``text`` (a str) or ``binary``
+    (bytes). With ``to`` (a connection id) and ``channel`` None it reaches only
+    that connection, wherever it is connected. Raises
+    :class:`~pgws_sync.PayloadTooLarge` before sending anything PostgreSQL would
+    refuse and :class:`~pgws_sync.InvalidPayload` for a message that does not
+    fit its type.
+    """
+    validate_channel(pubsub_channel)
+    message_id = new_message_id()
+    text = build_publication(channel, message, type=type, to=to, message_id=message_id)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_notify(%s, %s)", (pubsub_channel, text))
+    return message_id
+
+
+class Publisher:
+    """Sends publications from up to ``pool_size`` autocommit connections of this process.
+
+    Connections are opened on demand (after any fork: each process has its
+    own), reused, and replaced when they break; never the listener's.
+    ``timeout`` bounds both connecting and waiting for a free connection.
+    """
+
+    def __init__(
+        self,
+        dsn: str = "",
+        *,
+        pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
+        pool_size: int = 4,
+        timeout: float = 10.0,
+        application_name: str = "pgws_sync publisher",
+    ) -> None:
+        self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
+                                connect_timeout=timeout, application_name=application_name,
+                                size_name="pool_size", error=PublishFailed)
+        self.dsn = dsn or ""
+        self.pubsub_channel = validate_channel(pubsub_channel)
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self.application_name = application_name
+
+    def publish(self, channel: Optional[str], message: Any, *, type: str = "json",
+                to: Optional[str] = None) -> str:
+        """Publish ``message`` (see :func:`publish`) at once; returns the message id.
+
+        Raises :class:`PublishFailed` when the database cannot be reached or
+        refuses the NOTIFY (after one retry on a fresh connection).
+        """
+        message_id = new_message_id()
+        self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id))
+        return message_id
+
+    def notify(self, text: str, *, channel: Optional[str] = None) -> None:
+        """Send one already-built publication (on ``channel``, default the pub/sub channel)."""
+        self._pool.notify(self.pubsub_channel if channel is None else channel, [text])
+
+    def close(self) -> None:
+        """Close this process's connections; later publishing raises :class:`PublishFailed`."""
+        self._pool.close()

@@ -1,0 +1,1 @@
+"""websocket-push on pgws_sync: users, rooms and tab windows fed by backend messages."""

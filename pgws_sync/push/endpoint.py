@@ -1,0 +1,271 @@
+"""Push: users, rooms and tab windows fed by backend messages (websocket-push's model)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from werkzeug.wrappers import Request
+
+from .._core.connection import Connection
+from .._core.wire import Frame
+from .._formats import check_notify_size, name_problem, preview
+from ..errors import ConfigError, InvalidPayload, ProtocolError, Refused
+from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
+from ..pubsub.publication import message_body
+from ..sources.base import Notification, Source
+from .messages import (
+    DEFAULT_PUSH_CHANNEL,
+    AuthEvent,
+    BackendMessage,
+    ToRoom,
+    ToUser,
+    format_backend_message,
+    parse_backend_message,
+    parse_room_request,
+    room_error_frame,
+    room_frame,
+    tab_window_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Hub keys of users and of tab windows (rooms are subscriptions: ``sub:<room>``).
+USER_PREFIX = "user:"
+TAB_PREFIX = "tab:"
+
+
+class Push(PubSub):
+    """websocket-push's model on pgws_sync: push to users, to one tab, or to rooms.
+
+    Backend services send JSON messages as a NOTIFY on ``push_channel`` (or a
+    Redis ``PUBLISH`` with ``source=RedisSource(...)``): ``{"pushToUser": u,
+    "payload": P}`` (optionally with ``"tabWindowId"``), ``{"pushToRoom": r,
+    "payload": P}``, or ``{"guestId": g, "authUserId": u}``. Each recipient
+    gets P's JSON text as one text frame. Clients join rooms with
+    ``{"joinRoom": r}`` / ``{"leaveRoom": r}``; a room is a pub/sub channel.
+    Hooks: :meth:`get_user`, :meth:`permit_connection`, :meth:`permit_join`;
+    a subclass overriding :meth:`on_connect` calls ``super().on_connect`` first.
+
+    :param source: where backend messages come from (default: the listener).
+    :param push_channel: the channel backend messages travel on.
+    :param tab_windows: send each socket ``{"tabWindowId": "<token>"}`` first.
+    :param user_header: request header naming the user.
+    :param guest_header: request header naming a guest, when there is no user.
+
+    Other keyword options are those of :class:`PubSub`.
+    """
+
+    def __init__(
+        self,
+        listener: Source,
+        *,
+        source: Optional[Source] = None,
+        push_channel: str = DEFAULT_PUSH_CHANNEL,
+        tab_windows: bool = True,
+        user_header: str = "X-Auth-User",
+        guest_header: str = "X-Auth-Guest",
+        **options: Any,
+    ) -> None:
+        self.push_source: Source = listener if source is None else source
+        self.push_channel = push_channel
+        self.tab_windows = tab_windows
+        self.user_header = user_header
+        self.guest_header = guest_header
+        # The upgrade request of each socket, only if permit_join wants it later.
+        self._keep_requests = type(self).permit_join is not Push.permit_join
+        self._requests: Dict[Connection, Request] = {}
+        self._requests_lock = threading.Lock()  # guards _requests
+        super().__init__(listener, **options)
+        if self.push_source is listener and push_channel == self.pubsub_channel:
+            raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
+                              "give them different names")
+        self.add_source(self.push_source, _PushSink(self), [push_channel], name="push_source")
+
+    # ---------------------------------------------------- application hooks
+
+    def get_user(self, request: Request) -> Optional[str]:
+        """The user id of a new socket, or None for none (called once, before the upgrade).
+
+        Default: the ``user_header`` (``X-Auth-User``), else the
+        ``guest_header`` (``X-Auth-Guest``). Set them in a trusted proxy or
+        override this with your own authentication.
+        """
+        return (request.headers.get(self.user_header)
+                or request.headers.get(self.guest_header) or None)
+
+    def permit_connection(self, request: Request) -> bool:
+        """Whether to accept this upgrade at all (False: HTTP 403). Default: yes."""
+        return True
+
+    def permit_join(self, user: Optional[str], room: str, request: Request) -> bool:
+        """Whether the socket of ``user`` (None: anonymous) may join ``room``. Default: yes.
+
+        ``request`` is the socket's upgrade request. Also decides pub/sub
+        subscriptions, which are the same thing.
+        """
+        return True
+
+    # ---------------------------------------------------- server-side API
+
+    def push_to_user(self, user: str, payload: Any, *,
+                     tab_window_id: Optional[str] = None) -> None:
+        """Send ``payload`` (any JSON value) to every socket of ``user``, or one tab, in every worker."""
+        self.send_backend_message(ToUser(user, str(message_body(payload)), tab_window_id))
+
+    def push_to_room(self, room: str, payload: Any) -> None:
+        """Send ``payload`` (any JSON value) to every socket in ``room``, in every worker."""
+        self.send_backend_message(ToRoom(room, str(message_body(payload))))
+
+    def authenticate(self, guest: str, user: str) -> None:
+        """Move guest ``guest``'s sockets to user ``user``, in every worker."""
+        self.send_backend_message(AuthEvent(guest, user))
+
+    def send_backend_message(self, message: BackendMessage) -> None:
+        """Send ``message`` through the push source, exactly as a backend service would.
+
+        Raises :class:`InvalidPayload` for a name receivers would refuse (not
+        a non-empty string of at most 200 characters), :class:`PayloadTooLarge`
+        when a NOTIFY would reach 8000 bytes, :class:`PublishFailed`
+        (PostgreSQL) or :class:`RedisPublishFailed` when the source does not
+        take it.
+        """
+        text = format_backend_message(message)
+        parse_backend_message(text)  # InvalidPayload now, not a warning in every worker later
+        publish = getattr(self.push_source, "publish", None)
+        if self.push_source is self.listener:
+            self.publisher.notify(check_notify_size(text, self.push_channel),
+                                  channel=self.push_channel)
+        elif publish is not None:
+            publish(self.push_channel, text)
+        else:
+            raise ConfigError(f"the push source {type(self.push_source).__name__} cannot publish")
+
+    # ---------------------------------------------------- endpoint hooks
+
+    def connection_audiences(self, request: Request) -> Sequence[str]:
+        return ()  # reachable only once on_connect has sent the tab window frame
+
+    def on_connect(self, conn: Connection, request: Request) -> None:
+        """Permit, identify, send the tab window frame, and join the user's key."""
+        try:
+            permitted = self.permit_connection(request)
+        except Exception:  # an application hook: refuse, log
+            logger.exception("permit_connection failed; refused the socket")
+            raise Refused(500, "permit_connection failed") from None
+        if not permitted:
+            raise Refused(403, "connection not permitted")
+        user = self._identify(request)
+        if self.tab_windows:
+            token = secrets.token_urlsafe(16)
+            conn.send(tab_window_frame(token))
+            conn.metadata["tabWindowId"] = token
+            self.hub.join(conn, TAB_PREFIX + token)
+        if user is not None:
+            conn.metadata["user"] = user
+            self.hub.join(conn, USER_PREFIX + user)
+        if self._keep_requests:
+            with self._requests_lock:
+                self._requests[conn] = request
+
+    def _identify(self, request: Request) -> Optional[str]:
+        try:
+            user = self.get_user(request)
+        except Exception:  # an application hook: refuse, log
+            logger.exception("get_user failed; refused the socket")
+            raise Refused(500, "get_user failed") from None
+        if user is None or user == "":
+            return None
+        problem = name_problem(user)
+        if problem is not None:
+            raise Refused(400, f"invalid user id: {problem}")
+        return user
+
+    def _forget(self, conn: Connection) -> None:
+        super()._forget(conn)
+        if self._keep_requests:
+            with self._requests_lock:
+                self._requests.pop(conn, None)
+
+    def can_subscribe(self, conn: Connection, channel: str) -> bool:
+        with self._requests_lock:
+            request = self._requests.get(conn)
+        return self.permit_join(conn.metadata.get("user"), channel, request)  # type: ignore[arg-type]
+
+    def on_message(self, conn: Connection, data: Frame) -> None:
+        """Room requests here; everything else is the pub/sub protocol."""
+        try:
+            request = parse_room_request(data)
+        except ProtocolError as exc:
+            conn.send(room_error_frame(exc.reason))
+            return
+        if request is None:
+            super().on_message(conn, data)
+            return
+        if request.join:
+            problem = self._subscribe_problem(conn, request.room, "join room")
+            if problem is not None:
+                conn.send(room_error_frame(problem, request.room))
+                return
+            self.subscribe(conn, request.room)
+        else:
+            self.unsubscribe(conn, request.room)
+        conn.send(room_frame(request))
+
+    def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
+        """None for a socket that has not had its tab window frame yet (it must be the first)."""
+        if self.tab_windows and "tabWindowId" not in conn.metadata:
+            return None
+        return self.subscriptions(conn)
+
+    # ---------------------------------------------------- internals
+
+    def deliver_backend_messages(self, batch: Sequence[Notification]) -> None:
+        """Hand each backend message to its sockets, in order (on the source's thread)."""
+        pending: List[Tuple[str, Frame]] = []
+        for note in batch:
+            try:
+                message = parse_backend_message(note.payload)
+            except InvalidPayload as exc:
+                logger.warning("dropped a push message on channel %r: %s (%s)",
+                               note.channel, exc, preview(note.payload))
+                continue
+            if isinstance(message, ToRoom):
+                pending.append((SUBSCRIPTION_PREFIX + message.room, message.payload))
+            elif isinstance(message, ToUser):
+                if message.tab_window_id is None:
+                    pending.append((USER_PREFIX + message.user, message.payload))
+                    continue
+                key = TAB_PREFIX + message.tab_window_id
+                if any(c.metadata.get("user") == message.user for c in self.hub.members(key)):
+                    pending.append((key, message.payload))
+            else:
+                self.hub.fan_out(pending)  # what came before reaches the guest's sockets
+                pending = []
+                self._log_in(message)
+        self.hub.fan_out(pending)
+
+    def _log_in(self, event: AuthEvent) -> None:
+        moved = 0
+        for conn in self.hub.members(USER_PREFIX + event.guest):
+            self.hub.leave(conn, USER_PREFIX + event.guest)
+            if self.hub.join(conn, USER_PREFIX + event.user):
+                conn.metadata["user"] = event.user
+                moved += 1
+        logger.info("guest %r logged in as %r: %d sockets moved", event.guest, event.user, moved)
+
+
+class _PushSink:
+    """Feeds a :class:`Push` endpoint from its push source."""
+
+    def __init__(self, endpoint: Push) -> None:
+        self.endpoint = endpoint
+
+    def on_notifications(self, batch: Sequence[Notification]) -> None:
+        self.endpoint.deliver_backend_messages(batch)
+
+    def on_resync(self, reason: str) -> None:
+        if self.endpoint.push_source is not self.endpoint.listener:  # else PubSub said it
+            self.endpoint.on_resync(reason)

@@ -1,0 +1,1 @@
+"""Notification sources: the Source protocol, PostgreSQL (listener, NOTIFY pool) and Redis."""

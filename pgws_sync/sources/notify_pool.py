@@ -1,0 +1,145 @@
+"""The NOTIFY pool: a few connections per process, opened on demand, that send NOTIFYs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Type
+
+import psycopg2
+import psycopg2.extensions
+
+from ..errors import ConfigError, NotifyFailed, first_line
+from .postgres import close_quietly
+
+
+class NotifyPool:
+    """Up to ``size`` autocommit connections of this process, never the listener's, for NOTIFY.
+
+    Connections are opened on first use in the process that uses them (after
+    a fork the parent's are left alone), reused, and replaced when they break.
+    :meth:`notify` waits at most ``wait_timeout`` seconds for a free
+    connection; ``connect_timeout`` bounds connecting and ``statement_timeout``
+    (``None``: no limit) each NOTIFY, in seconds. Failures raise ``error`` (a
+    :class:`NotifyFailed` class) with a one-line reason; ``size_name`` is how
+    users know ``size`` (e.g. a setting), named when the pool is too small.
+    """
+
+    def __init__(
+        self,
+        dsn: str = "",
+        *,
+        size: int = 4,
+        wait_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        statement_timeout: Optional[float] = None,
+        application_name: str = "pgws_sync notify",
+        size_name: str = "size",
+        error: Type[NotifyFailed] = NotifyFailed,
+    ) -> None:
+        if size < 1:
+            raise ConfigError(f"{size_name} must be at least 1, got {size}")
+        self.size = size
+        self.wait_timeout = wait_timeout
+        self.size_name = size_name
+        self.error = error
+        params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+        options = params.pop("options", "")
+        if statement_timeout is not None:
+            options += f" -c statement_timeout={int(statement_timeout * 1000)}"
+        # Settings in the DSN win, except the name this pool's connections show.
+        self._params: Dict[str, Any] = {
+            "connect_timeout": max(1, int(connect_timeout)),
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 3,
+            **params,
+            "application_name": application_name,
+        }
+        if options.strip():
+            self._params["options"] = options.strip()
+        self._lock = threading.Lock()  # guards the pool state below
+        self._free = threading.Condition(self._lock)
+        self._idle: List[Any] = []
+        self._open = 0
+        self._pid = os.getpid()
+        self._closed = False
+
+    def notify(self, channel: str, payloads: Sequence[str]) -> None:
+        """NOTIFY each payload on ``channel``, in order and in one transaction: all or none.
+
+        A connection that died while idle (a database restart) fails before
+        anything is sent; then a fresh one is tried, once.
+        """
+        if not payloads:
+            return
+        # Statements sent in one query run as one transaction, even in autocommit:
+        # one round trip, and a failure sends nothing.
+        query = "; ".join(["SELECT pg_notify(%s, %s)"] * len(payloads))
+        args = [value for payload in payloads for value in (channel, payload)]
+        for attempt in (1, 2):
+            conn = self._acquire()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(query, args)
+            except psycopg2.Error as exc:
+                broken = bool(conn.closed)
+                self._release(conn, broken=broken)
+                if broken and attempt == 1:
+                    continue
+                raise self.error(f"NOTIFY failed: {first_line(exc)}") from exc
+            self._release(conn)
+            return
+
+    def close(self) -> None:
+        """Close this process's idle connections (busy ones when they come back); later
+        :meth:`notify` calls fail."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            mine = self._pid == os.getpid()
+            self._free.notify_all()
+        if mine:  # closing a parent's connection would end its session too
+            for conn in idle:
+                close_quietly(conn)
+
+    # --------------------------------------------------------- internals
+
+    def _acquire(self) -> Any:
+        deadline = time.monotonic() + self.wait_timeout
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours
+                self._pid, self._idle, self._open = os.getpid(), [], 0
+            while True:
+                if self._closed:
+                    raise self.error("the connection pool is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.size:
+                    self._open += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.error(f"the database is busy: all {self.size} connections are "
+                                     f"in use ({self.size_name})")
+                self._free.wait(left)
+        try:
+            conn = psycopg2.connect(**self._params)
+        except psycopg2.Error as exc:
+            self._release(None, broken=True)  # frees the slot taken above
+            raise self.error(f"cannot connect to the database: {first_line(exc)}") from exc
+        conn.autocommit = True
+        return conn
+
+    def _release(self, conn: Any, *, broken: bool = False) -> None:
+        """Give ``conn`` back; a broken one (or any, once closed) is closed and its slot freed."""
+        with self._lock:
+            keep = not broken and not self._closed
+            if keep:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+            self._free.notify()
+        if not keep:
+            close_quietly(conn)
