@@ -12,11 +12,11 @@ import os
 
 from flask import Flask
 
-from pgws_sync import PGWS, Listener
+from pgws_sync import Pgws, Listener
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=1.0, max_reconnect=30.0)
-endpoint = PGWS(listener, "updates")
+endpoint = Pgws(listener, "updates")
 
 
 def teams(request):

@@ -9,9 +9,9 @@ import os
 
 from flask import Flask
 
-from pgws_sync import PGWS, Listener
+from pgws_sync import Pgws, Listener
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=1.0, max_reconnect=30.0)
-endpoint = PGWS(listener, "pgws")
+endpoint = Pgws(listener, "pgws")
 endpoint.init_app(app, "/ws")

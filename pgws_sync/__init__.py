@@ -1,6 +1,6 @@
 """pgws_sync: PostgreSQL NOTIFY to browsers over WebSockets, for threaded WSGI apps."""
 
-from ._core.assets import static_files
+from ._core.assets import client_js, static_files
 from ._core.connection import Connection
 from ._core.endpoint import WebSocketEndpoint, origin_allowed
 from ._formats import NOTIFY_PAYLOAD_LIMIT
@@ -67,6 +67,7 @@ __all__ = [
     # helpers
     "origin_allowed",
     "static_files",
+    "client_js",
     "shutdown",
     # errors
     "PgwsError",

@@ -1,9 +1,4 @@
-"""gunicorn integration: close every socket with 1001 on SIGTERM, start listeners per worker.
-
-Use it as a config module, ``gunicorn -c python:pgws_sync.gunicorn app:app``,
-or import ``post_worker_init`` into your own config file. Without it gunicorn
-waits its whole graceful timeout for open sockets and then kills them (1006).
-"""
+"""gunicorn hooks (``-c python:pgws_sync.gunicorn``): sources per worker, 1001 on SIGTERM."""
 
 from __future__ import annotations
 

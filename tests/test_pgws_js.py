@@ -19,7 +19,7 @@ import pytest
 from flask import Flask
 from playwright.sync_api import Page
 
-from pgws_sync import PGWS, Listener
+from pgws_sync import Pgws, Listener
 from pgws_sync._core.assets import client_js
 
 from .clirun import Serve, no_database_env
@@ -490,14 +490,14 @@ def test_init_app_serves_pgws_js(pubsub: Dict[str, Gunicorn]) -> None:
 def test_init_app_registers_pgws_js_once_or_not_at_all() -> None:
     listener = Listener("")  # never started: no request here opens a socket
     app = Flask(__name__)
-    PGWS(listener, "a").init_app(app, "/ws-a")
-    PGWS(listener, "b").init_app(app, "/ws-b", client_path="/static/pgws.js")
+    Pgws(listener, "a").init_app(app, "/ws-a")
+    Pgws(listener, "b").init_app(app, "/ws-b", client_path="/static/pgws.js")
     response = app.test_client().get("/pgws.js")
     assert response.status_code == 200 and response.get_data(as_text=True) == client_js()
     assert app.test_client().get("/static/pgws.js").status_code == 404  # the first one won
 
     bare = Flask(__name__)
-    PGWS(listener, "c").init_app(bare, "/ws", client_path=None)
+    Pgws(listener, "c").init_app(bare, "/ws", client_path=None)
     assert bare.test_client().get("/pgws.js").status_code == 404
 
 

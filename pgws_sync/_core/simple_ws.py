@@ -1,11 +1,4 @@
-"""Every use of simple-websocket's (and wsproto's) private parts, fenced in one adapter.
-
-pgws_sync drives simple-websocket's server without its per-socket thread and
-answers the upgrade itself. That needs members simple-websocket does not
-document; they are touched here and nowhere else. ``setup.cfg`` pins the
-versions this was tested with, and ``tests/core/test_simple_ws.py`` fails when
-a release changes any of it.
-"""
+"""The one adapter to simple-websocket's undocumented parts (pinned; tests/core/test_simple_ws.py)."""
 
 from __future__ import annotations
 

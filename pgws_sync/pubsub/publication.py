@@ -1,15 +1,4 @@
-"""The publish format: one NOTIFY on the pub/sub channel per message, one table per type (pure).
-
-A publication is a JSON object, so SQL can build one with ``json_build_object``::
-
-    {"channel": "g", "type": "json", "id": "<uuid>", "to": "<connection id>", "payload": <...>}
-
-``type`` is ``json`` (the default; ``payload`` any JSON value, passed on as
-written), ``text`` (``payload`` a string) or ``binary`` (``payload`` the
-base64 of the bytes). ``to`` (optional) sends to one connection instead of a
-channel's subscribers; ``id`` (optional) is the message id every recipient
-sees (without one, each process picks its own).
-"""
+"""The publish format (docs/protocol.md): one JSON object per NOTIFY, one table per message type."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import threading
 
 from flask import Flask, jsonify
 
-from pgws_sync import PGWS, Listener
+from pgws_sync import Pgws, Listener
 
 app = Flask(__name__)
 listener = Listener(
@@ -23,7 +23,7 @@ listener = Listener(
     **{"min_reconnect": 0.2, "max_reconnect": 2.0,
        **json.loads(os.environ.get("PGWS_LISTENER_OPTIONS", "{}"))},
 )
-endpoint = PGWS(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]')),
+endpoint = Pgws(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]')),
                 **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
 
 

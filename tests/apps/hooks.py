@@ -13,7 +13,7 @@ import time
 
 from flask import Flask, jsonify
 
-from pgws_sync import PGWS, Listener, Refused
+from pgws_sync import Pgws, Listener, Refused
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2, max_reconnect=2.0)
@@ -22,7 +22,7 @@ counts = {"connect": 0, "open": 0, "disconnect": 0, "disconnect_ids": []}
 counts_lock = threading.Lock()
 
 
-class HookedEndpoint(PGWS):
+class HookedEndpoint(Pgws):
     def on_connect(self, conn, request):
         if "X-Refuse" in request.headers:
             raise Refused(401, request.headers["X-Refuse"])

@@ -1,8 +1,8 @@
-"""A PGWS endpoint as a plain WSGI application, without Flask."""
+"""A Pgws endpoint as a plain WSGI application, without Flask."""
 
 import os
 
-from pgws_sync import PGWS, Listener
+from pgws_sync import Pgws, Listener
 
-application = PGWS(Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2,
+application = Pgws(Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2,
                             max_reconnect=2.0), "pgws")

@@ -10,7 +10,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from pgws_sync import PGWS, InvalidChannel, Listener, PgwsError, origin_allowed
+from pgws_sync import Pgws, InvalidChannel, Listener, PgwsError, origin_allowed
 
 from ..helpers import pg_notify
 from ..helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
@@ -105,10 +105,10 @@ def test_channel_names_work_end_to_end(pg_dsn, sender, clients):
 def test_bad_channel_names_fail_when_the_endpoint_is_created(bad):
     listener = Listener("")
     with pytest.raises(InvalidChannel) as info:
-        PGWS(listener, "fine", bad)
+        Pgws(listener, "fine", bad)
     assert isinstance(info.value, PgwsError)
     with pytest.raises(PgwsError):
-        PGWS(listener)
+        Pgws(listener)
 
 
 def test_origin_rules():
@@ -285,7 +285,7 @@ def test_plain_wsgi_under_werkzeug_dev_server(pg_dsn, sender):
     from werkzeug.serving import make_server
 
     listener = Listener(pg_dsn, min_reconnect=0.2, max_reconnect=2.0)
-    endpoint = PGWS(listener, "pgws")
+    endpoint = Pgws(listener, "pgws")
     httpd = make_server("127.0.0.1", 0, endpoint, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, name="test-werkzeug", daemon=True)
     thread.start()

@@ -1,0 +1,95 @@
+"""The shared reader: one thread reads every socket, wakes its writer, pings, and notices the end."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+from typing import Any, Iterator, List, Tuple
+
+import pytest
+from wsproto import ConnectionType
+from wsproto.connection import Connection as FrameConnection
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+from pgws_sync._core import simple_ws
+from pgws_sync._core.connection import GuardedSocket, WakingEvent
+from pgws_sync._core.reader import reading_thread
+
+from ..helpers import wait_for
+
+
+class Socket:
+    """One server socket read by the shared reader, and the wsproto client at its other end."""
+
+    def __init__(self, ping_interval: Any = None) -> None:
+        self.server, self.client_sock = socket.socketpair()
+        self.wakes = threading.Event()
+        guarded = GuardedSocket(self.server, 5.0, on_close=self.wakes.set)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.ws = simple_ws.accept(
+            {"gunicorn.socket": guarded, "HTTP_SEC_WEBSOCKET_KEY": key}, deflate=False,
+            ping_interval=ping_interval, max_message_size=1 << 16, subprotocols=None,
+            event_class=lambda: WakingEvent(self.wakes.set), thread_class=reading_thread)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.client_sock.recv(4096)
+        self.client = FrameConnection(ConnectionType.CLIENT)
+
+    def send(self, event: Any) -> None:
+        self.client_sock.sendall(self.client.send(event))
+
+    def events(self) -> List[Any]:
+        self.client_sock.settimeout(10)
+        self.client.receive_data(self.client_sock.recv(65536))
+        return list(self.client.events())
+
+    def close(self) -> None:
+        self.server.close()
+        self.client_sock.close()
+
+
+@pytest.fixture
+def sockets() -> Iterator[List[Socket]]:
+    made: List[Socket] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def test_messages_from_many_sockets_reach_their_own_buffers(sockets):
+    for _ in range(20):
+        sockets.append(Socket())
+    for i, s in enumerate(sockets):
+        s.send(TextMessage(f"from {i}"))
+    for i, s in enumerate(sockets):
+        wait_for(lambda: simple_ws.inbound(s.ws), message=f"socket {i}'s message")
+        assert simple_ws.inbound(s.ws) == [f"from {i}"] and s.wakes.is_set()
+    threads = [t for t in threading.enumerate() if t.name == "pgws-reader"]
+    assert len(threads) == 1 and threads[0].daemon  # one thread for all of them
+
+
+def test_a_client_close_is_answered_and_ends_the_socket(sockets):
+    s = Socket()
+    sockets.append(s)
+    s.send(CloseConnection(1000, "bye"))
+    wait_for(lambda: not s.ws.thread.is_alive(), message="the reader to finish the socket")
+    assert not s.ws.connected
+    event = s.events()[0]
+    assert isinstance(event, CloseConnection) and event.code == 1000
+
+
+def test_pings_go_out_and_a_missing_pong_closes_with_1008(sockets):
+    s = Socket(ping_interval=0.2)
+    sockets.append(s)
+    got: List[Any] = []
+    wait_for(lambda: got.extend(s.events()) or any(isinstance(e, Ping) for e in got),
+             message="a ping")
+    s.send(next(e for e in got if isinstance(e, Ping)).response())  # answer the first
+    # the next one goes unanswered: the socket is closed with 1008
+    wait_for(lambda: got.extend(s.events()) or any(isinstance(e, CloseConnection) for e in got),
+             message="the 1008 close")
+    close = next(e for e in got if isinstance(e, CloseConnection))
+    assert close.code == 1008 and sum(isinstance(e, Ping) for e in got) >= 2
+    wait_for(lambda: not s.ws.thread.is_alive(), message="the socket to end")
