@@ -11,6 +11,17 @@ from .errors import ConfigError
 from .sources.base import Notification, Sink, Source
 
 
+def listener_dsn(listener: Source, dsn: Optional[str], who: str) -> str:
+    """``dsn``, else the listener's: the database an endpoint sends its own NOTIFYs to."""
+    if dsn is not None:
+        return dsn
+    found = getattr(listener, "dsn", None)
+    if not isinstance(found, str):
+        raise ConfigError(f"{who} sends NOTIFYs: give dsn=... when its first argument is not "
+                          f"a Listener")
+    return found
+
+
 class ListeningEndpoint(WebSocketEndpoint):
     """A WebSocket endpoint that ``listener`` (any :class:`Source`) feeds with ``channels``.
 

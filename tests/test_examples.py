@@ -2,8 +2,7 @@
 
 import pytest
 
-from .helpers import pg_notify
-from .helpers import Gunicorn, Ws, wait_for
+from .helpers import Gunicorn, Ws, pg_notify, wait_for
 
 
 def run_example(module, pg_dsn):

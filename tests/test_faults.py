@@ -9,8 +9,16 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import Ping, Pong, TextMessage
 
-from .helpers import pg_notify
-from .helpers import Ws, raw_upgrade, read_frame, serve, socket_closed_by_peer, wait_for, wait_sockets
+from .helpers import (
+    Ws,
+    pg_notify,
+    raw_upgrade,
+    read_frame,
+    serve,
+    socket_closed_by_peer,
+    wait_for,
+    wait_sockets,
+)
 
 PAD = "x" * 7000  # large frames fill the stalled client's buffers quickly
 ROUNDS = 60  # 4.2 MB for the pong test

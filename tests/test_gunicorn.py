@@ -7,8 +7,7 @@ import uuid
 
 import pytest
 
-from .helpers import pg_notify
-from .helpers import Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
+from .helpers import Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
 
 
 def listener_count(sender, name):

@@ -7,8 +7,7 @@ import socket
 import pytest
 import simple_websocket
 
-from .helpers import pg_notify
-from .helpers import Client, Gunicorn, http_get, raw_upgrade, wait_for
+from .helpers import Client, Gunicorn, http_get, pg_notify, raw_upgrade, wait_for
 
 
 @pytest.fixture(scope="module")

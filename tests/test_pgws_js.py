@@ -19,12 +19,11 @@ import pytest
 from flask import Flask
 from playwright.sync_api import Page
 
-from pgws_sync import Pgws, Listener
+from pgws_sync import Listener, Pgws
 from pgws_sync._core.assets import client_js
 
 from .clirun import Serve, no_database_env
-from .helpers import pg_notify
-from .helpers import ROOT, Gunicorn, http_get, wait_for
+from .helpers import ROOT, Gunicorn, http_get, pg_notify, wait_for
 from .jwt_helpers import SECRET, make_token
 from .pubsub_helpers import post, serve_pubsub, stats
 from .push_helpers import push, serve_push

@@ -2,8 +2,7 @@
 
 import re
 
-from .helpers import pg_notify
-from .helpers import ROOT, Gunicorn, Ws, http_get, wait_for
+from .helpers import ROOT, Gunicorn, Ws, http_get, pg_notify, wait_for
 
 
 def quick_start_code():

@@ -13,7 +13,7 @@ from .._core.assets import StartResponse, WSGIApp, WSGIEnviron, client_js_respon
 from .._core.connection import Connection
 from .._core.wire import Frame
 from .._formats import error_frame, validate_channel
-from .._listening import ListeningEndpoint
+from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import ConfigError, PayloadTooLarge, WriteFailed
 from ..sources.base import Notification, Source
 from ..sources.notify_pool import NotifyPool
@@ -79,7 +79,7 @@ class JwtGateway(ListeningEndpoint):
         self._opened = 0
         self._opened_changed = threading.Condition()  # guards _opened
         super().__init__(listener, [listen_channel], **options)
-        self.pool = NotifyPool(_writing_dsn(self.listener, dsn), size=pool_size,
+        self.pool = NotifyPool(listener_dsn(listener, dsn, "JwtGateway"), size=pool_size,
                                wait_timeout=self.write_timeout, statement_timeout=10.0,
                                application_name="pgws_sync writer",
                                size_name="PGWS_POOL_SIZE", error=WriteFailed)
@@ -207,13 +207,3 @@ class JwtGateway(ListeningEndpoint):
                     break
                 self._opened_changed.wait(left)
         self.pool.close()
-
-
-def _writing_dsn(listener: Source, dsn: Optional[str]) -> str:
-    if dsn is not None:
-        return dsn
-    listener_dsn = getattr(listener, "dsn", None)
-    if not isinstance(listener_dsn, str):
-        raise ConfigError("JwtGateway writes through PostgreSQL: give dsn=... when its first "
-                          "argument is not a Listener")
-    return listener_dsn

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from .._core.connection import Connection
 from .._core.wire import Frame
 from .._formats import error_frame, new_message_id
-from .._listening import ListeningEndpoint
+from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     ConfigError,
     InvalidPayload,
@@ -76,7 +76,7 @@ class PubSub(ListeningEndpoint):
         self.backpressure = backpressure
         self.max_subscriptions = max_subscriptions
         self.flush_timeout = flush_timeout
-        self.publisher = Publisher(_publishing_dsn(listener, dsn, type(self).__name__),
+        self.publisher = Publisher(listener_dsn(listener, dsn, type(self).__name__),
                                    pubsub_channel=pubsub_channel, pool_size=pool_size)
         self.pubsub_channel = self.publisher.pubsub_channel
         self.batcher = Batcher(self._publish_batch)
@@ -316,14 +316,3 @@ class PubSub(ListeningEndpoint):
                 if self._awaited is not None:
                     self._awaited.discard(message_id)
             raise
-
-
-def _publishing_dsn(listener: Source, dsn: Optional[str], name: str) -> str:
-    """The database to publish to: ``dsn``, else the listener's."""
-    if dsn is not None:
-        return dsn
-    listener_dsn = getattr(listener, "dsn", None)
-    if not isinstance(listener_dsn, str):
-        raise ConfigError(f"{name} publishes through PostgreSQL: give dsn=... when its first "
-                          f"argument is not a Listener")
-    return listener_dsn

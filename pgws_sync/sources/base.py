@@ -106,6 +106,12 @@ class SourceThread:
     it connects, serves and reconnects with backoff, telling every sink to
     resync after a connection was lost. Subclasses supply the connection
     through the hooks below (``_open``, ``_serve``, ``_close_conn``, ...).
+
+    :param min_reconnect: first delay, in seconds, before reconnecting.
+    :param max_reconnect: longest delay, in seconds, between reconnection attempts.
+    :param heartbeat_interval: seconds within which a silently dead connection is noticed.
+    :param connect_timeout: seconds connecting (and subscribing) may take.
+    :param coalesce: seconds over which a stream of messages is gathered (0: none).
     """
 
     # Set by each subclass (declared only, so a subclass that forgets one fails loudly):

@@ -34,12 +34,9 @@ class Listener(SourceThread):
     seconds are handed on together, at most once per ``coalesce``.
 
     :param dsn: libpq connection string or URI ("": libpq's environment).
-    :param min_reconnect: first delay, in seconds, before reconnecting.
-    :param max_reconnect: longest delay, in seconds, between reconnection attempts.
-    :param heartbeat_interval: seconds within which a silently dead connection is noticed.
-    :param connect_timeout: seconds a connection attempt (or a LISTEN) may take.
-    :param coalesce: seconds over which a stream of notifications is gathered (0: none).
     :param application_name: what ``pg_stat_activity`` shows for the connection.
+
+    The reconnecting and heartbeat options are :class:`SourceThread`'s.
     """
 
     _thread_prefix = "pgws-listener"

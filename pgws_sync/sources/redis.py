@@ -65,11 +65,9 @@ class RedisSource(SourceThread):
     SUBSCRIBE is literal: ``*`` and ``?`` in a channel name are not patterns.
 
     :param url: ``redis://``, ``rediss://`` or ``unix://`` URL of the server.
-    :param min_reconnect: first delay, in seconds, before reconnecting.
-    :param max_reconnect: longest delay, in seconds, between reconnection attempts.
-    :param heartbeat_interval: seconds within which a silently dead connection is noticed.
-    :param connect_timeout: seconds connecting, confirming SUBSCRIBE or publishing may take.
-    :param coalesce: seconds over which a stream of messages is gathered (0: none).
+
+    The reconnecting and heartbeat options are :class:`SourceThread`'s
+    (``connect_timeout`` also bounds :meth:`publish`).
     """
 
     _thread_prefix = "pgws-redis"

@@ -10,10 +10,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from pgws_sync import Pgws, InvalidChannel, Listener, PgwsError, origin_allowed
+from pgws_sync import InvalidChannel, Listener, Pgws, PgwsError, origin_allowed
 
-from ..helpers import pg_notify
-from ..helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for, wait_sockets
+from ..helpers import Gunicorn, Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import base64
 import os
 import socket
 import threading
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List
 
 import pytest
 from wsproto import ConnectionType

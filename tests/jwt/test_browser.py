@@ -11,8 +11,7 @@ from typing import Any, Iterator
 import pytest
 from playwright.sync_api import Page
 
-from ..helpers import pg_notify
-from ..helpers import ROOT, Gunicorn
+from ..helpers import ROOT, Gunicorn, pg_notify
 from ..jwt_helpers import SECRET, DbListener, make_token
 
 LISTEN = "postgres-websockets-listener"  # the example keeps the default listen channel

@@ -13,13 +13,12 @@ from typing import Any, Dict, Iterator
 import pytest
 
 from pgws_sync.errors import ConfigError
-from pgws_sync.jwt.settings import GatewaySettings, settings_from_environ
 
 from ..clirun import COMMAND, no_database_env, run_cli
-from ..helpers import pg_notify
-from ..helpers import ROOT, Gunicorn, Ws, http_get, wait_for
+from ..helpers import ROOT, Gunicorn, Ws, http_get, pg_notify, wait_for
 from ..jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from ..pgserver import PgServer, free_port
+
 
 class JwtServe(Gunicorn):
     """``python -m pgws_sync serve`` configured only by PGWS_* variables, as postgres-websockets."""
@@ -234,20 +233,6 @@ def test_channel_flag_is_refused_with_a_jwt_secret() -> None:
                      env=secret_env(PGWS_DB_URI="postgresql://127.0.0.1/x"))
     assert result.returncode == 2
     assert "--channel" in one_line(result.stderr)
-
-
-def test_settings_from_environ_defaults_and_bind() -> None:
-    settings = settings_from_environ({"PGWS_JWT_SECRET": "s"}, dsn="d")
-    assert settings == GatewaySettings(dsn="d", secret="s")
-    assert (settings.listen_channel, settings.port, settings.pool_size, settings.retries) == (
-        "postgres-websockets-listener", 3000, 10, 5)
-    assert settings.bind == "0.0.0.0:3000"
-    for host, bind in [("*", "0.0.0.0:3000"), ("*6", "[::]:3000"), ("::1", "[::1]:3000"),
-                       ("localhost", "localhost:3000")]:
-        assert GatewaySettings(dsn="d", secret="s", host=host).bind == bind
-    with pytest.raises(ConfigError, match="PGWS_JWT_SECRET"):
-        settings_from_environ({}, dsn="d")
-    assert settings_from_environ({}, dsn="d", secret="flag").secret == "flag"
 
 
 def test_wait_for_database_counts_attempts(pg_dsn: str) -> None:

@@ -20,8 +20,7 @@ import simple_websocket
 
 from pgws_sync.jwt.endpoint import CLOSE_JWT_EXPIRED
 
-from ..helpers import pg_notify
-from ..helpers import ROOT, Gunicorn, http_get, raw_upgrade, wait_for
+from ..helpers import ROOT, Gunicorn, http_get, pg_notify, raw_upgrade, wait_for
 from ..jwt_helpers import SECRET, DbListener, make_token, upgrade_refused
 from ..pgserver import PgServer
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ..helpers import Ws, http_get, raw_upgrade, wait_for
+from ..helpers import http_get, raw_upgrade, wait_for
 from ..push_helpers import Tab, api, push, serve_push, stats, wait_sockets
 
 _names = itertools.count()

@@ -7,8 +7,7 @@ import pytest
 
 from pgws_sync import ConfigError, Listener, ListenerStopped
 
-from ..helpers import pg_notify
-from ..helpers import Recorder, proxied, wait_for
+from ..helpers import Recorder, pg_notify, proxied, wait_for
 from ..pgserver import free_port
 
 
