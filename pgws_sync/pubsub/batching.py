@@ -1,4 +1,4 @@
-"""Batching: messages for one (channel, key) within a time window leave as one message."""
+"""Batching on the receiving side: the same items make the same batch in every worker."""
 
 from __future__ import annotations
 
@@ -7,133 +7,161 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from ..errors import BatcherStopped, InvalidPayload
+from .._formats import dumps, loads
+from .publication import BatchField, Publication
 
 logger = logging.getLogger(__name__)
 
-#: ``publish(channel, message, type)``: how a finished batch is sent (``type`` json or text).
-PublishFn = Callable[[str, Any, str], Any]
+#: ``send_marker(channel, marker)``: publish a close marker through the database.
+SendMarker = Callable[[str, BatchField], None]
+
+
+def batch_identity(message: Any) -> str:
+    """The text two messages of a batch are compared by (JSON with sorted keys)."""
+    return json.dumps(message, sort_keys=True, separators=(",", ":"))
+
+
+class Finished(NamedTuple):
+    """A batch that ended: what its subscribers receive as one message."""
+
+    channel: str
+    #: The id of the item that opened it: every recipient in every worker sees this id.
+    id: str
+    #: ``json``: ``{"name": ..., "messages": [...]}`` as JSON text; ``text``: the lines.
+    type: str
+    body: str
 
 
 class _Batch:
-    __slots__ = ("name", "text", "deadline", "messages", "seen")
+    __slots__ = ("first_id", "name", "text", "items", "seen", "marker_at")
 
-    def __init__(self, name: str, text: bool, deadline: float) -> None:
+    def __init__(self, first_id: str, name: str, text: bool, marker_at: float) -> None:
+        self.first_id = first_id
         self.name = name
         self.text = text
-        self.deadline = deadline
-        self.messages: List[Any] = []
-        self.seen: Set[Any] = set()
+        self.items: List[str] = []  # JSON texts as published, or text lines
+        self.seen: Set[str] = set()
+        self.marker_at: Optional[float] = marker_at
 
-    def message(self) -> Any:
+    def finish(self, channel: str) -> Finished:
         if self.text:
-            return "\n".join([self.name, *self.messages])
-        return {"name": self.name, "messages": self.messages}
+            body = self.name + "\n\n" + "\n".join(self.items)
+            return Finished(channel, self.first_id, "text", body)
+        body = '{"name":' + dumps(self.name, compact=True) + ',"messages":[' \
+            + ",".join(self.items) + "]}"
+        return Finished(channel, self.first_id, "json", body)
 
 
 class Batcher:
-    """Collects messages per ``(channel, key)`` and publishes each batch once its window ends.
+    """Collects batch items per ``(channel, key)`` in the order every worker receives them.
 
-    The first message for a ``(channel, key)`` opens a batch that closes
-    ``window`` seconds later; everything added meanwhile joins it, identical
-    messages once. A closed batch is published with ``publish(channel,
-    message, type)`` as ``{"name": name, "messages": [...]}`` (type ``json``)
-    or, for text batches, as the lines ``name``, then each message, joined
-    with ``\\n`` (type ``text``). Publishing happens on a named daemon thread
-    (started on first use in each process), never under the lock.
+    Every worker receives every item (NOTIFY, in commit order). The first item
+    for a ``(channel, key)`` opens a batch; the batch ends at a close marker
+    naming that item, which the worker that published the item sends
+    ``window`` seconds after receiving it, and any other worker ``grace``
+    seconds later if none came: so every worker puts the same items in the same
+    batch. Identical items count once. A cancel marker discards the batch.
+
+    :param send_marker: publishes a close marker (on this object's thread).
+    :param grace: seconds other workers wait past the window before closing a batch themselves.
+    :param thread_name: the timer thread is named ``<thread_name>-<pid>``.
     """
 
-    def __init__(self, publish: PublishFn, *, thread_name: str = "pgws-batcher") -> None:
-        self._publish = publish
+    def __init__(self, send_marker: SendMarker, *, grace: float = 1.0,
+                 thread_name: str = "pgws-batcher") -> None:
+        self._send_marker = send_marker
+        self.grace = grace
         self._thread_name = thread_name
-        self._lock = threading.Lock()  # guards _batches, _stopped, _thread, _pid
+        self._lock = threading.Lock()  # guards the state below
         self._wakeup = threading.Condition(self._lock)
-        self._batches: Dict[Tuple[str, str], _Batch] = {}
+        self._open: Dict[Tuple[str, str], _Batch] = {}
+        self._mine: Dict[str, float] = {}  # ids of items this process published, when
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
         self._pid: Optional[int] = None
 
-    # ------------------------------------------------------------ public
+    # ------------------------------------------------------------ publishing side
 
-    def add(self, channel: str, key: str, message: Any, *, name: str, window: float = 0.1,
-            text: bool = False) -> None:
-        """Add ``message`` to the batch of ``(channel, key)``, opening one if needed.
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
-        ``window`` (seconds) and ``name`` count for the message that opens a
-        batch. With ``text=True`` the message must be a ``str`` (one line of
-        the text batch). Raises :class:`InvalidPayload` for a message that
-        cannot be sent, :class:`BatcherStopped` after :meth:`stop`.
-        """
-        if not isinstance(name, str):
-            raise InvalidPayload(f"a batch name must be a str, not {type(name).__name__}")
-        if not window >= 0:
-            raise InvalidPayload(f"window must be zero or more seconds, got {window!r}")
-        if text:
-            if not isinstance(message, str):
-                raise InvalidPayload(f"a text batch takes str messages, not {type(message).__name__}")
-            identity: Any = message
-        else:
-            try:
-                identity = json.dumps(message, sort_keys=True, separators=(",", ":"),
-                                      allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise InvalidPayload(f"the message cannot be sent as JSON: {exc}") from None
+    def published(self, message_id: str) -> None:
+        """Note that this process published the item ``message_id`` (it sends the marker)."""
+        now = time.monotonic()
         with self._lock:
+            if len(self._mine) > 10000:  # items that never came back (a listener down)
+                self._mine = {k: t for k, t in self._mine.items() if now - t < 60}
+            self._mine[message_id] = now
+
+    def kind(self, channel: str, key: str) -> Optional[str]:
+        """``text`` or ``json`` for the batch open here, or None."""
+        with self._lock:
+            batch = self._open.get((channel, key))
+            return None if batch is None else ("text" if batch.text else "json")
+
+    # ------------------------------------------------------------ receiving side
+
+    def item(self, pub: Publication) -> None:
+        """Add a received batch item (on the source's thread, in arrival order)."""
+        if pub.channel is None or pub.batch is None or pub.id is None:
+            return  # parse_publication gives items a channel; an id is the publisher's
+        field, text = pub.batch, pub.type == "text"
+        entry = str(pub.body)
+        identity = entry if text else batch_identity(loads(entry))
+        now = time.monotonic()
+        with self._lock:
+            mine = self._mine.pop(pub.id, None) is not None
             if self._stopped:
-                raise BatcherStopped("the batcher is stopped; nothing more can be batched")
-            self._ensure_thread()
-            batch = self._batches.get((channel, key))
+                return
+            key = (pub.channel, field.key)
+            batch = self._open.get(key)
             if batch is None:
-                batch = _Batch(name, text, time.monotonic() + window)
-                self._batches[(channel, key)] = batch
+                wait = field.window + (0.0 if mine else self.grace)
+                batch = self._open[key] = _Batch(pub.id, field.name or "", text, now + wait)
+                self._ensure_thread()
                 self._wakeup.notify()
             elif batch.text != text:
-                kind = "text" if batch.text else "JSON"
-                raise InvalidPayload(
-                    f"the open batch for channel {channel!r}, key {key!r} collects {kind} messages"
-                )
+                logger.warning("dropped a %s item for the open %s batch of channel %r, key %r",
+                               pub.type, "text" if batch.text else "JSON", pub.channel, field.key)
+                return
             if identity not in batch.seen:
                 batch.seen.add(identity)
-                batch.messages.append(message)
+                batch.items.append(entry)
 
-    def cancel(self, channel: str, key: str) -> bool:
-        """Discard the open batch of ``(channel, key)``; False if there was none."""
+    def marker(self, pub: Publication) -> Optional[Finished]:
+        """Apply a received marker: the finished batch it closes, or None."""
+        if pub.channel is None or pub.batch is None:
+            return None
+        field, key = pub.batch, (pub.channel, pub.batch.key)
         with self._lock:
-            return self._batches.pop((channel, key), None) is not None
+            batch = self._open.get(key)
+            if batch is None or (field.close is not None and field.close != batch.first_id):
+                return None  # closed already, or a marker for an earlier batch
+            del self._open[key]
+        return None if field.cancel else batch.finish(pub.channel)
 
     def pending(self) -> int:
-        """How many batches are open."""
+        """How many batches are open here."""
         with self._lock:
-            return len(self._batches)
+            return len(self._open)
 
-    def flush(self) -> int:
-        """Publish every open batch now, on the calling thread; returns how many."""
-        with self._lock:
-            due = sorted(self._batches.items(), key=lambda kv: kv[1].deadline)
-            self._batches.clear()
-        self._send(due)
-        return len(due)
-
-    def stop(self, *, flush: bool = True, timeout: float = 5.0) -> int:
-        """Stop the thread; publish (``flush=True``) or discard what is open. Returns how many
-        batches were published. Later :meth:`add` calls raise :class:`BatcherStopped`."""
+    def stop(self, timeout: float = 5.0) -> List[Finished]:
+        """Stop the timer thread; returns every open batch, finished now (oldest first)."""
         with self._lock:
             self._stopped = True
             self._wakeup.notify_all()
             thread = self._thread if self._pid == os.getpid() else None
+            batches, self._open = list(self._open.items()), {}
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 logger.warning("batcher thread %s did not stop within %.1fs", thread.name, timeout)
-        if flush:
-            return self.flush()
-        with self._lock:
-            self._batches.clear()
-        return 0
+        return [batch.finish(channel) for (channel, _key), batch in batches]
 
-    # --------------------------------------------------------- internals
+    # --------------------------------------------------------------- the timer
 
     def _ensure_thread(self) -> None:
         """Start the timer thread in this process (called with the lock held)."""
@@ -152,20 +180,19 @@ class Batcher:
                     if self._stopped:
                         return
                     now = time.monotonic()
-                    due = [(k, b) for k, b in self._batches.items() if b.deadline <= now]
+                    due = [(channel, key, b.first_id) for (channel, key), b in self._open.items()
+                           if b.marker_at is not None and b.marker_at <= now]
                     if due:
-                        for k, _ in due:
-                            del self._batches[k]
+                        for channel, key, _ in due:  # again if the marker never comes back
+                            self._open[(channel, key)].marker_at = now + max(self.grace, 1.0)
                         break
-                    soonest = min((b.deadline for b in self._batches.values()), default=now + 1.0)
+                    soonest = min((b.marker_at for b in self._open.values()
+                                   if b.marker_at is not None), default=now + 1.0)
                     self._wakeup.wait(min(1.0, max(0.001, soonest - now)))
-            due.sort(key=lambda kv: kv[1].deadline)
-            self._send(due)
+            for channel, key, first_id in due:
+                try:
+                    self._send_marker(channel, BatchField(key, close=first_id))
+                except Exception as exc:  # the database is down: tried again later
+                    logger.warning("could not close the batch for channel %r, key %r: %s",
+                                   channel, key, exc)
 
-    def _send(self, due: List[Tuple[Tuple[str, str], _Batch]]) -> None:
-        for (channel, key), batch in due:
-            try:
-                self._publish(channel, batch.message(), "text" if batch.text else "json")
-            except Exception as exc:  # one failed batch must not stop the others
-                logger.warning("could not publish the batch for channel %r, key %r: %s",
-                               channel, key, exc)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._core.connection import Connection
 from .._core.wire import Frame
 from .._formats import error_frame, new_message_id
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
+    BatcherStopped,
     ConfigError,
     InvalidPayload,
     PayloadTooLarge,
@@ -19,10 +18,13 @@ from ..errors import (
     PublishFailed,
 )
 from ..sources.base import Notification, Source
-from .batching import Batcher
+from .batching import Batcher, Finished
 from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
 from .publication import (
     DEFAULT_PUBSUB_CHANNEL,
+    BatchField,
+    Publication,
+    format_marker,
     format_publication,
     message_body,
     message_type,
@@ -52,7 +54,8 @@ class PubSub(ListeningEndpoint):
     :param backpressure: ``"close"`` (a full queue closes with 1013) or ``"drop"`` (a ``gap`` frame).
     :param max_subscriptions: subscriptions per connection.
     :param pool_size: publishing connections per process.
-    :param flush_timeout: seconds :meth:`close` waits for flushed batches to come back.
+    :param batch_grace: seconds a worker waits past a batch's window for the publishing
+        worker to close it, before closing it itself.
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
@@ -66,23 +69,21 @@ class PubSub(ListeningEndpoint):
         backpressure: str = "close",
         max_subscriptions: int = 100,
         pool_size: int = 4,
-        flush_timeout: float = 5.0,
+        batch_grace: float = 1.0,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
             raise ConfigError(f"backpressure must be 'close' or 'drop', got {backpressure!r}")
         if max_subscriptions < 1:
             raise ConfigError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
+        if not batch_grace >= 0:
+            raise ConfigError(f"batch_grace must be zero or more seconds, got {batch_grace!r}")
         self.backpressure = backpressure
         self.max_subscriptions = max_subscriptions
-        self.flush_timeout = flush_timeout
         self.publisher = Publisher(listener_dsn(listener, dsn, type(self).__name__),
                                    pubsub_channel=pubsub_channel, pool_size=pool_size)
         self.pubsub_channel = self.publisher.pubsub_channel
-        self.batcher = Batcher(self._publish_batch)
-        self._echo_lock = threading.Lock()  # guards _awaited
-        self._echoed = threading.Condition(self._echo_lock)
-        self._awaited: Optional[Set[str]] = None  # ids flushed at close, until they come back
+        self.batcher = Batcher(self._send_marker, grace=batch_grace)
         super().__init__(listener, [self.pubsub_channel], **options)
 
     # ---------------------------------------------------- application hooks
@@ -120,20 +121,43 @@ class PubSub(ListeningEndpoint):
         return self.publisher.publish(channel, message, type=type, to=connection_id)
 
     def publish_batched(self, channel: str, key: str, message: Any, *, name: str,
-                        window: float = 0.1, text: bool = False) -> None:
-        """Collect messages for ``(channel, key)`` for ``window`` seconds, then publish them
-        as one: ``{"name": name, "messages": [...]}``, identical messages once.
+                        window: float = 0.1, text: bool = False) -> str:
+        """Add ``message`` to the batch of ``(channel, key)``: subscribers get everything
+        published for it within ``window`` seconds of the first as one message,
+        ``{"name": name, "messages": [...]}``, identical messages once; returns the item's id.
 
-        With ``text=True`` messages are strings and the batch is one text
-        message: ``name``, then each message, one per line. Pending batches are
-        published when the endpoint closes, before the sockets are.
+        With ``text=True`` messages are strings and the batch is one text message:
+        ``name``, a blank line, then one message per line. Every item travels through
+        the database at once and every worker batches what it receives the same way,
+        so a batch is one message whichever workers or hosts publish into it. On
+        shutdown a worker hands its open batches to its own sockets before their 1001.
         """
         check_channel(channel)
-        self.batcher.add(channel, key, message, name=name, window=window, text=text)
+        if not isinstance(key, str) or not isinstance(name, str):
+            raise InvalidPayload("a batch's key and name must be strings")
+        if not (isinstance(window, (int, float)) and 0 <= window < float("inf")):
+            raise InvalidPayload(f"window must be zero or more seconds, got {window!r}")
+        if self.batcher.stopped:
+            raise BatcherStopped("the endpoint is closing; nothing more can be batched")
+        kind = "text" if text else "json"
+        if self.batcher.kind(channel, key) not in (None, kind):
+            raise InvalidPayload(f"the open batch for channel {channel!r}, key {key!r} "
+                                 f"collects {'JSON' if text else 'text'} messages")
+        message_id = new_message_id()
+        payload = format_publication(channel, message_body(message, kind), type=kind,
+                                     message_id=message_id,
+                                     batch=BatchField(key, name=name, window=float(window)))
+        self.batcher.published(message_id)
+        self.publisher.notify(payload)
+        return message_id
 
     def cancel_batch(self, channel: str, key: str) -> bool:
-        """Discard the pending batch of ``(channel, key)``; False if there was none."""
-        return self.batcher.cancel(channel, key)
+        """Discard the open batch of ``(channel, key)`` in every worker; False if none was
+        open in this one."""
+        check_channel(channel)
+        was_open = self.batcher.kind(channel, key) is not None
+        self.publisher.notify(format_marker(channel, BatchField(key, cancel=True)))
+        return was_open
 
     def subscribe(self, conn: Connection, channel: str, *,
                   backpressure: Optional[str] = None) -> bool:
@@ -198,24 +222,15 @@ class PubSub(ListeningEndpoint):
             self._client_publish(conn, action)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Publish pending batches and wait (``flush_timeout``) until they are queued for this
-        process's sockets, then close every socket with 1001 and refuse new ones (503)."""
+        """Hand the open batches to this process's sockets, then close every socket with 1001
+        and refuse new ones (503). Other workers close their batches as usual."""
         if not self.closing:
-            with self._echo_lock:
-                self._awaited = set()
-            flushed = self.batcher.stop(flush=True)
-            deadline = time.monotonic() + self.flush_timeout
-            with self._echo_lock:
-                # (not worth waiting for while the listener is down: they cannot come back)
-                while self._awaited and self.listener.connected and time.monotonic() < deadline:
-                    self._echoed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-                late = len(self._awaited or ())
-                self._awaited = None
-            if late:
-                logger.warning("%d flushed batches did not come back within %.1fs before "
-                               "closing the sockets", late, self.flush_timeout)
-            elif flushed:
-                logger.info("flushed %d pending batches before closing the sockets", flushed)
+            finished = self.batcher.stop()
+            self.hub.fan_out([(SUBSCRIPTION_PREFIX + f.channel, self._batch_frame(f))
+                              for f in finished])
+            if finished:
+                logger.info("handed %d open batches to this worker's sockets before closing "
+                            "them", len(finished))
         super().close(timeout)
 
     def on_closed(self) -> None:
@@ -227,16 +242,21 @@ class PubSub(ListeningEndpoint):
     def on_notifications(self, batch: Sequence[Notification]) -> None:
         """Turn each publication into its frame and hand it to its subscribers, in order."""
         pending: List[Tuple[str, Frame]] = []
-        echoed: List[str] = []
         for note in batch:
             try:
                 pub = parse_publication(note.payload)
             except InvalidPayload as exc:
                 logger.warning("dropped a publication on channel %r: %s", note.channel, exc)
                 continue
+            if pub.batch is not None and pub.channel is not None:
+                if not pub.batch.is_marker:
+                    self.batcher.item(pub)
+                    continue
+                finished = self.batcher.marker(pub)
+                if finished is not None:
+                    pending.append((SUBSCRIPTION_PREFIX + pub.channel, self._batch_frame(finished)))
+                continue
             message_id = pub.id or new_message_id()
-            if pub.id is not None and self._awaited is not None:
-                echoed.append(pub.id)
             frame = publication_frame(pub, message_id)
             if pub.target is None and pub.channel is not None:
                 pending.append((SUBSCRIPTION_PREFIX + pub.channel, frame))
@@ -246,11 +266,6 @@ class PubSub(ListeningEndpoint):
             if pub.target is not None:
                 self.hub.send_to(pub.target, frame)
         self.hub.fan_out(pending)
-        if echoed:
-            with self._echo_lock:
-                if self._awaited is not None:
-                    self._awaited.difference_update(echoed)
-                    self._echoed.notify_all()
 
     def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
         """A resync frame names the socket's own subscriptions."""
@@ -303,16 +318,9 @@ class PubSub(ListeningEndpoint):
                              getattr(hook, "__name__", "hook"), conn.id, channel)
             return False
 
-    def _publish_batch(self, channel: str, message: Any, type: str) -> None:
-        message_id = new_message_id()
-        with self._echo_lock:
-            if self._awaited is not None:
-                self._awaited.add(message_id)
-        try:
-            self.publisher.notify(format_publication(channel, message_body(message, type),
-                                                     type=type, message_id=message_id))
-        except BaseException:
-            with self._echo_lock:
-                if self._awaited is not None:
-                    self._awaited.discard(message_id)
-            raise
+    def _send_marker(self, channel: str, marker: BatchField) -> None:
+        self.publisher.notify(format_marker(channel, marker))
+
+    def _batch_frame(self, finished: Finished) -> Frame:
+        return publication_frame(Publication(finished.channel, finished.type, finished.body),
+                                 finished.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 
 from .._core.wire import Frame
@@ -25,6 +26,24 @@ DEFAULT_PUBSUB_CHANNEL = "pgws_sync"
 Body = Union[str, bytes]
 
 
+class BatchField(NamedTuple):
+    """A publication's ``batch`` object: an item of a batch, or a marker that closes or cancels one."""
+
+    key: str
+    #: An item's batch name (the ``name`` of the message the batch becomes).
+    name: Optional[str] = None
+    #: Seconds the batch an item opens stays open.
+    window: float = 0.0
+    #: A close marker: the id of the item that opened the batch it closes.
+    close: Optional[str] = None
+    #: A cancel marker: the open batch is discarded.
+    cancel: bool = False
+
+    @property
+    def is_marker(self) -> bool:
+        return self.close is not None or self.cancel
+
+
 class Publication(NamedTuple):
     """One published message as read back from its NOTIFY."""
 
@@ -36,6 +55,8 @@ class Publication(NamedTuple):
     #: The connection id it is meant for, or None for every subscriber of ``channel``.
     target: Optional[str] = None
     id: Optional[str] = None
+    #: Set on the items and markers of a batch (:meth:`PubSub.publish_batched`).
+    batch: Optional[BatchField] = None
 
 
 class _Type(NamedTuple):
@@ -156,6 +177,7 @@ def format_publication(
     type: str = "json",
     target: Optional[str] = None,
     message_id: Optional[str] = None,
+    batch: Optional[BatchField] = None,
 ) -> str:
     """Build the NOTIFY payload for one message and check PostgreSQL's size limit.
 
@@ -171,7 +193,7 @@ def format_publication(
         if problem is not None:
             raise InvalidChannel(channel, problem)
     raw = message_type(type).payload(body)
-    head: Dict[str, str] = {}
+    head: Dict[str, Any] = {}
     if channel is not None:
         head["channel"] = channel
     if type != "json":
@@ -180,9 +202,41 @@ def format_publication(
         head["id"] = message_id
     if target is not None:
         head["to"] = target
+    if batch is not None:
+        head["batch"] = {"key": batch.key, "name": batch.name, "window": batch.window}
     text = json.dumps(head, ensure_ascii=False)[:-1]
     text = text + (", " if head else "") + '"payload": ' + raw + "}"
     return check_notify_size(text, channel, error=PublicationTooLarge)
+
+
+def format_marker(channel: str, batch: BatchField) -> str:
+    """The NOTIFY payload of a batch marker: ``{"channel": c, "batch": {"key": k, "close": id}}``
+    (or ``"cancel": true``)."""
+    field: Dict[str, Any] = {"key": batch.key}
+    if batch.close is not None:
+        field["close"] = batch.close
+    else:
+        field["cancel"] = True
+    return check_notify_size(json.dumps({"channel": channel, "batch": field}, ensure_ascii=False),
+                             channel, error=PublicationTooLarge)
+
+
+def _batch_field(value: Any) -> BatchField:
+    """Read a publication's ``batch`` object; :class:`InvalidPayload` naming what is wrong."""
+    if not isinstance(value, dict) or not isinstance(value.get("key"), str):
+        raise InvalidPayload("'batch' must be an object with a string 'key'")
+    if "close" in value or value.get("cancel") is True:
+        close = value.get("close")
+        if close is not None and not isinstance(close, str):
+            raise InvalidPayload("a batch marker's 'close' must be a message id")
+        return BatchField(value["key"], close=close, cancel=close is None)
+    name, window = value.get("name"), value.get("window")
+    if not isinstance(name, str):
+        raise InvalidPayload("a batch item needs a string 'name'")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) \
+            or not math.isfinite(window) or window < 0:
+        raise InvalidPayload("a batch item needs a 'window' of zero or more seconds")
+    return BatchField(value["key"], name=name, window=float(window))
 
 
 def parse_publication(payload: str) -> Publication:
@@ -210,13 +264,20 @@ def parse_publication(payload: str) -> Publication:
         problem = name_problem(channel)
         if problem is not None:
             raise InvalidPayload(f"invalid channel name: {problem}", preview(payload))
-    if "payload" not in fields:
-        raise InvalidPayload("no 'payload' field", preview(payload))
     try:
+        batch = _batch_field(fields["batch"][0]) if "batch" in fields else None
+        if batch is not None and (channel is None or target is not None):
+            raise InvalidPayload("a batch is for a channel, not for one connection")
+        if batch is not None and batch.is_marker:
+            return Publication(channel, "json", "", None, message_id, batch)
+        if batch is not None and kind == "binary":
+            raise InvalidPayload("batches collect json or text messages, not binary")
+        if "payload" not in fields:
+            raise InvalidPayload("no 'payload' field")
         body = message_type(kind).read(*fields["payload"])
     except InvalidPayload as exc:
         raise InvalidPayload(exc.reason, preview(payload)) from None
-    return Publication(channel, kind, body, target, message_id)
+    return Publication(channel, kind, body, target, message_id, batch)
 
 
 def publication_frame(pub: Publication, message_id: str) -> Frame:

@@ -106,7 +106,7 @@ def batch():
 @app.route("/debug/cancel", methods=["POST"])
 def cancel():
     body = request.get_json()
-    return jsonify(cancelled=endpoint.cancel_batch(body["channel"], body["key"]))
+    return jsonify(cancelled=endpoint.cancel_batch(body["channel"], body["key"]), pid=os.getpid())
 
 
 @app.route("/debug/close")
