@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
-from typing import Any, Dict, Iterable, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 from .errors import InvalidChannel, InvalidPayload, PayloadTooLarge
 
@@ -37,10 +38,42 @@ def loads(text: str) -> Any:
 
 
 def dumps(value: Any, *, compact: bool = False) -> str:
-    """JSON text with non-ASCII kept as is; ``compact`` drops the spaces after ``,`` and ``:``."""
+    """Strict JSON text (``ValueError`` for NaN or infinities), non-ASCII kept as is;
+    ``compact`` drops the spaces after ``,`` and ``:``."""
     if compact:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def strict_problem(value: Any) -> Optional[str]:
+    """What keeps a decoded JSON value from being strict JSON (RFC 8259), or None.
+
+    Numbers must be finite (``1e400`` decodes to infinity) and strings must be
+    Unicode (an escaped lone surrogate such as ``"\\ud800"`` is not).
+    """
+    stack: List[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                return "a string contains a lone surrogate (\\ud800-\\udfff)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "a number is too large (it is not finite)"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def json_fields(text: str) -> Dict[str, Tuple[Any, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from .._formats import DECODER, check_notify_size, message_frame, preview
+from .._formats import DECODER, check_notify_size, message_frame, preview, strict_problem
 from ..errors import InvalidPayload
 
 _SEPARATOR = ",{"
@@ -22,9 +22,12 @@ def parse_pgws(payload: str) -> Tuple[str, str]:
         raise InvalidPayload("no ',{' between audience and JSON object", preview(payload))
     body = payload[cut + 1 :]
     try:
-        _value, end = DECODER.raw_decode(body)  # an object: the body starts with "{"
-    except ValueError as exc:
+        value, end = DECODER.raw_decode(body)  # an object: the body starts with "{"
+    except (ValueError, RecursionError) as exc:
         raise InvalidPayload(f"invalid JSON object: {exc}", preview(payload)) from None
+    problem = strict_problem(value)
+    if problem is not None:
+        raise InvalidPayload(f"not strict JSON: {problem}", preview(payload))
     if body[end:].strip():
         raise InvalidPayload("text after the JSON object", preview(payload))
     return payload[:cut], body

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, NamedTuple, Optional, Union
 
-from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem
+from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem, preview, strict_problem
 from ..errors import ProtocolError
 
 #: What a client may ask for.
@@ -50,20 +51,13 @@ def parse_action(data: Union[str, bytes]) -> Action:
         fields = json_fields(data)
     except ValueError as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from None
-    reply_to = None
-    if "id" in fields:
-        reply_to = fields["id"][0]
-        if isinstance(reply_to, bool) or not isinstance(reply_to, (str, int, float)):
-            raise ProtocolError("'id' must be a string or a number")
-        if isinstance(reply_to, str) and len(reply_to) > MAX_NAME_CHARS:
-            raise ProtocolError(f"'id' is longer than {MAX_NAME_CHARS} characters")
+    reply_to = _reply_to(fields["id"][0]) if "id" in fields else None
     if "action" not in fields:
         raise ProtocolError("missing field 'action'", reply_to)
     action = fields["action"][0]
-    if action not in ACTIONS:
-        raise ProtocolError(
-            f"unknown action {action!r} (expected subscribe, unsubscribe or publish)", reply_to
-        )
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise ProtocolError(f"unknown action {preview(repr(action))} (expected subscribe, "
+                            f"unsubscribe or publish)", reply_to)
     if "channel" not in fields:
         raise ProtocolError("missing field 'channel'", reply_to)
     channel = check_channel(fields["channel"][0], reply_to)
@@ -72,12 +66,29 @@ def parse_action(data: Union[str, bytes]) -> Action:
     if action == "publish":
         if "payload" not in fields:
             raise ProtocolError("missing field 'payload'", reply_to)
+        problem = strict_problem(fields["payload"][0])
+        if problem is not None:
+            raise ProtocolError(f"invalid payload: {problem}", reply_to)
         payload = fields["payload"][1]
     if action == "subscribe" and "backpressure" in fields:
         backpressure = fields["backpressure"][0]
         if backpressure not in BACKPRESSURE_POLICIES:
             raise ProtocolError("'backpressure' must be \"close\" or \"drop\"", reply_to)
     return Action(action, channel, reply_to, payload, backpressure)
+
+
+def _reply_to(value: Any) -> Any:
+    """The client's ``id`` if it can come back as ``reply_to`` in strict JSON, else raise."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ProtocolError("'id' must be a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("'id' must be a finite number")
+    if isinstance(value, str):
+        if len(value) > MAX_NAME_CHARS:
+            raise ProtocolError(f"'id' is longer than {MAX_NAME_CHARS} characters")
+        if strict_problem(value) is not None:
+            raise ProtocolError("'id' contains a lone surrogate (\\ud800-\\udfff)")
+    return value
 
 
 # ------------------------------------------------------------------ frames

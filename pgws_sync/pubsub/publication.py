@@ -16,6 +16,7 @@ from .._formats import (
     message_frame,
     name_problem,
     preview,
+    strict_problem,
 )
 from ..errors import InvalidChannel, InvalidPayload, PublicationTooLarge
 from .protocol import text_message_frame
@@ -113,6 +114,8 @@ def _text_payload(body: Body) -> str:
 def _text_read(value: Any, raw: str) -> Body:
     if not isinstance(value, str):
         raise InvalidPayload("a text message's payload must be a string")
+    if strict_problem(value) is not None:
+        raise InvalidPayload("a text message's payload contains a lone surrogate")
     return value
 
 
@@ -140,8 +143,15 @@ def _binary_read(value: Any, raw: str) -> Body:
         raise InvalidPayload("a binary message's payload is not valid base64") from None
 
 
+def _json_read(value: Any, raw: str) -> Body:
+    problem = strict_problem(value)
+    if problem is not None:
+        raise InvalidPayload(f"the payload is not strict JSON: {problem}")
+    return raw
+
+
 TYPES: Dict[str, _Type] = {
-    "json": _Type(_json_body, _json_payload, lambda value, raw: raw,
+    "json": _Type(_json_body, _json_payload, _json_read,
                   lambda channel, body, mid: message_frame(channel, str(body), mid)),
     "text": _Type(_text_body, _text_payload, _text_read,
                   lambda channel, body, mid: text_message_frame(channel, str(body), mid)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
-from .._formats import check_json, dumps, error_frame, json_fields, name_problem
+from .._formats import check_json, dumps, error_frame, json_fields, name_problem, strict_problem
 from ..errors import InvalidPayload, ProtocolError
 
 #: The Redis channel websocket-push listens on; also the default NOTIFY channel.
@@ -71,6 +71,9 @@ def parse_backend_message(text: str) -> BackendMessage:
         return AuthEvent(_name(fields, "guestId"), _name(fields, "authUserId"))
     if "payload" not in fields:
         raise InvalidPayload(f"{targets[0]!r} without 'payload'")
+    problem = strict_problem(fields["payload"][0])
+    if problem is not None:
+        raise InvalidPayload(f"the payload is not strict JSON: {problem}")
     payload = fields["payload"][1]
     if targets[0] == "pushToRoom":
         return ToRoom(_name(fields, "pushToRoom"), payload)
