@@ -43,17 +43,19 @@ def free_port() -> int:
 
 
 class Gunicorn:
-    """gunicorn with one worker serving ``app`` on 127.0.0.1, its output in a log file."""
+    """gunicorn with ``workers`` workers (default one) serving ``app`` on 127.0.0.1, its output
+    in a log file; ``config`` is its config module (default the library's hook)."""
 
     def __init__(self, app: str, dsn: str, *, threads: int, worker_connections: int,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), workers: int = 1,
+                 config: str = "python:pgws_sync.gunicorn") -> None:
         self.port = free_port()
-        self.args = ["-w", "1", "--threads", str(threads),
+        self.args = ["-w", str(workers), "--threads", str(threads),
                      "--worker-connections", str(worker_connections)]
         if _has_setting("control_socket_disable"):  # gunicorn 25+: one shared default path
             self.args.append("--no-control-socket")
         self.args += extra
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:pgws_sync.gunicorn",
+        cmd = [sys.executable, "-m", "gunicorn", "-c", config,
                "-b", f"127.0.0.1:{self.port}", *self.args, app]
         env = dict(os.environ, PGWS_DB_URI=dsn)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

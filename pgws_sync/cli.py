@@ -136,6 +136,7 @@ def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) 
         "worker_class": "gthread",
         "worker_connections": max(1000, 2 * args.threads),
         "graceful_timeout": hooks.graceful_timeout,
+        "reuse_port": hooks.reuse_port,
         "post_worker_init": hooks.post_worker_init,
         "preload_app": False,
         "loglevel": args.log_level,

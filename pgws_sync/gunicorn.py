@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 worker_class = "gthread"
 threads = 100
 graceful_timeout = 10
+#: Each worker listens on its own socket (SO_REUSEPORT) and the kernel spreads connections
+#: over them; on one shared socket the first worker to wake takes nearly every socket.
+reuse_port = True
 
 #: Seconds the SIGTERM handler waits for sockets to take their close frame.
 SHUTDOWN_TIMEOUT = 5.0

@@ -1,6 +1,6 @@
-"""gunicorn settings for the end-to-end tests: the library's hook, no control socket."""
+"""gunicorn settings for the end-to-end tests: the library's hook and its reuse_port, no control socket."""
 
-from pgws_sync.gunicorn import post_worker_init  # noqa: F401  (gunicorn reads it from here)
+from pgws_sync.gunicorn import post_worker_init, reuse_port  # noqa: F401  (gunicorn reads them)
 
 worker_class = "gthread"
 graceful_timeout = 30

@@ -5,6 +5,7 @@ import os
 import signal
 import uuid
 
+import psutil
 import pytest
 
 from .helpers import Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
@@ -237,3 +238,28 @@ def test_prestart_threads_fills_a_thread_pool_and_leaves_other_workers_alone():
         pool.shutdown()
     sync_worker = SimpleNamespace(cfg=SimpleNamespace(threads=1), pid=os.getpid())  # no pool
     assert prestart_threads(sync_worker) == 0
+
+
+def _listening(pid: int, port: int) -> bool:
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
+def test_each_worker_listens_on_its_own_socket_and_sockets_spread(pg_dsn):
+    """With one shared listening socket the worker that wakes first takes nearly every socket;
+    the shipped settings (reuse_port) give each worker its own and the kernel spreads them."""
+    from .pubsub_helpers import Client, serve_pubsub
+
+    g = serve_pubsub(pg_dsn, workers=2)
+    clients = []
+    try:
+        wait_for(lambda: len(g.worker_pids()) == 2, message="two workers")
+        assert not _listening(g.proc.pid, g.port)  # the master holds no listening socket
+        assert all(_listening(pid, g.port) for pid in g.worker_pids())
+        clients = [Client(g) for _ in range(100)]
+        per_worker = {pid: sum(c.pid == pid for c in clients) for pid in g.worker_pids()}
+        assert min(per_worker.values()) >= 20, per_worker  # hashed: about 50 each
+    finally:
+        for c in clients:
+            c.close()
+        g.stop()
