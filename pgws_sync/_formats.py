@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import uuid
@@ -215,19 +216,28 @@ def new_message_id() -> str:
     return str(uuid.uuid4())
 
 
+def utc_now() -> str:
+    """Now as RFC 3339 text in UTC with milliseconds: ``2026-12-01T23:04:05.123Z``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def preview(text: str, limit: int = 60) -> str:
     """The start of ``text`` for a log line or an error message."""
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def message_frame(channel: Optional[str], body: str, message_id: str, *,
-                  payload_first: bool = False) -> str:
+                  payload_first: bool = False, extra: Optional[Dict[str, Any]] = None) -> str:
     """``{"channel": ..., "payload": <body>, "id": ...}`` with ``body`` (JSON text) verbatim.
 
     Without a channel the ``channel`` key is left out; ``payload_first`` puts
-    ``payload`` before ``channel`` (pgws's order).
+    ``payload`` before ``channel`` (pgws's order); ``extra`` fields follow ``id``.
     """
-    ident = ', "id": ' + dumps(message_id) + "}"
+    ident = ', "id": ' + dumps(message_id)
+    if extra:
+        ident += ", " + dumps(extra)[1:-1]
+    ident += "}"
     if channel is None:
         return '{"payload": ' + body + ident
     name = dumps(channel)

@@ -14,8 +14,9 @@ from .helpers import Gunicorn, Ws, http_get, wait_for
 APP = "tests.apps.pubsub_app:app"
 
 
-def serve_pubsub(pg_dsn: str, options: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Gunicorn:
-    env = {"PGWS_DB_URI": pg_dsn, "PGWS_OPTIONS": json.dumps(options or {})}
+def serve_pubsub(pg_dsn: str, options: Optional[Dict[str, Any]] = None,
+                 extra_env: Optional[Dict[str, str]] = None, **kwargs: Any) -> Gunicorn:
+    env = {"PGWS_DB_URI": pg_dsn, "PGWS_OPTIONS": json.dumps(options or {}), **(extra_env or {})}
     return Gunicorn(APP, env=env, **kwargs).wait_up()
 
 

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_GOING_AWAY = 1001
+#: The reason of the 1013 close a client that reads too slowly gets, unless the endpoint says.
+SLOW_CLIENT_REASON = "send queue full"
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
@@ -318,7 +320,8 @@ class Connection:
     """
 
     # Thousands live at once: no per-instance dict.
-    __slots__ = ("id", "audiences", "metadata", "subprotocol", "_queue", "_close_request",
+    __slots__ = ("id", "audiences", "metadata", "subprotocol", "slow_reason", "_queue",
+                 "_close_request",
                  "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
                  "closed", "__weakref__")
 
@@ -335,6 +338,8 @@ class Connection:
         self.metadata: Dict[str, Any] = {}
         #: The Sec-WebSocket-Protocol to answer with (one the client offered), or None.
         self.subprotocol: Optional[str] = None
+        #: The reason of the 1013 close if this client reads too slowly.
+        self.slow_reason = SLOW_CLIENT_REASON
         self._queue = FrameQueue(max_queue)
         self._close_request: Optional[Tuple[int, str]] = None
         self._close_at: Optional[Tuple[float, int, str]] = None
@@ -445,11 +450,11 @@ class Connection:
         """Send one frame to this connection only (text for ``str``, binary for ``bytes``).
 
         Never blocks. Returns False if the queue was full: the connection is
-        then closed with 1013 ``send queue full``.
+        then closed with 1013 and :attr:`slow_reason`.
         """
         if self.deliver(Delivery.of(data)):
             return True
-        self.request_close(CLOSE_TRY_AGAIN_LATER, "send queue full")
+        self.request_close(CLOSE_TRY_AGAIN_LATER, self.slow_reason)
         return False
 
     def request_close(self, code: int, reason: str) -> None:

@@ -7,14 +7,20 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from werkzeug.wrappers import Request, Response
 
 from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
-from .connection import CLOSE_GOING_AWAY, Connection, GuardedSocket, WakingEvent
+from .connection import (
+    CLOSE_GOING_AWAY,
+    SLOW_CLIENT_REASON,
+    Connection,
+    GuardedSocket,
+    WakingEvent,
+)
 from .hub import Hub
 from .reader import reading_thread
 from .simple_ws import (
@@ -100,6 +106,9 @@ class WebSocketEndpoint:
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
     :param close_timeout: seconds to wait for the client's half of a close handshake.
+    :param slow_close_reason: the reason of the 1013 close a client that reads too slowly gets.
+    :param check_origin: ``request -> bool`` deciding the Origin check instead of
+        ``allowed_origins`` (an exception refuses, and is logged).
     """
 
     def __init__(
@@ -114,6 +123,8 @@ class WebSocketEndpoint:
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
         close_timeout: float = 2.0,
+        slow_close_reason: str = SLOW_CLIENT_REASON,
+        check_origin: Optional[Callable[[Request], bool]] = None,
     ) -> None:
         if max_queue < 1:
             raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
@@ -125,6 +136,11 @@ class WebSocketEndpoint:
             raise ConfigError("ping_interval must be positive seconds, or None to disable pings")
         if isinstance(allowed_origins, str):
             raise ConfigError("allowed_origins must be a list of origins, not one string")
+        if not isinstance(slow_close_reason, str) or len(slow_close_reason.encode("utf-8")) > 123:
+            raise ConfigError("slow_close_reason must be text of at most 123 UTF-8 bytes "
+                              "(what a close frame carries)")
+        if check_origin is not None and not callable(check_origin):
+            raise ConfigError("check_origin must be a function of the request, or None")
         self.max_queue = max_queue
         self.write_timeout = write_timeout
         self.ping_interval = ping_interval
@@ -134,6 +150,8 @@ class WebSocketEndpoint:
         self.compression = compression
         self.health_path = health_path
         self.close_timeout = close_timeout
+        self.slow_close_reason = slow_close_reason
+        self.check_origin = check_origin
         self.hub = Hub()
         self._closing = False
         self._close_lock = threading.Lock()
@@ -217,8 +235,9 @@ class WebSocketEndpoint:
 
     # ---------------------------------------------------------------- serving
 
-    def _check_upgrade(self, environ: WSGIEnviron) -> Optional[Response]:
+    def _check_upgrade(self, request: Request) -> Optional[Response]:
         """The HTTP answer refusing this upgrade request, or None if it may go ahead."""
+        environ = request.environ
         if self._closing:
             return _text_response(503, "server shutting down")
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
@@ -231,16 +250,25 @@ class WebSocketEndpoint:
             return _text_response(400, "missing or invalid Sec-WebSocket-Key")
         if "upgrade" not in (t.lower() for t in header_tokens(environ.get("HTTP_CONNECTION"))):
             return _text_response(400, "the Connection header must include Upgrade")
-        if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
-                              self.allowed_origins):
+        if not self._origin_ok(request):
             logger.info("refused a socket from origin %r", environ.get("HTTP_ORIGIN"))
             return _text_response(403, "origin not allowed")
         return None
 
+    def _origin_ok(self, request: Request) -> bool:
+        if self.check_origin is None:
+            return origin_allowed(request.environ.get("HTTP_ORIGIN"),
+                                  request.environ.get("HTTP_HOST"), self.allowed_origins)
+        try:
+            return bool(self.check_origin(request))
+        except Exception:  # an application hook: refuse, log
+            logger.exception("check_origin failed; refused the socket")
+            return False
+
     def handle(self, request: Request) -> Response:
         """Check, upgrade and serve one WebSocket request; returns when the socket is over."""
         environ = request.environ
-        refusal = self._check_upgrade(environ)
+        refusal = self._check_upgrade(request)
         if refusal is not None:
             return refusal
         key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
@@ -251,6 +279,7 @@ class WebSocketEndpoint:
             return _text_response(500, "this server cannot serve WebSockets")
         self.prepare()
         conn = Connection(self.connection_audiences(request), max_queue=self.max_queue)
+        conn.slow_reason = self.slow_close_reason
         # Registered before the handshake answer goes out: whatever is committed
         # after the client sees its socket open reaches it (queued until served).
         self.hub.add(conn)

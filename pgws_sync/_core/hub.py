@@ -19,7 +19,7 @@ class Hub:
     whatever an application joins it to (prefix your own keys, e.g.
     ``"sub:" + channel``, to keep them apart from audiences). A connection
     whose queue is full is unregistered at once and asked to close with 1013
-    ``send queue full``: a slow client never slows the others. Keys joined
+    (reason ``conn.slow_reason``): a slow client never slows the others. Keys joined
     with ``drop_as`` (the ``drop`` policy) instead lose the frames that do not
     fit, counted for a gap frame, and the connection stays.
     """
@@ -197,7 +197,7 @@ class Hub:
                 conn.add_missed(missed)
                 continue
             if self.remove(conn):
-                conn.request_close(CLOSE_TRY_AGAIN_LATER, "send queue full")
+                conn.request_close(CLOSE_TRY_AGAIN_LATER, conn.slow_reason)
                 logger.warning(
                     "dropped connection %s: its send queue is full (the client reads too slowly)",
                     conn.id,

@@ -32,13 +32,17 @@ class Finished(NamedTuple):
     #: ``json``: ``{"name": ..., "messages": [...]}`` as JSON text; ``text``: the lines.
     type: str
     body: str
+    #: When its first item was published, if the publisher said.
+    time: Optional[str] = None
 
 
 class _Batch:
-    __slots__ = ("first_id", "name", "text", "items", "seen", "marker_at")
+    __slots__ = ("first_id", "name", "text", "items", "seen", "marker_at", "time")
 
-    def __init__(self, first_id: str, name: str, text: bool, marker_at: float) -> None:
+    def __init__(self, first_id: str, name: str, text: bool, marker_at: float,
+                 time: Optional[str] = None) -> None:
         self.first_id = first_id
+        self.time = time
         self.name = name
         self.text = text
         self.items: List[str] = []  # JSON texts as published, or text lines
@@ -48,10 +52,10 @@ class _Batch:
     def finish(self, channel: str) -> Finished:
         if self.text:
             body = self.name + "\n\n" + "\n".join(self.items)
-            return Finished(channel, self.first_id, "text", body)
+            return Finished(channel, self.first_id, "text", body, self.time)
         body = '{"name":' + dumps(self.name, compact=True) + ',"messages":[' \
             + ",".join(self.items) + "]}"
-        return Finished(channel, self.first_id, "json", body)
+        return Finished(channel, self.first_id, "json", body, self.time)
 
 
 class Batcher:
@@ -120,7 +124,8 @@ class Batcher:
             batch = self._open.get(key)
             if batch is None:
                 wait = field.window + (0.0 if mine else self.grace)
-                batch = self._open[key] = _Batch(pub.id, field.name or "", text, now + wait)
+                batch = self._open[key] = _Batch(pub.id, field.name or "", text, now + wait,
+                                                 pub.time)
                 self._ensure_thread()
                 self._wakeup.notify()
             elif batch.text != text:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._core.connection import Connection
 from .._core.wire import Frame
-from .._formats import error_frame, new_message_id
+from .._formats import error_frame, message_frame, new_message_id, utc_now
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
@@ -56,6 +56,7 @@ class PubSub(ListeningEndpoint):
     :param pool_size: publishing connections per process.
     :param batch_grace: seconds a worker waits past a batch's window for the publishing
         worker to close it, before closing it itself.
+    :param timestamps: message frames carry ``"time"``, when they were published (RFC 3339, UTC).
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
@@ -70,6 +71,7 @@ class PubSub(ListeningEndpoint):
         max_subscriptions: int = 100,
         pool_size: int = 4,
         batch_grace: float = 1.0,
+        timestamps: bool = False,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -80,6 +82,7 @@ class PubSub(ListeningEndpoint):
             raise ConfigError(f"batch_grace must be zero or more seconds, got {batch_grace!r}")
         self.backpressure = backpressure
         self.max_subscriptions = max_subscriptions
+        self.timestamps = timestamps
         self.publisher = Publisher(listener_dsn(listener, dsn, type(self).__name__),
                                    pubsub_channel=pubsub_channel, pool_size=pool_size)
         self.pubsub_channel = self.publisher.pubsub_channel
@@ -87,6 +90,17 @@ class PubSub(ListeningEndpoint):
         super().__init__(listener, [self.pubsub_channel], **options)
 
     # ---------------------------------------------------- application hooks
+
+    def on_client_message(self, conn: Connection, channel: Optional[str], payload: str,
+                          message_id: Any) -> Any:
+        """A client's ``{"action": "message", "channel": ..., "payload": ..., "id": ...}``.
+
+        ``payload`` is its JSON text as written ("null" if absent). Return a reply
+        (any JSON value) for the sender as a message with ``reply_to``, or None
+        for ``{"event": "received"}``; raise :class:`ProtocolError` to answer
+        with an error frame. The default refuses every message.
+        """
+        raise ProtocolError("this endpoint takes no messages (override on_client_message)")
 
     def can_subscribe(self, conn: Connection, channel: str) -> bool:
         """Whether ``conn`` may subscribe to ``channel`` (default: yes)."""
@@ -98,27 +112,33 @@ class PubSub(ListeningEndpoint):
 
     # ---------------------------------------------------- server-side API
 
-    def publish(self, channel: str, message: Any, *, type: str = "json") -> str:
+    def publish(self, channel: str, message: Any, *, type: str = "json",
+                message_id: Optional[str] = None, reply_to: Any = None) -> str:
         """Send ``message`` to every subscriber of ``channel`` in every worker; returns its id.
 
         ``type``: ``json`` (any JSON value), ``text`` (a str), or ``binary``
-        (bytes, sent as a binary frame). Raises :class:`PayloadTooLarge` for
-        messages whose NOTIFY would reach 8000 bytes, :class:`InvalidPayload`
-        or :class:`InvalidChannel` for bad input, :class:`PublishFailed` when
-        the database does not take it.
+        (bytes, sent as a binary frame). ``message_id`` (default: a fresh one) is
+        the id every recipient sees; ``reply_to`` (a client's message id) comes
+        with it. Raises :class:`PayloadTooLarge` for messages whose NOTIFY would
+        reach 8000 bytes, :class:`InvalidPayload` or :class:`InvalidChannel` for
+        bad input, :class:`PublishFailed` when the database does not take it.
         """
         message_type(type)
-        return self.publisher.publish(channel, message, type=type)
+        return self.publisher.publish(channel, message, type=type, message_id=message_id,
+                                      reply_to=reply_to)
 
     def send_to(self, connection_id: str, message: Any, *, type: str = "json",
-                channel: Optional[str] = None) -> str:
+                channel: Optional[str] = None, message_id: Optional[str] = None,
+                reply_to: Any = None) -> str:
         """Send ``message`` to one connection, in whichever worker it is; returns the id.
 
         The frame carries ``channel`` if one is given. Nothing happens if no
-        such connection exists (any more).
+        such connection exists (any more). ``message_id`` and ``reply_to`` as in
+        :meth:`publish`.
         """
         message_type(type)
-        return self.publisher.publish(channel, message, type=type, to=connection_id)
+        return self.publisher.publish(channel, message, type=type, to=connection_id,
+                                      message_id=message_id, reply_to=reply_to)
 
     def publish_batched(self, channel: str, key: str, message: Any, *, name: str,
                         window: float = 0.1, text: bool = False) -> str:
@@ -145,7 +165,7 @@ class PubSub(ListeningEndpoint):
                                  f"collects {'JSON' if text else 'text'} messages")
         message_id = new_message_id()
         payload = format_publication(channel, message_body(message, kind), type=kind,
-                                     message_id=message_id,
+                                     message_id=message_id, time=utc_now(),
                                      batch=BatchField(key, name=name, window=float(window)))
         self.batcher.published(message_id)
         self.publisher.notify(payload)
@@ -213,13 +233,18 @@ class PubSub(ListeningEndpoint):
         except ProtocolError as exc:
             conn.send(error_frame(exc.reason, reply_to=exc.reply_to))
             return
-        if action.action == "subscribe":
-            self._client_subscribe(conn, action)
+        channel = action.channel
+        if action.action == "message":
+            self._client_message(conn, action)
+        elif channel is None:  # parse_action names a channel for every other action
+            conn.send(error_frame("missing field 'channel'", reply_to=action.id))
+        elif action.action == "subscribe":
+            self._client_subscribe(conn, channel, action)
         elif action.action == "unsubscribe":
-            self.unsubscribe(conn, action.channel)
-            conn.send(reply_frame("unsubscribed", action.channel, action.id))
+            self.unsubscribe(conn, channel)
+            conn.send(reply_frame("unsubscribed", channel, action.id))
         else:
-            self._client_publish(conn, action)
+            self._client_publish(conn, channel, action)
 
     def close(self, timeout: float = 5.0) -> None:
         """Hand the open batches to this process's sockets, then close every socket with 1001
@@ -257,7 +282,7 @@ class PubSub(ListeningEndpoint):
                     pending.append((SUBSCRIPTION_PREFIX + pub.channel, self._batch_frame(finished)))
                 continue
             message_id = pub.id or new_message_id()
-            frame = publication_frame(pub, message_id)
+            frame = publication_frame(pub, message_id, time=self._time(pub.time))
             if pub.target is None and pub.channel is not None:
                 pending.append((SUBSCRIPTION_PREFIX + pub.channel, frame))
                 continue
@@ -273,13 +298,13 @@ class PubSub(ListeningEndpoint):
 
     # ---------------------------------------------------- internals
 
-    def _client_subscribe(self, conn: Connection, action: Action) -> None:
-        problem = self._subscribe_problem(conn, action.channel)
+    def _client_subscribe(self, conn: Connection, channel: str, action: Action) -> None:
+        problem = self._subscribe_problem(conn, channel)
         if problem is not None:
             conn.send(error_frame(problem, reply_to=action.id))
             return
-        self.subscribe(conn, action.channel, backpressure=action.backpressure)
-        conn.send(reply_frame("subscribed", action.channel, action.id))
+        self.subscribe(conn, channel, backpressure=action.backpressure)
+        conn.send(reply_frame("subscribed", channel, action.id))
 
     def _subscribe_problem(self, conn: Connection, channel: str,
                            verb: str = "subscribe to") -> Optional[str]:
@@ -291,8 +316,7 @@ class PubSub(ListeningEndpoint):
             return f"not allowed to {verb} {channel!r}"
         return None
 
-    def _client_publish(self, conn: Connection, action: Action) -> None:
-        channel = action.channel
+    def _client_publish(self, conn: Connection, channel: str, action: Action) -> None:
         if not self._ask(self.can_publish, conn, channel):
             conn.send(error_frame(f"not allowed to publish to {channel!r}", reply_to=action.id))
             return
@@ -318,9 +342,40 @@ class PubSub(ListeningEndpoint):
                              getattr(hook, "__name__", "hook"), conn.id, channel)
             return False
 
+    def _client_message(self, conn: Connection, action: Action) -> None:
+        try:
+            reply = self.on_client_message(conn, action.channel, action.payload or "null",
+                                           action.id)
+        except ProtocolError as exc:
+            conn.send(error_frame(exc.reason, reply_to=action.id))
+            return
+        except Exception:  # an application hook: log it, answer, keep the socket
+            logger.exception("on_client_message failed for connection %s", conn.id)
+            conn.send(error_frame("the message could not be handled", reply_to=action.id))
+            return
+        if reply is None:
+            conn.send(reply_frame("received", action.channel, action.id))
+            return
+        try:
+            body = str(message_body(reply))
+        except InvalidPayload as exc:
+            logger.warning("on_client_message returned a reply that is not JSON: %s", exc)
+            conn.send(error_frame("the reply could not be sent", reply_to=action.id))
+            return
+        extra: Dict[str, Any] = {"reply_to": action.id} if action.id is not None else {}
+        if self.timestamps:
+            extra["time"] = utc_now()
+        conn.send(message_frame(action.channel, body, new_message_id(), extra=extra))
+
     def _send_marker(self, channel: str, marker: BatchField) -> None:
         self.publisher.notify(format_marker(channel, marker))
 
     def _batch_frame(self, finished: Finished) -> Frame:
         return publication_frame(Publication(finished.channel, finished.type, finished.body),
-                                 finished.id)
+                                 finished.id, time=self._time(finished.time))
+
+    def _time(self, published: Optional[str]) -> Optional[str]:
+        """The ``time`` of a frame: when it was published, else now (None without timestamps)."""
+        if not self.timestamps:
+            return None
+        return published or utc_now()

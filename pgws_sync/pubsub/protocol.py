@@ -8,8 +8,8 @@ from typing import Any, Dict, NamedTuple, Optional, Union
 from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem, preview, strict_problem
 from ..errors import ProtocolError
 
-#: What a client may ask for.
-ACTIONS = ("subscribe", "unsubscribe", "publish")
+#: What a client may ask for (``message`` goes to the endpoint's ``on_client_message``).
+ACTIONS = ("subscribe", "unsubscribe", "publish", "message")
 
 #: What happens to a subscriber whose send queue is full.
 BACKPRESSURE_POLICIES = ("close", "drop")
@@ -19,10 +19,11 @@ class Action(NamedTuple):
     """One parsed client request."""
 
     action: str
-    channel: str
+    #: The channel; None only for a ``message`` that names none.
+    channel: Optional[str]
     #: The client's id for this request, echoed as ``reply_to`` (a string or a number), or None.
     id: Any = None
-    #: For ``publish``: the payload's JSON text exactly as the client wrote it.
+    #: For ``publish`` and ``message``: the payload's JSON text exactly as the client wrote it.
     payload: Optional[str] = None
     #: For ``subscribe``: the backpressure policy asked for, or None for the endpoint's.
     backpressure: Optional[str] = None
@@ -57,15 +58,17 @@ def parse_action(data: Union[str, bytes]) -> Action:
     action = fields["action"][0]
     if not isinstance(action, str) or action not in ACTIONS:
         raise ProtocolError(f"unknown action {preview(repr(action))} (expected subscribe, "
-                            f"unsubscribe or publish)", reply_to)
-    if "channel" not in fields:
+                            f"unsubscribe, publish or message)", reply_to)
+    channel: Optional[str] = None
+    if "channel" in fields:
+        channel = check_channel(fields["channel"][0], reply_to)
+    elif action != "message":
         raise ProtocolError("missing field 'channel'", reply_to)
-    channel = check_channel(fields["channel"][0], reply_to)
     payload = None
     backpressure = None
-    if action == "publish":
-        if "payload" not in fields:
-            raise ProtocolError("missing field 'payload'", reply_to)
+    if action == "publish" and "payload" not in fields:
+        raise ProtocolError("missing field 'payload'", reply_to)
+    if action in ("publish", "message") and "payload" in fields:
         problem = strict_problem(fields["payload"][0])
         if problem is not None:
             raise ProtocolError(f"invalid payload: {problem}", reply_to)
@@ -105,8 +108,10 @@ def reply_frame(event: str, channel: Optional[str], reply_to: Any = None, **extr
     return dumps(frame)
 
 
-def text_message_frame(channel: Optional[str], text: str, message_id: str) -> str:
-    """``{"channel": ..., "type": "text", "payload": "<text>", "id": ...}``."""
+def text_message_frame(channel: Optional[str], text: str, message_id: str,
+                       extra: Optional[Dict[str, Any]] = None) -> str:
+    """``{"channel": ..., "type": "text", "payload": "<text>", "id": ...}`` (``extra`` after)."""
     frame: Dict[str, Any] = {} if channel is None else {"channel": channel}
     frame.update(type="text", payload=text, id=message_id)
+    frame.update(extra or {})
     return dumps(frame)

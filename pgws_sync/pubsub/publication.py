@@ -58,6 +58,10 @@ class Publication(NamedTuple):
     id: Optional[str] = None
     #: Set on the items and markers of a batch (:meth:`PubSub.publish_batched`).
     batch: Optional[BatchField] = None
+    #: What the message answers: a client's message id (a string or a number), or None.
+    reply_to: Any = None
+    #: When it was published (RFC 3339, UTC), if the publisher said.
+    time: Optional[str] = None
 
 
 class _Type(NamedTuple):
@@ -69,8 +73,8 @@ class _Type(NamedTuple):
     payload: Callable[[Body], str]
     #: The ``payload`` read back (decoded value, text as written) -> the body.
     read: Callable[[Any, str], Body]
-    #: (channel, body, message id) -> the frame subscribers receive.
-    frame: Callable[[Optional[str], Body, str], Frame]
+    #: (channel, body, message id, extra fields) -> the frame subscribers receive.
+    frame: Callable[[Optional[str], Body, str, Dict[str, Any]], Frame]
 
 
 def _type_name(value: Any) -> str:
@@ -152,11 +156,13 @@ def _json_read(value: Any, raw: str) -> Body:
 
 TYPES: Dict[str, _Type] = {
     "json": _Type(_json_body, _json_payload, _json_read,
-                  lambda channel, body, mid: message_frame(channel, str(body), mid)),
+                  lambda channel, body, mid, extra: message_frame(channel, str(body), mid,
+                                                                  extra=extra)),
     "text": _Type(_text_body, _text_payload, _text_read,
-                  lambda channel, body, mid: text_message_frame(channel, str(body), mid)),
+                  lambda channel, body, mid, extra: text_message_frame(channel, str(body), mid,
+                                                                       extra)),
     "binary": _Type(_binary_body, _binary_payload, _binary_read,
-                    lambda channel, body, mid: body),
+                    lambda channel, body, mid, extra: body),  # a binary frame has no envelope
 }
 
 #: Message types: JSON values, text, and bytes (binary WebSocket frames).
@@ -188,6 +194,8 @@ def format_publication(
     target: Optional[str] = None,
     message_id: Optional[str] = None,
     batch: Optional[BatchField] = None,
+    reply_to: Any = None,
+    time: Optional[str] = None,
 ) -> str:
     """Build the NOTIFY payload for one message and check PostgreSQL's size limit.
 
@@ -214,9 +222,20 @@ def format_publication(
         head["to"] = target
     if batch is not None:
         head["batch"] = {"key": batch.key, "name": batch.name, "window": batch.window}
+    if reply_to is not None:
+        head["reply_to"] = _checked_reply_to(reply_to)
+    if time is not None:
+        head["time"] = time
     text = json.dumps(head, ensure_ascii=False)[:-1]
     text = text + (", " if head else "") + '"payload": ' + raw + "}"
     return check_notify_size(text, channel, error=PublicationTooLarge)
+
+
+def _checked_reply_to(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) \
+            or strict_problem(value) is not None:
+        raise InvalidPayload("reply_to must be a string or a finite number")
+    return value
 
 
 def format_marker(channel: str, batch: BatchField) -> str:
@@ -268,6 +287,8 @@ def parse_publication(payload: str) -> Publication:
     target = text_field("to")
     message_id = text_field("id")
     kind = text_field("type") or "json"
+    time = text_field("time")
+    reply_to = fields["reply_to"][0] if "reply_to" in fields else None
     if channel is None and target is None:
         raise InvalidPayload("no 'channel' (or 'to') field", preview(payload))
     if channel is not None:
@@ -285,11 +306,18 @@ def parse_publication(payload: str) -> Publication:
         if "payload" not in fields:
             raise InvalidPayload("no 'payload' field")
         body = message_type(kind).read(*fields["payload"])
+        if reply_to is not None:
+            _checked_reply_to(reply_to)
     except InvalidPayload as exc:
         raise InvalidPayload(exc.reason, preview(payload)) from None
-    return Publication(channel, kind, body, target, message_id, batch)
+    return Publication(channel, kind, body, target, message_id, batch, reply_to, time)
 
 
-def publication_frame(pub: Publication, message_id: str) -> Frame:
-    """The frame subscribers receive for ``pub``."""
-    return message_type(pub.type).frame(pub.channel, pub.body, message_id)
+def publication_frame(pub: Publication, message_id: str, *, time: Optional[str] = None) -> Frame:
+    """The frame subscribers receive for ``pub`` (with ``"time"`` when ``time`` is given)."""
+    extra: Dict[str, Any] = {}
+    if pub.reply_to is not None:
+        extra["reply_to"] = pub.reply_to
+    if time is not None:
+        extra["time"] = time
+    return message_type(pub.type).frame(pub.channel, pub.body, message_id, extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .._formats import new_message_id, validate_channel
+from .._formats import new_message_id, utc_now, validate_channel
 from ..errors import PublishFailed
 from ..sources.notify_pool import NotifyPool
 from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
@@ -17,10 +17,13 @@ def build_publication(
     type: str = "json",
     to: Optional[str] = None,
     message_id: Optional[str] = None,
+    reply_to: Any = None,
 ) -> str:
-    """The NOTIFY payload publishing ``message`` would send (checks type and size)."""
+    """The NOTIFY payload publishing ``message`` would send (checks type and size), stamped
+    with the time of publishing."""
     return format_publication(channel, message_body(message, type), type=type, target=to,
-                              message_id=message_id or new_message_id())
+                              message_id=message_id or new_message_id(), reply_to=reply_to,
+                              time=utc_now())
 
 
 def publish(
@@ -31,6 +34,8 @@ def publish(
     type: str = "json",
     to: Optional[str] = None,
     pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
+    message_id: Optional[str] = None,
+    reply_to: Any = None,
 ) -> str:
     """Publish ``message`` to ``channel``'s subscribers in every process, inside ``conn``'s
     transaction (it leaves at commit; at once in autocommit). Returns the message id.
@@ -40,11 +45,13 @@ def publish(
     that connection, wherever it is connected. Raises
     :class:`~pgws_sync.PayloadTooLarge` before sending anything PostgreSQL would
     refuse and :class:`~pgws_sync.InvalidPayload` for a message that does not
-    fit its type.
+    fit its type. ``message_id`` (default: a fresh one) is the id every recipient sees;
+    ``reply_to`` (a client's message id) comes with it.
     """
     validate_channel(pubsub_channel)
-    message_id = new_message_id()
-    text = build_publication(channel, message, type=type, to=to, message_id=message_id)
+    message_id = message_id or new_message_id()
+    text = build_publication(channel, message, type=type, to=to, message_id=message_id,
+                             reply_to=reply_to)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_notify(%s, %s)", (pubsub_channel, text))
     return message_id
@@ -77,14 +84,16 @@ class Publisher:
         self.application_name = application_name
 
     def publish(self, channel: Optional[str], message: Any, *, type: str = "json",
-                to: Optional[str] = None) -> str:
+                to: Optional[str] = None, message_id: Optional[str] = None,
+                reply_to: Any = None) -> str:
         """Publish ``message`` (see :func:`publish`) at once; returns the message id.
 
         Raises :class:`PublishFailed` when the database cannot be reached or
         refuses the NOTIFY (after one retry on a fresh connection).
         """
-        message_id = new_message_id()
-        self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id))
+        message_id = message_id or new_message_id()
+        self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id,
+                                      reply_to=reply_to))
         return message_id
 
     def notify(self, text: str, *, channel: Optional[str] = None) -> None:

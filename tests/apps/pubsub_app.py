@@ -2,6 +2,10 @@
 
 PGWS_DB_URI     the database
 PGWS_OPTIONS    JSON object of PubSub options (backpressure, max_queue, ...)
+PGWS_ORIGIN_SUFFIX  if set, check_origin admits only origins ending with it
+
+Client messages (``on_client_message``): ``{"echo": x}`` is answered ``{"echoed": x}``,
+``"ack"`` gets the plain acknowledgement, ``"refuse"`` an error, ``"crash"`` raises.
 
 Hooks: X-Refuse refuses the upgrade (401, that body); X-User goes into
 metadata (default "anonymous"); the first frame is a welcome naming the
@@ -17,7 +21,7 @@ import threading
 
 from flask import Flask, jsonify, request
 
-from pgws_sync import Listener, PubSub, Refused
+from pgws_sync import Listener, ProtocolError, PubSub, Refused
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2, max_reconnect=2.0)
@@ -44,8 +48,23 @@ class App(PubSub):
     def can_publish(self, conn, channel):
         return conn.metadata["user"] != "anonymous" and not channel.startswith("readonly")
 
+    def on_client_message(self, conn, channel, payload, message_id):
+        message = json.loads(payload)
+        if message == "ack":
+            return None
+        if message == "refuse":
+            raise ProtocolError("refused on purpose")
+        if message == "crash":
+            raise RuntimeError("the handler failed on purpose")
+        return {"echoed": message.get("echo") if isinstance(message, dict) else message,
+                "channel": channel, "user": conn.metadata["user"]}
 
-endpoint = App(listener, **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
+
+options = json.loads(os.environ.get("PGWS_OPTIONS", "{}"))
+if os.environ.get("PGWS_ORIGIN_SUFFIX"):
+    options["check_origin"] = lambda req: req.headers.get("Origin", "").endswith(
+        os.environ["PGWS_ORIGIN_SUFFIX"])
+endpoint = App(listener, **options)
 endpoint.init_app(app, "/ws")
 
 
@@ -82,7 +101,8 @@ def stats():
 @app.route("/debug/publish", methods=["POST"])
 def publish():
     body = request.get_json()
-    message_id = endpoint.publish(body["channel"], _message(body), type=body.get("type", "json"))
+    message_id = endpoint.publish(body["channel"], _message(body), type=body.get("type", "json"),
+                                  message_id=body.get("id"), reply_to=body.get("reply_to"))
     return jsonify(id=message_id, pid=os.getpid())
 
 
@@ -90,7 +110,8 @@ def publish():
 def send_to():
     body = request.get_json()
     message_id = endpoint.send_to(body["to"], _message(body), type=body.get("type", "json"),
-                                  channel=body.get("channel"))
+                                  channel=body.get("channel"), message_id=body.get("id"),
+                                  reply_to=body.get("reply_to"))
     return jsonify(id=message_id, pid=os.getpid())
 
 
