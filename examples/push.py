@@ -32,7 +32,9 @@ class Notifications(Push):
 
 
 app = Flask(__name__)
-app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(16)  # set it with -w > 1
+# Every worker must sign sessions with the same key, or a login made in one worker is unknown
+# to the others. This fixed key is for trying the example only: set SECRET_KEY in production.
+app.secret_key = os.environ.get("SECRET_KEY") or "pgws_sync example key: set SECRET_KEY"
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=1.0, max_reconnect=30.0)
 source = RedisSource(os.environ["PGWS_REDIS_URL"]) if os.environ.get("PGWS_REDIS_URL") else None
 notifications = Notifications(listener, source=source)

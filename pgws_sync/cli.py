@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -12,8 +13,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import psycopg2
 import psycopg2.extensions
 
+from . import __version__
 from ._core.endpoint import DEFAULT_AUDIENCE
-from ._formats import validate_channel
+from ._formats import loads, preview, validate_channel
+from ._startup import check_bind, check_dsn, wait_until_reachable
 from .errors import CommandFailed, ConfigError, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
@@ -27,6 +30,8 @@ EXIT_USAGE = 2  # the command line or the configuration is wrong
 DEFAULT_CHANNEL = "pgws"
 DEFAULT_BIND = "127.0.0.1:8080"
 DEFAULT_THREADS = 100
+#: Start-up attempts to reach the database before ``serve`` gives up (0: forever).
+DEFAULT_RETRIES = 5
 DSN_ENV = "PGWS_DB_URI"
 #: Set (or --jwt-secret given), ``serve`` runs the postgres-websockets compatible gateway.
 JWT_SECRET_ENV = "PGWS_JWT_SECRET"
@@ -64,10 +69,7 @@ def resolve_dsn(dsn: Optional[str], environ: Mapping[str, str]) -> str:
             return ""
         else:
             raise ConfigError(NO_DATABASE)
-    try:
-        psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError as exc:
-        raise ConfigError(f"invalid database DSN: {first_line(exc)}") from None
+    check_dsn(dsn)
     return dsn
 
 
@@ -79,18 +81,19 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_jwt(args)
     dsn = resolve_dsn(args.dsn, os.environ)
     channels = list(dict.fromkeys(validate_channel(c) for c in args.channel or [DEFAULT_CHANNEL]))
+    bind = args.bind or DEFAULT_BIND
+    check_bind(bind)
 
     from .pgws.gateway import create_app
 
     _setup_logging(args.log_level)
-    return _run_gunicorn(lambda: create_app(dsn, channels), args.bind or DEFAULT_BIND, args)
+    wait_until_reachable(dsn, DEFAULT_RETRIES if args.retries is None else args.retries)
+    return _run_gunicorn(lambda: create_app(dsn, channels), bind, args)
 
 
 def _serve_jwt(args: argparse.Namespace) -> int:
     """``serve`` as a drop-in for postgres-websockets: its PGWS_* environment and URLs."""
-    from .errors import DatabaseUnreachable
     from .jwt.settings import create_gateway_app, load_auth, settings_from_environ
-    from .sources.postgres import wait_for_database
 
     if args.channel:
         raise ConfigError("--channel is for the pgws gateway; with a JWT secret the gateway "
@@ -99,20 +102,13 @@ def _serve_jwt(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn, os.environ)
     settings = settings_from_environ(os.environ, dsn=dsn, secret=args.jwt_secret)
     auth = load_auth(settings)  # a bad secret stops us before anything starts
-    log = logging.getLogger(__name__)
-
-    def retrying(attempt: int, reason: str, delay: float) -> None:
-        log.warning("cannot reach the database (attempt %d%s): %s; retrying in %gs", attempt,
-                    f" of {settings.retries}" if settings.retries else "", reason, delay)
-
-    try:
-        wait_for_database(dsn, settings.retries, on_retry=retrying)
-    except DatabaseUnreachable as exc:
-        raise CommandFailed(str(exc)) from None
-    except KeyboardInterrupt:
-        raise CommandFailed("interrupted while waiting for the database") from None
-    return _run_gunicorn(lambda: create_gateway_app(settings, auth),
-                         args.bind or settings.bind, args)
+    bind = args.bind or settings.bind
+    check_bind(bind)
+    if args.retries is None:
+        wait_until_reachable(dsn, settings.retries, "PGWS_RETRIES")
+    else:
+        wait_until_reachable(dsn, args.retries)
+    return _run_gunicorn(lambda: create_gateway_app(settings, auth), bind, args)
 
 
 def _setup_logging(level: str) -> None:
@@ -175,13 +171,32 @@ def _notify(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn, os.environ)
     body = args.json.strip()
     validate_channel(args.channel)
-    format_pgws(args.audience, body, channel=args.channel)  # refuse before connecting
+    try:
+        value = loads(body)
+    except ValueError as exc:
+        raise ConfigError(f"JSON is not valid JSON ({exc}): {preview(body)!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"JSON must be a JSON object such as '{{\"message\": \"hi\"}}', "
+                          f"not a {_json_kind(value)}: {preview(body)!r}")
+    text = format_pgws(args.audience, body, channel=args.channel)  # refuse before connecting
     conn = connect(dsn)
     try:
         notify(conn, args.channel, body, args.audience)
     finally:
         conn.close()
+    print(f"sent to channel {args.channel!r}, audience {args.audience!r} "
+          f"({len(text.encode('utf-8'))} bytes)")
     return EXIT_OK
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "JSON array"
+    if isinstance(value, str):
+        return "JSON string"
+    if value is None or isinstance(value, bool):
+        return "JSON " + json.dumps(value)
+    return "JSON number"
 
 
 # ---------------------------------------------------------------------- demo
@@ -194,6 +209,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
+
+
+def _non_negative_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a whole number of 0 or more: {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -213,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The database comes from --dsn, else $PGWS_DB_URI (@FILE reads it from FILE), "
                "else libpq's environment (PGHOST, PGDATABASE, PGSERVICE, ...).",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     dsn_help = "libpq connection string or URI (default: $PGWS_DB_URI, else libpq's environment)"
 
@@ -239,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "holds one thread for its whole life, so a worker serves fewer "
                             "than N sockets: keep N above the sockets you expect plus headroom "
                             "for plain HTTP requests")
+    serve.add_argument("--retries", type=_non_negative_int, default=None, metavar="N",
+                       help=f"start-up attempts to reach the database, 1 s apart doubling to "
+                            f"32 s, then exit 1 (default: {DEFAULT_RETRIES}, or $PGWS_RETRIES "
+                            f"with a JWT secret; 0: forever)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="log level (default: info)")

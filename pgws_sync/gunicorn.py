@@ -58,6 +58,7 @@ def post_worker_init(worker: Any) -> None:
     SIGINT and SIGQUIT (Ctrl-C, immediate stop): the close frames are sent,
     waiting at most QUICK_SHUTDOWN_TIMEOUT seconds, before gunicorn exits.
     """
+    use_gunicorn_logging(worker)
     limit_malloc_arenas(MALLOC_ARENA_MAX)
     warm_up()
     prestart_threads(worker, prestart_setting())
@@ -68,6 +69,23 @@ def post_worker_init(worker: Any) -> None:
     for signum in (signal.SIGINT, signal.SIGQUIT):
         _chain(signum, lambda: shutdown(QUICK_SHUTDOWN_TIMEOUT))
     freeze_startup_objects()
+
+
+def use_gunicorn_logging(worker: Any) -> bool:
+    """Send the library's log records through gunicorn's error log, at its level and format.
+
+    Does nothing (returns False) when logging was configured already: the
+    ``pgws_sync`` logger or the root logger has a handler.
+    """
+    error_log = getattr(getattr(worker, "log", None), "error_log", None)
+    library = logging.getLogger("pgws_sync")
+    if error_log is None or library.handlers or logging.getLogger().handlers:
+        return False
+    for handler in error_log.handlers:
+        library.addHandler(handler)
+    library.setLevel(error_log.level)
+    library.propagate = False
+    return True
 
 
 def freeze_startup_objects() -> int:

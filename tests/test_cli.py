@@ -74,10 +74,16 @@ def test_unreadable_dsn_file_exits_2(tmp_path: Path, kind: str) -> None:
     assert "PGWS_DB_URI" in line and str(path) in line
 
 
-def test_invalid_dsn_exits_2() -> None:
-    result = run_cli("notify", "--dsn", "host=localhost port", "pgws", "{}")
+@pytest.mark.parametrize("dsn, says", [
+    ("host=localhost port", 'cannot read the database DSN (missing "=" after "port"'),
+    ("mysql://user@localhost/app", "the database address starts with 'mysql://', but pgws_sync needs PostgreSQL"),
+])
+def test_invalid_dsn_exits_2_saying_what_a_valid_one_is(dsn: str, says: str) -> None:
+    result = run_cli("notify", "--dsn", dsn, "pgws", "{}")
     assert result.returncode == 2
-    assert one_line(result.stderr).startswith("pgws-sync: invalid database DSN")
+    line = one_line(result.stderr)
+    assert line.startswith(f"pgws-sync: {says}") and "postgresql://user@localhost" in line
+    assert line.count("invalid") == 0
 
 
 def test_unreachable_database_exits_1() -> None:
@@ -87,11 +93,61 @@ def test_unreachable_database_exits_1() -> None:
     assert one_line(result.stderr).startswith("pgws-sync: database error:")
 
 
-@pytest.mark.parametrize("payload", ["[1, 2]", "not json", '{"a": 1} trailing'])
-def test_notify_invalid_json_exits_2(pg_dsn: str, payload: str) -> None:
+@pytest.mark.parametrize("payload, says", [
+    ("[1, 2]", "JSON must be a JSON object such as '{\"message\": \"hi\"}', not a JSON array"),
+    ('"hi"', "not a JSON string"),
+    ("not json", "JSON is not valid JSON"),
+    ('{"a": 1} trailing', "JSON is not valid JSON"),
+])
+def test_notify_invalid_json_speaks_of_what_was_typed(pg_dsn: str, payload: str,
+                                                      says: str) -> None:
     result = run_cli("notify", "--dsn", pg_dsn, "pgws", payload)
     assert result.returncode == 2
-    one_line(result.stderr)
+    line = one_line(result.stderr)
+    assert says in line and repr(payload) in line and "default," not in line
+
+
+def test_version() -> None:
+    from pgws_sync import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"pgws-sync {__version__}"
+
+
+@pytest.mark.parametrize("bind, says", [
+    ("127.0.0.1:99999", "the port in --bind '127.0.0.1:99999' must be a number from 1 to 65535"),
+    ("nonsense", "--bind must be HOST:PORT"),
+    ("127.0.0.1:http", "must be a number from 1 to 65535"),
+    ("no-such-host.invalid:8080", "unknown host 'no-such-host.invalid'"),
+])
+def test_bad_bind_addresses_exit_2_with_one_line(pg_dsn: str, bind: str, says: str) -> None:
+    result = run_cli("serve", "--dsn", pg_dsn, "--bind", bind)
+    assert result.returncode == 2, result.stderr
+    assert says in one_line(result.stderr)
+
+
+def test_a_busy_port_is_one_clear_line(pg_dsn: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--dsn", pg_dsn, "--bind", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert one_line(result.stderr) == (f"pgws-sync: 127.0.0.1:{port} is already in use: stop "
+                                       f"what listens there or choose another --bind")
+
+
+def test_serve_gives_up_on_a_database_that_stays_down_in_both_modes() -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    for extra in ([], ["--jwt-secret", "x" * 32]):
+        result = run_cli("serve", "--dsn", dsn, "--bind", f"127.0.0.1:{free_port()}",
+                         "--retries", "2", *extra)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert "cannot reach the database (attempt 1 of 2)" in lines[0]
+        assert lines[-1].startswith("pgws-sync: cannot reach the database after 2 attempts")
 
 
 # ------------------------------------------------ serve with PGWS_DB_URI=@file
@@ -133,7 +189,8 @@ def test_serve_reads_dsn_file_and_serves_the_page(file_served: Serve) -> None:
 def test_notify_command_reaches_a_socket(pg_dsn: str, file_client: Ws) -> None:
     result = run_cli("notify", "--dsn", pg_dsn, "pgws", '{"a": 1}')
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "" and result.stderr == ""
+    assert result.stdout == "sent to channel 'pgws', audience 'default' (16 bytes)\n"
+    assert result.stderr == ""
     frame = file_client.recv_json()
     assert frame["payload"] == {"a": 1} and frame["channel"] == "pgws"
     assert isinstance(frame["id"], str) and frame["id"]

@@ -104,3 +104,78 @@ def test_push_example_page_in_chromium(pg_dsn, sender, page):
         page.wait_for_function("document.getElementById('log').textContent.includes('hi all')")
     finally:
         g.stop()
+
+
+# ------------------------------------------------ each example's "Run:" line, literally
+
+
+def run_line(module: str) -> str:
+    """The shell command an example's docstring gives under "Run:", continuation lines joined."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
+    match = re.search(r"^Run:\s+(.*?)(?=^\S|^\s+\(|\Z)", text.split('"""')[1], re.S | re.M)
+    assert match, f"examples/{module}.py has no Run: line"
+    return " ".join(line.strip().rstrip("\\").strip() for line in match.group(1).splitlines()
+                    if line.strip())
+
+
+def run_as_documented(module: str, pg_dsn: str):
+    """Start the example with its documented command, word for word, in a shell: only the
+    database (the documented localhost one becomes this test's) and, through gunicorn's own
+    GUNICORN_CMD_ARGS, the port (8000 may be taken) differ."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .helpers import ROOT
+    from .pgserver import free_port
+
+    command = run_line(module).replace("PGWS_DB_URI=postgresql://localhost/postgres",
+                                       f"PGWS_DB_URI='{pg_dsn}'")
+    port = free_port()
+    env = dict(os.environ, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    env.pop("SECRET_KEY", None)
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-example-{port}.log", "w")
+    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    g = Gunicorn.__new__(Gunicorn)  # the helper's methods, around the documented process
+    g.port, g.proc, g._log, g.log_path = port, proc, log, Path(log.name)
+    return g.wait_up()
+
+
+@pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push"])
+def test_each_example_starts_with_its_documented_command(module, pg_dsn):
+    g = run_as_documented(module, pg_dsn)
+    try:
+        workers = 2 if "-w 2" in run_line(module) else 1
+        wait_for(lambda: len(g.worker_pids()) == workers, message=f"{workers} workers")
+    finally:
+        g.stop()
+
+
+def test_push_logins_hold_in_every_worker_when_run_as_documented(pg_dsn):
+    """The documented push example runs two workers: a login made in one is known to both."""
+    import http.cookiejar
+    import re
+    import urllib.request
+
+    g = run_as_documented("push", pg_dsn)
+    try:
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        browser.open(g.url("/login/alice")).read()
+        for _ in range(20):  # sockets spread over both workers (2**-19 that all land on one)
+            conn = Ws(g.ws_url("/ws"), headers={
+                "Cookie": "; ".join(f"{c.name}={c.value}" for c in jar)})
+            conn.recv_json()  # tabWindowId
+            conn.client.send('{"joinRoom": "team-alice"}')  # only alice may
+            assert conn.recv_json() == {"event": "joined", "room": "team-alice"}
+            conn.close()
+            page = browser.open(g.url("/")).read().decode()
+            assert re.search(r'const who = "alice"', page), page[:300]
+    finally:
+        g.stop()

@@ -263,3 +263,28 @@ def test_each_worker_listens_on_its_own_socket_and_sockets_spread(pg_dsn):
         for c in clients:
             c.close()
         g.stop()
+
+
+def test_library_logs_go_through_gunicorns_error_log(pg_dsn):
+    """A bare gunicorn run shows the library's lines in gunicorn's own format, at its level."""
+    import re
+
+    g = serve(pg_dsn, args=["--log-level", "debug"])
+    try:
+        g.wait_up()
+        ws = Ws(g.ws_url())
+        wait_sockets(g, 1)
+        ws.close()
+        wait_sockets(g, 0)
+        line = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[(\w+)\] "
+        log = g.log()
+        assert re.search(line.replace(r"(\w+)", "INFO") + r"listener connected \(backend pid", log)
+        assert re.search(line.replace(r"(\w+)", "DEBUG") + r"socket [0-9a-f-]+ open", log)
+        assert re.search(line.replace(r"(\w+)", "DEBUG") + r"socket [0-9a-f-]+ closed", log)
+    finally:
+        g.stop()
+    quiet = serve(pg_dsn, args=["--log-level", "warning"]).wait_up()
+    try:
+        assert "listener connected" not in quiet.log()  # gunicorn's level applies
+    finally:
+        quiet.stop()

@@ -120,7 +120,9 @@ def test_an_inbound_flood_beyond_max_backlog_closes_with_1008_and_others_go_on(s
 
 
 def test_on_disconnect_runs_exactly_once_however_the_socket_ended(server, clients):
-    start = hooks(server)
+    # the sockets of earlier tests end asynchronously: start once they all have
+    start = wait_for(lambda: (h := hooks(server))["connect"] == h["disconnect"] and h,
+                     message="the earlier tests' sockets to end")
     by_client = clients(server.ws_url())
     by_server = clients(server.ws_url())
     hello(by_client)

@@ -296,9 +296,11 @@ class WebSocketEndpoint:
             self.hub.remove(conn)
             self._forget(conn)
             raise
+        logger.debug("socket %s open (%d in this worker)", conn.id, len(self.hub))
         try:
             return self._serve(conn, environ, key, raw)
         finally:
+            logger.debug("socket %s closed", conn.id)
             self.hub.remove(conn)
             self._forget(conn)
             try:

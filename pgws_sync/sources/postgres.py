@@ -247,12 +247,14 @@ def connect(dsn: str, *, connect_timeout: int = 10) -> Any:
 def wait_for_database(dsn: str, retries: int, *, first_delay: float = 1.0,
                       max_delay: float = 32.0, connect_timeout: int = 10,
                       stop: Optional[threading.Event] = None,
-                      on_retry: Optional[Callable[[int, str, float], None]] = None) -> int:
+                      on_retry: Optional[Callable[[int, str, float], None]] = None,
+                      setting: str = "retries") -> int:
     """Connect to ``dsn`` until it works: ``retries`` attempts (0: forever), delays doubling.
 
     Returns the number of attempts it took. Raises :class:`DatabaseUnreachable`
     after the last failed attempt (or when ``stop`` is set while waiting).
-    ``on_retry(attempt, reason, delay)`` is called after each failure that is retried.
+    ``on_retry(attempt, reason, delay)`` is called after each failure that is retried;
+    ``setting`` names where ``retries`` came from, in the error.
     """
     stop = stop or threading.Event()
     params: Dict[str, Any] = {}
@@ -272,7 +274,7 @@ def wait_for_database(dsn: str, retries: int, *, first_delay: float = 1.0,
         if retries and attempt >= retries:
             raise DatabaseUnreachable(
                 f"cannot reach the database after {attempt} attempt{'s' if attempt > 1 else ''} "
-                f"(PGWS_RETRIES={retries}): {reason}")
+                f"({setting}={retries}): {reason}")
         if on_retry is not None:
             on_retry(attempt, reason, delay)
         if stop.wait(delay):
