@@ -3,13 +3,15 @@
 #   make test   run the whole test suite
 # and for maintainers:
 #   make lint   mypy --strict and the import-layer contracts (docs/architecture.md)
+#   make docs   the documentation site, into site/
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint docs install bench clean
 
 $(BIN)/activate: setup.cfg pyproject.toml
+	@echo "make: creating $(VENV) and installing pgws_sync with its test and demo extras (first run: about 20 s)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
@@ -18,6 +20,10 @@ $(BIN)/activate: setup.cfg pyproject.toml
 $(VENV)/.lint: $(BIN)/activate
 	$(BIN)/python -m pip install --quiet -e '.[lint]'
 	touch $(VENV)/.lint
+
+$(VENV)/.docs: $(BIN)/activate
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $(VENV)/.docs
 
 install: $(BIN)/activate
 
@@ -30,6 +36,10 @@ test: install
 lint: $(VENV)/.lint
 	$(BIN)/mypy --strict pgws_sync
 	$(BIN)/lint-imports
+
+# the documentation site, built with warnings as errors into site/
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # make bench ARGS='--clients 1000 --messages 200 --rate 50'   (options: bench/README.md)
 bench: install

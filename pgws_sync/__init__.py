@@ -38,7 +38,7 @@ from .sources.base import Notification, Source
 from .sources.postgres import Listener
 from .sources.redis import RedisSource
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # endpoints, one per product

