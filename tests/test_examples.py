@@ -147,7 +147,7 @@ def run_as_documented(module: str, pg_dsn: str):
     return g.wait_up()
 
 
-@pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push"])
+@pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:
