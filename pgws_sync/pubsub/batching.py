@@ -128,13 +128,13 @@ class Batcher:
                                                  pub.time)
                 self._ensure_thread()
                 self._wakeup.notify()
-            elif batch.text != text:
-                logger.warning("dropped a %s item for the open %s batch of channel %r, key %r",
-                               pub.type, "text" if batch.text else "JSON", pub.channel, field.key)
-                return
-            if identity not in batch.seen:
+            mixed = batch.text != text
+            if not mixed and identity not in batch.seen:
                 batch.seen.add(identity)
                 batch.items.append(entry)
+        if mixed:  # logged outside the lock
+            logger.warning("dropped a %s item for the open %s batch of channel %r, key %r",
+                           pub.type, "JSON" if text else "text", pub.channel, field.key)
 
     def marker(self, pub: Publication) -> Optional[Finished]:
         """Apply a received marker: the finished batch it closes, or None."""
