@@ -56,6 +56,9 @@ def check_bind(bind: str) -> None:
                           f"({exc.strerror})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # as gunicorn binds: connections of an earlier server in TIME_WAIT do not count, a
+        # socket listening there does (SO_REUSEPORT, which would share it, is not set here)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:

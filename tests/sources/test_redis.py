@@ -416,5 +416,5 @@ def test_bad_settings_channels_and_payloads_are_refused():
 
 def test_missing_redis_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)
-    with pytest.raises(ConfigError, match=r"pip install pgws_sync\[redis\]"):
+    with pytest.raises(ConfigError, match=r"install pgws_sync with its redis extra"):
         RedisSource()
