@@ -9,6 +9,7 @@ from ._core.endpoint import WebSocketEndpoint
 from ._formats import resync_frame
 from .errors import ConfigError
 from .sources.base import Notification, Sink, Source
+from .sources.canary import Canary
 
 
 def listener_dsn(listener: Source, dsn: Optional[str], who: str) -> str:
@@ -28,16 +29,21 @@ class ListeningEndpoint(WebSocketEndpoint):
     It registers itself as the source's sink when constructed, so a subclass
     sets what :meth:`on_notifications` uses before calling this ``__init__``.
     Each request starts the sources in its process; the health check is ok
-    while every source is connected and receives on its channels.
-    Keyword options are those of :class:`WebSocketEndpoint`.
+    while every source is connected and receives on its channels; the
+    readiness check (``/readyz``) also needs a canary NOTIFY, sent by this
+    worker every ``canary_interval`` seconds from the first readiness check on,
+    to have come back. Other keyword options are those of :class:`WebSocketEndpoint`.
     """
 
-    def __init__(self, listener: Source, channels: Iterable[str], **options: Any) -> None:
+    def __init__(self, listener: Source, channels: Iterable[str], *,
+                 canary_interval: float = 5.0, **options: Any) -> None:
         if not isinstance(listener, Source):
             raise ConfigError(f"{type(self).__name__}(listener, ...): the first argument must be "
                               f"a Listener (or another source), not {type(listener).__name__}")
         super().__init__(**options)
         self.listener = listener
+        self.canary_interval = canary_interval
+        self._canary: Optional[Canary] = None  # made by the first readiness check
         self.listen_channels: Tuple[str, ...] = tuple(channels)
         #: Every (source, sink, channels, name) this endpoint is fed by; the listener first.
         self._feeds: List[Tuple[Source, Sink, Tuple[str, ...], str]] = []
@@ -96,6 +102,33 @@ class ListeningEndpoint(WebSocketEndpoint):
             body["closing"] = True
         return ok, body
 
+    def readiness(self) -> Tuple[bool, Dict[str, Any]]:
+        """Ready: healthy, and a canary NOTIFY this worker sent itself came back recently."""
+        ok, body = self.health()
+        if self.closing:
+            return False, {"reason": "draining: the server is shutting down"}
+        if not ok:
+            return False, {"reason": "a source is not connected", **body}
+        canary = self._start_canary()
+        if canary is None:
+            return True, {}
+        ready, why = canary.readiness()
+        return (True, {}) if ready else (False, {"reason": why})
+
+    def _start_canary(self) -> Optional[Canary]:
+        """This endpoint's canary, made and started on first use (None: its source has no DSN)."""
+        dsn = getattr(self.listener, "dsn", None)
+        if not isinstance(dsn, str):
+            return None
+        if self._canary is None:
+            self._canary = Canary(dsn, interval=self.canary_interval)
+            self.listener.add_sink(self._canary, [self._canary.channel])
+        self._canary.start()
+        return self._canary
+
     def on_closed(self) -> None:
         for source, sink, _channels, _name in self._feeds:
             source.remove_sink(sink)
+        if self._canary is not None:
+            self.listener.remove_sink(self._canary)
+            self._canary.stop()

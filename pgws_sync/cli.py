@@ -20,6 +20,7 @@ from ._startup import check_bind, check_dsn, wait_until_reachable
 from .errors import CommandFailed, ConfigError, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
+from .sources.canary import check_listening
 from .sources.postgres import connect
 
 PROG = "pgws-sync"
@@ -88,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     wait_until_reachable(dsn, DEFAULT_RETRIES if args.retries is None else args.retries)
+    check_listening(dsn, where="the database (--dsn)")
     return _run_gunicorn(lambda: create_app(dsn, channels), bind, args)
 
 
@@ -108,6 +110,7 @@ def _serve_jwt(args: argparse.Namespace) -> int:
         wait_until_reachable(dsn, settings.retries, "PGWS_RETRIES")
     else:
         wait_until_reachable(dsn, args.retries)
+    check_listening(dsn, where="the database (PGWS_DB_URI)")
     return _run_gunicorn(lambda: create_gateway_app(settings, auth), bind, args)
 
 

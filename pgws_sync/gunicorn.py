@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 from ._core.wire import warm_up
 from .errors import ConfigError
-from .runtime import shutdown, start_sources
+from .runtime import live_sources, shutdown, start_sources
+from .sources.canary import check_listening
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def post_worker_init(worker: Any) -> None:
     limit_malloc_arenas(MALLOC_ARENA_MAX)
     warm_up()
     prestart_threads(worker, prestart_setting())
+    refuse_setups_that_cannot_work(worker)
     for source in start_sources():
         logger.error("could not start %r in worker %s: it was stopped", source, worker.pid)
     _chain(signal.SIGTERM, lambda: threading.Thread(
@@ -69,6 +71,24 @@ def post_worker_init(worker: Any) -> None:
     for signum in (signal.SIGINT, signal.SIGQUIT):
         _chain(signum, lambda: shutdown(QUICK_SHUTDOWN_TIMEOUT))
     freeze_startup_objects()
+
+
+def refuse_setups_that_cannot_work(worker: Any) -> None:
+    """Stop the worker from booting (exit 3, gunicorn then stops) when a listener's database
+    cannot deliver notifications: a hot standby, or a pooler in transaction mode.
+
+    One ERROR line names the cause and the fix. A database that cannot be reached is not
+    refused: the listener keeps trying.
+    """
+    for source in live_sources():
+        dsn = getattr(source, "dsn", None)
+        if not isinstance(dsn, str):
+            continue
+        try:
+            check_listening(dsn)
+        except ConfigError as exc:
+            logger.error("pgws_sync refuses to start: %s", exc)
+            raise SystemExit(3) from None
 
 
 def use_gunicorn_logging(worker: Any) -> bool:

@@ -80,6 +80,21 @@ class PgServer:
                    "-o", opts, "-w", "-t", "60", "start"])
         return self
 
+    def replica(self) -> "PgServer":
+        """A hot standby of this (running) server, made with pg_basebackup and started."""
+        standby = PgServer()
+        standby.user = self.user
+        standby.base.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            os.chown(standby.base, entry.pw_uid, entry.pw_gid)
+        self._run([str(_bin_dir() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port),
+                   "-U", "postgres", "-D", str(standby.data), "-R", "-X", "stream", "-N"])
+        standby._initialised = True
+        return standby.start()
+
     def stop(self, mode: str = "fast") -> None:
         self._run([str(_bin_dir() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
 

@@ -105,6 +105,7 @@ class WebSocketEndpoint:
     :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
+    :param ready_path: path of the readiness check (None: none).
     :param close_timeout: seconds to wait for the client's half of a close handshake.
     :param slow_close_reason: the reason of the 1013 close a client that reads too slowly gets.
     :param check_origin: ``request -> bool`` deciding the Origin check instead of
@@ -122,6 +123,7 @@ class WebSocketEndpoint:
         allowed_origins: Iterable[str] = (),
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
+        ready_path: Optional[str] = "/readyz",
         close_timeout: float = 2.0,
         slow_close_reason: str = SLOW_CLIENT_REASON,
         check_origin: Optional[Callable[[Request], bool]] = None,
@@ -149,6 +151,7 @@ class WebSocketEndpoint:
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
         self.compression = compression
         self.health_path = health_path
+        self.ready_path = ready_path
         self.close_timeout = close_timeout
         self.slow_close_reason = slow_close_reason
         self.check_origin = check_origin
@@ -166,6 +169,12 @@ class WebSocketEndpoint:
     def health(self) -> Tuple[bool, Dict[str, Any]]:
         """Whether this endpoint can deliver now, and a small JSON-able description."""
         return not self._closing, {"sockets": len(self.hub)}
+
+    def readiness(self) -> Tuple[bool, Dict[str, Any]]:
+        """Whether this worker should get traffic now (not while closing), and why not."""
+        if self._closing:
+            return False, {"reason": "draining: the server is shutting down"}
+        return True, {}
 
     def prepare(self) -> None:
         """Called before each request is handled: start per-process machinery here."""
@@ -203,6 +212,8 @@ class WebSocketEndpoint:
         request = Request(environ)
         if self.health_path is not None and request.path == self.health_path:
             response = self.health_response()
+        elif self.ready_path is not None and request.path == self.ready_path:
+            response = self.ready_response()
         else:
             response = self.handle(request)
         return response(environ, start_response)
@@ -223,9 +234,19 @@ class WebSocketEndpoint:
         if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
             app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
                              view_func=self.health_response)
+        if self.ready_path is not None and "pgws_sync_ready" not in app.view_functions:
+            app.add_url_rule(self.ready_path, endpoint="pgws_sync_ready",
+                             view_func=self.ready_response)
         if client_path is not None and "pgws_sync_client_js" not in app.view_functions:
             app.add_url_rule(client_path, endpoint="pgws_sync_client_js",
                              view_func=lambda: client_js_response(flask.request))
+
+    def ready_response(self) -> Response:
+        """200 ``{"status": "ready"}``, or 503 with the ``reason``."""
+        self.prepare()
+        ok, body = self.readiness()
+        body = {"status": "ready" if ok else "not ready", **body}
+        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
     def health_response(self) -> Response:
         self.prepare()  # a health check alone starts this process's machinery

@@ -92,6 +92,8 @@ class JwtGateway(ListeningEndpoint):
             response = self.handle(request)
         elif self.health_path is not None and request.path == self.health_path:
             response = self.health_response()
+        elif self.ready_path is not None and request.path == self.ready_path:
+            response = self.ready_response()
         elif (self.client_path is not None and request.path == self.client_path
               and request.method in ("GET", "HEAD")):
             response = client_js_response(request)

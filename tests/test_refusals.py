@@ -1,0 +1,155 @@
+"""Setups where notifications cannot arrive are refused at start with one line naming the cause
+and the fix: a real PgBouncer in transaction mode, a real streaming replica. And /readyz."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pgws_sync import ConfigError, Listener, Pgws
+from pgws_sync.sources.canary import check_listening
+
+from .clirun import no_database_env, run_cli
+from .helpers import Gunicorn, http_get, wait_for
+from .pgserver import SYSTEM_USER, PgServer, free_port
+
+
+class PgBouncer:
+    """A real pgbouncer in front of ``server``, pool_mode ``mode``, on a free port."""
+
+    def __init__(self, server: PgServer, mode: str) -> None:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not os.path.exists(binary):
+            pytest.skip("no pgbouncer: install the pgbouncer package (Debian: apt-get install "
+                        "pgbouncer)")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="pgws-bouncer-"))
+        self.dir.chmod(0o777)
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(f"""[databases]
+postgres = host=127.0.0.1 port={server.port} dbname=postgres user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir / "users.txt"}
+pool_mode = {mode}
+logfile = {self.dir / "pgbouncer.log"}
+pidfile = {self.dir / "pgbouncer.pid"}
+""")
+        (self.dir / "users.txt").write_text('"postgres" ""\n')
+        for f in self.dir.iterdir():
+            f.chmod(0o666)
+        kwargs = {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
+        self.proc = subprocess.Popen([binary, str(ini)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, **kwargs)
+        wait_for(self._answers, 20, "pgbouncer to accept connections")
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _answers(self) -> bool:
+        import psycopg2
+
+        if self.proc.poll() is not None:
+            log = self.dir / "pgbouncer.log"
+            raise AssertionError(f"pgbouncer exited: {log.read_text() if log.exists() else ''}")
+        try:
+            psycopg2.connect(self.dsn, connect_timeout=2).close()
+            return True
+        except psycopg2.Error:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def primary() -> Iterator[PgServer]:
+    server = PgServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="module")
+def transaction_pooler(primary: PgServer) -> Iterator[PgBouncer]:
+    bouncer = PgBouncer(primary, "transaction")
+    yield bouncer
+    bouncer.stop()
+
+
+REFUSAL_POOLER = "a connection pooler in transaction mode (PgBouncer pool_mode = transaction)"
+REFUSAL_STANDBY = "is a hot standby (in recovery): it cannot LISTEN"
+
+
+def test_the_check_passes_a_direct_session_and_a_session_pool(primary):
+    assert check_listening(primary.dsn) is True
+    bouncer = PgBouncer(primary, "session")
+    try:
+        assert check_listening(bouncer.dsn) is True
+    finally:
+        bouncer.stop()
+    assert check_listening(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+                           timeout=1) is False  # unreachable: nothing known, nothing refused
+
+
+def test_a_transaction_mode_pooler_is_refused(transaction_pooler):
+    with pytest.raises(ConfigError) as info:
+        check_listening(transaction_pooler.dsn, timeout=2)
+    assert REFUSAL_POOLER in str(info.value) and "direct session" in str(info.value)
+
+
+def test_serve_refuses_a_transaction_mode_pooler_in_one_line(transaction_pooler):
+    result = run_cli("serve", "--dsn", transaction_pooler.dsn, "--bind",
+                     f"127.0.0.1:{free_port()}", env=no_database_env(), timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and REFUSAL_POOLER in lines[0], result.stderr
+
+
+def test_a_gunicorn_worker_refuses_to_boot_behind_the_pooler(transaction_pooler):
+    g = Gunicorn(env={"PGWS_DB_URI": transaction_pooler.dsn, "PGWS_CHANNELS": '["pgws"]'})
+    try:
+        assert g.proc.wait(60) != 0  # the worker exits 3: gunicorn stops
+        refusals = [line for line in g.log().splitlines() if "refuses to start" in line]
+        assert refusals and REFUSAL_POOLER in refusals[0]
+    finally:
+        g.stop()
+
+
+def test_a_hot_standby_is_refused(primary):
+    standby = primary.replica()
+    try:
+        with pytest.raises(ConfigError, match=re.escape(REFUSAL_STANDBY)):
+            check_listening(standby.dsn)
+        result = run_cli("serve", "--dsn", standby.dsn, "--bind", f"127.0.0.1:{free_port()}",
+                         env=no_database_env(), timeout=60)
+        assert result.returncode == 2 and REFUSAL_STANDBY in result.stderr
+        assert "Point the listener (and publishing) at the primary" in result.stderr
+    finally:
+        standby.destroy()
+
+
+def test_readyz_needs_a_canary_back_and_says_why_not(primary):
+    g = Gunicorn(env={"PGWS_DB_URI": primary.dsn, "PGWS_CHANNELS": '["pgws"]',
+                      "PGWS_OPTIONS": '{"canary_interval": 0.2}'}).wait_up()
+    try:
+        wait_for(lambda: http_get(g.url("/readyz"))[0] == 200, message="ready")
+        assert http_get(g.url("/readyz"))[1] == '{"status": "ready"}'
+    finally:
+        g.stop()
+    endpoint = Pgws(Listener(primary.dsn), "pgws")
+    endpoint.close(0)  # a drain has begun
+    status = endpoint.ready_response()
+    assert status.status_code == 503 and b"draining" in status.get_data()
