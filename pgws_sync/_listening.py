@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import _metrics
 from ._core.connection import Connection
 from ._core.endpoint import WebSocketEndpoint
 from ._formats import resync_frame
 from .errors import ConfigError
 from .sources.base import Notification, Sink, Source
 from .sources.canary import Canary
+from .sources.postgres import notification_queue_usage
+
+#: Seconds between two samples of the database's figures by one worker.
+SAMPLE_EVERY = 5.0
 
 
 def listener_dsn(listener: Source, dsn: Optional[str], who: str) -> str:
@@ -44,6 +50,7 @@ class ListeningEndpoint(WebSocketEndpoint):
         self.listener = listener
         self.canary_interval = canary_interval
         self._canary: Optional[Canary] = None  # made by the first readiness check
+        self._sampled = -SAMPLE_EVERY  # when sample_database last asked the database
         self.listen_channels: Tuple[str, ...] = tuple(channels)
         #: Every (source, sink, channels, name) this endpoint is fed by; the listener first.
         self._feeds: List[Tuple[Source, Sink, Tuple[str, ...], str]] = []
@@ -69,6 +76,7 @@ class ListeningEndpoint(WebSocketEndpoint):
     def on_resync(self, reason: str) -> None:
         """Called on a source's thread after a reconnect: tell each socket what it may have missed."""
         frames: Dict[Tuple[str, ...], str] = {}
+        sent = 0
         for conn in self.hub.connections():
             channels = self.resync_channels(conn)
             if channels is None:
@@ -77,6 +85,8 @@ class ListeningEndpoint(WebSocketEndpoint):
             if key not in frames:
                 frames[key] = resync_frame(key, reason)
             conn.send(frames[key])
+            sent += 1
+        _metrics.inc("control_frames", sent, endpoint=self.label, event="resync")
 
     def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
         """The channels a ``resync`` frame names for ``conn``; None: it gets none."""
@@ -101,6 +111,18 @@ class ListeningEndpoint(WebSocketEndpoint):
         if self.closing:
             body["closing"] = True
         return ok, body
+
+    def sample_database(self) -> None:
+        """Record ``pg_notification_queue_usage()``, at most every ``SAMPLE_EVERY`` seconds, from
+        the worker that answers the scrape (so one worker at a time)."""
+        dsn = getattr(self.listener, "dsn", None)
+        now = time.monotonic()
+        if not _metrics.enabled() or not isinstance(dsn, str) or now - self._sampled < SAMPLE_EVERY:
+            return
+        self._sampled = now
+        usage = notification_queue_usage(dsn)
+        if usage is not None:
+            _metrics.set_gauge("notification_queue_usage", usage)
 
     def readiness(self) -> Tuple[bool, Dict[str, Any]]:
         """Ready: healthy, and a canary NOTIFY this worker sent itself came back recently."""

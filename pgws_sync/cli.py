@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     wait_until_reachable(dsn, DEFAULT_RETRIES if args.retries is None else args.retries)
     check_listening(dsn, where="the database (--dsn)")
-    return _run_gunicorn(lambda: create_app(dsn, channels), bind, args)
+    return _run_gunicorn(lambda: create_app(dsn, channels, metrics=args.metrics), bind, args)
 
 
 def _serve_jwt(args: argparse.Namespace) -> int:
@@ -111,7 +111,8 @@ def _serve_jwt(args: argparse.Namespace) -> int:
     else:
         wait_until_reachable(dsn, args.retries)
     check_listening(dsn, where="the database (PGWS_DB_URI)")
-    return _run_gunicorn(lambda: create_gateway_app(settings, auth), bind, args)
+    return _run_gunicorn(lambda: create_gateway_app(settings, auth, metrics=args.metrics), bind,
+                         args)
 
 
 def _setup_logging(level: str) -> None:
@@ -137,6 +138,9 @@ def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) 
         "graceful_timeout": hooks.graceful_timeout,
         "reuse_port": hooks.reuse_port,
         "post_worker_init": hooks.post_worker_init,
+        "on_starting": hooks.on_starting,
+        "child_exit": hooks.child_exit,
+        "on_exit": hooks.on_exit,
         "preload_app": False,
         "loglevel": args.log_level,
         "proc_name": PROG,
@@ -268,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"start-up attempts to reach the database, 1 s apart doubling to "
                             f"32 s, then exit 1 (default: {DEFAULT_RETRIES}, or $PGWS_RETRIES "
                             f"with a JWT secret; 0: forever)")
+    serve.add_argument("--metrics", action="store_true",
+                       help="serve Prometheus metrics at /metrics (needs the metrics extra)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="log level (default: info)")

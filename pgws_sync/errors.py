@@ -123,8 +123,11 @@ class TokenRefused(Refused):
 class NotifyFailed(PgwsError, RuntimeError):
     """A NOTIFY was not sent: no connection was free, or the database is unreachable or refused it.
 
-    ``reason`` is one line; ``message`` (default: the reason) is what ``str()`` gives.
+    ``reason`` is one line; ``message`` (default: the reason) is what ``str()`` gives;
+    ``cause`` is ``unreachable``, ``busy``, ``closed`` or ``refused`` (the database said no).
     """
+
+    cause = "refused"
 
     def __init__(self, reason: str, message: Optional[str] = None) -> None:
         self.reason = reason

@@ -7,11 +7,13 @@ import ctypes.util
 import gc
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from ._core.wire import warm_up
 from .errors import ConfigError
@@ -27,6 +29,10 @@ graceful_timeout = 10
 #: Each worker listens on its own socket (SO_REUSEPORT) and the kernel spreads connections
 #: over them; on one shared socket the first worker to wake takes nearly every socket.
 reuse_port = True
+
+#: The directory prometheus_client's multiprocess mode shares between workers.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_made_dirs: List[str] = []
 
 #: Seconds the SIGTERM handler waits for sockets to take their close frame.
 SHUTDOWN_TIMEOUT = 5.0
@@ -44,6 +50,30 @@ PRESTART_TIMEOUT = 30.0
 #: touching a fresh arena cost memory per socket, and the GIL serialises them anyway.
 #: The MALLOC_ARENA_MAX environment variable, when set, wins.
 MALLOC_ARENA_MAX = 2
+
+
+def on_starting(server: Any) -> None:
+    """gunicorn hook (master): give the workers one directory for their metrics, so a scrape
+    of any worker sums them all (``PROMETHEUS_MULTIPROC_DIR``, unless it is set already)."""
+    if not os.environ.get(METRICS_DIR_ENV):
+        os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="pgws-metrics-")
+        _made_dirs.append(os.environ[METRICS_DIR_ENV])
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook (master): a worker that ended no longer counts in live gauges."""
+    if os.environ.get(METRICS_DIR_ENV):
+        try:
+            from prometheus_client import multiprocess
+        except ImportError:
+            return
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    """gunicorn hook (master): remove the metrics directory :func:`on_starting` made."""
+    for path in _made_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def post_worker_init(worker: Any) -> None:

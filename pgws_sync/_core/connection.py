@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from .. import _metrics
 from .._formats import gap_frame
 from .simple_ws import ConnectionClosed, LocalProtocolError, inbound
 from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
@@ -320,7 +321,7 @@ class Connection:
     """
 
     # Thousands live at once: no per-instance dict.
-    __slots__ = ("id", "audiences", "metadata", "subprotocol", "slow_reason", "_queue",
+    __slots__ = ("id", "audiences", "metadata", "subprotocol", "slow_reason", "label", "_queue",
                  "_close_request",
                  "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
                  "closed", "__weakref__")
@@ -340,6 +341,8 @@ class Connection:
         self.subprotocol: Optional[str] = None
         #: The reason of the 1013 close if this client reads too slowly.
         self.slow_reason = SLOW_CLIENT_REASON
+        #: The ``endpoint`` label of this connection's metrics.
+        self.label = "endpoint"
         self._queue = FrameQueue(max_queue)
         self._close_request: Optional[Tuple[int, str]] = None
         self._close_at: Optional[Tuple[float, int, str]] = None
@@ -359,6 +362,12 @@ class Connection:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def close_code(self) -> Optional[int]:
+        """The close code the server asked for, or None (the client closed, or the socket broke)."""
+        request = self._close_request
+        return None if request is None else request[0]
 
     def deliver(self, item: Delivery) -> bool:
         """Hand ``item`` to the socket without blocking. False if the queue is full.
@@ -405,6 +414,7 @@ class Connection:
 
     def _gap_delivery(self) -> Delivery:
         """The gap frames for what is missing now (call with the gap lock held)."""
+        _metrics.inc("control_frames", len(self._missed), endpoint=self.label, event="gap")
         return Delivery.join([Delivery.of(gap_frame(channel, n))
                               for channel, n in self._missed.items()])
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from werkzeug.wrappers import Request, Response
 
+from .. import _metrics
 from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
@@ -106,6 +107,8 @@ class WebSocketEndpoint:
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
     :param ready_path: path of the readiness check (None: none).
+    :param metrics_path: path of the Prometheus metrics, e.g. ``"/metrics"`` (None: off; needs
+        the ``metrics`` extra).
     :param close_timeout: seconds to wait for the client's half of a close handshake.
     :param slow_close_reason: the reason of the 1013 close a client that reads too slowly gets.
     :param check_origin: ``request -> bool`` deciding the Origin check instead of
@@ -124,6 +127,7 @@ class WebSocketEndpoint:
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
         ready_path: Optional[str] = "/readyz",
+        metrics_path: Optional[str] = None,
         close_timeout: float = 2.0,
         slow_close_reason: str = SLOW_CLIENT_REASON,
         check_origin: Optional[Callable[[Request], bool]] = None,
@@ -155,7 +159,12 @@ class WebSocketEndpoint:
         self.close_timeout = close_timeout
         self.slow_close_reason = slow_close_reason
         self.check_origin = check_origin
-        self.hub = Hub()
+        #: The ``endpoint`` label of this endpoint's metrics (its class name).
+        self.label = type(self).__name__
+        self.hub = Hub(self.label)
+        self.metrics_path = metrics_path
+        if metrics_path is not None:
+            _metrics.enable()
         self._closing = False
         self._close_lock = threading.Lock()
         _live_endpoints.add(self)
@@ -214,6 +223,8 @@ class WebSocketEndpoint:
             response = self.health_response()
         elif self.ready_path is not None and request.path == self.ready_path:
             response = self.ready_response()
+        elif self.metrics_path is not None and request.path == self.metrics_path:
+            response = self.metrics_response()
         else:
             response = self.handle(request)
         return response(environ, start_response)
@@ -237,9 +248,22 @@ class WebSocketEndpoint:
         if self.ready_path is not None and "pgws_sync_ready" not in app.view_functions:
             app.add_url_rule(self.ready_path, endpoint="pgws_sync_ready",
                              view_func=self.ready_response)
+        if self.metrics_path is not None and "pgws_sync_metrics" not in app.view_functions:
+            app.add_url_rule(self.metrics_path, endpoint="pgws_sync_metrics",
+                             view_func=self.metrics_response)
         if client_path is not None and "pgws_sync_client_js" not in app.view_functions:
             app.add_url_rule(client_path, endpoint="pgws_sync_client_js",
                              view_func=lambda: client_js_response(flask.request))
+
+    def metrics_response(self) -> Response:
+        """The Prometheus exposition of this process (of every worker under the gunicorn hook)."""
+        self.prepare()
+        self.sample_database()
+        body, content_type = _metrics.exposition()
+        return Response(body, status=200, content_type=content_type)
+
+    def sample_database(self) -> None:
+        """Record database-side figures before a scrape (see :class:`ListeningEndpoint`)."""
 
     def ready_response(self) -> Response:
         """200 ``{"status": "ready"}``, or 503 with the ``reason``."""
@@ -291,6 +315,7 @@ class WebSocketEndpoint:
         environ = request.environ
         refusal = self._check_upgrade(request)
         if refusal is not None:
+            _metrics.inc("sockets_refused", endpoint=self.label, status=str(refusal.status_code))
             return refusal
         key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
         raw = environ.get(key)
@@ -301,6 +326,7 @@ class WebSocketEndpoint:
         self.prepare()
         conn = Connection(self.connection_audiences(request), max_queue=self.max_queue)
         conn.slow_reason = self.slow_close_reason
+        conn.label = self.label
         # Registered before the handshake answer goes out: whatever is committed
         # after the client sees its socket open reaches it (queued until served).
         self.hub.add(conn)
@@ -310,6 +336,7 @@ class WebSocketEndpoint:
             self.hub.remove(conn)
             self._forget(conn)
             logger.info("refused a socket: %s", exc)
+            _metrics.inc("sockets_refused", endpoint=self.label, status=str(exc.status))
             # The body exactly as given: clients may compare it (postgres-websockets' answers).
             return Response(exc.body, status=exc.status, mimetype="text/plain",
                             headers=exc.headers)
@@ -318,10 +345,16 @@ class WebSocketEndpoint:
             self._forget(conn)
             raise
         logger.debug("socket %s open (%d in this worker)", conn.id, len(self.hub))
+        _metrics.inc("sockets_opened", endpoint=self.label)
+        _metrics.add_gauge("sockets_open", 1, endpoint=self.label)
         try:
             return self._serve(conn, environ, key, raw)
         finally:
             logger.debug("socket %s closed", conn.id)
+            _metrics.add_gauge("sockets_open", -1, endpoint=self.label)
+            code = conn.close_code
+            _metrics.inc("sockets_closed", endpoint=self.label,
+                         code="client" if code is None else str(code))
             self.hub.remove(conn)
             self._forget(conn)
             try:

@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
+from .. import _metrics
 from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery
 from .wire import Frame
 
@@ -24,7 +25,9 @@ class Hub:
     fit, counted for a gap frame, and the connection stays.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "hub") -> None:
+        #: The ``endpoint`` label of the figures this hub records.
+        self.label = label
         self._lock = threading.Lock()  # guards the four dicts below
         self._connections: Dict[str, Connection] = {}
         self._by_key: Dict[str, Set[Connection]] = {}
@@ -185,7 +188,17 @@ class Hub:
         The keys an overflowing connection's item was for are ``keys``, or its
         entry in ``several[0]`` (``several[1]`` lists the key of each frame).
         """
-        overflowed = [conn for conn, item in pairs if not conn.deliver(item)]
+        if _metrics.enabled():
+            overflowed: List[Connection] = []
+            delivered = 0
+            for conn, item in pairs:
+                if conn.deliver(item):
+                    delivered += len(item.texts) or 1
+                else:
+                    overflowed.append(conn)
+            _metrics.inc("messages_delivered", delivered, endpoint=self.label)
+        else:
+            overflowed = [conn for conn, item in pairs if not conn.deliver(item)]
         for conn in overflowed:
             if several is not None:
                 mine = set(several[0][conn])
@@ -195,8 +208,10 @@ class Hub:
             missed = self._droppable(conn, frame_keys)
             if missed is not None:
                 conn.add_missed(missed)
+                _metrics.inc("frames_dropped", sum(missed.values()), endpoint=self.label)
                 continue
             if self.remove(conn):
+                _metrics.inc("slow_clients_dropped", endpoint=self.label)
                 conn.request_close(CLOSE_TRY_AGAIN_LATER, conn.slow_reason)
                 logger.warning(
                     "dropped connection %s: its send queue is full (the client reads too slowly)",

@@ -82,7 +82,7 @@ class JwtGateway(ListeningEndpoint):
         self.pool = NotifyPool(listener_dsn(listener, dsn, "JwtGateway"), size=pool_size,
                                wait_timeout=self.write_timeout, statement_timeout=10.0,
                                application_name="pgws_sync writer",
-                               size_name="PGWS_POOL_SIZE", error=WriteFailed)
+                               size_name="PGWS_POOL_SIZE", error=WriteFailed, kind="write")
 
     # ---------------------------------------------------------------- WSGI
 
@@ -94,6 +94,8 @@ class JwtGateway(ListeningEndpoint):
             response = self.health_response()
         elif self.ready_path is not None and request.path == self.ready_path:
             response = self.ready_response()
+        elif self.metrics_path is not None and request.path == self.metrics_path:
+            response = self.metrics_response()
         elif (self.client_path is not None and request.path == self.client_path
               and request.method in ("GET", "HEAD")):
             response = client_js_response(request)

@@ -118,7 +118,8 @@ def load_auth(settings: GatewaySettings) -> JwtAuth:
     return JwtAuth.from_setting(settings.secret, is_base64=settings.secret_is_base64)
 
 
-def create_gateway_app(settings: GatewaySettings, auth: Optional[JwtAuth] = None) -> JwtGateway:
+def create_gateway_app(settings: GatewaySettings, auth: Optional[JwtAuth] = None, *,
+                       metrics: bool = False) -> JwtGateway:
     """The gateway ``pgws-sync serve`` runs: one listener, the endpoint, static files.
 
     Create it in the process that serves it (after any fork).
@@ -129,6 +130,6 @@ def create_gateway_app(settings: GatewaySettings, auth: Optional[JwtAuth] = None
     gateway = JwtGateway(listener, auth or load_auth(settings),
                          listen_channel=settings.listen_channel,
                          meta_channel=settings.meta_channel, pool_size=settings.pool_size,
-                         fallback=fallback)
+                         fallback=fallback, metrics_path="/metrics" if metrics else None)
     logger.info("JWT gateway listening to NOTIFY channel %r", settings.listen_channel)
     return gateway

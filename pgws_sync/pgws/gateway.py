@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["client_html", "create_app"]
 
 
-def create_app(dsn: str, channels: Sequence[str]) -> Flask:
+def create_app(dsn: str, channels: Sequence[str], *, metrics: bool = False) -> Flask:
     """A Flask app serving NOTIFYs on ``channels`` to the audience ``default``.
 
     ``dsn`` is a libpq connection string or URI (empty: libpq's environment).
@@ -27,7 +27,7 @@ def create_app(dsn: str, channels: Sequence[str]) -> Flask:
     page = client_html()
     app = Flask(__name__)
     listener = Listener(dsn, min_reconnect=1.0, max_reconnect=30.0)
-    endpoint = Pgws(listener, *channels)
+    endpoint = Pgws(listener, *channels, metrics_path="/metrics" if metrics else None)
     endpoint.init_app(app, "/ws")
 
     def index() -> Response:

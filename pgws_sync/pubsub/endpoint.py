@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .. import _metrics
 from .._core.connection import Connection
 from .._core.wire import Frame
 from .._formats import error_frame, message_frame, new_message_id, utc_now
@@ -283,6 +286,8 @@ class PubSub(ListeningEndpoint):
                 continue
             message_id = pub.id or new_message_id()
             frame = publication_frame(pub, message_id, time=self._time(pub.time))
+            if pub.time is not None and _metrics.enabled():
+                self._observe_lag(pub.time)
             if pub.target is None and pub.channel is not None:
                 pending.append((SUBSCRIPTION_PREFIX + pub.channel, frame))
                 continue
@@ -373,6 +378,14 @@ class PubSub(ListeningEndpoint):
     def _batch_frame(self, finished: Finished) -> Frame:
         return publication_frame(Publication(finished.channel, finished.type, finished.body),
                                  finished.id, time=self._time(finished.time))
+
+    def _observe_lag(self, published: str) -> None:
+        try:
+            sent = datetime.datetime.fromisoformat(published.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return
+        _metrics.observe("delivery_lag_seconds", max(0.0, time.time() - sent),
+                         endpoint=self.label)
 
     def _time(self, published: Optional[str]) -> Optional[str]:
         """The ``time`` of a frame: when it was published, else now (None without timestamps)."""

@@ -76,7 +76,7 @@ class Publisher:
     ) -> None:
         self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
                                 connect_timeout=timeout, application_name=application_name,
-                                size_name="pool_size", error=PublishFailed)
+                                size_name="pool_size", error=PublishFailed, kind="publish")
         self.dsn = dsn or ""
         self.pubsub_channel = validate_channel(pubsub_channel)
         self.pool_size = pool_size

@@ -27,6 +27,7 @@ from typing import (
     runtime_checkable,
 )
 
+from .. import _metrics
 from ..errors import ConfigError, ListenerStopped, first_line
 
 _S = TypeVar("_S", bound="SourceThread")
@@ -342,6 +343,7 @@ class SourceThread:
                     self._drain_wake()
 
     def _set_state(self, connected: bool, error: Optional[str] = None) -> None:
+        _metrics.set_gauge("source_up", 1.0 if connected else 0.0, source=self._what)
         with self._lock:
             self._connected = connected
             if not connected:
@@ -408,6 +410,7 @@ class SourceThread:
             reason = first_line(exc)
             self._log.exception("%s failed; reconnecting", self._what)
         if reason is not None or always_close:
+            _metrics.inc("source_reconnects", source=self._what)
             self._close_conn()
             self._set_state(False, reason)
         return reason
@@ -418,6 +421,8 @@ class SourceThread:
     def _deliver(self, batch: List[Notification]) -> None:
         """Hand ``batch`` to every sink, each getting the notifications on its channels,
         at most :data:`MAX_BATCH` at a time."""
+        _metrics.set_gauge("source_last_message_timestamp_seconds", time.time(),
+                           source=self._what)
         with self._lock:
             sinks = list(self._sinks.items())
         for sink, channels in sinks:

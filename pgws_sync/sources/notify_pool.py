@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Type
 import psycopg2
 import psycopg2.extensions
 
+from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
 from .postgres import close_quietly
 
@@ -37,6 +38,7 @@ class NotifyPool:
         application_name: str = "pgws_sync notify",
         size_name: str = "size",
         error: Type[NotifyFailed] = NotifyFailed,
+        kind: str = "notify",
     ) -> None:
         if size < 1:
             raise ConfigError(f"{size_name} must be at least 1, got {size}")
@@ -44,6 +46,8 @@ class NotifyPool:
         self.wait_timeout = wait_timeout
         self.size_name = size_name
         self.error = error
+        #: The ``kind`` label of this pool's metrics (``publish``, ``write``, ...).
+        self.kind = kind
         params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
         options = params.pop("options", "")
         if statement_timeout is not None:
@@ -73,6 +77,16 @@ class NotifyPool:
         """
         if not payloads:
             return
+        started = time.monotonic()
+        try:
+            self._notify(channel, payloads)
+        except NotifyFailed as exc:
+            _metrics.inc("publish_failures", kind=self.kind, cause=exc.cause)
+            raise
+        _metrics.inc("publishes", len(payloads), kind=self.kind)
+        _metrics.observe("publish_seconds", time.monotonic() - started, kind=self.kind)
+
+    def _notify(self, channel: str, payloads: Sequence[str]) -> None:
         # Statements sent in one query run as one transaction, even in autocommit:
         # one round trip, and a failure sends nothing.
         query = "; ".join(["SELECT pg_notify(%s, %s)"] * len(payloads))
@@ -113,7 +127,7 @@ class NotifyPool:
                 self._pid, self._idle, self._open = os.getpid(), [], 0
             while True:
                 if self._closed:
-                    raise self.error("the connection pool is closed")
+                    raise self._failure("closed", "the connection pool is closed")
                 if self._idle:
                     return self._idle.pop()
                 if self._open < self.size:
@@ -121,16 +135,22 @@ class NotifyPool:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self.error(f"the database is busy: all {self.size} connections are "
-                                     f"in use ({self.size_name})")
+                    raise self._failure("busy", f"the database is busy: all {self.size} "
+                                                f"connections are in use ({self.size_name})")
                 self._free.wait(left)
         try:
             conn = psycopg2.connect(**self._params)
         except psycopg2.Error as exc:
             self._release(None, broken=True)  # frees the slot taken above
-            raise self.error(f"cannot connect to the database: {first_line(exc)}") from exc
+            raise self._failure("unreachable",
+                                f"cannot connect to the database: {first_line(exc)}") from exc
         conn.autocommit = True
         return conn
+
+    def _failure(self, cause: str, reason: str) -> NotifyFailed:
+        failure = self.error(reason)
+        failure.cause = cause
+        return failure
 
     def _release(self, conn: Any, *, broken: bool = False) -> None:
         """Give ``conn`` back; a broken one (or any, once closed) is closed and its slot freed."""

@@ -232,6 +232,22 @@ def close_quietly(conn: Any) -> None:
             pass
 
 
+def notification_queue_usage(dsn: str) -> Optional[float]:
+    """``pg_notification_queue_usage()`` of the database (0 to 1), or None if it cannot be asked."""
+    try:
+        conn = connect(dsn, connect_timeout=2)
+    except psycopg2.Error:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_notification_queue_usage()")
+            return float(cur.fetchone()[0])
+    except psycopg2.Error:
+        return None
+    finally:
+        close_quietly(conn)
+
+
 def connect(dsn: str, *, connect_timeout: int = 10) -> Any:
     """An autocommit psycopg2 connection that gives up after ``connect_timeout`` seconds,
     unless the DSN or ``PGCONNECT_TIMEOUT`` says otherwise."""

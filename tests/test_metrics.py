@@ -1,0 +1,152 @@
+"""Prometheus metrics: a real prometheus server scraping a two-worker gunicorn sees the sum of
+both workers; failures show up in the metric that counts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+
+from .helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for
+from .pgserver import free_port
+from .pubsub_helpers import Client, serve_pubsub
+
+
+def scrape(server: Gunicorn) -> Dict[str, float]:
+    """The server's /metrics as {sample with labels: value}."""
+    status, body = http_get(server.url("/metrics"))
+    assert status == 200, body
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def value(server: Gunicorn, prefix: str) -> float:
+    return sum(v for k, v in scrape(server).items() if k.startswith(prefix))
+
+
+class Prometheus:
+    """A real prometheus server scraping ``target`` every second."""
+
+    def __init__(self, target: str) -> None:
+        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+        if not os.path.exists(binary):
+            pytest.skip("no prometheus: install the prometheus package (Debian: apt-get install "
+                        "prometheus)")
+        self.dir = Path(tempfile.mkdtemp(prefix="pgws-prometheus-"))
+        self.port = free_port()
+        config = self.dir / "prometheus.yml"
+        config.write_text(f"""global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: pgws_sync
+    static_configs:
+      - targets: ["{target}"]
+""")
+        self.log = open(self.dir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": promql})
+        try:
+            status, body = http_get(url)
+        except OSError:
+            return None
+        if status != 200:
+            return None
+        result = json.loads(body)["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_workers(pg_dsn: str) -> Iterator[Gunicorn]:
+    g = serve(pg_dsn, options={"metrics_path": "/metrics"}, workers=2).wait_up()
+    yield g
+    g.stop()
+
+
+def test_prometheus_sees_the_sum_of_both_workers_sockets(two_workers):
+    sockets = [Ws(two_workers.ws_url()) for _ in range(12)]
+    prometheus = Prometheus(f"127.0.0.1:{two_workers.port}")
+    try:
+        wait_for(lambda: value(two_workers, "pgws_sync_sockets_open{") == 12,
+                 message="12 sockets counted by any worker's scrape")
+        per_worker = [c.pid for c in psutil_children(two_workers)]
+        assert len(per_worker) == 2
+        wait_for(lambda: prometheus.query('sum(pgws_sync_sockets_open{endpoint="Pgws"})') == 12,
+                 timeout=60, message="prometheus to see the 12 sockets of both workers")
+        for ws in sockets[:5]:
+            ws.close()
+        wait_for(lambda: prometheus.query("sum(pgws_sync_sockets_open)") == 7, timeout=30,
+                 message="prometheus to see 5 of them closed")
+        assert prometheus.query('sum(pgws_sync_sockets_closed_total{code="client"})') >= 5
+    finally:
+        for ws in sockets[5:]:
+            ws.close()
+        prometheus.stop()
+
+
+def psutil_children(server: Gunicorn) -> Any:
+    import psutil
+
+    return psutil.Process(server.proc.pid).children()
+
+
+def test_refused_upgrades_are_counted_by_status(two_workers):
+    before = value(two_workers, 'pgws_sync_sockets_refused_total{endpoint="Pgws",status="400"}')
+    sock, head = raw_upgrade(two_workers.port, headers={"Sec-WebSocket-Key": "not base64"})
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    assert value(two_workers,
+                 'pgws_sync_sockets_refused_total{endpoint="Pgws",status="400"}') == before + 1
+
+
+def test_a_killed_listener_counts_a_reconnect_and_the_source_is_up_again(two_workers, sender):
+    with sender.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgws_sync listener'")
+    wait_for(lambda: value(two_workers, 'pgws_sync_source_reconnects_total{source="listener"}') >= 2,
+             message="both workers' listeners counted their reconnect")
+    wait_for(lambda: value(two_workers, 'pgws_sync_source_up{source="listener"}') >= 1,
+             message="the listeners up again")
+
+
+def test_publish_failures_are_counted_by_cause(pg_server):
+    g = serve_pubsub(pg_server.dsn, options={"metrics_path": "/metrics"})
+    try:
+        c = Client(g, headers={"X-User": "ann"})
+        assert c.request(action="publish", channel="m", payload=1, id=1)["event"] == "published"
+        assert value(g, 'pgws_sync_publishes_total{kind="publish"}') == 1
+        c.close()
+        pg_server.stop()  # the pool's connection breaks, and no new one can be made
+        request = urllib.request.Request(g.url("/debug/publish"), method="POST",
+                                         data=b'{"channel": "m", "message": 2}',
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError):  # PublishFailed: a 500 from the test app
+            urllib.request.urlopen(request, timeout=30)
+        assert value(g, 'pgws_sync_publish_failures_total{cause="unreachable",kind="publish"}') == 1
+    finally:
+        g.stop()
+        pg_server.start()
