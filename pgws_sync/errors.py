@@ -124,7 +124,8 @@ class NotifyFailed(PgwsError, RuntimeError):
     """A NOTIFY was not sent: no connection was free, or the database is unreachable or refused it.
 
     ``reason`` is one line; ``message`` (default: the reason) is what ``str()`` gives;
-    ``cause`` is ``unreachable``, ``busy``, ``closed`` or ``refused`` (the database said no).
+    ``cause`` is ``unreachable``, ``busy``, ``closed``, ``queue_full`` (PostgreSQL's
+    notification queue is fuller than ``max_queue_usage``) or ``refused`` (the database said no).
     """
 
     cause = "refused"

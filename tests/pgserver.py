@@ -39,6 +39,8 @@ class PgServer:
         self.port = port or free_port()
         self.user: Optional[str] = None
         self._initialised = False
+        #: More server options for ``pg_ctl -o`` (``-c name=value ...``).
+        self.options = ""
 
     @property
     def dsn(self) -> str:
@@ -75,7 +77,7 @@ class PgServer:
         if not self._initialised:
             self.init()
         opts = (f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off "
-                f"-c max_connections=200")
+                f"-c max_connections=200 {self.options}")
         self._run([str(_bin_dir() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                    "-o", opts, "-w", "-t", "60", "start"])
         return self

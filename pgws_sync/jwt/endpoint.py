@@ -82,7 +82,8 @@ class JwtGateway(ListeningEndpoint):
         self.pool = NotifyPool(listener_dsn(listener, dsn, "JwtGateway"), size=pool_size,
                                wait_timeout=self.write_timeout, statement_timeout=10.0,
                                application_name="pgws_sync writer",
-                               size_name="PGWS_POOL_SIZE", error=WriteFailed, kind="write")
+                               size_name="PGWS_POOL_SIZE", error=WriteFailed, kind="write",
+                               max_queue_usage=0.5)
 
     # ---------------------------------------------------------------- WSGI
 

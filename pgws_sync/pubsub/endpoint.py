@@ -60,6 +60,8 @@ class PubSub(ListeningEndpoint):
     :param batch_grace: seconds a worker waits past a batch's window for the publishing
         worker to close it, before closing it itself.
     :param timestamps: message frames carry ``"time"``, when they were published (RFC 3339, UTC).
+    :param max_queue_usage: refuse to publish (``PublishFailed``, cause ``queue_full``) while
+        PostgreSQL's notification queue is fuller than this (0 to 1; None: never).
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
@@ -75,6 +77,7 @@ class PubSub(ListeningEndpoint):
         pool_size: int = 4,
         batch_grace: float = 1.0,
         timestamps: bool = False,
+        max_queue_usage: Optional[float] = 0.5,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -87,7 +90,8 @@ class PubSub(ListeningEndpoint):
         self.max_subscriptions = max_subscriptions
         self.timestamps = timestamps
         self.publisher = Publisher(listener_dsn(listener, dsn, type(self).__name__),
-                                   pubsub_channel=pubsub_channel, pool_size=pool_size)
+                                   pubsub_channel=pubsub_channel, pool_size=pool_size,
+                                   max_queue_usage=max_queue_usage)
         self.pubsub_channel = self.publisher.pubsub_channel
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
         super().__init__(listener, [self.pubsub_channel], **options)

@@ -63,6 +63,9 @@ class Publisher:
     Connections are opened on demand (after any fork: each process has its
     own), reused, and replaced when they break; never the listener's.
     ``timeout`` bounds both connecting and waiting for a free connection.
+    While PostgreSQL's notification queue is fuller than ``max_queue_usage``
+    (0 to 1; None: no check) publishing raises :class:`PublishFailed` with
+    ``cause`` ``queue_full`` instead of letting commits fail later.
     """
 
     def __init__(
@@ -73,10 +76,12 @@ class Publisher:
         pool_size: int = 4,
         timeout: float = 10.0,
         application_name: str = "pgws_sync publisher",
+        max_queue_usage: Optional[float] = 0.5,
     ) -> None:
         self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
                                 connect_timeout=timeout, application_name=application_name,
-                                size_name="pool_size", error=PublishFailed, kind="publish")
+                                size_name="pool_size", error=PublishFailed, kind="publish",
+                                max_queue_usage=max_queue_usage)
         self.dsn = dsn or ""
         self.pubsub_channel = validate_channel(pubsub_channel)
         self.pool_size = pool_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,11 @@ import psycopg2.extensions
 from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
 from .postgres import close_quietly
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before a full queue is asked again (publishing is refused meanwhile).
+QUEUE_RECHECK_SECONDS = 1.0
 
 
 class NotifyPool:
@@ -39,6 +45,7 @@ class NotifyPool:
         size_name: str = "size",
         error: Type[NotifyFailed] = NotifyFailed,
         kind: str = "notify",
+        max_queue_usage: Optional[float] = None,
     ) -> None:
         if size < 1:
             raise ConfigError(f"{size_name} must be at least 1, got {size}")
@@ -48,6 +55,13 @@ class NotifyPool:
         self.error = error
         #: The ``kind`` label of this pool's metrics (``publish``, ``write``, ...).
         self.kind = kind
+        if max_queue_usage is not None and not 0 < max_queue_usage <= 1:
+            raise ConfigError(f"max_queue_usage must be above 0 and at most 1, got "
+                              f"{max_queue_usage!r}")
+        self.max_queue_usage = max_queue_usage
+        self._usage = 0.0  # pg_notification_queue_usage() when last seen
+        self._usage_at = float("-inf")
+        self._warned_at = float("-inf")
         params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
         options = params.pop("options", "")
         if statement_timeout is not None:
@@ -79,6 +93,7 @@ class NotifyPool:
             return
         started = time.monotonic()
         try:
+            self._check_queue()
             self._notify(channel, payloads)
         except NotifyFailed as exc:
             _metrics.inc("publish_failures", kind=self.kind, cause=exc.cause)
@@ -90,12 +105,16 @@ class NotifyPool:
         # Statements sent in one query run as one transaction, even in autocommit:
         # one round trip, and a failure sends nothing.
         query = "; ".join(["SELECT pg_notify(%s, %s)"] * len(payloads))
+        if self.max_queue_usage is not None:  # how full the queue is, in the same round trip
+            query += "; SELECT pg_notification_queue_usage()"
         args = [value for payload in payloads for value in (channel, payload)]
         for attempt in (1, 2):
             conn = self._acquire()
             try:
                 with conn.cursor() as cur:
                     cur.execute(query, args)
+                    if self.max_queue_usage is not None:
+                        self._saw_usage(float(cur.fetchone()[0]))
             except psycopg2.Error as exc:
                 broken = bool(conn.closed)
                 self._release(conn, broken=broken)
@@ -146,6 +165,46 @@ class NotifyPool:
                                 f"cannot connect to the database: {first_line(exc)}") from exc
         conn.autocommit = True
         return conn
+
+    def _check_queue(self) -> None:
+        """Refuse to publish while PostgreSQL's notification queue is fuller than
+        ``max_queue_usage``: past it, every NOTIFYing transaction fails at commit."""
+        limit = self.max_queue_usage
+        if limit is None or self._usage < limit:
+            return
+        usage = self._usage
+        if time.monotonic() - self._usage_at >= QUEUE_RECHECK_SECONDS:
+            usage = self._sample_usage()
+        if usage < limit:
+            return
+        now = time.monotonic()
+        if now - self._warned_at >= 10.0:
+            self._warned_at = now
+            logger.warning("refusing to publish: PostgreSQL's notification queue is %.0f%% full",
+                           usage * 100)
+        raise self._failure("queue_full", (
+            f"PostgreSQL's notification queue is {usage:.0%} full (max_queue_usage "
+            f"{limit:.0%}): a session that LISTENs is probably stuck in a long transaction "
+            f"(see pg_stat_activity). Publishing is refused until the queue drains; past 100% "
+            f"every NOTIFYing transaction would fail at commit"))
+
+    def _sample_usage(self) -> float:
+        conn = self._acquire()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_notification_queue_usage()")
+                usage = float(cur.fetchone()[0])
+        except psycopg2.Error as exc:
+            self._release(conn, broken=bool(conn.closed))
+            raise self._failure("refused", f"cannot ask the queue's usage: {first_line(exc)}") \
+                from exc
+        self._release(conn)
+        self._saw_usage(usage)
+        return usage
+
+    def _saw_usage(self, usage: float) -> None:
+        self._usage, self._usage_at = usage, time.monotonic()
+        _metrics.set_gauge("notification_queue_usage", usage)
 
     def _failure(self, cause: str, reason: str) -> NotifyFailed:
         failure = self.error(reason)
