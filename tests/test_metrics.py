@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -102,10 +103,32 @@ def test_prometheus_sees_the_sum_of_both_workers_sockets(two_workers):
         wait_for(lambda: prometheus.query("sum(pgws_sync_sockets_open)") == 7, timeout=30,
                  message="prometheus to see 5 of them closed")
         assert prometheus.query('sum(pgws_sync_sockets_closed_total{code="client"})') >= 5
+        check_dashboard(prometheus, scrape(two_workers))
     finally:
         for ws in sockets[5:]:
             ws.close()
         prometheus.stop()
+
+
+def check_dashboard(prometheus: Prometheus, scraped: Dict[str, float]) -> None:
+    """examples/grafana-dashboard.json: every query is valid PromQL for a real Prometheus, and
+    every metric it names is one the library exports."""
+    from pgws_sync._metrics import DEFINITIONS
+
+    from .helpers import ROOT
+
+    known = {f"pgws_sync_{name}" for _, name, _, _, _ in DEFINITIONS}
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 12
+    for expr in exprs:
+        for name in re.findall(r"pgws_sync_\w+", expr):
+            assert re.sub(r"_(total|bucket|sum|count)$", "", name) in known, name
+        url = f"http://127.0.0.1:{prometheus.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr})
+        status, body = http_get(url)
+        assert status == 200 and json.loads(body)["status"] == "success", (expr, body)
+    assert any(k.startswith("pgws_sync_sockets_open{") for k in scraped)
 
 
 def psutil_children(server: Gunicorn) -> Any:
