@@ -147,6 +147,9 @@ def test_refused_upgrades_are_counted_by_status(two_workers):
 
 
 def test_a_killed_listener_counts_a_reconnect_and_the_source_is_up_again(two_workers, sender):
+    ws = Ws(two_workers.ws_url())
+    wait_for(lambda: value(two_workers, "pgws_sync_sockets_open{") == 1, message="the socket")
+    resyncs = value(two_workers, 'pgws_sync_control_frames_total{endpoint="Pgws",event="resync"}')
     with sender.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE application_name = 'pgws_sync listener'")
@@ -154,6 +157,10 @@ def test_a_killed_listener_counts_a_reconnect_and_the_source_is_up_again(two_wor
              message="both workers' listeners counted their reconnect")
     wait_for(lambda: value(two_workers, 'pgws_sync_source_up{source="listener"}') >= 1,
              message="the listeners up again")
+    assert ws.recv_json()["event"] == "resync"
+    wait_for(lambda: value(two_workers, 'pgws_sync_control_frames_total{endpoint="Pgws",'
+                           'event="resync"}') == resyncs + 1, message="the resync counted")
+    ws.close()
 
 
 def test_publish_failures_are_counted_by_cause(pg_server):
@@ -173,3 +180,40 @@ def test_publish_failures_are_counted_by_cause(pg_server):
     finally:
         g.stop()
         pg_server.start()
+
+
+def test_slow_clients_dropped_frames_gaps_and_resyncs_are_counted():
+    """In this process, with real Connection objects: each failure moves its counter."""
+    from prometheus_client import REGISTRY
+
+    from pgws_sync import Connection, _metrics
+    from pgws_sync._core.hub import Hub
+
+    _metrics.enable()
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    hub = Hub("TestHub")
+    slow, dropping = Connection([], max_queue=1), Connection([], max_queue=1)
+    dropping.label = "TestHub"
+    for conn in (slow, dropping):
+        hub.add(conn)
+    hub.join(slow, "k")
+    hub.join(dropping, "k", drop_as="k")
+    before = {name: sample(name, endpoint="TestHub") for name in (
+        "pgws_sync_slow_clients_dropped_total", "pgws_sync_frames_dropped_total",
+        "pgws_sync_messages_delivered_total")}
+    hub.fan_out([("k", "1")])  # both take it
+    hub.fan_out([("k", "2")])  # neither has room: slow is dropped, dropping loses a frame
+    assert sample("pgws_sync_messages_delivered_total", endpoint="TestHub") == \
+        before["pgws_sync_messages_delivered_total"] + 2
+    assert sample("pgws_sync_slow_clients_dropped_total", endpoint="TestHub") == \
+        before["pgws_sync_slow_clients_dropped_total"] + 1
+    assert sample("pgws_sync_frames_dropped_total", endpoint="TestHub") == \
+        before["pgws_sync_frames_dropped_total"] + 1
+    gaps = sample("pgws_sync_control_frames_total", endpoint="TestHub", event="gap")
+    dropping._queue.get_nowait()  # the client read: the gap frame is written before the next
+    dropping._queue.task_done()
+    hub.fan_out([("k", "3")])
+    assert sample("pgws_sync_control_frames_total", endpoint="TestHub", event="gap") == gaps + 1
