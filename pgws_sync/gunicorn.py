@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional
 
 from ._core.wire import warm_up
 from .errors import ConfigError
-from .runtime import live_sources, shutdown, start_sources
+from .runtime import hurry, live_sources, shutdown, start_sources
 from .sources.canary import check_listening
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,12 @@ reuse_port = True
 #: The directory prometheus_client's multiprocess mode shares between workers.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _made_dirs: List[str] = []
+
+#: Seconds over which SIGTERM spreads the closing of sockets (1012 "reconnect after N s"),
+#: so the clients of a deploy come back spread out. ``PGWS_DRAIN_SECONDS`` overrides it
+#: (0: every socket closed at once with 1001).
+DRAIN_SECONDS = 3.0
+DRAIN_ENV = "PGWS_DRAIN_SECONDS"
 
 #: Seconds the SIGTERM handler waits for sockets to take their close frame.
 SHUTDOWN_TIMEOUT = 5.0
@@ -96,10 +102,12 @@ def post_worker_init(worker: Any) -> None:
     refuse_setups_that_cannot_work(worker)
     for source in start_sources():
         logger.error("could not start %r in worker %s: it was stopped", source, worker.pid)
+    drain = drain_setting()
     _chain(signal.SIGTERM, lambda: threading.Thread(
-        target=shutdown, args=(SHUTDOWN_TIMEOUT,), name="pgws-shutdown", daemon=True).start())
+        target=shutdown, args=(SHUTDOWN_TIMEOUT,), kwargs={"drain": drain},
+        name="pgws-shutdown", daemon=True).start())
     for signum in (signal.SIGINT, signal.SIGQUIT):
-        _chain(signum, lambda: shutdown(QUICK_SHUTDOWN_TIMEOUT))
+        _chain(signum, _quick_shutdown)
     freeze_startup_objects()
 
 
@@ -168,6 +176,32 @@ def limit_malloc_arenas(arenas: int) -> bool:
         return False
     m_arena_max = -8  # from glibc's malloc.h
     return bool(mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(arenas)))
+
+
+def _quick_shutdown() -> None:
+    """SIGINT and SIGQUIT: a drain under way ends at once, then every socket gets its close."""
+    hurry()
+    shutdown(QUICK_SHUTDOWN_TIMEOUT)
+
+
+def drain_setting(environ: Optional[Any] = None) -> float:
+    """The drain window ``PGWS_DRAIN_SECONDS`` asks for (default :data:`DRAIN_SECONDS`).
+
+    Raises :class:`~pgws_sync.errors.ConfigError` for anything but a number from 0 to
+    :data:`graceful_timeout` minus :data:`SHUTDOWN_TIMEOUT` (the drain must end in time).
+    """
+    text = (os.environ if environ is None else environ).get(DRAIN_ENV, "").strip()
+    if not text:
+        return DRAIN_SECONDS
+    most = graceful_timeout - SHUTDOWN_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= most:
+        raise ConfigError(f"{DRAIN_ENV} must be seconds from 0 to {most:g} (the drain must end "
+                          f"within gunicorn's graceful_timeout), not {text!r}")
+    return value
 
 
 def prestart_setting(environ: Optional[Any] = None) -> Optional[int]:

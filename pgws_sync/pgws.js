@@ -9,7 +9,8 @@
  * Fibonacci backoff (1.2, 1.2, 2.4, 3.6, 6.0 s... with jitter, at most 4 minutes,
  * reset once a socket opens), then subscribes to its channels and joins its rooms
  * again. With a `token` function it fetches a fresh token before every connect,
- * and right away when the server closes with 3001 (JWT expired). Server frames
+ * right away when the server closes with 3001 (JWT expired), and when a draining server
+ * closes with 1012 "reconnect after N s", after N to 2N seconds. Server frames
  * become events: message, resync, gap, tabwindow, error; and open, close,
  * reconnecting for the connection itself. See the README ("Browser client").
  */
@@ -21,6 +22,8 @@
   const CLOSING = 2;
   const CLOSED = 3;
   const CLOSE_JWT_EXPIRED = 3001;
+  const CLOSE_SERVICE_RESTART = 1012; // a drain: the reason says "reconnect after N s"
+  const RESTART_HINT = /reconnect after (\d+(?:\.\d+)?)\s*s/;
 
   const DEFAULTS = {
     minDelay: 1200, // ms: the first reconnect delays (then Fibonacci multiples)
@@ -381,9 +384,15 @@
       }
       let delay;
       const now = Date.now();
+      const restart = code === CLOSE_SERVICE_RESTART ? RESTART_HINT.exec(reason || "") : null;
       if (code === CLOSE_JWT_EXPIRED && now - this._lastExpired >= this.options.minDelay) {
         delay = 0; // a fresh token fixes it: no backoff (unless tokens keep expiring at once)
         this._lastExpired = now;
+      } else if (restart) {
+        // A drain: the server says when to come back; a random share of it more spreads the
+        // clients of one batch, so they do not all return at once.
+        const after = Math.min(this.options.maxDelay, parseFloat(restart[1]) * 1000);
+        delay = Math.round(after * (1 + this.options.random()));
       } else {
         this.attempt += 1;
         delay = PgwsSocket.backoff(this.attempt, this.options.random, this.options);
@@ -592,6 +601,7 @@
   PgwsSocket.CLOSING = CLOSING;
   PgwsSocket.CLOSED = CLOSED;
   PgwsSocket.CLOSE_JWT_EXPIRED = CLOSE_JWT_EXPIRED;
+  PgwsSocket.CLOSE_SERVICE_RESTART = CLOSE_SERVICE_RESTART;
   PgwsSocket.DEFAULTS = Object.freeze(Object.assign({}, DEFAULTS));
 
   if (typeof module === "object" && module && module.exports) module.exports = PgwsSocket;

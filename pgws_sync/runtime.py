@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import List
 
 from ._core.endpoint import WebSocketEndpoint, live_endpoints
 from ._core.reader import stop_reader
 from .sources.base import SourceThread, live_sources
 
-__all__ = ["live_endpoints", "live_sources", "shutdown", "start_sources"]
+__all__ = ["hurry", "live_endpoints", "live_sources", "shutdown", "start_sources"]
+
+logger = logging.getLogger(__name__)
 
 
 def start_sources() -> List[SourceThread]:
@@ -25,14 +29,29 @@ def start_sources() -> List[SourceThread]:
     return failed
 
 
-def shutdown(timeout: float = 5.0) -> None:
-    """Close every endpoint of this process (1001), stop every source and the shared reader.
+def shutdown(timeout: float = 5.0, *, drain: float = 0.0) -> None:
+    """Close every endpoint of this process, stop every source and the shared reader.
 
-    This is what the gunicorn hook runs on SIGTERM.
+    ``drain`` seconds spread the closes out (1012, "reconnect after N s"); 0 closes
+    every socket at once with 1001. Endpoints close side by side. This is what the
+    gunicorn hook runs on SIGTERM (with ``PGWS_DRAIN_SECONDS``).
     """
     endpoints: List[WebSocketEndpoint] = live_endpoints()
-    for endpoint in endpoints:
-        endpoint.close(timeout)
+    threads = [threading.Thread(target=endpoint.close, args=(timeout,), kwargs={"drain": drain},
+                                name=f"pgws-close-{i}", daemon=True)
+               for i, endpoint in enumerate(endpoints)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(drain + timeout + 1.0)
+        if thread.is_alive():
+            logger.warning("%s did not finish closing its endpoint", thread.name)
     for source in live_sources():
         source.stop(timeout)
     stop_reader(timeout)
+
+
+def hurry() -> None:
+    """Make drains under way close their remaining sockets at once."""
+    for endpoint in live_endpoints():
+        endpoint.hurry()

@@ -40,7 +40,8 @@ class Serve(Gunicorn):
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-serve-{self.port}.log"
         cmd = [*COMMAND, "serve", "--bind", f"127.0.0.1:{self.port}", "--threads", "16", *args]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or no_database_env(),
+        full_env = {"PGWS_DRAIN_SECONDS": "0", **(env or no_database_env())}  # 1001 at once
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_up(self, healthy: bool = True, timeout: float = 20.0) -> "Serve":

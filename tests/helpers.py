@@ -58,6 +58,7 @@ class Gunicorn:
                "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "--threads", str(threads),
                *args, app]
         full_env = dict(os.environ)
+        full_env["PGWS_DRAIN_SECONDS"] = "0"  # SIGTERM closes at once (1001); a test may drain
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         self._log = open(self.log_path, "w")

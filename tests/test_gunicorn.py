@@ -288,3 +288,41 @@ def test_library_logs_go_through_gunicorns_error_log(pg_dsn):
         assert "listener connected" not in quiet.log()  # gunicorn's level applies
     finally:
         quiet.stop()
+
+
+def test_sigterm_drains_sockets_in_batches_with_1012_and_a_time_to_come_back(pg_dsn):
+    """PGWS_DRAIN_SECONDS: the sockets are closed in batches spread over the window, in random
+    order, with 1012 and a reason saying when to reconnect (later batches: sooner)."""
+    import re
+
+    import simple_websocket
+
+    g = serve(pg_dsn, extra_env={"PGWS_DRAIN_SECONDS": "2"}).wait_up()
+    sockets = [Ws(g.ws_url()) for _ in range(30)]
+    try:
+        wait_sockets(g, 30)
+        g.proc.send_signal(signal.SIGTERM)
+        reasons = []
+        for ws in sockets:
+            with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+                ws.client.receive(timeout=15)
+            assert closed.value.reason == 1012, (closed.value.reason, closed.value.message)
+            reasons.append(closed.value.message)
+        hints = [float(re.fullmatch(r"restart: reconnect after (\d+\.\d)s", r).group(1))
+                 for r in reasons]
+        assert len(set(hints)) >= 10 and max(hints) == 2.0 and min(hints) >= 0.1  # batches
+        assert g.proc.wait(30) == 0
+    finally:
+        for ws in sockets:
+            ws.close()
+        g.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "99"])
+def test_a_bad_drain_setting_stops_the_worker_naming_the_variable(value):
+    from pgws_sync import ConfigError
+    from pgws_sync.gunicorn import drain_setting
+
+    with pytest.raises(ConfigError, match="PGWS_DRAIN_SECONDS must be seconds from 0 to 5"):
+        drain_setting({"PGWS_DRAIN_SECONDS": value})
+    assert drain_setting({}) == 3.0 and drain_setting({"PGWS_DRAIN_SECONDS": "0"}) == 0.0

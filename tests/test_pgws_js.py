@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -513,3 +514,21 @@ def test_jwt_gateway_serves_pgws_js(jwt_serve: Serve) -> None:
     assert_serves_pgws_js(jwt_serve.url("/pgws.js"))
     status, body = http_get(jwt_serve.url("/"))  # the static files still answer the rest
     assert status == 200 and "jwt test" in body
+
+
+def test_a_drain_is_honoured_the_client_comes_back_after_the_hint(pg_dsn: str, page: Page) -> None:
+    """Closed with 1012 "reconnect after N s", pgws.js waits N to 2N seconds (jitter), not its
+    own backoff, and reconnects."""
+    server = serve_pubsub(pg_dsn, extra_env={"PGWS_DRAIN_SECONDS": "1"})
+    try:
+        load_client(page, server)
+        page.evaluate("record(new PgwsSocket('/ws'))")
+        wait_count(page, "open", 1)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_count(page, "close", 1)
+        close = events(page, "close")[0]
+        assert close["code"] == 1012 and close["willReconnect"] is True
+        hint = float(re.fullmatch(r"restart: reconnect after (\d+\.\d)s", close["reason"]).group(1))
+        assert hint * 1000 <= close["delay"] <= 2 * hint * 1000
+    finally:
+        server.stop()

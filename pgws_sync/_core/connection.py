@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_GOING_AWAY = 1001
+#: A drain: the server restarts; the reason says when to reconnect.
+CLOSE_SERVICE_RESTART = 1012
 #: The reason of the 1013 close a client that reads too slowly gets, unless the endpoint says.
 SLOW_CLIENT_REASON = "send queue full"
 CLOSE_POLICY_VIOLATION = 1008

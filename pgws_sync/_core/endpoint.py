@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import weakref
@@ -17,6 +18,7 @@ from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
     CLOSE_GOING_AWAY,
+    CLOSE_SERVICE_RESTART,
     SLOW_CLIENT_REASON,
     Connection,
     GuardedSocket,
@@ -167,6 +169,7 @@ class WebSocketEndpoint:
             _metrics.enable()
         self._closing = False
         self._close_lock = threading.Lock()
+        self._hurry = threading.Event()
         _live_endpoints.add(self)
 
     # ------------------------------------------------------ for subclasses
@@ -401,23 +404,48 @@ class WebSocketEndpoint:
 
     # --------------------------------------------------------------- shutdown
 
+    def _drain(self, conns: List[Connection], window: float) -> None:
+        """Close ``conns`` in about ten batches a second over ``window`` seconds."""
+        random.shuffle(conns)
+        batches = max(1, min(len(conns), int(window * 10)))
+        started = time.monotonic()
+        logger.info("draining %d sockets over %.1fs", len(conns), window)
+        for i in range(batches):
+            wait = started + window * i / batches - time.monotonic()
+            if wait > 0 and not self._hurry.is_set():
+                self._hurry.wait(wait)  # set by hurry(): the rest go at once
+            come_back = max(0.1, window * (batches - i) / batches)
+            for conn in conns[i::batches]:
+                conn.request_close(CLOSE_SERVICE_RESTART,
+                                   f"restart: reconnect after {come_back:.1f}s")
+
+    def hurry(self) -> None:
+        """Close what a drain has not closed yet at once (a second signal, say)."""
+        self._hurry.set()
+
     @property
     def closing(self) -> bool:
         return self._closing
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Close every socket with 1001 ``server shutdown`` and refuse new ones (503).
+    def close(self, timeout: float = 5.0, *, drain: float = 0.0) -> None:
+        """Refuse new sockets (503, and ``/readyz`` says so), then close every socket.
 
-        Waits up to ``timeout`` seconds for the close frames to go out, then
-        drops whatever is left.
+        With ``drain`` 0: at once, with 1001 ``server shutdown``. With ``drain``
+        seconds: in batches spread over that window, in random order, with 1012
+        and the reason ``restart: reconnect after N s`` (N the rest of the
+        window), so clients come back spread out instead of all at once. Waits
+        up to ``timeout`` seconds more for the close frames, then drops what is left.
         """
         with self._close_lock:
             if self._closing:
                 return
             self._closing = True
         conns = self.hub.connections()
-        for conn in conns:
-            conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+        if drain > 0:
+            self._drain(conns, drain)
+        else:
+            for conn in conns:
+                conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
         deadline = time.monotonic() + timeout
         late: List[Connection] = []
         for conn in conns:

@@ -253,9 +253,9 @@ class PubSub(ListeningEndpoint):
         else:
             self._client_publish(conn, channel, action)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Hand the open batches to this process's sockets, then close every socket with 1001
-        and refuse new ones (503). Other workers close their batches as usual."""
+    def close(self, timeout: float = 5.0, *, drain: float = 0.0) -> None:
+        """Hand the open batches to this process's sockets, then close every socket (see
+        :meth:`WebSocketEndpoint.close`). Other workers close their batches as usual."""
         if not self.closing:
             finished = self.batcher.stop()
             self.hub.fan_out([(SUBSCRIPTION_PREFIX + f.channel, self._batch_frame(f))
@@ -263,7 +263,7 @@ class PubSub(ListeningEndpoint):
             if finished:
                 logger.info("handed %d open batches to this worker's sockets before closing "
                             "them", len(finished))
-        super().close(timeout)
+        super().close(timeout, drain=drain)
 
     def on_closed(self) -> None:
         super().on_closed()
