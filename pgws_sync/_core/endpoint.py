@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 _live_endpoints: "weakref.WeakSet[WebSocketEndpoint]" = weakref.WeakSet()
 
+#: The reason of a drain's 1012 close: when to come back (pgws.js reads it).
+RESTART_REASON = "restart: reconnect after 1.0s"
+
 #: The audience a connection belongs to unless the endpoint decides otherwise.
 DEFAULT_AUDIENCE = "default"
 
@@ -405,6 +408,9 @@ class WebSocketEndpoint:
     # --------------------------------------------------------------- shutdown
 
     def _drain(self, conns: List[Connection], window: float) -> None:
+        # The closes are spread over the window; each client comes back a second or two
+        # after its own close (pgws.js adds up to as much again), so the returns are spread
+        # the same way.
         """Close ``conns`` in about ten batches a second over ``window`` seconds."""
         random.shuffle(conns)
         batches = max(1, min(len(conns), int(window * 10)))
@@ -414,10 +420,8 @@ class WebSocketEndpoint:
             wait = started + window * i / batches - time.monotonic()
             if wait > 0 and not self._hurry.is_set():
                 self._hurry.wait(wait)  # set by hurry(): the rest go at once
-            come_back = max(0.1, window * (batches - i) / batches)
             for conn in conns[i::batches]:
-                conn.request_close(CLOSE_SERVICE_RESTART,
-                                   f"restart: reconnect after {come_back:.1f}s")
+                conn.request_close(CLOSE_SERVICE_RESTART, RESTART_REASON)
 
     def hurry(self) -> None:
         """Close what a drain has not closed yet at once (a second signal, say)."""
@@ -432,8 +436,8 @@ class WebSocketEndpoint:
 
         With ``drain`` 0: at once, with 1001 ``server shutdown``. With ``drain``
         seconds: in batches spread over that window, in random order, with 1012
-        and the reason ``restart: reconnect after N s`` (N the rest of the
-        window), so clients come back spread out instead of all at once. Waits
+        and the reason ``restart: reconnect after 1.0s`` (pgws.js then waits 1 to
+        2 s), so clients come back spread over the window instead of all at once. Waits
         up to ``timeout`` seconds more for the close frames, then drops what is left.
         """
         with self._close_lock:
