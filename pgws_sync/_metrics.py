@@ -30,6 +30,8 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      ("endpoint", "status"), {}),
     ("counter", "sockets_closed", "WebSocket connections ended, by close code (or 'client', "
      "'lost')", ("endpoint", "code"), {}),
+    ("gauge", "socket_queue_depth_max", "The longest send queue of a socket, in frames, at the "
+     "last scrape", ("endpoint",), {"multiprocess_mode": "livemax"}),
     ("counter", "messages_delivered", "Frames handed to sockets (one per socket and frame)",
      ("endpoint",), {}),
     ("counter", "slow_clients_dropped", "Sockets closed with 1013 for reading too slowly",

@@ -103,6 +103,7 @@ def test_prometheus_sees_the_sum_of_both_workers_sockets(two_workers):
         wait_for(lambda: prometheus.query("sum(pgws_sync_sockets_open)") == 7, timeout=30,
                  message="prometheus to see 5 of them closed")
         assert prometheus.query('sum(pgws_sync_sockets_closed_total{code="client"})') >= 5
+        assert prometheus.query("max(pgws_sync_socket_queue_depth_max)") == 0  # all read
         check_dashboard(prometheus, scrape(two_workers))
     finally:
         for ws in sockets[5:]:

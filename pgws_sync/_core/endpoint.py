@@ -264,6 +264,8 @@ class WebSocketEndpoint:
     def metrics_response(self) -> Response:
         """The Prometheus exposition of this process (of every worker under the gunicorn hook)."""
         self.prepare()
+        depths = [conn.queue_depth for conn in self.hub.connections()]
+        _metrics.set_gauge("socket_queue_depth_max", max(depths, default=0), endpoint=self.label)
         self.sample_database()
         body, content_type = _metrics.exposition()
         return Response(body, status=200, content_type=content_type)
