@@ -180,8 +180,9 @@ class Demo:
                "pgws_sync._demo:create_app()"]
         # Its own session: a Ctrl-C in the terminal reaches only us; we send SIGTERM,
         # so the server closes its sockets properly (1001).
-        self._serve = subprocess.Popen(cmd, start_new_session=True,
-                                       env=dict(os.environ, PGWS_DB_URI=dsn))
+        env = dict(os.environ, PGWS_DB_URI=dsn)
+        env.setdefault("PGWS_DRAIN_SECONDS", "0")  # Ctrl-C: close at once, no drain
+        self._serve = subprocess.Popen(cmd, start_new_session=True, env=env)
         health = self.url + "healthz"
         deadline = time.monotonic() + DEMO_START_TIMEOUT
         while not self.stop.is_set():

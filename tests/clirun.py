@@ -19,6 +19,7 @@ def no_database_env(**extra: str) -> Dict[str, str]:
     """This process's environment without any PG* variable (libpq's, PGWS_*), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PGWS_DRAIN_SECONDS"] = "0"  # a server closes its sockets at once (1001) unless asked
     env.update(extra)
     return env
 
@@ -40,8 +41,7 @@ class Serve(Gunicorn):
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-serve-{self.port}.log"
         cmd = [*COMMAND, "serve", "--bind", f"127.0.0.1:{self.port}", "--threads", "16", *args]
         self._log = open(self.log_path, "w")
-        full_env = {"PGWS_DRAIN_SECONDS": "0", **(env or no_database_env())}  # 1001 at once
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or no_database_env(),
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_up(self, healthy: bool = True, timeout: float = 20.0) -> "Serve":
