@@ -14,33 +14,19 @@ back would face. The closes are measured; the reconnect times follow from them a
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import random
 import re
 import selectors
 import signal
-import socket
 import sys
 import time
 from typing import List, Optional, Tuple
 
 from .servers import Gunicorn, embedded_postgres
+from .spread import open_sockets
 
 HINT = re.compile(r"reconnect after (\d+(?:\.\d+)?)\s*s")
-
-
-def open_socket(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
-    sock.setblocking(False)
-    return sock
 
 
 def close_of(data: bytes) -> Optional[Tuple[int, str]]:
@@ -100,10 +86,11 @@ def run(dsn: str, clients: int, drain: float) -> None:
                       worker_connections=2 * clients + 200, extra=[])
     try:
         server.wait_healthy("/healthz", 60)
-        socks = [open_socket(server.port) for _ in range(clients)]
+        socks = open_sockets(server.port, clients)
         sel = selectors.DefaultSelector()
         buffers = {}
         for s in socks:
+            s.setblocking(False)
             sel.register(s, selectors.EVENT_READ)
             buffers[s] = b""
         wait_registered(server.port, clients)

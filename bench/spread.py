@@ -24,25 +24,27 @@ from .servers import Gunicorn, StartError, embedded_postgres, worker_pids
 WITHOUT_REUSE_PORT = "from pgws_sync.gunicorn import *  # noqa: F401,F403\nreuse_port = False\n"
 
 
+def open_socket(port: int) -> socket.socket:
+    """One upgraded WebSocket connection to ``/ws`` on 127.0.0.1 (blocking, 10 s timeout)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise StartError("the server closed a connection during the upgrade")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise StartError(f"upgrade refused: {head[:100]!r}")
+    return sock
+
+
 def open_sockets(port: int, count: int) -> List[socket.socket]:
     """``count`` upgraded WebSocket connections to ``/ws`` (kept open, never read)."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise StartError("the server closed a connection during the upgrade")
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise StartError(f"upgrade refused: {head[:100]!r}")
-        socks.append(sock)
-    return socks
+    return [open_socket(port) for _ in range(count)]
 
 
 def sockets_per_worker(server: Gunicorn) -> Dict[int, int]:
