@@ -225,15 +225,19 @@ class WebSocketEndpoint:
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
         request = Request(environ)
-        if self.health_path is not None and request.path == self.health_path:
-            response = self.health_response()
-        elif self.ready_path is not None and request.path == self.ready_path:
-            response = self.ready_response()
-        elif self.metrics_path is not None and request.path == self.metrics_path:
-            response = self.metrics_response()
-        else:
-            response = self.handle(request)
+        response = self.service_response(request) or self.handle(request)
         return response(environ, start_response)
+
+    def service_response(self, request: Request) -> Optional[Response]:
+        """The answer for the health, readiness or metrics path, or None for any other path."""
+        path = request.path
+        if self.health_path is not None and path == self.health_path:
+            return self.health_response()
+        if self.ready_path is not None and path == self.ready_path:
+            return self.ready_response()
+        if self.metrics_path is not None and path == self.metrics_path:
+            return self.metrics_response()
+        return None
 
     def init_app(self, app: Any, path: str = "/ws", client_path: Optional[str] = "/pgws.js") -> None:
         """Register the WebSocket route at ``path`` on a Flask app, and the shared routes.

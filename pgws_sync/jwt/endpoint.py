@@ -89,14 +89,12 @@ class JwtGateway(ListeningEndpoint):
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
         request = Request(environ)
-        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+        upgrade = environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+        service = None if upgrade else self.service_response(request)
+        if upgrade:
             response = self.handle(request)
-        elif self.health_path is not None and request.path == self.health_path:
-            response = self.health_response()
-        elif self.ready_path is not None and request.path == self.ready_path:
-            response = self.ready_response()
-        elif self.metrics_path is not None and request.path == self.metrics_path:
-            response = self.metrics_response()
+        elif service is not None:
+            response = service
         elif (self.client_path is not None and request.path == self.client_path
               and request.method in ("GET", "HEAD")):
             response = client_js_response(request)
