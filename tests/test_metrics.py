@@ -218,3 +218,24 @@ def test_slow_clients_dropped_frames_gaps_and_resyncs_are_counted():
     dropping._queue.task_done()
     hub.fan_out([("k", "3")])
     assert sample("pgws_sync_control_frames_total", endpoint="TestHub", event="gap") == gaps + 1
+
+
+def test_serve_metrics_flag_serves_metrics_in_both_gateways(pg_dsn):
+    """``pgws-sync serve --metrics`` builds its apps with /metrics (plain and JWT mode)."""
+    from pgws_sync.jwt.settings import create_gateway_app, settings_from_environ
+    from pgws_sync.pgws.gateway import create_app
+
+    plain = create_app(pg_dsn, ["pgws"], metrics=True)
+    assert plain.test_client().get("/metrics").status_code == 200
+    assert create_app(pg_dsn, ["pgws"]).test_client().get("/metrics").status_code == 404
+    settings = settings_from_environ({"PGWS_JWT_SECRET": "s" * 32}, dsn=pg_dsn)
+    gateway = create_gateway_app(settings, metrics=True)
+    try:
+        from werkzeug.test import Client as WsgiClient
+
+        response = WsgiClient(gateway).get("/metrics")
+        assert response.status_code == 200 and b"pgws_sync_" in response.data
+    finally:
+        gateway.close(0)
+    for app in (plain,):
+        app.extensions["pgws_sync"].close(0)
