@@ -179,7 +179,7 @@ class Demo:
                "--bind", self.bind, "--threads", "100", "--log-level", "warning",
                "pgws_sync._demo:create_app()"]
         # Its own session: a Ctrl-C in the terminal reaches only us; we send SIGTERM,
-        # so the server closes its sockets properly (1001).
+        # so the server closes its sockets properly (1001: the demo sets no drain).
         env = dict(os.environ, PGWS_DB_URI=dsn)
         env.setdefault("PGWS_DRAIN_SECONDS", "0")  # Ctrl-C: close at once, no drain
         self._serve = subprocess.Popen(cmd, start_new_session=True, env=env)

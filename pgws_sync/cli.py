@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve /ws, the browser client at / and /healthz under gunicorn",
         description="Serve NOTIFYs on the given channels to every WebSocket on /ws (audience "
                     "'default'), the browser client at / and a health check at /healthz, "
-                    "under gunicorn's gthread worker. SIGTERM closes every socket with 1001.",
+                    "under gunicorn's gthread worker. SIGTERM drains the sockets (1012, over "
+                    "$PGWS_DRAIN_SECONDS, default 3; 0: 1001 at once).",
     )
     serve.add_argument("--dsn", help=dsn_help)
     serve.add_argument("--channel", action="append", metavar="NAME",

@@ -1,4 +1,4 @@
-"""gunicorn hooks (``-c python:pgws_sync.gunicorn``): sources per worker, 1001 on SIGTERM."""
+"""gunicorn hooks (``-c python:pgws_sync.gunicorn``): sources per worker, a drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ def post_worker_init(worker: Any) -> None:
     objects made so far out of the garbage collector's walks
     (:func:`freeze_startup_objects`), both before the worker accepts.
 
-    SIGTERM (graceful stop): sockets are closed with 1001 on a separate thread
-    while gunicorn's own handler stops the worker, which then exits as soon as
-    the sockets are gone instead of after the whole graceful timeout.
+    SIGTERM (graceful stop): the sockets are drained on a separate thread (1012,
+    spread over ``PGWS_DRAIN_SECONDS``; 0: 1001 at once) while gunicorn's own
+    handler stops the worker, which then exits as soon as the sockets are gone
+    instead of after the whole graceful timeout.
     SIGINT and SIGQUIT (Ctrl-C, immediate stop): the close frames are sent,
     waiting at most QUICK_SHUTDOWN_TIMEOUT seconds, before gunicorn exits.
     """

@@ -157,7 +157,7 @@ class PubSub(ListeningEndpoint):
         ``name``, a blank line, then one message per line. Every item travels through
         the database at once and every worker batches what it receives the same way,
         so a batch is one message whichever workers or hosts publish into it. On
-        shutdown a worker hands its open batches to its own sockets before their 1001.
+        shutdown a worker hands its open batches to its own sockets before closing them.
         """
         check_channel(channel)
         if not isinstance(key, str) or not isinstance(name, str):
