@@ -16,7 +16,7 @@ from .._formats import error_frame, validate_channel
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import ConfigError, PayloadTooLarge, WriteFailed
 from ..sources.base import Notification, Source
-from ..sources.notify_pool import NotifyPool
+from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE, NotifyPool
 from .auth import Grant, JwtAuth, split_request
 from .messages import (
     CONNECTION_CLOSE,
@@ -83,7 +83,7 @@ class JwtGateway(ListeningEndpoint):
                                wait_timeout=self.write_timeout, statement_timeout=10.0,
                                application_name="pgws_sync writer",
                                size_name="PGWS_POOL_SIZE", error=WriteFailed, kind="write",
-                               max_queue_usage=0.5)
+                               max_queue_usage=DEFAULT_MAX_QUEUE_USAGE)
 
     # ---------------------------------------------------------------- WSGI
 

@@ -21,6 +21,7 @@ from ..errors import (
     PublishFailed,
 )
 from ..sources.base import Notification, Source
+from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE
 from .batching import Batcher, Finished
 from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
 from .publication import (
@@ -77,7 +78,7 @@ class PubSub(ListeningEndpoint):
         pool_size: int = 4,
         batch_grace: float = 1.0,
         timestamps: bool = False,
-        max_queue_usage: Optional[float] = 0.5,
+        max_queue_usage: Optional[float] = DEFAULT_MAX_QUEUE_USAGE,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from .._formats import new_message_id, utc_now, validate_channel
 from ..errors import PublishFailed
-from ..sources.notify_pool import NotifyPool
+from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE, NotifyPool
 from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
 
 
@@ -76,7 +76,7 @@ class Publisher:
         pool_size: int = 4,
         timeout: float = 10.0,
         application_name: str = "pgws_sync publisher",
-        max_queue_usage: Optional[float] = 0.5,
+        max_queue_usage: Optional[float] = DEFAULT_MAX_QUEUE_USAGE,
     ) -> None:
         self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
                                 connect_timeout=timeout, application_name=application_name,

@@ -17,6 +17,9 @@ from .postgres import close_quietly
 
 logger = logging.getLogger(__name__)
 
+#: How full PostgreSQL's notification queue may be before the library's publishers refuse.
+DEFAULT_MAX_QUEUE_USAGE = 0.5
+
 #: Seconds before a full queue is asked again (publishing is refused meanwhile).
 QUEUE_RECHECK_SECONDS = 1.0
 
