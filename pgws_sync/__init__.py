@@ -12,6 +12,8 @@ from .errors import (
     InvalidChannel,
     InvalidPayload,
     ListenerStopped,
+    LogUnavailable,
+    MessageTooLarge,
     NotifyFailed,
     PayloadTooLarge,
     PgwsError,
@@ -35,6 +37,8 @@ from .push.endpoint import Push
 from .push.messages import DEFAULT_PUSH_CHANNEL
 from .runtime import shutdown
 from .sources.base import Notification, Source
+from .sources.log import DEFAULT_MAX_PAYLOAD, migrate
+from .sources.log import publish as publish_durable
 from .sources.postgres import Listener
 from .sources.redis import RedisSource
 
@@ -57,6 +61,9 @@ __all__ = [
     "notify",
     "publish",
     "Publisher",
+    "publish_durable",
+    "migrate",
+    "DEFAULT_MAX_PAYLOAD",
     "Batcher",
     "DEFAULT_PUBSUB_CHANNEL",
     "DEFAULT_PUSH_CHANNEL",
@@ -77,6 +84,7 @@ __all__ = [
     "InvalidPayload",
     "PayloadTooLarge",
     "PublicationTooLarge",
+    "MessageTooLarge",
     "ProtocolError",
     "Refused",
     "TokenRefused",
@@ -84,6 +92,7 @@ __all__ = [
     "PublishFailed",
     "WriteFailed",
     "RedisPublishFailed",
+    "LogUnavailable",
     "BatcherStopped",
     "DatabaseUnreachable",
     "CommandFailed",

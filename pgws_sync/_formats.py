@@ -218,8 +218,14 @@ def new_message_id() -> str:
 
 def utc_now() -> str:
     """Now as RFC 3339 text in UTC with milliseconds: ``2026-12-01T23:04:05.123Z``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return format_time(None)
+
+
+def format_time(seconds: Optional[float]) -> str:
+    """``seconds`` since the epoch (None: now) as RFC 3339 text in UTC with milliseconds."""
+    when = (datetime.datetime.now(datetime.timezone.utc) if seconds is None else
+            datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def preview(text: str, limit: int = 60) -> str:

@@ -37,7 +37,10 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
     ("counter", "slow_clients_dropped", "Sockets closed with 1013 for reading too slowly",
      ("endpoint",), {}),
     ("counter", "frames_dropped", "Frames lost by sockets under the drop policy", ("endpoint",), {}),
-    ("counter", "control_frames", "gap and resync frames sent", ("endpoint", "event"), {}),
+    ("counter", "control_frames", "gap, resync and resync_required frames sent",
+     ("endpoint", "event"), {}),
+    ("counter", "messages_replayed", "Durable messages paged from the log to sockets that "
+     "resumed or fell behind", ("endpoint",), {}),
     ("histogram", "delivery_lag_seconds", "From a message's publishing to its hand-over to "
      "the sockets (messages that carry their publishing time)", ("endpoint",),
      {"buckets": LAG_BUCKETS}),

@@ -77,6 +77,19 @@ class PublicationTooLarge(PayloadTooLarge):
         )
 
 
+class MessageTooLarge(PayloadTooLarge):
+    """A message for a durable channel larger than the log's ``max_payload``."""
+
+    def __init__(self, size: int, limit: int, channel: Optional[str]) -> None:
+        super().__init__(size, limit + 1, channel)
+        self.limit = limit
+        where = f"for channel {channel!r} " if channel is not None else ""
+        self.args = (
+            f"the message {where}is {size} bytes (UTF-8); the durable log takes at most {limit} "
+            f"(its max_payload, set by 'pgws-sync migrate --max-payload'). Nothing was published.",
+        )
+
+
 class ProtocolError(PgwsError, ValueError):
     """A client frame the server cannot act on; the reason goes back in an error frame."""
 
@@ -164,6 +177,11 @@ class RedisPublishFailed(PgwsError, RuntimeError):
         )
 
 
+class LogUnavailable(PgwsError, RuntimeError):
+    """The durable log cannot be used: its schema is missing or of another version, or this
+    database role lacks a right it needs. The message names the fix."""
+
+
 class BatcherStopped(PgwsError, RuntimeError):
     """The batcher was stopped (the endpoint is shutting down): nothing more is batched."""
 
@@ -179,8 +197,9 @@ class CommandFailed(PgwsError):
 #: Every class above, as ``pgws_sync.<Name>`` (the documented place to import and catch them).
 ERRORS = (
     PgwsError, ConfigError, ListenerStopped, InvalidChannel, InvalidPayload, PayloadTooLarge,
-    PublicationTooLarge, ProtocolError, Refused, TokenRefused, NotifyFailed, PublishFailed,
-    WriteFailed, RedisPublishFailed, BatcherStopped, DatabaseUnreachable, CommandFailed,
+    PublicationTooLarge, MessageTooLarge, ProtocolError, Refused, TokenRefused, NotifyFailed,
+    PublishFailed, WriteFailed, RedisPublishFailed, LogUnavailable, BatcherStopped,
+    DatabaseUnreachable, CommandFailed,
 )
 
 for _cls in ERRORS:

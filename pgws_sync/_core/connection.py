@@ -326,7 +326,7 @@ class Connection:
     __slots__ = ("id", "audiences", "metadata", "subprotocol", "slow_reason", "label", "_queue",
                  "_close_request",
                  "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
-                 "closed", "__weakref__")
+                 "closed", "_on_drained", "__weakref__")
 
     def __init__(
         self,
@@ -360,6 +360,7 @@ class Connection:
         self.dropped: Dict[str, int] = {}
         #: Set once the writer has ended (the socket is over).
         self.closed = Latch()
+        self._on_drained: Optional[Callable[[], None]] = None
 
     @property
     def queue_depth(self) -> int:
@@ -395,6 +396,19 @@ class Connection:
         except queue.Full:
             return False
         return True
+
+    @property
+    def has_room(self) -> bool:
+        """True while the send queue is at most half full."""
+        return self._queue.qsize() <= self._queue.maxsize // 2
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the send queue is at most half full: now (on this thread)
+        if it is, else on the writer's thread after a write. It may be called twice."""
+        self._on_drained = callback
+        if self.has_room:
+            self._on_drained = None
+            callback()
 
     def add_missed(self, counts: Dict[str, int]) -> None:
         """Count frames dropped for this client only (``drop`` policy), by channel.
@@ -590,6 +604,10 @@ class Connection:
                                  else b"".join(i.wire for i in batch))
             for _ in items:
                 self._queue.task_done()
+        callback = self._on_drained
+        if callback is not None and self.has_room:
+            self._on_drained = None
+            callback()
 
     def _finish_frame(self, sock: GuardedSocket) -> None:
         """Write the end of a frame a direct write left half-written, if any."""

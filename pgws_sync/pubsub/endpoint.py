@@ -10,17 +10,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import _metrics
 from .._core.connection import Connection
 from .._core.wire import Frame
-from .._formats import error_frame, message_frame, new_message_id, utc_now
+from .._formats import error_frame, format_time, loads, message_frame, new_message_id, utc_now
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
     ConfigError,
     InvalidPayload,
+    MessageTooLarge,
     PayloadTooLarge,
     ProtocolError,
     PublishFailed,
 )
+from ..sources import log
 from ..sources.base import Notification, Source
+from ..sources.log import Raw, Row
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE
 from .batching import Batcher, Finished
 from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
@@ -36,6 +39,7 @@ from .publication import (
     publication_frame,
 )
 from .publisher import Publisher
+from .streams import Streams
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,13 @@ class PubSub(ListeningEndpoint):
     :param timestamps: message frames carry ``"time"``, when they were published (RFC 3339, UTC).
     :param max_queue_usage: refuse to publish (``PublishFailed``, cause ``queue_full``) while
         PostgreSQL's notification queue is fuller than this (0 to 1; None: never).
+    :param durable: every channel is a durable stream kept in the database (docs/durable.md):
+        messages carry offsets, clients resume with ``since``, nothing is lost.
+    :param log_schema: the schema of the durable log (``pgws-sync migrate`` creates it).
+    :param retention_seconds: durable messages older than this are pruned.
+    :param retention_messages: only this many of a channel's newest durable messages are kept.
+    :param prune_interval: seconds between two pruning passes of a worker (None: never; one
+        worker at a time prunes).
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
@@ -79,6 +90,11 @@ class PubSub(ListeningEndpoint):
         batch_grace: float = 1.0,
         timestamps: bool = False,
         max_queue_usage: Optional[float] = DEFAULT_MAX_QUEUE_USAGE,
+        durable: bool = False,
+        log_schema: str = log.DEFAULT_SCHEMA,
+        retention_seconds: float = 86400.0,
+        retention_messages: int = 100_000,
+        prune_interval: Optional[float] = 30.0,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -95,7 +111,25 @@ class PubSub(ListeningEndpoint):
                                    max_queue_usage=max_queue_usage)
         self.pubsub_channel = self.publisher.pubsub_channel
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
-        super().__init__(listener, [self.pubsub_channel], **options)
+        channels = [self.pubsub_channel]
+        self.streams: Optional[Streams] = None
+        if durable:
+            if not (retention_seconds > 0 and retention_messages >= 1):
+                raise ConfigError("retention_seconds must be above 0 and retention_messages at "
+                                  "least 1")
+            if prune_interval is not None and not prune_interval > 0:
+                raise ConfigError(f"prune_interval must be above 0 seconds (or None), got "
+                                  f"{prune_interval!r}")
+            self.wake_channel = log.wake_channel_for(log_schema)
+            channels.append(self.wake_channel)
+        super().__init__(listener, channels, **options)
+        if durable:
+            self.streams = Streams(
+                self.publisher.dsn, schema=log_schema, hub=self.hub,
+                key=lambda channel: SUBSCRIPTION_PREFIX + channel, make_frame=self._log_frame,
+                label=self.label, retention_seconds=retention_seconds,
+                retention_messages=retention_messages, prune_every=prune_interval,
+                max_queue=self.max_queue)
 
     # ---------------------------------------------------- application hooks
 
@@ -132,8 +166,26 @@ class PubSub(ListeningEndpoint):
         bad input, :class:`PublishFailed` when the database does not take it.
         """
         message_type(type)
+        if self.streams is not None:
+            message_id = message_id or new_message_id()
+            self._append(channel, message, type=type, message_id=message_id, reply_to=reply_to)
+            return message_id
         return self.publisher.publish(channel, message, type=type, message_id=message_id,
                                       reply_to=reply_to)
+
+    def prune(self) -> Optional[int]:
+        """Prune the durable log now (one pass, on this thread): messages deleted, or None
+        if another process is pruning it."""
+        if self.streams is None:
+            raise ConfigError("prune() needs a durable endpoint (durable=True)")
+        return self.streams.prune()
+
+    def _append(self, channel: str, message: Any, *, type: str, message_id: str,
+                reply_to: Any) -> int:
+        assert self.streams is not None
+        args = log.publish_args(channel, message, type=type, message_id=message_id,
+                                reply_to=reply_to, max_payload=self.streams.max_payload)
+        return self.publisher.append(self.streams.schema, args)
 
     def send_to(self, connection_id: str, message: Any, *, type: str = "json",
                 channel: Optional[str] = None, message_id: Optional[str] = None,
@@ -161,6 +213,7 @@ class PubSub(ListeningEndpoint):
         shutdown a worker hands its open batches to its own sockets before closing them.
         """
         check_channel(channel)
+        self._not_durable("publish_batched")
         if not isinstance(key, str) or not isinstance(name, str):
             raise InvalidPayload("a batch's key and name must be strings")
         if not (isinstance(window, (int, float)) and 0 <= window < float("inf")):
@@ -183,6 +236,7 @@ class PubSub(ListeningEndpoint):
         """Discard the open batch of ``(channel, key)`` in every worker; False if none was
         open in this one."""
         check_channel(channel)
+        self._not_durable("cancel_batch")
         was_open = self.batcher.kind(channel, key) is not None
         self.publisher.notify(format_marker(channel, BatchField(key, cancel=True)))
         return was_open
@@ -198,11 +252,20 @@ class PubSub(ListeningEndpoint):
         policy = backpressure or self.backpressure
         if policy not in BACKPRESSURE_POLICIES:
             raise ConfigError(f"backpressure must be 'close' or 'drop', got {policy!r}")
+        if self.streams is not None:  # live from the channel's head; the reply says which
+            if self.hub.get(conn.id) is None:
+                return False
+            self.streams.subscribe(conn, channel)
+            return True
         return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
                              drop_as=channel if policy == "drop" else None)
 
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
         """End ``conn``'s subscription to ``channel``; False if it had none."""
+        if self.streams is not None:
+            had = SUBSCRIPTION_PREFIX + channel in self.hub.keys_of(conn)
+            self.streams.unsubscribe(conn, channel)
+            return had
         return self.hub.leave(conn, SUBSCRIPTION_PREFIX + channel)
 
     def subscriptions(self, conn: Connection) -> List[str]:
@@ -268,6 +331,8 @@ class PubSub(ListeningEndpoint):
 
     def on_closed(self) -> None:
         super().on_closed()
+        if self.streams is not None:
+            self.streams.stop()
         self.publisher.close()
 
     # ---------------------------------------------------- listener sink
@@ -275,6 +340,11 @@ class PubSub(ListeningEndpoint):
     def on_notifications(self, batch: Sequence[Notification]) -> None:
         """Turn each publication into its frame and hand it to its subscribers, in order."""
         pending: List[Tuple[str, Frame]] = []
+        if self.streams is not None:
+            woken = [n.payload for n in batch if n.channel == self.wake_channel]
+            if woken:
+                self.streams.wake(woken)
+                batch = [n for n in batch if n.channel != self.wake_channel]
         for note in batch:
             try:
                 pub = parse_publication(note.payload)
@@ -302,16 +372,49 @@ class PubSub(ListeningEndpoint):
                 self.hub.send_to(pub.target, frame)
         self.hub.fan_out(pending)
 
+    def on_resync(self, reason: str) -> None:
+        """Durable channels read what they missed from the log; the others get ``resync``."""
+        if self.streams is not None:
+            self.streams.wake_all()
+            return
+        super().on_resync(reason)
+
     def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
         """A resync frame names the socket's own subscriptions."""
         return self.subscriptions(conn)
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.streams is not None:
+            self.streams.start()
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        ok, body = super().health()
+        if self.streams is not None:
+            status = self.streams.status()
+            ok = ok and status["connected"]
+            body["log"] = "connected" if status["connected"] else "disconnected"
+            if status["error"]:
+                body["log_error"] = status["error"]
+        return ok, body
+
+    def _forget(self, conn: Connection) -> None:
+        super()._forget(conn)
+        if self.streams is not None:
+            self.streams.forget(conn)
 
     # ---------------------------------------------------- internals
 
     def _client_subscribe(self, conn: Connection, channel: str, action: Action) -> None:
         problem = self._subscribe_problem(conn, channel)
+        if problem is None and action.since is not None and self.streams is None:
+            problem = "invalid 'since': this endpoint keeps no log (it is not durable)"
         if problem is not None:
             conn.send(error_frame(problem, reply_to=action.id))
+            return
+        if self.streams is not None:  # the streams thread replies
+            self.streams.subscribe(conn, channel, since=action.since, epoch=action.epoch,
+                                   reply_to=action.id)
             return
         self.subscribe(conn, channel, backpressure=action.backpressure)
         conn.send(reply_frame("subscribed", channel, action.id))
@@ -332,8 +435,17 @@ class PubSub(ListeningEndpoint):
             return
         message_id = new_message_id()
         try:
-            text = format_publication(channel, action.payload or "null", message_id=message_id)
-            self.publisher.notify(text)
+            if self.streams is not None:
+                body = Raw(action.payload or "null")
+                self._append(channel, body, type="json", message_id=message_id, reply_to=None)
+            else:
+                text = format_publication(channel, action.payload or "null",
+                                          message_id=message_id)
+                self.publisher.notify(text)
+        except MessageTooLarge as exc:
+            conn.send(error_frame(f"payload too large: the message is {exc.size} bytes; the "
+                                  f"log takes at most {exc.limit}", reply_to=action.id))
+            return
         except PayloadTooLarge as exc:
             conn.send(error_frame(
                 f"payload too large: the message would be {exc.size} bytes in PostgreSQL, "
@@ -376,6 +488,20 @@ class PubSub(ListeningEndpoint):
         if self.timestamps:
             extra["time"] = utc_now()
         conn.send(message_frame(action.channel, body, new_message_id(), extra=extra))
+
+    def _not_durable(self, what: str) -> None:
+        if self.streams is not None:
+            raise ConfigError(f"{what}() is not available on a durable endpoint: batches travel "
+                              f"as NOTIFYs and are not kept in the log")
+
+    def _log_frame(self, row: Row, epoch: str) -> Frame:
+        """The frame of a durable message: ``offset`` and ``epoch`` after its id."""
+        extra: Dict[str, Any] = {"offset": row.offset, "epoch": epoch}
+        if row.reply_to is not None:
+            extra["reply_to"] = loads(row.reply_to)
+        if self.timestamps:
+            extra["time"] = format_time(row.published)
+        return message_type(row.type).frame(row.channel, row.payload, row.id, extra)
 
     def _send_marker(self, channel: str, marker: BatchField) -> None:
         self.publisher.notify(format_marker(channel, marker))

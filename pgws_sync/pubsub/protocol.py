@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem, preview, strict_problem
 from ..errors import ProtocolError
@@ -27,6 +27,10 @@ class Action(NamedTuple):
     payload: Optional[str] = None
     #: For ``subscribe``: the backpressure policy asked for, or None for the endpoint's.
     backpressure: Optional[str] = None
+    #: For ``subscribe`` to a durable channel: resume after this offset (None: start live).
+    since: Optional[int] = None
+    #: For ``subscribe`` with ``since``: the epoch that offset belongs to, if the client knows.
+    epoch: Optional[str] = None
 
 
 def check_channel(name: Any, reply_to: Any = None) -> str:
@@ -77,7 +81,27 @@ def parse_action(data: Union[str, bytes]) -> Action:
         backpressure = fields["backpressure"][0]
         if backpressure not in BACKPRESSURE_POLICIES:
             raise ProtocolError("'backpressure' must be \"close\" or \"drop\"", reply_to)
-    return Action(action, channel, reply_to, payload, backpressure)
+    since, epoch = _position(fields, reply_to) if action == "subscribe" else (None, None)
+    return Action(action, channel, reply_to, payload, backpressure, since, epoch)
+
+
+def _position(fields: Dict[str, Any], reply_to: Any) -> Tuple[Optional[int], Optional[str]]:
+    """A subscribe's ``since`` and ``epoch``, checked (absent: None)."""
+    since = epoch = None
+    if "since" in fields:
+        since = fields["since"][0]
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise ProtocolError(f"invalid 'since': {preview(fields['since'][1])} is not an "
+                                f"offset (a whole number, 0 or more)", reply_to)
+    if "epoch" in fields:
+        epoch = fields["epoch"][0]
+        if since is None:
+            raise ProtocolError("invalid 'epoch': it goes with 'since'", reply_to)
+        if not isinstance(epoch, str) or not epoch or len(epoch) > MAX_NAME_CHARS \
+                or strict_problem(epoch) is not None:
+            raise ProtocolError(f"invalid 'epoch': {preview(fields['epoch'][1])} is not an epoch "
+                                f"(the string a subscribed or message frame gave)", reply_to)
+    return since, epoch
 
 
 def _reply_to(value: Any) -> Any:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .._formats import new_message_id, utc_now, validate_channel
 from ..errors import PublishFailed
+from ..sources import log
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE, NotifyPool
 from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
 
@@ -100,6 +101,11 @@ class Publisher:
         self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id,
                                       reply_to=reply_to))
         return message_id
+
+    def append(self, schema: str, args: Sequence[Any]) -> int:
+        """Append one message to the durable log (``args``: :func:`log.publish_args`'s);
+        returns its offset. Raises :class:`PublishFailed` as :meth:`publish` does."""
+        return int(self._pool.select(log.publish_call(schema), args, what="publishing"))
 
     def notify(self, text: str, *, channel: Optional[str] = None) -> None:
         """Send one already-built publication (on ``channel``, default the pub/sub channel)."""

@@ -6,10 +6,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.sql
 
 from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
@@ -94,38 +95,60 @@ class NotifyPool:
         """
         if not payloads:
             return
-        started = time.monotonic()
-        try:
-            self._check_queue()
-            self._notify(channel, payloads)
-        except NotifyFailed as exc:
-            _metrics.inc("publish_failures", kind=self.kind, cause=exc.cause)
-            raise
-        _metrics.inc("publishes", len(payloads), kind=self.kind)
-        _metrics.observe("publish_seconds", time.monotonic() - started, kind=self.kind)
-
-    def _notify(self, channel: str, payloads: Sequence[str]) -> None:
         # Statements sent in one query run as one transaction, even in autocommit:
         # one round trip, and a failure sends nothing.
         query = "; ".join(["SELECT pg_notify(%s, %s)"] * len(payloads))
-        if self.max_queue_usage is not None:  # how full the queue is, in the same round trip
-            query += "; SELECT pg_notification_queue_usage()"
         args = [value for payload in payloads for value in (channel, payload)]
+        self._counted(len(payloads), lambda: self._execute(query, args, "NOTIFY"))
+
+    def select(self, expression: Any, args: Sequence[Any], *, what: str) -> Any:
+        """``SELECT expression`` (a ``psycopg2.sql`` object, e.g. a function that NOTIFYs)
+        like :meth:`notify`: checked, retried once on a dead connection, counted. Returns its
+        value; failures raise ``error`` saying ``what`` failed."""
+        query = psycopg2.sql.SQL("SELECT ") + expression
+        return self._counted(1, lambda: self._execute(query, args, what, result=True))
+
+    def _counted(self, count: int, run: Callable[[], Any]) -> Any:
+        """``run()`` after the queue check, recorded in the publish metrics."""
+        started = time.monotonic()
+        try:
+            self._check_queue()
+            value = run()
+        except NotifyFailed as exc:
+            _metrics.inc("publish_failures", kind=self.kind, cause=exc.cause)
+            raise
+        _metrics.inc("publishes", count, kind=self.kind)
+        _metrics.observe("publish_seconds", time.monotonic() - started, kind=self.kind)
+        return value
+
+    def _execute(self, query: Any, args: Sequence[Any], what: str, *,
+                 result: bool = False) -> Any:
+        """Run ``query`` on a pooled connection, asking the queue's usage in the same round
+        trip; with ``result`` (a ``SELECT``), the value of its first column."""
+        check = self.max_queue_usage is not None
+        if check and result:
+            query = query + psycopg2.sql.SQL(", pg_notification_queue_usage()")
+        elif check:
+            query += "; SELECT pg_notification_queue_usage()"
         for attempt in (1, 2):
             conn = self._acquire()
+            value = None
             try:
                 with conn.cursor() as cur:
                     cur.execute(query, args)
-                    if self.max_queue_usage is not None:
-                        self._saw_usage(float(cur.fetchone()[0]))
+                    if result or check:
+                        row = cur.fetchone()
+                        value = row[0] if result else None
+                        if check:
+                            self._saw_usage(float(row[-1]))
             except psycopg2.Error as exc:
                 broken = bool(conn.closed)
                 self._release(conn, broken=broken)
                 if broken and attempt == 1:
                     continue
-                raise self.error(f"NOTIFY failed: {first_line(exc)}") from exc
+                raise self.error(f"{what} failed: {first_line(exc)}") from exc
             self._release(conn)
-            return
+            return value
 
     def close(self) -> None:
         """Close this process's idle connections (busy ones when they come back); later

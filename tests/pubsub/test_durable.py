@@ -1,0 +1,218 @@
+"""Durable channels end to end: offsets, resume, rollback, sizes, bad positions, retention."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg2
+import pytest
+
+from pgws_sync import InvalidPayload, MessageTooLarge, migrate, publish_durable
+
+from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
+from ..helpers import Ws
+from ..pubsub_helpers import Client, post
+
+
+@pytest.fixture
+def durable(pg_dsn):
+    schema = new_log(pg_dsn)
+    server = serve_durable(pg_dsn, schema, workers=2)
+    yield server, schema
+    server.stop()
+
+
+def subscribe(client: Client, channel: str, **extra):
+    return client.request(action="subscribe", channel=channel, id="s", **extra)
+
+
+def test_migrate_is_idempotent_and_says_what_it_did(pg_dsn):
+    schema = new_log(pg_dsn)
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        assert migrate(conn, schema=schema) == [
+            f"the durable log in schema {schema!r} is up to date (version 1); nothing to do"]
+        assert migrate(conn, schema=schema, max_payload=10) == [
+            "set max_payload from 1048576 to 10 bytes"]
+    finally:
+        conn.close()
+
+
+def test_committed_messages_arrive_once_with_consecutive_offsets_rolled_back_never(
+        durable, pg_dsn, channel):
+    server, schema = durable
+    client = Client(server)
+    reply = subscribe(client, channel)
+    assert reply["event"] == "subscribed" and reply["offset"] == 0 and reply["reply_to"] == "s"
+    epoch = reply["epoch"]
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with conn:  # rolled back: never delivered, takes no offset
+            publish_durable(conn, channel, {"n": "rolled back"}, schema=schema)
+            conn.rollback()
+        with conn:
+            assert publish_durable(conn, channel, {"n": 1}, schema=schema) == 1
+            assert publish_durable(conn, channel, "two", type="text", schema=schema) == 2
+        with conn, conn.cursor() as cur:  # from SQL, in the caller's transaction
+            cur.execute(f"SELECT {schema}.publish(%s, %s)", (channel, '{"n": 3}'))
+    finally:
+        conn.close()
+    frames = [client.recv_json() for _ in range(3)]
+    assert [(f["offset"], f["epoch"]) for f in frames] == [(1, epoch), (2, epoch), (3, epoch)]
+    assert frames[0]["payload"] == {"n": 1}
+    assert frames[1]["type"] == "text" and frames[1]["payload"] == "two"
+    assert frames[2]["payload"] == {"n": 3}
+    assert client.ws.nothing_pending()
+
+
+def test_a_client_resumes_with_since_and_gets_what_it_missed_then_live(durable, pg_dsn, channel):
+    server, schema = durable
+    reader = Resumer(server)
+    reader.connect([channel])
+    publish_many(pg_dsn, schema, ((channel, i) for i in range(1, 6)))
+    reader.read_all({channel: 5})
+    reader.close()
+    publish_many(pg_dsn, schema, ((channel, i) for i in range(6, 301)))  # while away
+    replies = reader.connect([channel])
+    assert replies[0]["event"] == "subscribed" and replies[0]["offset"] == 300
+    publish_many(pg_dsn, schema, ((channel, i) for i in range(301, 311)))  # live after the seam
+    reader.read_all({channel: 310})
+    assert reader.received[channel] == list(range(1, 311))
+    reader.close()
+
+
+def test_publish_from_the_endpoint_and_from_clients(durable, pg_dsn, channel):
+    server, _schema = durable
+    client = Client(server, headers={"X-User": "ann"})
+    subscribe(client, channel)
+    post(server, "/debug/publish", {"channel": channel, "message": {"from": "server"}})
+    frame = client.recv_json()
+    assert frame["payload"] == {"from": "server"} and frame["offset"] == 1
+    client.send(action="publish", channel=channel, payload={"from":  "client"}, id="p")
+    frames = [client.recv_json(), client.recv_json()]
+    reply = next(f for f in frames if f.get("event") == "published")
+    message = next(f for f in frames if "offset" in f)
+    assert reply["reply_to"] == "p" and message["offset"] == 2
+    assert message["payload"] == {"from": "client"} and message["id"] == reply["id"]
+
+
+@pytest.mark.parametrize("size", [7999, 8000, 8001, 1_048_576])
+def test_payloads_of_any_size_up_to_the_maximum_arrive_byte_exact(durable, pg_dsn, channel,
+                                                                  size):
+    server, schema = durable
+    client = Client(server)
+    subscribe(client, channel)
+    text = "é" * ((size - 2) // 2) + "x" * ((size - 2) % 2)  # a JSON string of exactly size bytes
+    payload = json.dumps(text, ensure_ascii=False)
+    assert len(payload.encode()) == size
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"SELECT {schema}.publish(%s, %s)", (channel, payload))
+    finally:
+        conn.close()
+    raw = client.recv(timeout=20)
+    assert f'"payload": {payload}, "id": ' in raw
+    assert json.loads(raw)["offset"] == 1
+
+
+def test_over_the_maximum_is_refused_before_the_transaction_commits(durable, pg_dsn, channel):
+    server, schema = durable
+    client = Client(server, headers={"X-User": "ann"})
+    subscribe(client, channel)
+    too_big = "x" * 1_048_577
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with pytest.raises(MessageTooLarge, match="1048577 bytes .* at most 1048576"):
+            publish_durable(conn, channel, too_big, type="text", schema=schema)
+        conn.rollback()
+        with pytest.raises(psycopg2.Error, match="is 1048577 bytes; the log takes at most"):
+            with conn, conn.cursor() as cur:
+                cur.execute(f"SELECT {schema}.publish(%s, %s, 'text')", (channel, too_big))
+        with pytest.raises(InvalidPayload, match="binary"):
+            publish_durable(conn, channel, b"bytes", type="binary", schema=schema)
+    finally:
+        conn.close()
+    publish_many(pg_dsn, schema, [(channel, "after")])
+    frame = client.recv_json()
+    assert frame["offset"] == 1 and frame["payload"] == "after"
+
+
+def test_a_client_publishing_over_the_maximum_gets_an_error_frame(pg_dsn, channel):
+    schema = new_log(pg_dsn, max_payload=100)
+    server = serve_durable(pg_dsn, schema)
+    try:
+        client = Client(server, headers={"X-User": "ann"})
+        subscribe(client, channel)
+        client.send(action="publish", channel=channel, payload="x" * 99, id="big")
+        reply = client.recv_json()  # 101 bytes of JSON text
+        assert reply["event"] == "error" and reply["reply_to"] == "big"
+        assert "101 bytes" in reply["error"] and "at most 100" in reply["error"], reply
+        client.send(action="publish", channel=channel, payload="x" * 98, id="fits")
+        frames = [client.recv_json(), client.recv_json()]
+        assert {f.get("event") for f in frames} == {"published", None}
+        assert next(f for f in frames if "offset" in f)["payload"] == "x" * 98
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("extra, error", [
+    ({"since": -1}, "invalid 'since': -1 is not an offset"),
+    ({"since": 1.5}, "invalid 'since': 1.5 is not an offset"),
+    ({"since": "3"}, "invalid 'since': \"3\" is not an offset"),
+    ({"since": True}, "invalid 'since': true is not an offset"),
+    ({"since": None}, "invalid 'since': null is not an offset"),
+    ({"since": 99}, "invalid 'since': 99 is beyond the channel's newest offset (2)"),
+    ({"since": 0, "epoch": 7}, "invalid 'epoch': 7 is not an epoch"),
+    ({"since": 0, "epoch": ""}, "invalid 'epoch': \"\" is not an epoch"),
+    ({"epoch": "e"}, "invalid 'epoch': it goes with 'since'"),
+])
+def test_every_invalid_position_gets_its_error_and_the_socket_stays_usable(
+        durable, pg_dsn, channel, extra, error):
+    server, schema = durable
+    publish_many(pg_dsn, schema, [(channel, 1), (channel, 2)])
+    client = Client(server)
+    reply = subscribe(client, channel, **extra)
+    assert reply["event"] == "error" and reply["error"].startswith(error), reply
+    assert reply["reply_to"] == "s"
+    reply = subscribe(client, channel, since=1)
+    assert reply["event"] == "subscribed" and reply["offset"] == 2
+    assert client.recv_json()["payload"] == 2
+
+
+def test_another_epoch_gets_resync_required_then_live(durable, pg_dsn, channel):
+    server, schema = durable
+    publish_many(pg_dsn, schema, [(channel, 1), (channel, 2)])
+    client = Client(server)
+    reply = subscribe(client, channel, since=1, epoch="an-epoch-of-another-log")
+    assert reply["event"] == "resync_required" and reply["offset"] == 2
+    assert reply["reason"].startswith("epoch")
+    publish_many(pg_dsn, schema, [(channel, 3)])
+    assert client.recv_json()["payload"] == 3
+
+
+def test_a_position_older_than_retention_gets_resync_required(pg_dsn, channel):
+    schema = new_log(pg_dsn)
+    server = serve_durable(pg_dsn, schema, {"retention_messages": 3, "prune_interval": None})
+    try:
+        publish_many(pg_dsn, schema, ((channel, i) for i in range(1, 11)))
+        client = Client(server)
+        assert subscribe(client, channel, since=2)["event"] == "subscribed"
+        assert [client.recv_json()["payload"] for _ in range(8)] == list(range(3, 11))
+        conn = psycopg2.connect(pg_dsn)
+        try:
+            from pgws_sync.sources.log import prune
+
+            conn.autocommit = True
+            assert prune(conn, schema, max_age=86400, keep=3) == 7
+        finally:
+            conn.close()
+        late = Client(server)
+        reply = subscribe(late, channel, since=2)
+        assert reply["event"] == "resync_required" and reply["offset"] == 10
+        assert reply["reason"].startswith("retention: offsets up to 7")
+        resumed = Client(server)
+        assert subscribe(resumed, channel, since=7)["event"] == "subscribed"
+        assert [resumed.recv_json()["payload"] for _ in range(3)] == [8, 9, 10]
+    finally:
+        server.stop()
