@@ -21,6 +21,7 @@ from .errors import CommandFailed, ConfigError, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
+from .sources.log import DEFAULT_SCHEMA, migrate, migration_sql
 from .sources.postgres import connect
 
 PROG = "pgws-sync"
@@ -206,6 +207,23 @@ def _json_kind(value: Any) -> str:
     return "JSON number"
 
 
+# ------------------------------------------------------------------- migrate
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    if args.print_sql:
+        for statement in migration_sql(args.schema):
+            print(statement.rstrip() + ";\n")
+        return EXIT_OK
+    conn = connect(resolve_dsn(args.dsn, os.environ))
+    try:
+        for line in migrate(conn, schema=args.schema, max_payload=args.max_payload):
+            print(line)
+    finally:
+        conn.close()
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- demo
 
 
@@ -290,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("channel", metavar="CHANNEL")
     send.add_argument("json", metavar="JSON", help="a JSON object, e.g. '{\"message\": \"hi\"}'")
     send.set_defaults(run=_notify)
+
+    upgrade = commands.add_parser(
+        "migrate", help="create or upgrade the durable log's schema (idempotent)",
+        description="Create the durable log (tables and the publish() function) in the "
+                    "database, or upgrade it, and say what was done. Safe to run again, and "
+                    "from several places at once.",
+    )
+    upgrade.add_argument("--dsn", help=dsn_help)
+    upgrade.add_argument("--schema", default=DEFAULT_SCHEMA,
+                         help="the schema holding the log (default: %(default)s)")
+    upgrade.add_argument("--max-payload", type=_positive_int, default=None, metavar="BYTES",
+                         help="the largest message the log takes, in UTF-8 bytes (default: "
+                              "1048576 for a new log; unchanged for an existing one)")
+    upgrade.add_argument("--print-sql", action="store_true",
+                         help="print the SQL that creates a new log, and change nothing")
+    upgrade.set_defaults(run=_migrate)
 
     demo = commands.add_parser(
         "demo", help="try it without a database: embedded PostgreSQL, server, sample messages",

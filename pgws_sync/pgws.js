@@ -11,8 +11,10 @@
  * again. With a `token` function it fetches a fresh token before every connect,
  * right away when the server closes with 3001 (JWT expired), and when a draining server
  * closes with 1012 "reconnect after N s", after N to 2N seconds. Server frames
- * become events: message, resync, gap, tabwindow, error; and open, close,
- * reconnecting for the connection itself. See the README ("Browser client").
+ * become events: message, resync, resync_required, gap, tabwindow, error; and open, close,
+ * reconnecting for the connection itself. On durable channels it keeps the last offset
+ * and epoch of each channel (in memory, or in `storage` such as sessionStorage) and
+ * resumes with them after every reconnect. See the README ("Browser client").
  */
 (function (root) {
   "use strict";
@@ -35,6 +37,8 @@
     maxQueued: 100, // publish()/send() frames kept while disconnected
     binaryType: "arraybuffer", // or "blob": what binary messages arrive as
     random: Math.random, // the jitter's source of numbers in [0, 1)
+    storage: null, // e.g. sessionStorage: durable positions survive a page reload
+    storageKey: "pgws:", // prefix of the storage keys (one per channel)
   };
 
   /** The n-th Fibonacci number: 1, 1, 2, 3, 5, 8... for n = 1, 2, 3... */
@@ -112,6 +116,7 @@
       this._lastExpired = -Infinity;
       this._nextId = 0;
       this._channels = new Map(); // channel -> {options, subscribed, request, waiters}
+      this._positions = new Map(); // durable channel -> {offset, epoch}: what was received
       this._rooms = new Map(); // room -> {joined, waiters}
       this._leaving = new Map(); // room -> waiters of leaveRoom()
       this._requests = new Map(); // id -> {kind, channel, socket, resolve, reject}
@@ -178,6 +183,7 @@
       }
       const changed = entry.options.backpressure !== options.backpressure;
       entry.options = {backpressure: options.backpressure};
+      if (!this._positions.has(channel)) this._loadPosition(channel);
       const promise = this._wait(entry.waiters);
       if (this._state === OPEN && (entry.request === null || changed)) this._sendSubscribe(channel, entry);
       return promise;
@@ -191,6 +197,7 @@
         this._channels.delete(channel);
         this._settle(entry.waiters, null, failure(`pgws: unsubscribed from '${channel}' before the server answered`));
       }
+      this._setPosition(channel, null);
       if (this._state !== OPEN) return Promise.resolve({event: "unsubscribed", channel});
       return this._request("unsubscribe", channel, {});
     }
@@ -419,8 +426,15 @@
       if (isObject(frame)) {
         if (this._control(frame, data)) return;
         if (typeof frame.channel === "string" && "payload" in frame) {
-          this._emit("message", {data: frame, channel: frame.channel, payload: frame.payload, id: frame.id,
-            text: data});
+          const detail = {data: frame, channel: frame.channel, payload: frame.payload, id: frame.id, text: data};
+          if (typeof frame.offset === "number" && typeof frame.epoch === "string") {
+            const last = this._positions.get(frame.channel);
+            if (last && last.epoch === frame.epoch && frame.offset <= last.offset) return; // had it
+            this._setPosition(frame.channel, {offset: frame.offset, epoch: frame.epoch});
+            detail.offset = frame.offset;
+            detail.epoch = frame.epoch;
+          }
+          this._emit("message", detail);
           return;
         }
       }
@@ -449,6 +463,13 @@
           if (typeof frame.room !== "string") return false;
           this._roomAnswer(frame);
           return true;
+        case "resync_required":
+          if (typeof frame.channel !== "string" || typeof frame.offset !== "number") return false;
+          this._setPosition(frame.channel, {offset: frame.offset, epoch: frame.epoch});
+          this._answered(frame);
+          this._emit("resync_required", {channel: frame.channel, reason: frame.reason, offset: frame.offset,
+            epoch: frame.epoch, data: frame, text});
+          return true;
         case "resync":
           if (!Array.isArray(frame.channels)) return false;
           this._emit("resync", {channels: frame.channels, reason: frame.reason, data: frame, text});
@@ -468,6 +489,10 @@
       this._requests.delete(frame.reply_to);
       if (request.kind === "subscribe") {
         const entry = this._channels.get(request.channel);
+        if (typeof frame.offset === "number" && typeof frame.epoch === "string"
+            && !this._positions.get(request.channel)) {
+          this._setPosition(request.channel, {offset: frame.offset, epoch: frame.epoch}); // live from here
+        }
         if (entry && entry.request === frame.reply_to) {
           entry.subscribed = true;
           this._settle(entry.waiters, frame, null);
@@ -536,9 +561,46 @@
       const id = this._id();
       const action = {action: "subscribe", channel, id};
       if (entry.options.backpressure !== undefined) action.backpressure = entry.options.backpressure;
+      const position = this._positions.get(channel);
+      if (position) { // a durable channel: resume after what was received
+        action.since = position.offset;
+        if (typeof position.epoch === "string") action.epoch = position.epoch;
+      }
       entry.request = id;
       this._requests.set(id, {kind: "subscribe", channel, socket: this._ws, resolve: null, reject: null});
       this._write(JSON.stringify(action));
+    }
+
+    /** The offset and epoch received last on a durable channel, or null. */
+    position(channel) {
+      const position = this._positions.get(channel);
+      return position ? Object.assign({}, position) : null;
+    }
+
+    _setPosition(channel, position) {
+      if (position === null) this._positions.delete(channel);
+      else this._positions.set(channel, position);
+      const storage = this.options.storage;
+      if (!storage) return;
+      try {
+        if (position === null) storage.removeItem(this.options.storageKey + channel);
+        else storage.setItem(this.options.storageKey + channel, JSON.stringify(position));
+      } catch (error) {
+        // storage full or unavailable: positions stay in memory
+      }
+    }
+
+    _loadPosition(channel) {
+      const storage = this.options.storage;
+      if (!storage) return;
+      try {
+        const saved = JSON.parse(storage.getItem(this.options.storageKey + channel));
+        if (saved && Number.isInteger(saved.offset) && saved.offset >= 0 && typeof saved.epoch === "string") {
+          this._positions.set(channel, {offset: saved.offset, epoch: saved.epoch});
+        }
+      } catch (error) {
+        // nothing usable saved
+      }
     }
 
     _request(kind, channel, extra) {

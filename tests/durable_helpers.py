@@ -90,13 +90,14 @@ class Resumer:
             message=f"messages {counts}")
 
     def _read_some(self) -> bool:
+        """Read every frame that has arrived (waiting up to 50 ms for the first)."""
         assert self.ws is not None
-        if self.ws.client.input_buffer or self.ws.client.event.wait(0.05):
-            try:
-                self.next(timeout=0.05)
-            except AssertionError as exc:
-                if "no frame" not in str(exc):
-                    raise
+        client = self.ws.client
+        if not client.input_buffer:
+            client.event.wait(0.05)
+            client.event.clear()
+        while client.input_buffer:
+            self.next(timeout=1)
         return False
 
     def close(self) -> None:

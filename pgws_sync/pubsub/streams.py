@@ -182,7 +182,7 @@ class Streams:
     def prune(self) -> Optional[int]:
         """One pruning pass now, on this thread: rows deleted, or None if another process
         was pruning."""
-        conn = connect(self.dsn)
+        conn = connect(self.dsn, application_name="pgws_sync prune")
         try:
             return log.prune(conn, self.schema, max_age=self.retention_seconds,
                              keep=self.retention_messages)
@@ -234,7 +234,7 @@ class Streams:
         self._conn = None
 
     def _open(self) -> None:
-        conn = connect(self.dsn)
+        conn = connect(self.dsn, application_name="pgws_sync streams")
         try:
             info = log.log_info(conn.cursor(), self.schema)
         except BaseException:

@@ -107,7 +107,10 @@ def _statements(schema: str, templates: Iterable[str]) -> List[sql.Composed]:
 
 def migration_sql(schema: str = DEFAULT_SCHEMA) -> List[str]:
     """The statements a new log's migration runs, as text (for the docs and for review)."""
-    return [t.replace("{s}", _quoted(schema)) for t in _VERSION_1 + [_PUBLISH_FUNCTION]]
+    first_row = (f"INSERT INTO {{s}}.meta (version, max_payload, wake_channel) VALUES "
+                 f"({SCHEMA_VERSION}, {DEFAULT_MAX_PAYLOAD}, '{wake_channel_for(schema)}')")
+    return [t.replace("{s}", _quoted(schema))
+            for t in _VERSION_1 + [first_row, _PUBLISH_FUNCTION]]
 
 
 class LogInfo(NamedTuple):

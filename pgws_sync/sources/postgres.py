@@ -248,10 +248,13 @@ def notification_queue_usage(dsn: str) -> Optional[float]:
         close_quietly(conn)
 
 
-def connect(dsn: str, *, connect_timeout: int = 10) -> Any:
+def connect(dsn: str, *, connect_timeout: int = 10,
+            application_name: Optional[str] = None) -> Any:
     """An autocommit psycopg2 connection that gives up after ``connect_timeout`` seconds,
     unless the DSN or ``PGCONNECT_TIMEOUT`` says otherwise."""
     options: Dict[str, Any] = {}
+    if application_name is not None:
+        options["application_name"] = application_name
     if "connect_timeout" not in (psycopg2.extensions.parse_dsn(dsn) if dsn else {}) \
             and not os.environ.get("PGCONNECT_TIMEOUT"):
         options["connect_timeout"] = connect_timeout

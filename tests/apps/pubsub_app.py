@@ -95,7 +95,17 @@ def stats():
         disconnects=gone,
         batches=endpoint.batcher.pending(),
         listener=listener.status(),
+        streams=endpoint.streams.status() if endpoint.streams is not None else None,
+        rss_kb=_rss_kb(),
     )
+
+
+def _rss_kb():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
 
 
 @app.route("/debug/publish", methods=["POST"])
