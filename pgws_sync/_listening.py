@@ -123,6 +123,10 @@ class ListeningEndpoint(WebSocketEndpoint):
         usage = notification_queue_usage(dsn)
         if usage is not None:
             _metrics.set_gauge("notification_queue_usage", usage)
+        self.sample_more()
+
+    def sample_more(self) -> None:
+        """Record more database-side figures, as :meth:`sample_database` does (a hook)."""
 
     def readiness(self) -> Tuple[bool, Dict[str, Any]]:
         """Ready: healthy, and a canary NOTIFY this worker sent itself came back recently."""

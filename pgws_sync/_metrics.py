@@ -51,6 +51,10 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      "(unix time)", ("source",), {"multiprocess_mode": "livemax"}),
     ("gauge", "notification_queue_usage", "pg_notification_queue_usage(): how full "
      "PostgreSQL's notification queue is (0 to 1)", (), {"multiprocess_mode": "livemax"}),
+    ("gauge", "log_messages", "Messages the durable log keeps (all channels)", ("endpoint",),
+     {"multiprocess_mode": "livemax"}),
+    ("gauge", "log_oldest_message_age_seconds", "Age of the oldest message the durable log "
+     "keeps", ("endpoint",), {"multiprocess_mode": "livemax"}),
     ("counter", "publishes", "Messages published through the database", ("kind",), {}),
     ("counter", "publish_failures", "Publishes the database did not take, by cause",
      ("kind", "cause"), {}),

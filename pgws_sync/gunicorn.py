@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional
 
 from ._core.wire import warm_up
-from .errors import ConfigError
+from ._core.endpoint import live_endpoints
+from .errors import ConfigError, PgwsError
 from .runtime import hurry, live_sources, shutdown, start_sources
 from .sources.canary import check_listening
 
@@ -114,20 +115,22 @@ def post_worker_init(worker: Any) -> None:
 
 def refuse_setups_that_cannot_work(worker: Any) -> None:
     """Stop the worker from booting (exit 3, gunicorn then stops) when a listener's database
-    cannot deliver notifications: a hot standby, or a pooler in transaction mode.
+    cannot deliver notifications (a hot standby, or a pooler in transaction mode), or a
+    durable endpoint's log is missing or this role lacks rights on it.
 
     One ERROR line names the cause and the fix. A database that cannot be reached is not
     refused: the listener keeps trying.
     """
-    for source in live_sources():
-        dsn = getattr(source, "dsn", None)
-        if not isinstance(dsn, str):
-            continue
-        try:
-            check_listening(dsn)
-        except ConfigError as exc:
-            logger.error("pgws_sync refuses to start: %s", exc)
-            raise SystemExit(3) from None
+    try:
+        for source in live_sources():
+            dsn = getattr(source, "dsn", None)
+            if isinstance(dsn, str):
+                check_listening(dsn)
+        for endpoint in live_endpoints():
+            endpoint.check_setup()
+    except PgwsError as exc:
+        logger.error("pgws_sync refuses to start: %s", exc)
+        raise SystemExit(3) from None
 
 
 def use_gunicorn_logging(worker: Any) -> bool:

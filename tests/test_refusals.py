@@ -153,3 +153,52 @@ def test_readyz_needs_a_canary_back_and_says_why_not(primary):
     endpoint.close(0)  # a drain has begun
     status = endpoint.ready_response()
     assert status.status_code == 503 and b"draining" in status.get_data()
+
+
+def durable_app(dsn: str, schema: str) -> Gunicorn:
+    import json
+
+    return Gunicorn("tests.apps.pubsub_app:app", env={
+        "PGWS_DB_URI": dsn, "PGWS_OPTIONS": json.dumps({"durable": True, "log_schema": schema})})
+
+
+def test_a_durable_endpoint_without_its_log_refuses_to_boot_and_says_how_to_fix_it(pg_dsn):
+    g = durable_app(pg_dsn, "no_such_log")
+    try:
+        assert g.proc.wait(60) != 0
+        refusals = [line for line in g.log().splitlines() if "refuses to start" in line]
+        assert refusals, g.log()
+        assert "the durable log is missing: no table no_such_log.meta" in refusals[0]
+        assert "pgws-sync migrate --dsn" in refusals[0]
+    finally:
+        g.stop()
+
+
+def test_a_role_without_rights_on_the_log_is_refused_naming_the_right(pg_dsn):
+    import psycopg2.extensions
+
+    from .durable_helpers import new_log
+
+    schema = new_log(pg_dsn)
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP ROLE IF EXISTS pgws_reader")
+        cur.execute("CREATE ROLE pgws_reader LOGIN")
+        cur.execute(f"GRANT USAGE ON SCHEMA {schema} TO pgws_reader")
+        cur.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO pgws_reader")
+    dsn = psycopg2.extensions.make_dsn(pg_dsn, user="pgws_reader")
+    g = durable_app(dsn, schema)
+    try:
+        assert g.proc.wait(60) != 0
+        refusals = [line for line in g.log().splitlines() if "refuses to start" in line]
+        assert refusals, g.log()
+        assert f"cannot use the durable log in schema '{schema}': it lacks INSERT on " \
+               f"{schema}.streams" in refusals[0]
+        assert "GRANT" in refusals[0]
+    finally:
+        g.stop()
+        with admin.cursor() as cur:
+            cur.execute("DROP OWNED BY pgws_reader")
+            cur.execute("DROP ROLE pgws_reader")
+        admin.close()

@@ -277,6 +277,10 @@ class WebSocketEndpoint:
     def sample_database(self) -> None:
         """Record database-side figures before a scrape (see :class:`ListeningEndpoint`)."""
 
+    def check_setup(self) -> None:
+        """Raise :class:`ConfigError` (or another :class:`PgwsError`) naming the cause and the fix
+        when this endpoint's setup cannot work; the gunicorn hooks then refuse to start."""
+
     def ready_response(self) -> Response:
         """200 ``{"status": "ready"}``, or 503 with the ``reason``."""
         self.prepare()

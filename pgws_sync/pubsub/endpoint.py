@@ -398,6 +398,17 @@ class PubSub(ListeningEndpoint):
                 body["log_error"] = status["error"]
         return ok, body
 
+    def sample_more(self) -> None:
+        if self.streams is not None:
+            self.streams.sample()
+
+    def check_setup(self) -> None:
+        """A durable endpoint refuses a log that is missing, of another version, or that this
+        role lacks rights on (:class:`LogUnavailable`)."""
+        super().check_setup()
+        if self.streams is not None:
+            self.streams.check()
+
     def _forget(self, conn: Connection) -> None:
         super()._forget(conn)
         if self.streams is not None:

@@ -189,6 +189,37 @@ class Streams:
         finally:
             close_quietly(conn)
 
+    def check(self) -> bool:
+        """Raise :class:`LogUnavailable` if the log is missing, of another version, or this
+        role lacks a right it needs; False if the database cannot be reached (nothing known)."""
+        try:
+            conn = connect(self.dsn, connect_timeout=5, application_name="pgws_sync check")
+        except psycopg2.Error:
+            return False
+        try:
+            with conn.cursor() as cur:
+                log.log_info(cur, self.schema)
+                log.check_rights(cur, self.schema)
+        finally:
+            close_quietly(conn)
+        return True
+
+    def sample(self) -> None:
+        """Record how many messages the log keeps and how old its oldest is (metrics)."""
+        try:
+            conn = connect(self.dsn, connect_timeout=2, application_name="pgws_sync sample")
+        except psycopg2.Error:
+            return
+        try:
+            with conn.cursor() as cur:
+                kept, oldest = log.backlog(cur, self.schema)
+        except psycopg2.Error:
+            return
+        finally:
+            close_quietly(conn)
+        _metrics.set_gauge("log_messages", kept, endpoint=self.label)
+        _metrics.set_gauge("log_oldest_message_age_seconds", oldest, endpoint=self.label)
+
     def _request(self, request: Request) -> None:
         with self._lock:
             self._requests.append(request)

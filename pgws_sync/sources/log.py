@@ -368,6 +368,19 @@ def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int
     return {channel: (int(head), int(low)) for channel, head, low in cur.fetchall()}
 
 
+def backlog(cur: Any, schema: str) -> Tuple[int, float]:
+    """How many messages the log keeps, and the age in seconds of its oldest (0 if none);
+    one index probe per channel."""
+    cur.execute(sql.SQL(
+        'SELECT coalesce(sum(s.head - f."offset" + 1), 0), '
+        "coalesce(extract(epoch FROM now() - min(f.published_at)), 0)::float8 "
+        "FROM {s}.streams s CROSS JOIN LATERAL (SELECT m.\"offset\", m.published_at "
+        "FROM {s}.messages m WHERE m.channel = s.channel ORDER BY m.\"offset\" LIMIT 1) f"
+    ).format(s=sql.Identifier(schema)))
+    kept, oldest = cur.fetchone()
+    return int(kept), max(0.0, float(oldest))
+
+
 # --------------------------------------------------------------------- pruning
 
 
