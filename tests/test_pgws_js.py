@@ -532,3 +532,61 @@ def test_a_drain_is_honoured_the_client_comes_back_after_the_hint(pg_dsn: str, p
         assert hint * 1000 <= close["delay"] <= 2 * hint * 1000
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ durable channels
+
+
+def test_a_durable_channel_ends_with_every_message_once_across_a_server_restart(
+        pg_dsn: str, page: Page) -> None:
+    import threading
+
+    import psycopg2
+
+    from pgws_sync import publish_durable
+
+    from .durable_helpers import new_log, serve_durable
+
+    schema = new_log(pg_dsn)
+    server = serve_durable(pg_dsn, schema, workers=2)
+    load_client(page, server)
+    page.evaluate(RECORDER, EVENTS + ["resync_required"])
+    reply = page.evaluate("""async () => {
+        const sock = record(new PgwsSocket("/ws", {minDelay: 100, maxDelay: 400,
+                                                     storage: window.sessionStorage}));
+        return await within(sock.subscribe("ticks"));
+    }""")
+    assert reply["event"] == "subscribed" and reply["offset"] == 0
+    total = 600
+    published = threading.Event()
+
+    def publish() -> None:  # steadily, in transactions of one message, while the server restarts
+        conn = psycopg2.connect(pg_dsn)
+        try:
+            for n in range(1, total + 1):
+                with conn:
+                    publish_durable(conn, "ticks", {"n": n}, schema=schema)
+                if n == total // 3:
+                    published.set()
+        finally:
+            conn.close()
+            published.set()
+
+    publisher = threading.Thread(target=publish, name="publisher", daemon=True)
+    publisher.start()
+    published.wait(30)
+    port = server.port
+    server.stop()  # mid-stream: the page reconnects by itself and resumes with since + epoch
+    server = serve_durable(pg_dsn, schema, workers=2, port=port)
+    try:
+        publisher.join(60)
+        durable = "window.events.filter(e => e.name === 'message' && e.offset !== undefined)"
+        page.wait_for_function(f"n => {durable}.length >= n", arg=total, timeout=60_000)
+        got = page.evaluate(f"{durable}.map(e => [e.offset, e.payload.n])")
+        assert got == [[n, n] for n in range(1, total + 1)]  # every message once, in order
+        assert len(events(page, "open")) >= 2 and not events(page, "resync_required")
+        assert page.evaluate("sock.position('ticks').offset") == total
+        saved = page.evaluate("JSON.parse(sessionStorage.getItem('pgws:ticks'))")
+        assert saved["offset"] == total and saved["epoch"] == reply["epoch"]
+    finally:
+        server.stop()
