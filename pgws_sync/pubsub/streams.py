@@ -295,8 +295,9 @@ class Streams:
                 dirty, self._all_dirty = set(self._subs), False
             ready, self._ready = self._ready, set()
         try:
+            lows = self._prepare_subscribes(requests)
             while requests:
-                self._handle(requests[0])
+                self._handle(requests[0], lows)
                 requests.popleft()
             self._catch_up(dirty & set(self._subs))
             for sub in ready:
@@ -311,7 +312,23 @@ class Streams:
 
     # ------------------------------------------------------------ requests
 
-    def _handle(self, request: Request) -> None:
+    def _prepare_subscribes(self, requests: Deque[Request]) -> Dict[str, int]:
+        """Bring every channel these requests subscribe to up to date, in two round trips
+        for all of them: channels followed here are caught up, new ones get their head.
+        Returns the oldest kept offset of the channels asked for with ``since``."""
+        wanted = {r.channel for r in requests if r.kind == "subscribe" and r.channel is not None}
+        if not wanted:
+            return {}
+        self._catch_up(wanted & set(self._subs))
+        fresh = {c for c in wanted if c not in self._subs}
+        resuming = {r.channel for r in requests if r.kind == "subscribe" and r.since is not None
+                    and r.channel is not None}
+        found = self._heads(sorted(fresh | resuming)) if fresh or resuming else {}
+        for channel in fresh:
+            self._positions[channel] = found[channel][0]
+        return {channel: found[channel][1] for channel in resuming}
+
+    def _handle(self, request: Request, lows: Dict[str, int]) -> None:
         conn, channel = request.conn, request.channel
         if request.kind == "forget":
             for name in list(self._subs):
@@ -321,18 +338,18 @@ class Streams:
         if request.kind == "unsubscribe":
             self._remove(conn, channel)
             return
-        ok = self._subscribe(request, channel)
+        ok = self._subscribe(request, channel, lows)
         if request.done is not None:
             request.done(ok)
 
-    def _subscribe(self, request: Request, channel: str) -> bool:
+    def _subscribe(self, request: Request, channel: str, lows: Dict[str, int]) -> bool:
+        """Subscribe as ``request`` asks, at the position :meth:`_prepare_subscribes` found."""
         conn = request.conn
-        if conn.closed.is_set():
-            return False
-        if channel in self._subs:
-            self._catch_up({channel})  # so the position is the newest committed offset
-        else:
+        if channel not in self._positions:  # an earlier request of this batch dropped it
             self._positions[channel] = self._heads([channel])[channel][0]
+        if conn.closed.is_set():
+            self._drop_position_if_unused(channel)
+            return False
         head = self._positions[channel]
         since, epoch = request.since, request.epoch
         reply: Dict[str, Any] = {"event": "subscribed", "channel": channel, "epoch": self.epoch,
@@ -348,7 +365,7 @@ class Streams:
                 self._drop_position_if_unused(channel)
                 return False
             else:
-                low = self._heads([channel])[channel][1]
+                low = lows[channel] if channel in lows else self._heads([channel])[channel][1]
                 if since < low - 1:
                     reply = self._resync_required(
                         channel, f"retention: offsets up to {low - 1} are no longer kept", head)
