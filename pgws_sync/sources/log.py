@@ -1,11 +1,14 @@
 """The durable log: messages kept in the application's own PostgreSQL, offsets in commit order.
 
-Each durable channel has a row in ``<schema>.streams`` holding its newest
-offset (``head``). Publishing (the SQL function ``<schema>.publish``) bumps
-that row and inserts the message in the caller's transaction. The row's lock
-lasts until the transaction ends, so the next publisher of the channel waits
-and takes the next number: within a channel, offsets follow commit order
-with no gap, and a rolled-back transaction leaves no trace. A payload-free
+Each durable channel has a row in ``<schema>.streams``. Publishing (the SQL
+function ``<schema>.publish``) locks that row (``SELECT ... FOR UPDATE``), takes
+the channel's newest offset plus one, and inserts the message, in the caller's
+transaction. The lock lasts until the transaction ends, so the next publisher of
+the channel waits and then sees the committed message: within a channel, offsets
+follow commit order with no gap, and a rolled-back transaction leaves no trace.
+Locking writes no new row version, so publishing many messages in one transaction
+stays cheap. ``pruned_to`` remembers the newest pruned offset, so offsets keep
+growing when every message of a channel was pruned. A payload-free
 NOTIFY naming the channel wakes the readers; they then ask the table what is
 new, so a lost wake-up loses nothing (see docs/durable.md).
 """
@@ -44,7 +47,7 @@ _VERSION_1 = [
 )""",
     """CREATE TABLE {s}.streams (
     channel text PRIMARY KEY,
-    head bigint NOT NULL
+    pruned_to bigint NOT NULL DEFAULT 0
 )""",
     """CREATE TABLE {s}.messages (
     channel text NOT NULL,
@@ -66,6 +69,7 @@ LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
     m {s}.meta;
+    floor_offset bigint;
     next_offset bigint;
 BEGIN
     SELECT * INTO STRICT m FROM {s}.meta;
@@ -88,9 +92,13 @@ BEGIN
     IF publish.type = 'json' THEN
         PERFORM publish.payload::jsonb;  -- raises on anything that is not JSON
     END IF;
-    INSERT INTO {s}.streams AS st (channel, head) VALUES (publish.channel, 1)
-        ON CONFLICT (channel) DO UPDATE SET head = st.head + 1
-        RETURNING st.head INTO next_offset;
+    INSERT INTO {s}.streams (channel) VALUES (publish.channel) ON CONFLICT DO NOTHING;
+    -- held until this transaction ends: the channel's next publisher waits here
+    SELECT pruned_to INTO STRICT floor_offset FROM {s}.streams
+        WHERE streams.channel = publish.channel FOR UPDATE;
+    -- a statement after the wait: it sees what the previous publisher committed
+    SELECT greatest(floor_offset, coalesce(max(messages."offset"), 0)) + 1 INTO next_offset
+        FROM {s}.messages WHERE messages.channel = publish.channel;
     INSERT INTO {s}.messages (channel, "offset", id, type, payload, reply_to)
         VALUES (publish.channel, next_offset, coalesce(publish.id, gen_random_uuid()::text),
                 publish.type, publish.payload, publish.reply_to);
@@ -359,23 +367,28 @@ def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
 
 
 def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int, int]]:
-    """``(head, oldest kept offset)`` of each channel (``(0, 1)`` for one never published to)."""
+    """``(head, oldest kept offset)`` of each channel (``(0, 1)`` for one never published to):
+    the newest committed offset, and ``head + 1`` when nothing is kept."""
     cur.execute(sql.SQL(
-        "SELECT c.channel, coalesce(s.head, 0), coalesce((SELECT min(m.\"offset\") FROM "
-        "{s}.messages m WHERE m.channel = c.channel), coalesce(s.head, 0) + 1) "
+        "SELECT c.channel, greatest(coalesce(s.pruned_to, 0), coalesce(("
+        "SELECT max(m.\"offset\") FROM {s}.messages m WHERE m.channel = c.channel), 0)), "
+        "(SELECT min(m.\"offset\") FROM {s}.messages m WHERE m.channel = c.channel) "
         "FROM unnest(%s::text[]) AS c(channel) LEFT JOIN {s}.streams s ON s.channel = c.channel"
     ).format(s=sql.Identifier(schema)), (list(channels),))
-    return {channel: (int(head), int(low)) for channel, head, low in cur.fetchall()}
+    return {channel: (int(head), int(head) + 1 if low is None else int(low))
+            for channel, head, low in cur.fetchall()}
 
 
 def backlog(cur: Any, schema: str) -> Tuple[int, float]:
     """How many messages the log keeps, and the age in seconds of its oldest (0 if none);
     one index probe per channel."""
     cur.execute(sql.SQL(
-        'SELECT coalesce(sum(s.head - f."offset" + 1), 0), '
+        'SELECT coalesce(sum(l."offset" - f."offset" + 1), 0), '
         "coalesce(extract(epoch FROM now() - min(f.published_at)), 0)::float8 "
         "FROM {s}.streams s CROSS JOIN LATERAL (SELECT m.\"offset\", m.published_at "
-        "FROM {s}.messages m WHERE m.channel = s.channel ORDER BY m.\"offset\" LIMIT 1) f"
+        "FROM {s}.messages m WHERE m.channel = s.channel ORDER BY m.\"offset\" LIMIT 1) f "
+        "CROSS JOIN LATERAL (SELECT m.\"offset\" FROM {s}.messages m "
+        "WHERE m.channel = s.channel ORDER BY m.\"offset\" DESC LIMIT 1) l"
     ).format(s=sql.Identifier(schema)))
     kept, oldest = cur.fetchone()
     return int(kept), max(0.0, float(oldest))
@@ -401,23 +414,30 @@ def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 100
         if not cur.fetchone()[0]:
             return None
         try:
-            cur.execute(sql.SQL("SELECT channel, head FROM {}.streams").format(ident))
+            cur.execute(sql.SQL(
+                'SELECT s.channel, (SELECT max(m."offset") FROM {s}.messages m '
+                "WHERE m.channel = s.channel) FROM {s}.streams s").format(s=ident))
             for channel, head in cur.fetchall():
+                if head is None:
+                    continue
                 while stop is None or not stop.is_set():
                     cur.execute(sql.SQL(
                         'SELECT "offset", published_at < now() - %s * interval \'1 second\' '
                         'FROM {}.messages WHERE channel = %s ORDER BY "offset" LIMIT %s'
                     ).format(ident), (max_age, channel, batch))
-                    upto = None
+                    upto, count = None, 0
                     for offset, old in cur.fetchall():
                         if not (old or offset <= head - keep):
                             break
-                        upto = offset
+                        upto, count = offset, count + 1
                     if upto is None:
                         break
-                    cur.execute(sql.SQL('DELETE FROM {}.messages WHERE channel = %s AND '
-                                        '"offset" <= %s').format(ident), (channel, upto))
-                    deleted += cur.rowcount
+                    # one short transaction: the rows go, and the channel remembers how far
+                    cur.execute(sql.SQL(
+                        'DELETE FROM {s}.messages WHERE channel = %s AND "offset" <= %s; '
+                        "UPDATE {s}.streams SET pruned_to = greatest(pruned_to, %s) "
+                        "WHERE channel = %s").format(s=ident), (channel, upto, upto, channel))
+                    deleted += count
         finally:
             cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (schema + ".prune",))
     return deleted

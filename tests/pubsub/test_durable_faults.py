@@ -309,3 +309,43 @@ def test_a_client_dropped_after_write_timeout_resumes_with_nothing_lost(pg_dsn):
         reader.close()
     finally:
         server.stop()
+
+
+def test_a_drained_deploy_loses_nothing_on_durable_channels(pg_dsn):
+    """SIGTERM drains the sockets (1012, spread over 2 s) while publishing goes on; a new
+    server takes the port; every client resumes with since and ends with every message once."""
+    import simple_websocket
+
+    schema = new_log(pg_dsn)
+    channels = ["a", "b"]
+    drain = {"extra_env": {"PGWS_DRAIN_SECONDS": "2"}, "threads": 160}
+    server = serve_durable(pg_dsn, schema, workers=2, **drain)
+    readers = []
+    try:
+        for _ in range(200):
+            reader = Resumer(server)
+            reader.connect(channels)
+            readers.append(reader)
+        publishers = Publishers(pg_dsn, schema, channels, threads=4, total=4000).start()
+        wait_for(lambda: publishers.count > 500, message="publishing")
+        port = server.port
+        server.stop()  # the drain: 1012 "restart: reconnect after 1.0s", spread over 2 s
+        codes = set()
+        for reader in readers:
+            with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+                while True:
+                    reader.next(timeout=30)
+            codes.add(closed.value.reason)
+        assert codes == {1012}
+        server = serve_durable(pg_dsn, schema, workers=2, port=port, **drain)
+        for reader in readers:
+            reader.close()
+            assert all(r["event"] == "subscribed" for r in reader.connect(channels))
+        publishers.join()
+        for reader in readers:
+            reader.read_all({c: len(publishers.committed[c]) for c in channels}, timeout=60)
+            check_exactly_once(reader.received, publishers)
+    finally:
+        for reader in readers:
+            reader.close()
+        server.stop()
