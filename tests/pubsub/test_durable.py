@@ -216,3 +216,84 @@ def test_a_position_older_than_retention_gets_resync_required(pg_dsn, channel):
         assert [resumed.recv_json()["payload"] for _ in range(3)] == [8, 9, 10]
     finally:
         server.stop()
+
+
+def _publish_in_thread(dsn, schema, channel, message, result):
+    import threading
+
+    def run():
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn:
+                result.append(publish_durable(conn, channel, message, schema=schema))
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run, name="second-publisher", daemon=True)
+    thread.start()
+    return thread
+
+
+def waiting_for_lock(dsn) -> bool:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            return cur.fetchone()[0] > 0
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("first_ends", ["commit", "rollback"])
+def test_the_second_publisher_of_a_channel_waits_and_takes_the_next_offset(pg_dsn, channel,
+                                                                           first_ends):
+    from ..helpers import wait_for
+
+    schema = new_log(pg_dsn)
+    first = psycopg2.connect(pg_dsn)
+    try:
+        assert publish_durable(first, channel, "first", type="text", schema=schema) == 1
+        got = []
+        thread = _publish_in_thread(pg_dsn, schema, channel, "second", got)
+        wait_for(lambda: waiting_for_lock(pg_dsn), message="the second publisher to wait")
+        assert got == []  # it waits for the first transaction to end
+        getattr(first, first_ends)()
+        thread.join(10)
+        assert got == [2 if first_ends == "commit" else 1]  # no gap either way
+    finally:
+        first.close()
+
+
+def test_offsets_keep_growing_after_everything_was_pruned(pg_dsn, channel):
+    from pgws_sync.sources.log import heads, prune
+
+    schema = new_log(pg_dsn)
+    publish_many(pg_dsn, schema, ((channel, n) for n in range(3)))
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    try:
+        assert prune(conn, schema, max_age=0, keep=1) == 3
+        with conn.cursor() as cur:
+            assert heads(cur, schema, [channel]) == {channel: (3, 4)}
+        assert publish_durable(conn, channel, "after", type="text", schema=schema) == 4
+    finally:
+        conn.close()
+
+
+def test_repeatable_read_publishers_of_one_channel_fail_cleanly_never_wrongly(pg_dsn, channel):
+    schema = new_log(pg_dsn)
+    a, b = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
+    try:
+        for conn in (a, b):
+            conn.set_session(isolation_level="REPEATABLE READ")
+            conn.cursor().execute("SELECT 1")  # take the snapshots now
+        assert publish_durable(a, channel, "a", type="text", schema=schema) == 1
+        a.commit()
+        with pytest.raises(psycopg2.Error):  # b cannot see a's message: it must retry
+            publish_durable(b, channel, "b", type="text", schema=schema)
+        b.rollback()
+        assert publish_durable(b, channel, "b", type="text", schema=schema) == 2
+        b.commit()
+    finally:
+        a.close()
+        b.close()
