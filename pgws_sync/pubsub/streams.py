@@ -12,6 +12,7 @@ position, on this same thread, so the seam has no gap and no duplicate.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 #: Messages read per channel and round trip (live), and the most a page holds.
 PAGE_SIZE = 256
+#: The newest frames of each channel kept encoded in memory, so that subscribers a little
+#: behind (a reconnect after a deploy, a slow reader) are paged without asking the database:
+#: at most this many per channel, and at most RECENT_BYTES of them.
+RECENT_FRAMES = 512
+RECENT_BYTES = 1 << 20
 
 
 class Subscriber:
@@ -112,6 +118,8 @@ class Streams:
         self._stopped = False
         # Owned by the thread:
         self._positions: Dict[str, int] = {}
+        #: Per channel: (first offset, frames of consecutive offsets from it, their bytes).
+        self._recent: Dict[str, Tuple[int, Deque[Delivery], int]] = {}
         self._subs: Dict[str, Dict[Connection, Subscriber]] = {}
         self._conn: Any = None
         self._pid: Optional[int] = None
@@ -129,7 +137,7 @@ class Streams:
             if self._pid == pid or self._stopped:
                 return
             self._pid = pid
-            self._positions, self._subs, self._conn = {}, {}, None
+            self._positions, self._subs, self._conn, self._recent = {}, {}, None, {}
             self._threads = [threading.Thread(target=self._run, name=f"pgws-streams-{pid}",
                                               daemon=True)]
             if self.prune_every is not None:
@@ -395,6 +403,7 @@ class Streams:
             if not subs:
                 del self._subs[channel]
                 self._positions.pop(channel, None)
+                self._recent.pop(channel, None)
 
     def _drop_position_if_unused(self, channel: str) -> None:
         if channel not in self._subs:
@@ -405,6 +414,7 @@ class Streams:
         logger.warning("the durable log in schema %r was recreated (epoch %s -> %s): every "
                        "subscriber gets resync_required", self.schema, self.epoch, epoch)
         self.epoch = epoch
+        self._recent.clear()
         heads = self._heads(list(self._subs))
         for channel, subs in self._subs.items():
             head = heads[channel][0]
@@ -449,8 +459,9 @@ class Streams:
                 if sub.cursor is None:
                     sub.conn.send(frame)
         self._positions[channel] = rows[-1].offset
-        item = Delivery.join([Delivery.of(self.make_frame(row, self.epoch or ""))
-                              for row in rows])
+        parts = [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
+        self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
+        item = Delivery.join(parts)
         delivered = 0
         for sub in list(subs.values()):
             if sub.cursor is not None:
@@ -464,6 +475,29 @@ class Streams:
             _metrics.inc("messages_delivered", delivered, endpoint=self.label)
             lag = max(0.0, time.time() - rows[-1].published)
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
+
+    def _remember(self, channel: str, first: int, parts: List[Delivery], *,
+                  continues: bool) -> None:
+        """Keep the newest frames of ``channel`` (offsets ``first``...) for paging."""
+        start, frames, size = self._recent.get(channel, (first, deque(), 0))
+        if not continues or start + len(frames) != first:
+            start, frames, size = first, deque(), 0
+        for part in parts:
+            frames.append(part)
+            size += len(part.wire)
+        while frames and (len(frames) > RECENT_FRAMES or size > RECENT_BYTES):
+            size -= len(frames.popleft().wire)
+            start += 1
+        self._recent[channel] = (start, frames, size)
+
+    def _recent_page(self, channel: str, after: int, limit: int) -> Optional[List[Delivery]]:
+        """Up to ``limit`` frames of offsets ``after + 1``... from memory, or None if the
+        first of them is not kept."""
+        start, frames, _size = self._recent.get(channel, (0, deque(), 0))
+        if not start <= after + 1 < start + len(frames):
+            return None
+        skip = after + 1 - start
+        return list(itertools.islice(frames, skip, skip + limit))
 
     def _wait_for_room(self, sub: Subscriber) -> None:
         def ready() -> None:
@@ -485,21 +519,22 @@ class Streams:
             self._wait_for_room(sub)
             return
         limit = min(self.page_size, position - sub.cursor)
-        rows = self._read([(sub.channel, sub.cursor)], limit).get(sub.channel, [])
-        rows = [row for row in rows if row.offset <= position]
-        if not rows or rows[0].offset != sub.cursor + 1:  # pruned while it was behind
-            sub.cursor = None
-            sub.conn.send(dumps(self._resync_required(
-                sub.channel, "retention: messages after the subscriber's offset were pruned "
-                "before it could read them", position)))
-            return
-        item = Delivery.join([Delivery.of(self.make_frame(row, self.epoch or ""))
-                              for row in rows])
-        if not sub.conn.deliver(item):
+        parts = self._recent_page(sub.channel, sub.cursor, limit)
+        if parts is None:
+            rows = self._read([(sub.channel, sub.cursor)], limit).get(sub.channel, [])
+            rows = [row for row in rows if row.offset <= position]
+            if not rows or rows[0].offset != sub.cursor + 1:  # pruned while it was behind
+                sub.cursor = None
+                sub.conn.send(dumps(self._resync_required(
+                    sub.channel, "retention: messages after the subscriber's offset were "
+                    "pruned before it could read them", position)))
+                return
+            parts = [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
+        if not sub.conn.deliver(Delivery.join(parts)):
             self._wait_for_room(sub)
             return
-        _metrics.inc("messages_replayed", len(rows), endpoint=self.label)
-        sub.cursor = rows[-1].offset
+        _metrics.inc("messages_replayed", len(parts), endpoint=self.label)
+        sub.cursor += len(parts)
         if sub.cursor >= position:
             sub.cursor = None  # caught up: live from the next page on
         else:
