@@ -249,9 +249,8 @@ class Streams:
             try:
                 if self._conn is None:
                     self._open()
-                    failures = 0
                 while self._step():
-                    pass
+                    failures = 0
                 return
             except (psycopg2.Error, OSError, LogUnavailable) as exc:
                 self._lost(exc)
@@ -431,8 +430,14 @@ class Streams:
             return log.heads(cur, self.schema, channels)
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
+        """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
+        (every subscriber then starts again from the new log, see :meth:`_new_epoch`)."""
         with self._conn.cursor() as cur:
-            return log.read_after(cur, self.schema, positions, limit)
+            epoch, found = log.read_after(cur, self.schema, positions, limit)
+        if epoch != self.epoch:
+            self._new_epoch(epoch)
+            return {}
+        return found
 
     def _catch_up(self, channels: Set[str]) -> None:
         """Read what is new on ``channels`` and hand it to their live subscribers, page by page."""
@@ -522,6 +527,8 @@ class Streams:
         parts = self._recent_page(sub.channel, sub.cursor, limit)
         if parts is None:
             rows = self._read([(sub.channel, sub.cursor)], limit).get(sub.channel, [])
+            if sub.cursor is None:
+                return  # the log was recreated: it is live at the new log's head
             rows = [row for row in rows if row.offset <= position]
             if not rows or rows[0].offset != sub.cursor + 1:  # pruned while it was behind
                 sub.cursor = None

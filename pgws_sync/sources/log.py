@@ -347,23 +347,25 @@ class Row(NamedTuple):
 
 
 def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
-               limit: int) -> Dict[str, List[Row]]:
-    """Up to ``limit`` messages of each ``(channel, after)`` with offsets above ``after``,
-    in offset order, by channel (one round trip for every channel)."""
-    if not positions:
-        return {}
+               limit: int) -> Tuple[str, Dict[str, List[Row]]]:
+    """The log's epoch, and up to ``limit`` messages of each ``(channel, after)`` with offsets
+    above ``after``, in offset order, by channel (one round trip for every channel)."""
     cur.execute(sql.SQL(
-        'SELECT p.channel, m."offset", m.id, m.type, m.payload, m.reply_to, '
-        "extract(epoch FROM m.published_at)::float8 "
+        'SELECT e.epoch, r.channel, r."offset", r.id, r.type, r.payload, r.reply_to, '
+        "extract(epoch FROM r.published_at)::float8 FROM {s}.meta e LEFT JOIN LATERAL ("
+        'SELECT m.channel, m."offset", m.id, m.type, m.payload, m.reply_to, m.published_at '
         "FROM unnest(%s::text[], %s::bigint[]) AS p(channel, after) "
-        "CROSS JOIN LATERAL (SELECT * FROM {}.messages m WHERE m.channel = p.channel "
-        'AND m."offset" > p.after ORDER BY m."offset" LIMIT %s) m '
-        'ORDER BY p.channel, m."offset"').format(sql.Identifier(schema)),
+        "CROSS JOIN LATERAL (SELECT * FROM {s}.messages m WHERE m.channel = p.channel "
+        'AND m."offset" > p.after ORDER BY m."offset" LIMIT %s) m) r ON true '
+        'ORDER BY r.channel, r."offset"').format(s=sql.Identifier(schema)),
         ([c for c, _ in positions], [a for _, a in positions], limit))
+    epoch = ""
     out: Dict[str, List[Row]] = {}
     for record in cur.fetchall():
-        out.setdefault(record[0], []).append(Row(*record))
-    return out
+        epoch = record[0]
+        if record[1] is not None:
+            out.setdefault(record[1], []).append(Row(record[1], *record[2:]))
+    return epoch, out
 
 
 def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int, int]]:

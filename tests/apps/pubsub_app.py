@@ -140,6 +140,11 @@ def cancel():
     return jsonify(cancelled=endpoint.cancel_batch(body["channel"], body["key"]), pid=os.getpid())
 
 
+@app.route("/debug/prune", methods=["POST"])
+def prune():
+    return jsonify(deleted=endpoint.prune(), pid=os.getpid())
+
+
 @app.route("/debug/close")
 def close():
     endpoint.close(timeout=5.0)

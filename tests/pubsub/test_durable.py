@@ -199,14 +199,7 @@ def test_a_position_older_than_retention_gets_resync_required(pg_dsn, channel):
         client = Client(server)
         assert subscribe(client, channel, since=2)["event"] == "subscribed"
         assert [client.recv_json()["payload"] for _ in range(8)] == list(range(3, 11))
-        conn = psycopg2.connect(pg_dsn)
-        try:
-            from pgws_sync.sources.log import prune
-
-            conn.autocommit = True
-            assert prune(conn, schema, max_age=86400, keep=3) == 7
-        finally:
-            conn.close()
+        assert post(server, "/debug/prune", {})["deleted"] == 7  # endpoint.prune(): one pass
         late = Client(server)
         reply = subscribe(late, channel, since=2)
         assert reply["event"] == "resync_required" and reply["offset"] == 10
@@ -297,3 +290,25 @@ def test_repeatable_read_publishers_of_one_channel_fail_cleanly_never_wrongly(pg
     finally:
         a.close()
         b.close()
+
+
+def test_a_recreated_log_sends_resync_required_with_its_new_epoch(durable, pg_dsn, channel):
+    server, schema = durable
+    client = Client(server)
+    old_epoch = subscribe(client, channel)["epoch"]
+    publish_many(pg_dsn, schema, [(channel, "old")])
+    assert client.recv_json()["offset"] == 1
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA {schema} CASCADE")
+    migrate(conn, schema=schema)
+    conn.close()
+    publish_many(pg_dsn, schema, [(channel, "new")])  # offset 1 of the new log wakes it up
+    frame = client.recv_json(timeout=30)
+    assert frame["event"] == "resync_required" and frame["reason"].startswith("epoch")
+    assert frame["epoch"] != old_epoch and frame["offset"] == 1  # refetch, then live from 2
+    publish_many(pg_dsn, schema, [(channel, "newer")])
+    message = client.recv_json(timeout=30)
+    assert (message["payload"], message["offset"], message["epoch"]) == ("newer", 2,
+                                                                         frame["epoch"])
