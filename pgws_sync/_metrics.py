@@ -34,6 +34,8 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      "last scrape", ("endpoint",), {"multiprocess_mode": "livemax"}),
     ("counter", "messages_delivered", "Frames handed to sockets (one per socket and frame)",
      ("endpoint",), {}),
+    ("counter", "socket_writes", "Hand-overs to sockets, by how: 'direct' (written at once by the "
+     "delivering thread) or 'queued' (left to the socket's writer)", ("endpoint", "how"), {}),
     ("counter", "slow_clients_dropped", "Sockets closed with 1013 for reading too slowly",
      ("endpoint",), {}),
     ("counter", "frames_dropped", "Frames lost by sockets under the drop policy", ("endpoint",), {}),

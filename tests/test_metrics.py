@@ -239,3 +239,31 @@ def test_serve_metrics_flag_serves_metrics_in_both_gateways(pg_dsn):
         gateway.close(0)
     for app in (plain,):
         app.extensions["pgws_sync"].close(0)
+
+
+def test_the_durable_log_is_measured_and_replays_are_counted(pg_dsn):
+    from .durable_helpers import new_log, publish_many, serve_durable
+
+    schema = new_log(pg_dsn)
+    publish_many(pg_dsn, schema, (("m", n) for n in range(5)))
+    g = serve_durable(pg_dsn, schema, {"metrics_path": "/metrics"})
+    try:
+        c = Client(g)
+        reply = c.request(action="subscribe", channel="m", since=2, id=1)
+        assert reply["event"] == "subscribed" and reply["offset"] == 5
+        assert [c.recv_json()["offset"] for _ in range(3)] == [3, 4, 5]
+        assert c.request(action="subscribe", channel="m", since=1, epoch="other",
+                         id=2)["event"] == "resync_required"
+        label = '{endpoint="App"}'
+        assert value(g, f"pgws_sync_messages_replayed_total{label}") == 3
+        assert value(g, f"pgws_sync_log_messages{label}") == 5
+        assert value(g, f"pgws_sync_log_oldest_message_age_seconds{label}") >= 0
+        assert value(g, 'pgws_sync_control_frames_total{endpoint="App",'
+                        'event="resync_required"}') == 1
+        publish_many(pg_dsn, schema, [("m", "live")])
+        assert c.recv_json()["offset"] == 6
+        assert value(g, 'pgws_sync_socket_writes_total{endpoint="App"') == 1  # direct or queued
+        assert value(g, f"pgws_sync_messages_delivered_total{label}") == 1
+        c.close()
+    finally:
+        g.stop()

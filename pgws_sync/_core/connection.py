@@ -29,6 +29,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 _WAKE = object()  # a queue item that only wakes the writer up
 
+#: What :meth:`Connection.deliver` did (FULL is false, the others true).
+FULL, QUEUED, WRITTEN = 0, 1, 2
+
 
 class Delivery:
     """What one poll of the listener brings one connection: frames encoded once, shared."""
@@ -372,14 +375,15 @@ class Connection:
         request = self._close_request
         return None if request is None else request[0]
 
-    def deliver(self, item: Delivery) -> bool:
-        """Hand ``item`` to the socket without blocking. False if the queue is full.
+    def deliver(self, item: Delivery) -> int:
+        """Hand ``item`` to the socket without blocking: :data:`WRITTEN` (written at once),
+        :data:`QUEUED` (for the writer), or :data:`FULL` (0: the queue has no room).
 
         While frames are missing (:meth:`add_missed`), ``item`` is queued behind
         one gap frame per channel, or not at all if the queue has no room.
         """
         if self._missed:
-            return self._deliver_after_gap(item)
+            return QUEUED if self._deliver_after_gap(item) else FULL
         sock = self._sock
         if self._direct and sock is not None and sock.lock.acquire(blocking=False):
             try:
@@ -388,14 +392,14 @@ class Connection:
                 if (self._queue.unfinished_tasks == 0 and self._rest is None
                         and self._close_request is None):
                     self._write_now(sock, item.wire)
-                    return True
+                    return WRITTEN
             finally:
                 sock.lock.release()
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            return False
-        return True
+            return FULL
+        return QUEUED
 
     @property
     def has_room(self) -> bool:

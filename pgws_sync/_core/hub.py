@@ -7,7 +7,7 @@ import threading
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import _metrics
-from .connection import CLOSE_TRY_AGAIN_LATER, Connection, Delivery
+from .connection import CLOSE_TRY_AGAIN_LATER, QUEUED, WRITTEN, Connection, Delivery
 from .wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -191,12 +191,17 @@ class Hub:
         if _metrics.enabled():
             overflowed: List[Connection] = []
             delivered = 0
+            how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
             for conn, item in pairs:
-                if conn.deliver(item):
+                done = conn.deliver(item)
+                how[done] += 1
+                if done:
                     delivered += len(item.texts) or 1
                 else:
                     overflowed.append(conn)
             _metrics.inc("messages_delivered", delivered, endpoint=self.label)
+            _metrics.inc("socket_writes", how[QUEUED], endpoint=self.label, how="queued")
+            _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
         else:
             overflowed = [conn for conn, item in pairs if not conn.deliver(item)]
         for conn in overflowed:

@@ -300,7 +300,7 @@ class PubSub(ListeningEndpoint):
     def on_message(self, conn: Connection, data: Frame) -> None:
         """Handle one client action; every problem is answered with an error frame."""
         try:
-            action = parse_action(data)
+            action = parse_action(data, durable=self.streams is not None)
         except ProtocolError as exc:
             conn.send(error_frame(exc.reason, reply_to=exc.reply_to))
             return
@@ -418,8 +418,6 @@ class PubSub(ListeningEndpoint):
 
     def _client_subscribe(self, conn: Connection, channel: str, action: Action) -> None:
         problem = self._subscribe_problem(conn, channel)
-        if problem is None and action.since is not None and self.streams is None:
-            problem = "invalid 'since': this endpoint keeps no log (it is not durable)"
         if problem is not None:
             conn.send(error_frame(problem, reply_to=action.id))
             return

@@ -44,8 +44,11 @@ def check_channel(name: Any, reply_to: Any = None) -> str:
     return name  # type: ignore[no-any-return]
 
 
-def parse_action(data: Union[str, bytes]) -> Action:
+def parse_action(data: Union[str, bytes], *, durable: bool = False) -> Action:
     """Parse one client frame into an :class:`Action`, or raise :class:`ProtocolError`.
+
+    ``durable``: read a subscribe's ``since`` and ``epoch`` (other endpoints ignore them,
+    like any field they do not know).
 
     The error's ``reply_to`` is the frame's ``id`` whenever it could be read,
     so the client can match the error to its request.
@@ -81,7 +84,8 @@ def parse_action(data: Union[str, bytes]) -> Action:
         backpressure = fields["backpressure"][0]
         if backpressure not in BACKPRESSURE_POLICIES:
             raise ProtocolError("'backpressure' must be \"close\" or \"drop\"", reply_to)
-    since, epoch = _position(fields, reply_to) if action == "subscribe" else (None, None)
+    since, epoch = (_position(fields, reply_to) if durable and action == "subscribe"
+                    else (None, None))
     return Action(action, channel, reply_to, payload, backpressure, since, epoch)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tu
 import psycopg2
 
 from .. import _metrics
-from .._core.connection import Connection, Delivery
+from .._core.connection import QUEUED, WRITTEN, Connection, Delivery
 from .._core.hub import Hub
 from .._core.wire import Frame
 from .._formats import dumps, error_frame
@@ -467,17 +467,20 @@ class Streams:
         parts = [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
         self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
         item = Delivery.join(parts)
-        delivered = 0
+        how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
         for sub in list(subs.values()):
             if sub.cursor is not None:
                 continue  # being paged: it reads these from the log in turn
-            if sub.conn.deliver(item):
-                delivered += len(rows)
-            else:  # its queue is full: page it from the log instead of dropping it
+            done = sub.conn.deliver(item)
+            how[done] += 1
+            if not done:  # its queue is full: page it from the log instead of dropping it
                 sub.cursor = rows[0].offset - 1
                 self._wait_for_room(sub)
         if _metrics.enabled():
-            _metrics.inc("messages_delivered", delivered, endpoint=self.label)
+            _metrics.inc("messages_delivered", (how[QUEUED] + how[WRITTEN]) * len(rows),
+                         endpoint=self.label)
+            _metrics.inc("socket_writes", how[QUEUED], endpoint=self.label, how="queued")
+            _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
             lag = max(0.0, time.time() - rows[-1].published)
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
 

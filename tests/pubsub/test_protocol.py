@@ -82,3 +82,12 @@ def test_message_frames_keep_json_payload_verbatim():
     assert json.loads(json_message_frame(None, "[1]", "id-2")) == {"payload": [1], "id": "id-2"}
     assert json.loads(text_message_frame("g", "line\n\"two\"", "id-3")) == \
         {"channel": "g", "type": "text", "payload": "line\n\"two\"", "id": "id-3"}
+
+
+def test_since_and_epoch_are_read_only_for_durable_endpoints():
+    frame = '{"action": "subscribe", "channel": "g", "since": 4, "epoch": "e", "id": 1}'
+    assert parse_action(frame) == Action("subscribe", "g", 1)  # ignored, as any unknown field
+    assert parse_action(frame, durable=True) == Action("subscribe", "g", 1, since=4, epoch="e")
+    assert parse_action('{"action": "subscribe", "channel": "g", "since": -1}').since is None
+    with pytest.raises(ProtocolError, match="invalid 'since'"):
+        parse_action('{"action": "subscribe", "channel": "g", "since": -1}', durable=True)
