@@ -463,6 +463,13 @@
           if (typeof frame.room !== "string") return false;
           this._roomAnswer(frame);
           return true;
+        case "streams": // a durable Push endpoint: this socket's user and tab streams
+          if (typeof frame.user !== "string") return false;
+          for (const name of [frame.user, frame.tab]) {
+            if (typeof name === "string") this._quiet(this.subscribe(name));
+          }
+          this._emit("streams", {user: frame.user, tab: frame.tab, data: frame, text});
+          return true;
         case "resync_required":
           if (typeof frame.channel !== "string" || typeof frame.offset !== "number") return false;
           this._setPosition(frame.channel, {offset: frame.offset, epoch: frame.epoch});

@@ -242,11 +242,13 @@ class PubSub(ListeningEndpoint):
         return was_open
 
     def subscribe(self, conn: Connection, channel: str, *,
-                  backpressure: Optional[str] = None) -> bool:
+                  backpressure: Optional[str] = None, reply: bool = True) -> bool:
         """Subscribe ``conn`` (e.g. from :meth:`on_connect`); False if it is gone.
 
         ``backpressure`` overrides the endpoint's policy for this channel.
-        No hook is asked and no limit applies.
+        No hook is asked and no limit applies. On a durable endpoint the socket
+        gets a ``subscribed`` frame naming the epoch and offset, unless ``reply``
+        is False.
         """
         check_channel(channel)
         policy = backpressure or self.backpressure
@@ -255,7 +257,7 @@ class PubSub(ListeningEndpoint):
         if self.streams is not None:  # live from the channel's head; the reply says which
             if self.hub.get(conn.id) is None:
                 return False
-            self.streams.subscribe(conn, channel)
+            self.streams.subscribe(conn, channel, reply=reply)
             return True
         return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
                              drop_as=channel if policy == "drop" else None)

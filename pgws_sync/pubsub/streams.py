@@ -57,18 +57,19 @@ class Subscriber:
 class Request:
     """A subscribe, unsubscribe or forget, handed from a socket's thread to the streams thread."""
 
-    __slots__ = ("kind", "conn", "channel", "since", "epoch", "reply_to", "done")
+    __slots__ = ("kind", "conn", "channel", "since", "epoch", "reply_to", "reply")
 
     def __init__(self, kind: str, conn: Connection, channel: Optional[str] = None,
                  since: Optional[int] = None, epoch: Optional[str] = None,
-                 reply_to: Any = None, done: Optional[Callable[[bool], None]] = None) -> None:
+                 reply_to: Any = None, reply: bool = True) -> None:
         self.kind = kind
         self.conn = conn
         self.channel = channel
         self.since = since
         self.epoch = epoch
         self.reply_to = reply_to
-        self.done = done
+        #: Send the ``subscribed`` frame (a ``resync_required`` or an error always goes).
+        self.reply = reply
 
 
 #: (channel, row, epoch) -> the frame a subscriber receives.
@@ -158,11 +159,10 @@ class Streams:
                     thread.join(timeout)
 
     def subscribe(self, conn: Connection, channel: str, *, since: Optional[int] = None,
-                  epoch: Optional[str] = None, reply_to: Any = None,
-                  done: Optional[Callable[[bool], None]] = None) -> None:
-        """Subscribe ``conn`` (the reply frame follows on the streams thread); ``done(ok)``
-        is called there once it took effect (or was refused)."""
-        self._request(Request("subscribe", conn, channel, since, epoch, reply_to, done))
+                  epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True) -> None:
+        """Subscribe ``conn``; the reply frame (none with ``reply=False``, unless it is a
+        ``resync_required``) follows on the streams thread."""
+        self._request(Request("subscribe", conn, channel, since, epoch, reply_to, reply))
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
         self._request(Request("unsubscribe", conn, channel))
@@ -345,9 +345,7 @@ class Streams:
         if request.kind == "unsubscribe":
             self._remove(conn, channel)
             return
-        ok = self._subscribe(request, channel, lows)
-        if request.done is not None:
-            request.done(ok)
+        self._subscribe(request, channel, lows)
 
     def _subscribe(self, request: Request, channel: str, lows: Dict[str, int]) -> bool:
         """Subscribe as ``request`` asks, at the position :meth:`_prepare_subscribes` found."""
@@ -383,7 +381,8 @@ class Streams:
             return False  # the socket is gone
         if request.reply_to is not None:
             reply["reply_to"] = request.reply_to
-        conn.send(dumps(reply))
+        if request.reply or reply["event"] != "subscribed":
+            conn.send(dumps(reply))
         sub = Subscriber(conn, channel, cursor)
         self._subs.setdefault(channel, {})[conn] = sub
         if cursor is not None:

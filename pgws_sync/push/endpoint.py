@@ -11,7 +11,7 @@ from werkzeug.wrappers import Request
 
 from .._core.connection import Connection
 from .._core.wire import Frame
-from .._formats import check_notify_size, name_problem, preview
+from .._formats import check_notify_size, dumps, name_problem, preview
 from ..errors import ConfigError, InvalidPayload, ProtocolError, Refused
 from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
 from ..pubsub.publication import message_body
@@ -35,6 +35,24 @@ logger = logging.getLogger(__name__)
 #: Hub keys of users and of tab windows (rooms are subscriptions: ``sub:<room>``).
 USER_PREFIX = "user:"
 TAB_PREFIX = "tab:"
+
+#: On a durable endpoint, the log channels of users and of tabs: ``pgws:user:<user>`` and
+#: ``pgws:tab:<user>:<tabWindowId>``. Clients may subscribe to their own only.
+STREAM_PREFIX = "pgws:"
+USER_STREAM = STREAM_PREFIX + "user:"
+TAB_STREAM = STREAM_PREFIX + "tab:"
+
+
+def user_stream(user: str) -> str:
+    """The durable channel of pushes to ``user``."""
+    return USER_STREAM + user
+
+
+def tab_stream(user: str, tab_window_id: str) -> Optional[str]:
+    """The durable channel of pushes to one tab of ``user`` (None if the name would be too
+    long for a channel)."""
+    name = f"{TAB_STREAM}{user}:{tab_window_id}"
+    return name if name_problem(name) is None else None
 
 
 class Push(PubSub):
@@ -112,11 +130,24 @@ class Push(PubSub):
 
     def push_to_user(self, user: str, payload: Any, *,
                      tab_window_id: Optional[str] = None) -> None:
-        """Send ``payload`` (any JSON value) to every socket of ``user``, or one tab, in every worker."""
+        """Send ``payload`` (any JSON value) to every socket of ``user``, or one tab, in every
+        worker. On a durable endpoint it goes into the user's (or the tab's) stream in the log,
+        so a tab that reconnects gets it too."""
+        if self.streams is not None:
+            channel = (user_stream(user) if tab_window_id is None
+                       else tab_stream(user, tab_window_id))
+            if channel is None:
+                raise InvalidPayload("the user id is too long for a tab's durable stream")
+            self.publish(channel, payload)
+            return
         self.send_backend_message(ToUser(user, str(message_body(payload)), tab_window_id))
 
     def push_to_room(self, room: str, payload: Any) -> None:
-        """Send ``payload`` (any JSON value) to every socket in ``room``, in every worker."""
+        """Send ``payload`` (any JSON value) to every socket in ``room``, in every worker (on a
+        durable endpoint through the log: subscribers resume it)."""
+        if self.streams is not None:
+            self.publish(room, payload)
+            return
         self.send_backend_message(ToRoom(room, str(message_body(payload))))
 
     def authenticate(self, guest: str, user: str) -> None:
@@ -166,6 +197,8 @@ class Push(PubSub):
         if user is not None:
             conn.metadata["user"] = user
             self.hub.join(conn, USER_PREFIX + user)
+            if self.streams is not None:
+                conn.send(self._streams_frame(conn, user))
         if self._keep_requests:
             with self._requests_lock:
                 self._requests[conn] = request
@@ -189,7 +222,20 @@ class Push(PubSub):
             with self._requests_lock:
                 self._requests.pop(conn, None)
 
+    def _streams_frame(self, conn: Connection, user: str) -> str:
+        """``{"event": "streams", "user": ..., "tab": ...}``: the durable channels of this
+        socket's user and tab, for the client to subscribe to (and resume)."""
+        frame = {"event": "streams", "user": user_stream(user)}
+        tab = conn.metadata.get("tabWindowId")
+        if tab is not None and tab_stream(user, tab) is not None:
+            frame["tab"] = str(tab_stream(user, tab))
+        return dumps(frame)
+
     def can_subscribe(self, conn: Connection, channel: str) -> bool:
+        if channel.startswith(STREAM_PREFIX) and self.streams is not None:
+            user = conn.metadata.get("user")  # its own streams only, its old tabs' included
+            return user is not None and (channel == user_stream(user) or
+                                         channel.startswith(f"{TAB_STREAM}{user}:"))
         with self._requests_lock:
             request = self._requests.get(conn)
         return self.permit_join(conn.metadata.get("user"), channel, request)  # type: ignore[arg-type]
@@ -209,7 +255,7 @@ class Push(PubSub):
             if problem is not None:
                 conn.send(room_error_frame(problem, request.room))
                 return
-            self.subscribe(conn, request.room)
+            self.subscribe(conn, request.room, reply=False)
         else:
             self.unsubscribe(conn, request.room)
         conn.send(room_frame(request))
@@ -254,6 +300,8 @@ class Push(PubSub):
             if self.hub.join(conn, USER_PREFIX + event.user):
                 conn.metadata["user"] = event.user
                 moved += 1
+                if self.streams is not None:  # the client subscribes to the user's streams
+                    conn.send(self._streams_frame(conn, event.user))
         logger.info("guest %r logged in as %r: %d sockets moved", event.guest, event.user, moved)
 
 
