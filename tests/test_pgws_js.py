@@ -590,3 +590,43 @@ def test_a_durable_channel_ends_with_every_message_once_across_a_server_restart(
         assert saved["offset"] == total and saved["epoch"] == reply["epoch"]
     finally:
         server.stop()
+
+
+def test_a_durable_push_page_gets_what_was_pushed_to_its_user_and_tab_while_away(
+        pg_dsn: str, page: Page) -> None:
+    import psycopg2
+
+    from pgws_sync import publish_durable
+
+    from .durable_helpers import new_log
+
+    schema = new_log(pg_dsn)
+    options = {"durable": True, "log_schema": schema}
+    server = serve_push(pg_dsn, options=options)
+    load_client(page, server)
+    page.evaluate(RECORDER, EVENTS + ["streams", "resync_required"])
+    page.evaluate("""() => record(new PgwsSocket("/ws?user=bob", {minDelay: 100, maxDelay: 400}))""")
+    wait_count(page, "streams", 1)
+    streams = events(page, "streams")[0]
+    assert streams["user"] == "pgws:user:bob" and streams["tab"].startswith("pgws:tab:bob:")
+    page.wait_for_function("sock.channels.length === 2")
+    wait_for(lambda: sum(len(c["subscriptions"]) for c in push_stats(server)["connections"]) == 2,
+             message="the page to subscribe to its streams")
+    port = server.port
+    server.stop()
+
+    conn = psycopg2.connect(pg_dsn)  # while the page is away, from the app's own transaction
+    with conn:
+        publish_durable(conn, streams["user"], {"to": "user"}, schema=schema)
+        publish_durable(conn, streams["tab"], {"to": "tab"}, schema=schema)
+    conn.close()
+    server = serve_push(pg_dsn, options=options, port=port)
+    try:
+        wait_message(page, '"to":"user"', timeout=30)
+        wait_message(page, '"to":"tab"', timeout=30)
+        got = {e["channel"]: (e["offset"], e["payload"]) for e in events(page, "message")
+               if e.get("offset") is not None}
+        assert got == {streams["user"]: (1, {"to": "user"}), streams["tab"]: (1, {"to": "tab"})}
+        assert len(events(page, "streams")) == 2  # the new socket named its new tab's stream
+    finally:
+        server.stop()
