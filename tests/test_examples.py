@@ -147,7 +147,8 @@ def run_as_documented(module: str, pg_dsn: str):
     return g.wait_up()
 
 
-@pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway"])
+@pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway",
+                                    "durable"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:
@@ -177,5 +178,38 @@ def test_push_logins_hold_in_every_worker_when_run_as_documented(pg_dsn):
             conn.close()
             page = browser.open(g.url("/")).read().decode()
             assert re.search(r'const who = "alice"', page), page[:300]
+    finally:
+        g.stop()
+
+
+def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
+    """Run as documented (migrate, then two workers): a POSTed state reaches a subscriber with
+    an offset, and one posted while it was away comes when it resumes with since."""
+    import json
+    import urllib.request
+
+    def post_state(g, order_id, state):
+        req = urllib.request.Request(g.url(f"/orders/{order_id}"), data=json.dumps(state).encode(),
+                                     headers={"Content-Type": "application/json"})
+        assert urllib.request.urlopen(req, timeout=10).status == 202
+
+    g = run_as_documented("durable", pg_dsn)
+    try:
+        ws = Ws(g.ws_url("/ws"))
+        ws.client.send(json.dumps({"action": "subscribe", "channel": "orders", "id": 1}))
+        reply = ws.recv_json()
+        assert reply["event"] == "subscribed"
+        post_state(g, 42, "shipped")
+        first = ws.recv_json()
+        assert first["payload"] == {"id": 42, "state": "shipped"}
+        assert first["offset"] == reply["offset"] + 1
+        ws.close()
+        post_state(g, 7, "paid")  # while away
+        ws = Ws(g.ws_url("/ws"))
+        ws.client.send(json.dumps({"action": "subscribe", "channel": "orders", "id": 2,
+                                   "since": first["offset"], "epoch": first["epoch"]}))
+        assert ws.recv_json()["event"] == "subscribed"
+        assert ws.recv_json()["payload"] == {"id": 7, "state": "paid"}
+        ws.close()
     finally:
         g.stop()
