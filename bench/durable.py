@@ -19,44 +19,32 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 import psycopg2
 
-from pgws_sync import migrate, publish, publish_durable
+from pgws_sync import publish, publish_durable
 
-from .servers import Gunicorn, embedded_postgres, rss_kb, worker_pids
+from . import servers
+from .servers import Gunicorn, rss_kb, worker_pids
 from .spread import open_socket
 from .wsframes import client_frame, split_frames
 
 SCHEMA = "pgws_bench_durable"
 
 
-@contextlib.contextmanager
-def database() -> Iterator[str]:
-    dsn = os.environ.get("BENCH_DSN") or os.environ.get("PGWS_TEST_DSN")
-    if dsn:
-        yield dsn
-        return
-    server = embedded_postgres()
-    try:
-        yield server.dsn  # type: ignore[attr-defined]
-    finally:
-        server.destroy()  # type: ignore[attr-defined]
-
-
 def fresh_log(dsn: str) -> None:
+    """The benchmark's log, empty, and the table of the other answer to commit order."""
+    servers.fresh_log(dsn, SCHEMA)
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        # The other answer to commit order, for comparison only: a sequence plus the
-        # transaction id, read back only below the oldest running transaction (PgQ's way).
+        # For comparison only: a sequence plus the transaction id, read back only below the
+        # oldest running transaction (PgQ's way).
         cur.execute("DROP TABLE IF EXISTS bench_snapshot_log")
         cur.execute("CREATE TABLE bench_snapshot_log (id bigserial PRIMARY KEY, channel text, "
                     "xid xid8 NOT NULL DEFAULT pg_current_xact_id(), payload text)")
-    migrate(conn, schema=SCHEMA)
     conn.close()
 
 
@@ -281,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--channels", default="1,100", help="scale: channel counts")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    with database() as dsn:
+    with servers.database() as dsn:
         if args.what == "publish":
             rows = bench_publish(dsn, args.seconds, args.rounds)
         elif args.what == "replay":

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import psycopg2
 
@@ -226,20 +226,6 @@ def publish(dsn: str, args: argparse.Namespace) -> float:
     return t0
 
 
-def fresh_log(dsn: str) -> None:
-    """Drop and create the benchmark's durable log, so every run starts from offset 0."""
-    from pgws_sync import migrate
-
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"DROP SCHEMA IF EXISTS {BENCH_LOG_SCHEMA} CASCADE")
-        migrate(conn, schema=BENCH_LOG_SCHEMA)
-    finally:
-        conn.close()
-
-
 def percentile(ordered: Sequence[float], q: float) -> Optional[float]:
     if not ordered:
         return None
@@ -248,23 +234,10 @@ def percentile(ordered: Sequence[float], q: float) -> Optional[float]:
 
 # ------------------------------------------------------------------ the run
 
-@contextlib.contextmanager
-def database(args: argparse.Namespace) -> Iterator[str]:
-    dsn = args.dsn or os.environ.get("BENCH_DSN") or os.environ.get("PGWS_TEST_DSN")
-    if dsn:
-        yield dsn
-        return
-    server = servers.embedded_postgres()
-    try:
-        yield server.dsn  # type: ignore[attr-defined]
-    finally:
-        server.destroy()  # type: ignore[attr-defined]
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     fd_limit = raise_fd_limit()  # inherited by gunicorn and the client processes
     with contextlib.ExitStack() as stack:
-        dsn = stack.enter_context(database(args))
+        dsn = stack.enter_context(servers.database(args.dsn))
         gunicorn = None
         if args.url:
             url, server_pid = args.url, args.server_pid
@@ -276,7 +249,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 if args.app == "examples.minimal:app":
                     args.app = "bench.channels_app:app"
             if args.mode == "durable":
-                fresh_log(dsn)
+                servers.fresh_log(dsn, BENCH_LOG_SCHEMA)
             threads = args.threads or args.clients + 100
             wconns = args.worker_connections or 2 * args.clients + 200
             gunicorn = servers.Gunicorn(args.app, dsn, threads=threads, worker_connections=wconns,

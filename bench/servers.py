@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,9 +13,10 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import psutil
+import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +35,34 @@ def embedded_postgres() -> "object":
     except (ImportError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         raise StartError(f"could not start an embedded PostgreSQL ({exc}); "
                          f"set BENCH_DSN to use a running server") from exc
+
+
+@contextlib.contextmanager
+def database(dsn: Optional[str] = None) -> Iterator[str]:
+    """``dsn``, else BENCH_DSN or PGWS_TEST_DSN, else an embedded server started here."""
+    dsn = dsn or os.environ.get("BENCH_DSN") or os.environ.get("PGWS_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    server = embedded_postgres()
+    try:
+        yield server.dsn  # type: ignore[attr-defined]
+    finally:
+        server.destroy()  # type: ignore[attr-defined]
+
+
+def fresh_log(dsn: str, schema: str) -> None:
+    """Drop and create a durable log, so a run starts from offset 0."""
+    from pgws_sync import migrate
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        migrate(conn, schema=schema)
+    finally:
+        conn.close()
 
 
 def free_port() -> int:

@@ -46,6 +46,21 @@ def dumps(value: Any, *, compact: bool = False) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
+def json_body(message: Any) -> str:
+    """``message`` as compact strict JSON text: what a ``json`` message is sent as."""
+    try:
+        return dumps(message, compact=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"the message cannot be sent as JSON: {exc}") from None
+
+
+def text_body(message: Any) -> str:
+    """``message`` itself, if it may be sent as a ``text`` message (a str)."""
+    if not isinstance(message, str):
+        raise InvalidPayload(f"a text message must be a str, not {type(message).__name__}")
+    return message
+
+
 def strict_problem(value: Any) -> Optional[str]:
     """What keeps a decoded JSON value from being strict JSON (RFC 8259), or None.
 

@@ -67,8 +67,8 @@ class PubSub(ListeningEndpoint):
     :param timestamps: message frames carry ``"time"``, when they were published (RFC 3339, UTC).
     :param max_queue_usage: refuse to publish (``PublishFailed``, cause ``queue_full``) while
         PostgreSQL's notification queue is fuller than this (0 to 1; None: never).
-    :param durable: every channel is a durable stream kept in the database (docs/durable.md):
-        messages carry offsets, clients resume with ``since``, nothing is lost.
+    :param durable: every channel is a durable stream kept in the database: messages carry
+        offsets, clients resume with ``since``, nothing is lost (docs/guides/durable.md).
     :param log_schema: the schema of the durable log (``pgws-sync migrate`` creates it).
     :param retention_seconds: durable messages older than this are pruned.
     :param retention_messages: only this many of a channel's newest durable messages are kept.

@@ -12,11 +12,13 @@ from .._core.wire import Frame
 from .._formats import (
     check_json,
     check_notify_size,
+    json_body,
     json_fields,
     message_frame,
     name_problem,
     preview,
     strict_problem,
+    text_body,
 )
 from ..errors import InvalidChannel, InvalidPayload, PublicationTooLarge
 from .protocol import text_message_frame
@@ -84,13 +86,6 @@ def _type_name(value: Any) -> str:
 # -------------------------------------------------------------------- json
 
 
-def _json_body(message: Any) -> Body:
-    try:
-        return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidPayload(f"the message cannot be sent as JSON: {exc}") from None
-
-
 def _json_payload(body: Body) -> str:
     if not isinstance(body, str):
         raise InvalidPayload("a json body must be JSON text")
@@ -101,12 +96,6 @@ def _json_payload(body: Body) -> str:
 
 
 # -------------------------------------------------------------------- text
-
-
-def _text_body(message: Any) -> Body:
-    if not isinstance(message, str):
-        raise InvalidPayload(f"a text message must be a str, not {_type_name(message)}")
-    return message
 
 
 def _text_payload(body: Body) -> str:
@@ -155,10 +144,10 @@ def _json_read(value: Any, raw: str) -> Body:
 
 
 TYPES: Dict[str, _Type] = {
-    "json": _Type(_json_body, _json_payload, _json_read,
+    "json": _Type(json_body, _json_payload, _json_read,
                   lambda channel, body, mid, extra: message_frame(channel, str(body), mid,
                                                                   extra=extra)),
-    "text": _Type(_text_body, _text_payload, _text_read,
+    "text": _Type(text_body, _text_payload, _text_read,
                   lambda channel, body, mid, extra: text_message_frame(channel, str(body), mid,
                                                                        extra)),
     "binary": _Type(_binary_body, _binary_payload, _binary_read,

@@ -463,7 +463,7 @@ class Streams:
                 if sub.cursor is None:
                     sub.conn.send(frame)
         self._positions[channel] = rows[-1].offset
-        parts = [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
+        parts = self._frames(rows)
         self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
         item = Delivery.join(parts)
         how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
@@ -482,6 +482,10 @@ class Streams:
             _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
             lag = max(0.0, time.time() - rows[-1].published)
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
+
+    def _frames(self, rows: List[log.Row]) -> List[Delivery]:
+        """Each row's frame, encoded once for every recipient."""
+        return [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
 
     def _remember(self, channel: str, first: int, parts: List[Delivery], *,
                   continues: bool) -> None:
@@ -538,7 +542,7 @@ class Streams:
                     sub.channel, "retention: messages after the subscriber's offset were "
                     "pruned before it could read them", position)))
                 return
-            parts = [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
+            parts = self._frames(rows)
         if not sub.conn.deliver(Delivery.join(parts)):
             self._wait_for_room(sub)
             return

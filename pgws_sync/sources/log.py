@@ -10,7 +10,7 @@ Locking writes no new row version, so publishing many messages in one transactio
 stays cheap. ``pruned_to`` remembers the newest pruned offset, so offsets keep
 growing when every message of a channel was pruned. A payload-free
 NOTIFY naming the channel wakes the readers; they then ask the table what is
-new, so a lost wake-up loses nothing (see docs/durable.md).
+new, so a lost wake-up loses nothing (see docs/guides/durable.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 import psycopg2
 from psycopg2 import sql
 
-from .._formats import check_json, dumps, name_problem, new_message_id, validate_name
+from .._formats import (
+    check_json,
+    dumps,
+    json_body,
+    name_problem,
+    new_message_id,
+    text_body,
+    validate_name,
+)
 from ..errors import InvalidPayload, LogUnavailable, MessageTooLarge, first_line
 
 logger = logging.getLogger(__name__)
@@ -35,7 +43,7 @@ SCHEMA_VERSION = 1
 #: Message types a durable channel carries (a binary frame has no room for an offset).
 DURABLE_TYPES = ("json", "text")
 
-# The statements that create version 1; {s} is the schema. Shown in docs/durable.md.
+# The statements that create version 1; {s} is the schema. Shown in docs/guides/durable.md.
 _VERSION_1 = [
     "CREATE SCHEMA IF NOT EXISTS {s}",
     """CREATE TABLE {s}.meta (
@@ -87,7 +95,8 @@ BEGIN
     END IF;
     IF octet_length(publish.payload) > m.max_payload THEN
         RAISE EXCEPTION 'pgws_sync.publish: the message for channel % is % bytes; '
-            'the log takes at most %', publish.channel, octet_length(publish.payload), m.max_payload USING ERRCODE = '54000';
+            'the log takes at most %', publish.channel, octet_length(publish.payload),
+            m.max_payload USING ERRCODE = '54000';
     END IF;
     IF publish.type = 'json' THEN
         PERFORM publish.payload::jsonb;  -- raises on anything that is not JSON
@@ -267,17 +276,9 @@ class Raw(str):
 def log_payload(message: Any, type: str) -> str:
     """The payload column's text for ``message`` of ``type`` (json: JSON text; text: the str)."""
     if type == "json":
-        if isinstance(message, Raw):
-            return str(message)
-        try:
-            return dumps(message, compact=True)
-        except (TypeError, ValueError) as exc:
-            raise InvalidPayload(f"the message cannot be sent as JSON: {exc}") from None
+        return str(message) if isinstance(message, Raw) else json_body(message)
     if type == "text":
-        if not isinstance(message, str):
-            raise InvalidPayload(f"a text message must be a str, not "
-                                 f"{message.__class__.__name__}")
-        return message
+        return text_body(message)
     raise InvalidPayload(f"durable channels carry json or text messages, not {type!r} "
                          f"(a binary frame has no room for an offset)")
 

@@ -10,7 +10,6 @@ import pytest
 from pgws_sync import InvalidPayload, MessageTooLarge, migrate, publish_durable
 
 from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
-from ..helpers import Ws
 from ..pubsub_helpers import Client, post
 
 
