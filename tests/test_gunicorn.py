@@ -322,3 +322,30 @@ def test_a_bad_drain_setting_stops_the_worker_naming_the_variable(value):
     with pytest.raises(ConfigError, match="PGWS_DRAIN_SECONDS must be seconds from 0 to 5"):
         drain_setting({"PGWS_DRAIN_SECONDS": value})
     assert drain_setting({}) == 3.0 and drain_setting({"PGWS_DRAIN_SECONDS": "0"}) == 0.0
+
+
+@pytest.mark.parametrize("flask_request", [True, False], ids=["flask-route", "below-flask"])
+def test_init_app_serves_sockets_with_or_without_a_flask_request(pg_dsn, sender, flask_request):
+    """init_app(flask_request=False): upgrades on the path skip Flask (no before_request, a
+    werkzeug Request for the hooks); plain HTTP on that path and other routes still go to Flask."""
+    g = serve(pg_dsn, extra_env={"PGWS_FLASK_REQUEST": "1" if flask_request else "0"}).wait_up()
+    socks = []
+    try:
+        socks = [Ws(g.ws_url(), headers={"X-Audience": "default"}) for _ in range(3)]
+        wait_sockets(g, 3)
+        pg_notify(sender, "pgws", 'default,{"n": 1}')
+        assert [ws.recv_json()["payload"] for ws in socks] == [{"n": 1}] * 3
+        status, body = http_get(g.url("/ws"))
+        assert status == 426 and "WebSocket" in body
+        stats = g.stats()
+        assert "/ws" in stats["before_request_paths"]  # the plain GET went through Flask
+        assert ("/ws (upgrade)" in stats["before_request_paths"]) is flask_request
+        assert stats["request_types"] == (["flask"] if flask_request else ["werkzeug"])
+        # a refused upgrade is answered the same way below Flask
+        sock, head = raw_upgrade(g.port, headers={"Sec-WebSocket-Version": "8"})
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 426 ")
+    finally:
+        for ws in socks:
+            ws.close()
+        g.stop()

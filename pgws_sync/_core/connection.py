@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _metrics
@@ -65,6 +66,49 @@ class Delivery:
         return cls(texts, b"".join(p.wire for p in parts))
 
 
+class OneWaiter:
+    """``threading.Condition`` for a lock that at most one thread at a time waits on.
+
+    :class:`FrameQueue` uses it: only the connection's writer waits. A Condition
+    costs an instance dict and a deque (about 1.3 KB) per socket; this costs
+    two slots, and a lock per wait, as a Condition does.
+    """
+
+    __slots__ = ("_lock", "_waiter")
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._waiter: Optional[Any] = None
+
+    def __enter__(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Release the lock until :meth:`notify` or ``timeout``; call with the lock held."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiter = waiter
+        self._lock.release()
+        try:
+            return waiter.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+        finally:
+            self._lock.acquire()
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def notify(self, n: int = 1) -> None:
+        """Wake the waiting thread, if any; call with the lock held."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.release()
+
+    def notify_all(self) -> None:
+        self.notify()
+
+
 class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     """A ``queue.Queue`` whose size, and so its bound, counts frames, not items.
 
@@ -81,12 +125,13 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
         self.maxsize = maxsize
         self._init(maxsize)
         self.mutex = threading.Lock()
-        self.not_empty = self.not_full = self.all_tasks_done = threading.Condition(self.mutex)
+        self.not_empty = self.not_full = self.all_tasks_done = OneWaiter(self.mutex)  # type: ignore[assignment]
         self.unfinished_tasks = 0
         self.is_shutdown = False  # Python 3.13's Queue.shutdown()
 
     def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
+        # A list, not a deque: an empty deque holds a 0.5 KB block, per socket.
+        self.queue: List[Any] = []
         self.frames = 0
 
     def _qsize(self) -> int:
@@ -104,7 +149,7 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
             self.not_empty.notify()
 
     def _get(self) -> Any:
-        item = super()._get()
+        item = self.queue.pop(0)
         self.frames -= _frame_count(item)
         return item
 
@@ -140,7 +185,9 @@ class Latch:
         return False
 
 
-_thread_flags = threading.local()
+#: Threads that must never wait on a socket. Not a threading.local: reading one gives
+#: every thread that writes (one per socket) a dict of its own.
+_nonblocking_threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
 
 
 def forbid_blocking_writes() -> None:
@@ -150,7 +197,7 @@ def forbid_blocking_writes() -> None:
     sends what the socket takes at once and queues the rest for the
     connection's writer.
     """
-    _thread_flags.nonblocking = True
+    _nonblocking_threads.add(threading.current_thread())
 
 
 class GuardedSocket:
@@ -188,7 +235,7 @@ class GuardedSocket:
             return None
 
     def send(self, data: bytes) -> int:
-        if self._hand_over is not None and getattr(_thread_flags, "nonblocking", False):
+        if self._hand_over is not None and threading.current_thread() in _nonblocking_threads:
             self._hand_over(bytes(data))  # never wait here: the connection's writer finishes it
         else:
             self.sendall(data)

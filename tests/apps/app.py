@@ -4,6 +4,7 @@ PGWS_DB_URI           the database
 PGWS_CHANNELS         JSON list of channels (default ["pgws"])
 PGWS_OPTIONS          JSON object of endpoint options (max_queue, write_timeout, ...)
 PGWS_LISTENER_OPTIONS JSON object of Listener options
+PGWS_FLASK_REQUEST    "0": init_app(..., flask_request=False) (sockets served below Flask)
 Audiences: the X-Audience header (comma-separated, may be empty) if sent, else
 ["default", "worker-<pid>"].
 """
@@ -13,7 +14,7 @@ import json
 import os
 import threading
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 
 from pgws_sync import Pgws, Listener
 
@@ -27,15 +28,28 @@ endpoint = Pgws(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]'
                 **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
 
 
+#: Requests Flask's before_request hooks saw, by path.
+before_request_paths = []
+
+
+@app.before_request
+def count_requests():
+    upgrade = " (upgrade)" if request.headers.get("Upgrade") else ""
+    before_request_paths.append(request.path + upgrade)
+
+
 def audiences(request):
+    # the werkzeug Request the endpoint was given, whether or not Flask served the socket
+    seen_request_types.add(request.__class__.__module__.split(".")[0])
     header = request.headers.get("X-Audience")
     if header is not None:
         return [a for a in header.split(",") if a]
     return ["default", f"worker-{os.getpid()}"]
 
 
+seen_request_types = set()
 endpoint.get_audience = audiences
-endpoint.init_app(app, "/ws")
+endpoint.init_app(app, "/ws", flask_request=os.environ.get("PGWS_FLASK_REQUEST") != "0")
 
 
 @app.route("/debug/stats")
@@ -49,6 +63,8 @@ def stats():
         audiences=endpoint.hub.key_count(),
         queue_depths=[c.queue_depth for c in endpoint.hub.connections()],
         listener=listener.status(),
+        before_request_paths=sorted(set(before_request_paths)),
+        request_types=sorted(seen_request_types),
     )
 
 

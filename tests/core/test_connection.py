@@ -62,6 +62,29 @@ def test_a_frame_queue_has_every_attribute_of_a_queue():
     assert got == ["x"] and frames.unfinished_tasks == 0 and frames.qsize() == 0
 
 
+def test_a_frame_queue_wakes_its_waiting_writer_times_out_and_keeps_order():
+    """The one-waiter condition: a get that is already waiting is woken by a put; a get
+    with nothing to take times out with queue.Empty; items come out in order."""
+    import queue
+
+    from pgws_sync._core.connection import FrameQueue
+
+    from ..helpers import wait_for
+
+    frames = FrameQueue(4)
+    with pytest.raises(queue.Empty):
+        frames.get(timeout=0.01)
+    assert frames.not_empty._waiter is None  # a timed-out wait leaves nothing behind
+    got = []
+    waiter = threading.Thread(target=lambda: got.extend(frames.get(timeout=30) for _ in range(3)))
+    waiter.start()
+    wait_for(lambda: frames.not_empty._waiter is not None, message="the get waiting")
+    for item in ("a", "b", "c"):
+        frames.put_nowait(item)
+    waiter.join(10)
+    assert got == ["a", "b", "c"] and frames.qsize() == 0
+
+
 def test_a_forked_child_draws_ids_of_its_own():
     import os
 

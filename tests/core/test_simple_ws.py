@@ -123,6 +123,15 @@ def test_feed_parses_messages_answers_pings_and_sees_the_close(pair) -> None:
     assert simple_ws.inbound(ws) == ["hé", "second"]  # oldest first, popped by the caller
     assert ws.event.is_set()
 
+    # several frames in one read, a ping between them: in order, the ping answered
+    chunk = (client.send(TextMessage("a")) + client.send(Ping(b"p0"))
+             + client.send(TextMessage("b")))
+    assert simple_ws.feed(ws, chunk) is True
+    assert simple_ws.inbound(ws)[2:] == ["a", "b"]
+    del simple_ws.inbound(ws)[:]
+    assert isinstance(ws.ws._events, simple_ws.EventList) and not ws.ws._events
+    assert [type(e) for e in _frames(client, sock)] == [Pong]
+
     assert simple_ws.feed(ws, client.send(Ping(b"p1"))) is True
     events = _frames(client, sock)
     assert len(events) == 1 and isinstance(events[0], Pong) and events[0].payload == b"p1"
