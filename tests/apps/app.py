@@ -28,18 +28,18 @@ endpoint = Pgws(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]'
                 **json.loads(os.environ.get("PGWS_OPTIONS", "{}")))
 
 
-#: Requests Flask's before_request hooks saw, by path.
-before_request_paths = []
+#: The paths Flask's before_request hooks saw, " (upgrade)" added for WebSocket upgrades.
+before_request_paths = set()
 
 
 @app.before_request
 def count_requests():
     upgrade = " (upgrade)" if request.headers.get("Upgrade") else ""
-    before_request_paths.append(request.path + upgrade)
+    before_request_paths.add(request.path + upgrade)
 
 
 def audiences(request):
-    # the werkzeug Request the endpoint was given, whether or not Flask served the socket
+    # which request the hook got: Flask's ("flask") or, below Flask, werkzeug's ("werkzeug")
     seen_request_types.add(request.__class__.__module__.split(".")[0])
     header = request.headers.get("X-Audience")
     if header is not None:
@@ -63,7 +63,7 @@ def stats():
         audiences=endpoint.hub.key_count(),
         queue_depths=[c.queue_depth for c in endpoint.hub.connections()],
         listener=listener.status(),
-        before_request_paths=sorted(set(before_request_paths)),
+        before_request_paths=sorted(before_request_paths),
         request_types=sorted(seen_request_types),
     )
 
