@@ -30,6 +30,8 @@ endpoint = Pgws(listener, *json.loads(os.environ.get("PGWS_CHANNELS", '["pgws"]'
 
 #: The paths Flask's before_request hooks saw, " (upgrade)" added for WebSocket upgrades.
 before_request_paths = set()
+#: The module of the request class get_audience was given: "flask", or "werkzeug" below Flask.
+seen_request_types = set()
 
 
 @app.before_request
@@ -39,7 +41,6 @@ def count_requests():
 
 
 def audiences(request):
-    # which request the hook got: Flask's ("flask") or, below Flask, werkzeug's ("werkzeug")
     seen_request_types.add(request.__class__.__module__.split(".")[0])
     header = request.headers.get("X-Audience")
     if header is not None:
@@ -47,7 +48,6 @@ def audiences(request):
     return ["default", f"worker-{os.getpid()}"]
 
 
-seen_request_types = set()
 endpoint.get_audience = audiences
 endpoint.init_app(app, "/ws", flask_request=os.environ.get("PGWS_FLASK_REQUEST") != "0")
 
