@@ -87,7 +87,14 @@ class OneWaiter:
         self._lock.release()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Release the lock until :meth:`notify` or ``timeout``; call with the lock held."""
+        """Release the lock until :meth:`notify` or ``timeout``; call with the lock held.
+
+        A second thread waiting at the same time (a blocking ``put`` or ``join`` on
+        the queue) raises RuntimeError: it would never be woken.
+        """
+        if self._waiter is not None:
+            raise RuntimeError("OneWaiter: another thread is already waiting (only the "
+                               "connection's writer may block on its queue)")
         waiter = threading.Lock()
         waiter.acquire()
         self._waiter = waiter

@@ -85,6 +85,31 @@ def test_a_frame_queue_wakes_its_waiting_writer_times_out_and_keeps_order():
     assert got == ["a", "b", "c"] and frames.qsize() == 0
 
 
+def test_the_one_waiter_condition_refuses_a_second_waiter_instead_of_leaving_it_asleep():
+    """A second thread waiting while one already does raises at once (a blocking put
+    or join on a FrameQueue would); the first is still woken by notify."""
+    from pgws_sync._core.connection import OneWaiter
+
+    from ..helpers import wait_for
+
+    cond = OneWaiter(threading.Lock())
+    woken = []
+
+    def first():
+        with cond:
+            woken.append(cond.wait(timeout=30))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    wait_for(lambda: cond._waiter is not None, message="the first thread waiting")
+    with cond:
+        with pytest.raises(RuntimeError, match="already waiting"):
+            cond.wait(timeout=5)
+        cond.notify()
+    thread.join(10)
+    assert woken == [True] and cond._waiter is None
+
+
 def test_a_forked_child_draws_ids_of_its_own():
     import os
 
