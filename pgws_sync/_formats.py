@@ -184,6 +184,30 @@ def name_problem(name: Any, *, max_chars: Optional[int] = MAX_NAME_CHARS,
     return None
 
 
+def reply_to_problem(value: Any) -> Optional[str]:
+    """What is wrong with ``value`` as a message's ``reply_to`` (a client's request id), or None.
+
+    It must be a string of at most :data:`MAX_NAME_CHARS` characters that encodes
+    as UTF-8, or a finite number (not a bool).
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return "it must be a string or a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "it must be a finite number"
+    if isinstance(value, str):
+        if len(value) > MAX_NAME_CHARS:
+            return f"it is longer than {MAX_NAME_CHARS} characters"
+        if strict_problem(value) is not None:
+            return "it contains a lone surrogate (\\ud800-\\udfff)"
+    return None
+
+
+def message_id_problem(value: Any) -> Optional[str]:
+    """What is wrong with ``value`` as a message id, or None: a non-empty string of at most
+    :data:`MAX_NAME_CHARS` characters, UTF-8, without control characters."""
+    return name_problem(value)
+
+
 def validate_name(channel: object) -> str:
     """Return ``channel`` if any source can carry it (text, no NUL, UTF-8), else raise
     :class:`InvalidChannel`."""

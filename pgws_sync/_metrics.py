@@ -57,6 +57,16 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      {"multiprocess_mode": "livemax"}),
     ("gauge", "log_oldest_message_age_seconds", "Age of the oldest message the durable log "
      "keeps", ("endpoint",), {"multiprocess_mode": "livemax"}),
+    ("gauge", "log_intake_messages", "Committed durable messages waiting to be numbered by "
+     "the sequencer", ("endpoint",), {"multiprocess_mode": "livemax"}),
+    ("gauge", "log_intake_age_seconds", "Age of the oldest committed durable message waiting "
+     "to be numbered (the sequencer's lag)", ("endpoint",), {"multiprocess_mode": "livemax"}),
+    ("gauge", "log_delivery_stalled_seconds", "How long durable delivery has not moved although "
+     "it had work (0 while it moves)", ("endpoint",), {"multiprocess_mode": "livemax"}),
+    ("counter", "log_sequenced", "Durable messages numbered by this process's sequencer",
+     ("log",), {}),
+    ("gauge", "log_sequencer_elected", "1 while this process is the durable log's elected "
+     "sequencer", ("log",), {"multiprocess_mode": "livesum"}),
     ("counter", "publishes", "Messages published through the database", ("kind",), {}),
     ("counter", "publish_failures", "Publishes the database did not take, by cause",
      ("kind", "cause"), {}),

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 from ._core.wire import warm_up
 from ._core.endpoint import live_endpoints
 from .errors import ConfigError, PgwsError
-from .runtime import hurry, live_sources, shutdown, start_sources
+from .runtime import hurry, live_sources, prepare_endpoints, shutdown, start_sources
 from .sources.canary import check_listening
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def post_worker_init(worker: Any) -> None:
     refuse_setups_that_cannot_work(worker)
     for source in start_sources():
         logger.error("could not start %r in worker %s: it was stopped", source, worker.pid)
+    prepare_endpoints()
     drain = drain_setting()
     _chain(signal.SIGTERM, lambda: threading.Thread(
         target=shutdown, args=(SHUTDOWN_TIMEOUT,), kwargs={"drain": drain},

@@ -10,7 +10,8 @@ from ._core.endpoint import WebSocketEndpoint, live_endpoints
 from ._core.reader import stop_reader
 from .sources.base import SourceThread, live_sources
 
-__all__ = ["hurry", "live_endpoints", "live_sources", "shutdown", "start_sources"]
+__all__ = ["hurry", "live_endpoints", "live_sources", "prepare_endpoints", "shutdown",
+           "start_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,16 @@ def start_sources() -> List[SourceThread]:
         except Exception:  # a stopped source must not stop the others
             failed.append(source)
     return failed
+
+
+def prepare_endpoints() -> None:
+    """Start every endpoint's machinery in this process now (a durable endpoint's log
+    reader and sequencer), so health is right from boot, before any request."""
+    for endpoint in live_endpoints():
+        try:
+            endpoint.prepare()
+        except Exception:  # one endpoint must not keep the others from starting
+            logger.exception("could not start endpoint %r", endpoint)
 
 
 def shutdown(timeout: float = 5.0, *, drain: float = 0.0) -> None:

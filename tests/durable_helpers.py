@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import psycopg2
 
@@ -106,8 +106,10 @@ class Resumer:
             self.ws = None
 
 
-def publish_many(dsn: str, schema: str, messages: Iterator[Tuple[str, Any]]) -> int:
-    """Publish ``(channel, message)`` pairs in one transaction; returns how many."""
+def publish_many(dsn: str, schema: str, messages: Iterable[Tuple[str, Any]], *,
+                 numbered: bool = True) -> int:
+    """Publish ``(channel, message)`` pairs in one transaction; returns how many. With
+    ``numbered``, wait until a running sequencer has numbered them (a server must run)."""
     from pgws_sync import publish_durable
 
     conn = psycopg2.connect(dsn)
@@ -119,4 +121,41 @@ def publish_many(dsn: str, schema: str, messages: Iterator[Tuple[str, Any]]) -> 
                 n += 1
     finally:
         conn.close()
+    if numbered:
+        wait_numbered(dsn, schema)
     return n
+
+
+def intake(dsn: str, schema: str) -> int:
+    """How many committed messages wait for the sequencer."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {schema}.pending")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def wait_numbered(dsn: str, schema: str, timeout: float = 30.0) -> None:
+    """Wait until the server's sequencer has numbered every committed message."""
+    wait_for(lambda: intake(dsn, schema) == 0, timeout, message="the sequencer to number "
+             "every committed message")
+
+
+def number_all(dsn: str, schema: str) -> int:
+    """Number every committed message here, as the sequencer would (no server needed);
+    returns how many."""
+    from pgws_sync.sources.log import sequence
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    total = 0
+    try:
+        while True:
+            done = sum(n.numbered for n in sequence(conn, schema))
+            total += done
+            if not done:
+                return total
+    finally:
+        conn.close()

@@ -116,20 +116,27 @@ class OneWaiter:
         self.notify()
 
 
+#: Bytes of frames queued per connection before it counts as full, unless the endpoint says.
+DEFAULT_MAX_QUEUE_BYTES = 4 << 20
+
+
 class FrameQueue(queue.Queue):  # type: ignore[type-arg]
-    """A ``queue.Queue`` whose size, and so its bound, counts frames, not items.
+    """A ``queue.Queue`` whose size, and so its bound, counts frames, not items, and which
+    also holds at most ``maxbytes`` bytes of them.
 
     An item (a :class:`Delivery`) carries the frames of one hand-on from a
-    source; anything else (a wake-up marker) counts as one. An item goes in
-    only if all its frames fit, except that an empty queue takes any item (a
-    client that has read everything is not slow). Puts never wait.
+    source; anything else (a wake-up marker) counts as one frame of no bytes.
+    An item goes in only if all its frames and bytes fit, except that an empty
+    queue takes any item (a client that has read everything is not slow).
+    Puts never wait.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, maxbytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
         # queue.Queue.__init__'s attributes, but with one condition instead of three:
         # only the writer ever waits, puts never wait and nobody joins.
         # (tests/core/test_connection.py checks no attribute of Queue is missing.)
         self.maxsize = maxsize
+        self.maxbytes = maxbytes
         self._init(maxsize)
         self.mutex = threading.Lock()
         self.not_empty = self.not_full = self.all_tasks_done = OneWaiter(self.mutex)  # type: ignore[assignment]
@@ -140,6 +147,7 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
         # A list, not a deque: an empty deque holds a 0.5 KB block, per socket.
         self.queue: List[Any] = []
         self.frames = 0
+        self.bytes = 0
 
     def _qsize(self) -> int:
         return self.frames
@@ -147,22 +155,34 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
     def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Queue ``item``, or raise ``queue.Full`` if its frames do not all fit."""
         count = _frame_count(item)
+        size = _byte_count(item)
         with self.mutex:
-            if self.frames and self.frames + count > self.maxsize:
+            if self.frames and (self.frames + count > self.maxsize
+                                or self.bytes + size > self.maxbytes):
                 raise queue.Full
             self._put(item)
             self.frames += count
+            self.bytes += size
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
     def _get(self) -> Any:
         item = self.queue.pop(0)
         self.frames -= _frame_count(item)
+        self.bytes -= _byte_count(item)
         return item
+
+    def has_room(self) -> bool:
+        """At most half full, in frames and in bytes."""
+        return self.frames <= self.maxsize // 2 and self.bytes <= self.maxbytes // 2
 
 
 def _frame_count(item: Any) -> int:
     return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
+
+
+def _byte_count(item: Any) -> int:
+    return len(item.wire) if isinstance(item, Delivery) else 0
 
 
 class Latch:
@@ -390,6 +410,7 @@ class Connection:
         audiences: Sequence[str],
         *,
         max_queue: int = 1024,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
         self.id = _ids.next()
         #: The audiences the connection was opened with (the hub keeps the live set).
@@ -402,7 +423,7 @@ class Connection:
         self.slow_reason = SLOW_CLIENT_REASON
         #: The ``endpoint`` label of this connection's metrics.
         self.label = "endpoint"
-        self._queue = FrameQueue(max_queue)
+        self._queue = FrameQueue(max_queue, max_queue_bytes)
         self._close_request: Optional[Tuple[int, str]] = None
         self._close_at: Optional[Tuple[float, int, str]] = None
         self._ws: Any = None
@@ -457,8 +478,8 @@ class Connection:
 
     @property
     def has_room(self) -> bool:
-        """True while the send queue is at most half full."""
-        return self._queue.qsize() <= self._queue.maxsize // 2
+        """True while the send queue is at most half full (frames and bytes)."""
+        return self._queue.has_room()
 
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the send queue is at most half full: now (on this thread)

@@ -19,6 +19,7 @@ from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
     CLOSE_GOING_AWAY,
     CLOSE_SERVICE_RESTART,
+    DEFAULT_MAX_QUEUE_BYTES,
     SLOW_CLIENT_REASON,
     Connection,
     GuardedSocket,
@@ -120,6 +121,8 @@ class WebSocketEndpoint:
     :meth:`on_disconnect`, all run on the connection's request thread.
 
     :param max_queue: frames queued per connection before it is dropped (1013).
+    :param max_queue_bytes: bytes of frames queued per connection before it counts as full
+        too (one item larger than that still goes to an empty queue).
     :param write_timeout: seconds a write may block before the socket is dropped.
     :param ping_interval: seconds between pings; a missing pong closes the socket (None: no pings).
     :param max_message_size: bytes of an incoming message before a 1009 close.
@@ -140,6 +143,7 @@ class WebSocketEndpoint:
         self,
         *,
         max_queue: int = 1024,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         write_timeout: float = 10.0,
         ping_interval: Optional[float] = 25.0,
         max_message_size: Optional[int] = 1 << 20,
@@ -155,6 +159,8 @@ class WebSocketEndpoint:
     ) -> None:
         if max_queue < 1:
             raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
+        if max_queue_bytes < 1:
+            raise ConfigError(f"max_queue_bytes must be at least 1, got {max_queue_bytes}")
         if max_backlog < 1:
             raise ConfigError(f"max_backlog must be at least 1, got {max_backlog}")
         if write_timeout <= 0 or close_timeout < 0:
@@ -169,6 +175,7 @@ class WebSocketEndpoint:
         if check_origin is not None and not callable(check_origin):
             raise ConfigError("check_origin must be a function of the request, or None")
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.write_timeout = write_timeout
         self.ping_interval = ping_interval
         self.max_message_size = max_message_size
@@ -366,7 +373,8 @@ class WebSocketEndpoint:
                          "(gthread worker) or the Werkzeug development server")
             return _text_response(500, "this server cannot serve WebSockets")
         self.prepare()
-        conn = Connection(self.connection_audiences(request), max_queue=self.max_queue)
+        conn = Connection(self.connection_audiences(request), max_queue=self.max_queue,
+                          max_queue_bytes=self.max_queue_bytes)
         conn.slow_reason = self.slow_close_reason
         conn.label = self.label
         # Registered before the handshake answer goes out: whatever is committed

@@ -17,6 +17,7 @@ from ..errors import (
     ConfigError,
     InvalidPayload,
     MessageTooLarge,
+    LogUnavailable,
     PayloadTooLarge,
     ProtocolError,
     PublishFailed,
@@ -95,6 +96,7 @@ class PubSub(ListeningEndpoint):
         retention_seconds: float = 86400.0,
         retention_messages: int = 100_000,
         prune_interval: Optional[float] = 30.0,
+        sequencer_poll: float = 0.005,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -117,6 +119,9 @@ class PubSub(ListeningEndpoint):
             if not (retention_seconds > 0 and retention_messages >= 1):
                 raise ConfigError("retention_seconds must be above 0 and retention_messages at "
                                   "least 1")
+            if not 0 < sequencer_poll <= 10:
+                raise ConfigError(f"sequencer_poll must be above 0 and at most 10 seconds, got "
+                                  f"{sequencer_poll!r}")
             if prune_interval is not None and not prune_interval > 0:
                 raise ConfigError(f"prune_interval must be above 0 seconds (or None), got "
                                   f"{prune_interval!r}")
@@ -129,7 +134,8 @@ class PubSub(ListeningEndpoint):
                 key=lambda channel: SUBSCRIPTION_PREFIX + channel, make_frame=self._log_frame,
                 label=self.label, retention_seconds=retention_seconds,
                 retention_messages=retention_messages, prune_every=prune_interval,
-                max_queue=self.max_queue)
+                max_queue=self.max_queue, max_queue_bytes=self.max_queue_bytes,
+                sequencer_poll=sequencer_poll)
 
     # ---------------------------------------------------- application hooks
 
@@ -257,7 +263,9 @@ class PubSub(ListeningEndpoint):
         if self.streams is not None:  # live from the channel's head; the reply says which
             if self.hub.get(conn.id) is None:
                 return False
-            self.streams.subscribe(conn, channel, reply=reply)
+            refused = self.streams.subscribe(conn, channel, reply=reply)
+            if refused is not None:
+                raise LogUnavailable(refused)
             return True
         return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
                              drop_as=channel if policy == "drop" else None)
@@ -394,8 +402,9 @@ class PubSub(ListeningEndpoint):
         ok, body = super().health()
         if self.streams is not None:
             status = self.streams.status()
-            ok = ok and status["connected"]
-            body["log"] = "connected" if status["connected"] else "disconnected"
+            ok = ok and status["connected"] and not status["stalled"]
+            body["log"] = ("stalled" if status["stalled"] else
+                           "connected" if status["connected"] else "disconnected")
             if status["error"]:
                 body["log_error"] = status["error"]
         return ok, body
@@ -423,9 +432,12 @@ class PubSub(ListeningEndpoint):
         if problem is not None:
             conn.send(error_frame(problem, reply_to=action.id))
             return
-        if self.streams is not None:  # the streams thread replies
-            self.streams.subscribe(conn, channel, since=action.since, epoch=action.epoch,
-                                   reply_to=action.id)
+        if self.streams is not None:  # the streams thread replies; the limit counts here
+            refused = self.streams.subscribe(conn, channel, since=action.since,
+                                             epoch=action.epoch, reply_to=action.id,
+                                             limit=self.max_subscriptions)
+            if refused is not None:
+                conn.send(error_frame(refused, reply_to=action.id))
             return
         self.subscribe(conn, channel, backpressure=action.backpressure)
         conn.send(reply_frame("subscribed", channel, action.id))
@@ -433,7 +445,8 @@ class PubSub(ListeningEndpoint):
     def _subscribe_problem(self, conn: Connection, channel: str,
                            verb: str = "subscribe to") -> Optional[str]:
         """Why a client may not subscribe ``conn`` to ``channel`` now, or None if it may."""
-        subscribed = self.subscriptions(conn)
+        subscribed = (self.subscriptions(conn) if self.streams is None
+                      else self.streams.claimed(conn))
         if channel not in subscribed and len(subscribed) >= self.max_subscriptions:
             return f"too many subscriptions: at most {self.max_subscriptions} per connection"
         if not self._ask(self.can_subscribe, conn, channel):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
-from .._formats import MAX_NAME_CHARS, dumps, json_fields, name_problem, preview, strict_problem
+from .._formats import (
+    MAX_NAME_CHARS,
+    dumps,
+    json_fields,
+    name_problem,
+    preview,
+    reply_to_problem,
+    strict_problem,
+)
 from ..errors import ProtocolError
 
 #: What a client may ask for (``message`` goes to the endpoint's ``on_client_message``).
@@ -110,15 +117,9 @@ def _position(fields: Dict[str, Any], reply_to: Any) -> Tuple[Optional[int], Opt
 
 def _reply_to(value: Any) -> Any:
     """The client's ``id`` if it can come back as ``reply_to`` in strict JSON, else raise."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ProtocolError("'id' must be a string or a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError("'id' must be a finite number")
-    if isinstance(value, str):
-        if len(value) > MAX_NAME_CHARS:
-            raise ProtocolError(f"'id' is longer than {MAX_NAME_CHARS} characters")
-        if strict_problem(value) is not None:
-            raise ProtocolError("'id' contains a lone surrogate (\\ud800-\\udfff)")
+    problem = reply_to_problem(value)
+    if problem is not None:
+        raise ProtocolError("'id' " + problem[len("it "):])
     return value
 
 

@@ -8,6 +8,13 @@ whose queue is full is paged from the log instead, a page at a time, each
 page only once its queue is at most half full: its memory stays bounded and
 nobody waits for it. It turns live again when it reaches the process's
 position, on this same thread, so the seam has no gap and no duplicate.
+
+Failures stay where they happen: each request, each channel's catch-up and
+each page runs in its own ``try``; a request that keeps failing is answered
+with one error frame and dropped, a row that cannot be framed goes out without
+its bad field, and only a lost connection makes the thread reconnect (and do
+the unfinished work again). Every database call is bounded by the connection's
+timeouts, and the time the current one has run is what health reads.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 import psycopg2
@@ -30,16 +37,27 @@ from .._formats import dumps, error_frame
 from ..errors import LogUnavailable, first_line
 from ..sources import log
 from ..sources.postgres import close_quietly, connect
+from ..sources.sequencer import Sequencer
 
 logger = logging.getLogger(__name__)
 
 #: Messages read per channel and round trip (live), and the most a page holds.
 PAGE_SIZE = 256
+#: The most bytes of frames one page holds (a page has at least one frame).
+PAGE_BYTES = 1 << 20
 #: The newest frames of each channel kept encoded in memory, so that subscribers a little
 #: behind (a reconnect after a deploy, a slow reader) are paged without asking the database:
-#: at most this many per channel, and at most RECENT_BYTES of them.
+#: at most this many per channel, at most RECENT_BYTES of them, and at most
+#: RECENT_TOTAL_BYTES for every channel of the process (the least recently used go first).
 RECENT_FRAMES = 512
 RECENT_BYTES = 1 << 20
+RECENT_TOTAL_BYTES = 64 << 20
+#: Seconds a database call of the delivery path may run before health calls it stalled.
+STALL_SECONDS = 10.0
+#: Attempts at a request that fails while the connection is lost, before it is dropped.
+REQUEST_ATTEMPTS = 3
+#: The most requests waiting for the streams thread; past it a request is answered busy.
+MAX_PENDING_REQUESTS = 10_000
 
 
 class Subscriber:
@@ -57,7 +75,7 @@ class Subscriber:
 class Request:
     """A subscribe, unsubscribe or forget, handed from a socket's thread to the streams thread."""
 
-    __slots__ = ("kind", "conn", "channel", "since", "epoch", "reply_to", "reply")
+    __slots__ = ("kind", "conn", "channel", "since", "epoch", "reply_to", "reply", "attempts")
 
     def __init__(self, kind: str, conn: Connection, channel: Optional[str] = None,
                  since: Optional[int] = None, epoch: Optional[str] = None,
@@ -70,6 +88,8 @@ class Request:
         self.reply_to = reply_to
         #: Send the ``subscribed`` frame (a ``resync_required`` or an error always goes).
         self.reply = reply
+        #: How many times the streams thread began it.
+        self.attempts = 0
 
 
 #: (channel, row, epoch) -> the frame a subscriber receives.
@@ -86,12 +106,20 @@ class Streams:
     :param make_frame: builds a message frame from a row and the epoch.
     :param check_interval: seconds between two safety-net checks of every channel's head.
     :param prune_every: seconds between two pruning passes (None: never prune here).
+    :param label: the ``endpoint`` label of the metrics.
+    :param retention_seconds: how long messages are kept.
+    :param retention_messages: how many of a channel's newest messages are kept.
+    :param max_queue: the sockets' queue bound in frames (a page fills at most half of it).
+    :param max_queue_bytes: the same in bytes.
+    :param sequencer_poll: seconds between two looks at the log's intake while this process
+        is the elected sequencer.
     """
 
     def __init__(self, dsn: str, *, schema: str, hub: Hub, key: Callable[[str], str],
                  make_frame: FrameMaker, label: str, retention_seconds: float,
                  retention_messages: int, prune_every: Optional[float] = 30.0,
-                 check_interval: float = 30.0, max_queue: int = 1024) -> None:
+                 check_interval: float = 30.0, max_queue: int = 1024,
+                 max_queue_bytes: int = 4 << 20, sequencer_poll: float = 0.005) -> None:
         self.dsn = dsn
         self.schema = schema
         self.hub = hub
@@ -104,24 +132,35 @@ class Streams:
         self.check_interval = check_interval
         #: At most half a socket's queue, so a page never overfills it.
         self.page_size = max(1, min(PAGE_SIZE, max_queue // 2))
+        self.page_bytes = max(1, min(PAGE_BYTES, max_queue_bytes // 2))
+        self.sequencer = Sequencer(dsn, schema=schema, poll_interval=sequencer_poll)
         #: The log's epoch, once read.
         self.epoch: Optional[str] = None
         self.max_payload = log.DEFAULT_MAX_PAYLOAD
         self.error: Optional[str] = None
         self.connected = False
+        #: time.monotonic() when the thread's current database call began, None between calls.
+        self.busy_since: Optional[float] = None
 
-        self._lock = threading.Lock()  # guards the four fields below
+        self._lock = threading.Lock()  # guards the six fields below
         self._changed = threading.Condition(self._lock)
         self._requests: Deque[Request] = deque()
         self._dirty: Set[str] = set()
         self._all_dirty = False
         self._ready: Set[Subscriber] = set()
         self._stopped = False
+        #: Per socket, the channels it asked for and has not left (limits count these).
+        self._claimed: Dict[Connection, Set[str]] = {}
         # Owned by the thread:
         self._positions: Dict[str, int] = {}
-        #: Per channel: (first offset, frames of consecutive offsets from it, their bytes).
-        self._recent: Dict[str, Tuple[int, Deque[Delivery], int]] = {}
+        #: Per channel, least recently used first: (first offset, frames of consecutive
+        #: offsets from it, their bytes).
+        self._recent: "OrderedDict[str, Tuple[int, Deque[Delivery], int]]" = OrderedDict()
+        self._recent_bytes = 0
         self._subs: Dict[str, Dict[Connection, Subscriber]] = {}
+        #: Per socket, the channels it is subscribed to here (a disconnect costs only these).
+        self._by_conn: Dict[Connection, Set[str]] = {}
+        self._warned: Set[str] = set()  # channels whose bad rows were logged already
         self._conn: Any = None
         self._pid: Optional[int] = None
         self._threads: List[threading.Thread] = []
@@ -138,7 +177,8 @@ class Streams:
             if self._pid == pid or self._stopped:
                 return
             self._pid = pid
-            self._positions, self._subs, self._conn, self._recent = {}, {}, None, {}
+            self._positions, self._subs, self._conn = {}, {}, None
+            self._recent, self._recent_bytes, self._by_conn = OrderedDict(), 0, {}
             self._threads = [threading.Thread(target=self._run, name=f"pgws-streams-{pid}",
                                               daemon=True)]
             if self.prune_every is not None:
@@ -146,6 +186,7 @@ class Streams:
                                                       name=f"pgws-prune-{pid}", daemon=True))
         for thread in self._threads:
             thread.start()
+        self.sequencer.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the threads (waits up to ``timeout`` seconds)."""
@@ -153,26 +194,56 @@ class Streams:
             self._stopped = True
             self._changed.notify_all()
         self._stop_pruning.set()
+        self.sequencer.stop(timeout)
         if self._pid == os.getpid():
             for thread in self._threads:
                 if thread is not threading.current_thread():
                     thread.join(timeout)
+                    if thread.is_alive():
+                        logger.warning("thread %s did not stop within %.1fs", thread.name,
+                                       timeout)
 
     def subscribe(self, conn: Connection, channel: str, *, since: Optional[int] = None,
-                  epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True) -> None:
+                  epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True,
+                  limit: Optional[int] = None) -> Optional[str]:
         """Subscribe ``conn``; the reply frame (none with ``reply=False``, unless it is a
-        ``resync_required``) follows on the streams thread."""
-        self._request(Request("subscribe", conn, channel, since, epoch, reply_to, reply))
+        ``resync_required``) follows on the streams thread.
+
+        Returns None once the request is taken, else why it was refused at once:
+        ``conn`` already asked for ``limit`` other channels, or too many requests wait.
+        """
+        with self._lock:
+            claimed = self._claimed.setdefault(conn, set())
+            if limit is not None and channel not in claimed and len(claimed) >= limit:
+                return f"too many subscriptions: at most {limit} per connection"
+            if len(self._requests) >= MAX_PENDING_REQUESTS:
+                return "busy: the durable log is not answering; try again later"
+            claimed.add(channel)
+            self._requests.append(Request("subscribe", conn, channel, since, epoch, reply_to,
+                                          reply))
+            self._changed.notify()
+        return None
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
+        with self._lock:
+            claimed = self._claimed.get(conn)
+            if claimed is not None:
+                claimed.discard(channel)
         self._request(Request("unsubscribe", conn, channel))
 
     def forget(self, conn: Connection) -> None:
         """``conn`` is over: drop its subscriptions."""
+        with self._lock:
+            self._claimed.pop(conn, None)
         self._request(Request("forget", conn))
 
+    def claimed(self, conn: Connection) -> Set[str]:
+        """The channels ``conn`` asked for and has not left (some may still be answered)."""
+        with self._lock:
+            return set(self._claimed.get(conn, ()))
+
     def wake(self, channels: Iterable[str]) -> None:
-        """New messages were committed on ``channels`` (a wake-up NOTIFY arrived)."""
+        """New messages were numbered on ``channels`` (a wake-up NOTIFY arrived)."""
         with self._lock:
             self._dirty.update(channels)
             self._changed.notify()
@@ -183,9 +254,18 @@ class Streams:
             self._all_dirty = True
             self._changed.notify()
 
+    def stalled_for(self) -> float:
+        """Seconds durable delivery has not moved although it had work to do: this thread's
+        current database call, or the log's numbering (0 when both move)."""
+        busy = self.busy_since
+        mine = 0.0 if busy is None else time.monotonic() - busy
+        return max(mine, self.sequencer.stalled_for())
+
     def status(self) -> Dict[str, Any]:
+        stalled = self.stalled_for() >= STALL_SECONDS
         return {"connected": self.connected, "error": None if self.connected else self.error,
-                "epoch": self.epoch}
+                "epoch": self.epoch, "stalled": stalled,
+                "sequencer": "elected" if self.sequencer.elected else "standby"}
 
     def prune(self) -> Optional[int]:
         """One pruning pass now, on this thread: rows deleted, or None if another process
@@ -221,12 +301,17 @@ class Streams:
         try:
             with conn.cursor() as cur:
                 kept, oldest = log.backlog(cur, self.schema)
+                waiting, waited = log.intake(cur, self.schema)
         except psycopg2.Error:
             return
         finally:
             close_quietly(conn)
         _metrics.set_gauge("log_messages", kept, endpoint=self.label)
         _metrics.set_gauge("log_oldest_message_age_seconds", oldest, endpoint=self.label)
+        _metrics.set_gauge("log_intake_messages", waiting, endpoint=self.label)
+        _metrics.set_gauge("log_intake_age_seconds", waited, endpoint=self.label)
+        _metrics.set_gauge("log_delivery_stalled_seconds", self.stalled_for(),
+                           endpoint=self.label)
 
     def _request(self, request: Request) -> None:
         with self._lock:
@@ -298,17 +383,24 @@ class Streams:
                 return False
             requests, self._requests = self._requests, deque()
             dirty, self._dirty = self._dirty, set()
+            for request in requests:
+                request.attempts += 1
             if self._all_dirty:
                 dirty, self._all_dirty = set(self._subs), False
             ready, self._ready = self._ready, set()
+        for request in [r for r in requests if r.attempts > REQUEST_ATTEMPTS]:
+            requests.remove(request)
+            self._fail(request, "the durable log did not answer in time; try again")
         try:
             lows = self._prepare_subscribes(requests)
             while requests:
                 self._handle(requests[0], lows)
                 requests.popleft()
             self._catch_up(dirty & set(self._subs))
-            for sub in ready:
-                self._page(sub)
+            while ready:
+                sub = next(iter(ready))
+                self._page_alone(sub)
+                ready.discard(sub)
         except BaseException:
             with self._lock:  # nothing is lost when the database fails: do it all again
                 self._requests.extendleft(reversed(requests))
@@ -336,16 +428,38 @@ class Streams:
         return {channel: found[channel][1] for channel in resuming}
 
     def _handle(self, request: Request, lows: Dict[str, int]) -> None:
+        """Do one request; a failure other than the database's fails it alone."""
         conn, channel = request.conn, request.channel
         if request.kind == "forget":
-            for name in list(self._subs):
+            for name in self._by_conn.pop(conn, set()):
                 self._remove(conn, name)
             return
         assert channel is not None
         if request.kind == "unsubscribe":
             self._remove(conn, channel)
             return
-        self._subscribe(request, channel, lows)
+        try:
+            if not self._subscribe(request, channel, lows):
+                self._unclaim(conn, channel)
+        except psycopg2.Error:
+            raise  # the connection: reconnect and do it again (a bounded number of times)
+        except Exception:  # a bug must not stop every other subscriber: this request fails
+            logger.exception("durable subscribe to %r failed", channel)
+            self._fail(request, "internal error")
+
+    def _fail(self, request: Request, reason: str) -> None:
+        """Answer a request that cannot be done once, and forget it."""
+        if request.kind == "subscribe" and request.channel is not None:
+            self._unclaim(request.conn, request.channel)
+            self._drop_position_if_unused(request.channel)
+            request.conn.send(error_frame(f"subscribe to {request.channel!r} failed: {reason}",
+                                          channel=request.channel, reply_to=request.reply_to))
+
+    def _unclaim(self, conn: Connection, channel: str) -> None:
+        with self._lock:
+            claimed = self._claimed.get(conn)
+            if claimed is not None:
+                claimed.discard(channel)
 
     def _subscribe(self, request: Request, channel: str, lows: Dict[str, int]) -> bool:
         """Subscribe as ``request`` asks, at the position :meth:`_prepare_subscribes` found."""
@@ -385,8 +499,10 @@ class Streams:
             conn.send(dumps(reply))
         sub = Subscriber(conn, channel, cursor)
         self._subs.setdefault(channel, {})[conn] = sub
+        self._by_conn.setdefault(conn, set()).add(channel)
         if cursor is not None:
-            self._page(sub)
+            with self._lock:  # paged after the requests, on its own: it may fail alone
+                self._ready.add(sub)
         return True
 
     def _resync_required(self, channel: str, reason: str, head: int) -> Dict[str, Any]:
@@ -398,10 +514,15 @@ class Streams:
         subs = self._subs.get(channel)
         if subs is not None and subs.pop(conn, None) is not None:
             self.hub.leave(conn, self.key(channel))
+            mine = self._by_conn.get(conn)
+            if mine is not None:
+                mine.discard(channel)
+                if not mine:
+                    del self._by_conn[conn]
             if not subs:
                 del self._subs[channel]
                 self._positions.pop(channel, None)
-                self._recent.pop(channel, None)
+                self._forget_recent(channel)
 
     def _drop_position_if_unused(self, channel: str) -> None:
         if channel not in self._subs:
@@ -413,6 +534,7 @@ class Streams:
                        "subscriber gets resync_required", self.schema, self.epoch, epoch)
         self.epoch = epoch
         self._recent.clear()
+        self._recent_bytes = 0
         heads = self._heads(list(self._subs))
         for channel, subs in self._subs.items():
             head = heads[channel][0]
@@ -425,14 +547,23 @@ class Streams:
     # ------------------------------------------------------------ delivery
 
     def _heads(self, channels: List[str]) -> Dict[str, Tuple[int, int]]:
-        with self._conn.cursor() as cur:
-            return log.heads(cur, self.schema, channels)
+        self.busy_since = time.monotonic()  # health reads how long a call runs
+        try:
+            with self._conn.cursor() as cur:
+                return log.heads(cur, self.schema, channels)
+        finally:
+            self.busy_since = None
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
         """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
         (every subscriber then starts again from the new log, see :meth:`_new_epoch`)."""
-        with self._conn.cursor() as cur:
-            epoch, found = log.read_after(cur, self.schema, positions, limit)
+        self.busy_since = time.monotonic()
+        try:
+            with self._conn.cursor() as cur:
+                epoch, found = log.read_after(cur, self.schema, positions, limit,
+                                              self.page_bytes)
+        finally:
+            self.busy_since = None
         if epoch != self.epoch:
             self._new_epoch(epoch)
             return {}
@@ -446,11 +577,25 @@ class Streams:
             full = set()
             for channel in sorted(channels):
                 rows = found.get(channel, [])
-                if rows:
-                    self._deliver_live(channel, rows)
-                    if len(rows) == self.page_size:
+                if rows and channel in self._subs:
+                    self._deliver_live_alone(channel, rows)
+                    if len(rows) == self.page_size or rows[-1].running_bytes >= self.page_bytes:
                         full.add(channel)
             channels = full
+
+    def _deliver_live_alone(self, channel: str, rows: List[log.Row]) -> None:
+        """:meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these
+        messages, with a ``resync_required``, and nobody else anything."""
+        try:
+            self._deliver_live(channel, rows)
+        except Exception:
+            logger.exception("delivering durable messages of %r failed", channel)
+            self._positions[channel] = rows[-1].offset
+            frame = dumps(self._resync_required(channel, "internal error: messages could not "
+                                                "be delivered", rows[-1].offset))
+            for sub in self._subs.get(channel, {}).values():
+                sub.cursor = None
+                sub.conn.send(frame)
 
     def _deliver_live(self, channel: str, rows: List[log.Row]) -> None:
         before = self._positions[channel]
@@ -462,8 +607,8 @@ class Streams:
             for sub in subs.values():
                 if sub.cursor is None:
                     sub.conn.send(frame)
+        parts = self._frames(rows)  # before the position moves: built, or nothing moves
         self._positions[channel] = rows[-1].offset
-        parts = self._frames(rows)
         self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
         item = Delivery.join(parts)
         how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
@@ -484,13 +629,31 @@ class Streams:
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
 
     def _frames(self, rows: List[log.Row]) -> List[Delivery]:
-        """Each row's frame, encoded once for every recipient."""
-        return [Delivery.of(self.make_frame(row, self.epoch or "")) for row in rows]
+        """Each row's frame, encoded once for every recipient; never raises (see _frame)."""
+        return [Delivery.of(self._frame(row)) for row in rows]
+
+    def _frame(self, row: log.Row) -> Frame:
+        """A row's frame. A row the publish function would have refused (written into the
+        table by hand) goes out without its bad ``reply_to``, or as text; logged once per
+        channel."""
+        try:
+            return self.make_frame(row, self.epoch or "")
+        except Exception as exc:  # any bad field of any row: never stop the page
+            if row.channel not in self._warned:
+                self._warned.add(row.channel)
+                logger.warning("durable message %d of %r cannot be framed as written (%s); "
+                               "it goes out without its bad fields", row.offset, row.channel,
+                               first_line(exc))
+        try:
+            return self.make_frame(row._replace(reply_to=None), self.epoch or "")
+        except Exception:
+            return self.make_frame(row._replace(reply_to=None, type="text"), self.epoch or "")
 
     def _remember(self, channel: str, first: int, parts: List[Delivery], *,
                   continues: bool) -> None:
-        """Keep the newest frames of ``channel`` (offsets ``first``...) for paging."""
-        start, frames, size = self._recent.get(channel, (first, deque(), 0))
+        """Keep the newest frames of ``channel`` (offsets ``first``...) for paging, within the
+        per-channel and per-process bounds (least recently used channels go first)."""
+        start, frames, size = self._forget_recent(channel) or (first, deque(), 0)
         if not continues or start + len(frames) != first:
             start, frames, size = first, deque(), 0
         for part in parts:
@@ -500,15 +663,34 @@ class Streams:
             size -= len(frames.popleft().wire)
             start += 1
         self._recent[channel] = (start, frames, size)
+        self._recent_bytes += size
+        while self._recent_bytes > RECENT_TOTAL_BYTES and self._recent:
+            self._forget_recent(next(iter(self._recent)))
+
+    def _forget_recent(self, channel: str) -> Optional[Tuple[int, Deque[Delivery], int]]:
+        kept = self._recent.pop(channel, None)
+        if kept is not None:
+            self._recent_bytes -= kept[2]
+        return kept
 
     def _recent_page(self, channel: str, after: int, limit: int) -> Optional[List[Delivery]]:
-        """Up to ``limit`` frames of offsets ``after + 1``... from memory, or None if the
-        first of them is not kept."""
+        """Up to ``limit`` frames (and :attr:`page_bytes`) of offsets ``after + 1``... from
+        memory, or None if the first of them is not kept."""
         start, frames, _size = self._recent.get(channel, (0, deque(), 0))
         if not start <= after + 1 < start + len(frames):
             return None
+        self._recent.move_to_end(channel)
         skip = after + 1 - start
-        return list(itertools.islice(frames, skip, skip + limit))
+        return self._cut(list(itertools.islice(frames, skip, skip + limit)))
+
+    def _cut(self, parts: List[Delivery]) -> List[Delivery]:
+        """The first of ``parts`` that fit :attr:`page_bytes` (at least one)."""
+        size = 0
+        for i, part in enumerate(parts):
+            size += len(part.wire)
+            if size > self.page_bytes and i:
+                return parts[:i]
+        return parts
 
     def _wait_for_room(self, sub: Subscriber) -> None:
         def ready() -> None:
@@ -516,6 +698,19 @@ class Streams:
                 self._ready.add(sub)
                 self._changed.notify()
         sub.conn.when_room(ready)
+
+    def _page_alone(self, sub: Subscriber) -> None:
+        """:meth:`_page`; a failure other than the database's drops this subscription only."""
+        try:
+            self._page(sub)
+        except psycopg2.Error:
+            raise
+        except Exception:
+            logger.exception("paging durable messages of %r failed", sub.channel)
+            self._remove(sub.conn, sub.channel)
+            self._unclaim(sub.conn, sub.channel)
+            sub.conn.send(error_frame(f"subscription to {sub.channel!r} ended: internal error",
+                                      channel=sub.channel))
 
     def _page(self, sub: Subscriber) -> None:
         """Send ``sub`` its next page from the log; live again once it has caught up."""
@@ -542,7 +737,7 @@ class Streams:
                     sub.channel, "retention: messages after the subscriber's offset were "
                     "pruned before it could read them", position)))
                 return
-            parts = self._frames(rows)
+            parts = self._cut(self._frames(rows))
         if not sub.conn.deliver(Delivery.join(parts)):
             self._wait_for_room(sub)
             return

@@ -1,16 +1,19 @@
-"""The durable log: messages kept in the application's own PostgreSQL, offsets in commit order.
+"""The durable log: messages kept in the application's own PostgreSQL, numbered after commit.
 
-Each durable channel has a row in ``<schema>.streams``. Publishing (the SQL
-function ``<schema>.publish``) locks that row (``SELECT ... FOR UPDATE``), takes
-the channel's newest offset plus one, and inserts the message, in the caller's
-transaction. The lock lasts until the transaction ends, so the next publisher of
-the channel waits and then sees the committed message: within a channel, offsets
-follow commit order with no gap, and a rolled-back transaction leaves no trace.
-Locking writes no new row version, so publishing many messages in one transaction
-stays cheap. ``pruned_to`` remembers the newest pruned offset, so offsets keep
-growing when every message of a channel was pruned. A payload-free
-NOTIFY naming the channel wakes the readers; they then ask the table what is
-new, so a lost wake-up loses nothing (see docs/guides/durable.md).
+Publishing (the SQL function ``<schema>.publish``) checks its arguments and
+inserts one row into ``<schema>.pending``, in the caller's transaction: no
+lock another transaction waits for, no NOTIFY, nothing that conflicts under
+any isolation level, and a rolled-back publish leaves nothing. One sequencer
+per database (``<schema>.sequence``, called by the elected process, see
+``sequencer.py``) moves newly committed rows into ``<schema>.messages``,
+giving each the next offset of its channel (1, 2, 3... with no gap) in the
+order of their insert ids, bumps the channel's head in ``<schema>.streams``
+and sends one payload-free NOTIFY per channel to wake the readers, who then
+ask the table what is new. Offsets therefore follow the order in which the
+sequencer saw transactions commit (see docs/guides/durable.md for exactly
+what that promises). ``meta.offset_floor`` is where a channel that has no
+``streams`` row starts, so a channel whose row was removed after retention
+never numbers an offset again that a client may still hold.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from .._formats import (
     check_json,
     dumps,
     json_body,
+    message_id_problem,
     name_problem,
     new_message_id,
+    reply_to_problem,
     text_body,
     validate_name,
 )
@@ -38,10 +43,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_SCHEMA = "pgws_sync"
 #: The largest payload (UTF-8 bytes, inclusive) the log takes unless migrated otherwise.
 DEFAULT_MAX_PAYLOAD = 1_048_576
-#: The version of the log's tables and function this release writes and reads.
-SCHEMA_VERSION = 1
+#: The version of the log's tables and functions this release writes and reads.
+SCHEMA_VERSION = 2
 #: Message types a durable channel carries (a binary frame has no room for an offset).
 DURABLE_TYPES = ("json", "text")
+#: Rows one call of the sequencer numbers at most.
+SEQUENCE_BATCH = 500
 
 # The statements that create version 1; {s} is the schema. Shown in docs/guides/durable.md.
 _VERSION_1 = [
@@ -69,18 +76,42 @@ _VERSION_1 = [
 )""",
 ]
 
-# Replaced on every migrate, so a release can fix it without a new version.
-_PUBLISH_FUNCTION = """CREATE OR REPLACE FUNCTION {s}.publish(
+# Version 1 to 2, in place: offsets are numbered after commit by the sequencer.
+_VERSION_2 = [
+    "ALTER TABLE {s}.meta ADD COLUMN offset_floor bigint NOT NULL DEFAULT 0",
+    """ALTER TABLE {s}.streams
+    ADD COLUMN head bigint NOT NULL DEFAULT 0,
+    ADD COLUMN touched_at timestamptz NOT NULL DEFAULT now()""",
+    """UPDATE {s}.streams s SET head = greatest(s.pruned_to, coalesce(
+    (SELECT max(m."offset") FROM {s}.messages m WHERE m.channel = s.channel), 0))""",
+    "ALTER TABLE {s}.messages ADD COLUMN xid xid8",
+    "CREATE INDEX messages_published_at ON {s}.messages (published_at)",
+    """CREATE TABLE {s}.pending (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel text NOT NULL,
+    id text NOT NULL,
+    type text NOT NULL CHECK (type IN ('json', 'text')),
+    payload text NOT NULL,
+    reply_to text,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    published_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)""",
+    "DROP FUNCTION IF EXISTS {s}.publish(text, text, text, text, text)",
+]
+
+# Replaced on every migrate, so a release can fix them without a new version.
+_FUNCTIONS = [
+    """CREATE OR REPLACE FUNCTION {s}.publish(
     channel text, payload text, type text DEFAULT 'json', id text DEFAULT NULL,
     reply_to text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
-    m {s}.meta;
-    floor_offset bigint;
-    next_offset bigint;
+    limit_bytes integer;
+    answered jsonb;
+    seq bigint;
 BEGIN
-    SELECT * INTO STRICT m FROM {s}.meta;
+    SELECT max_payload INTO STRICT limit_bytes FROM {s}.meta;
     IF publish.channel IS NULL OR publish.channel = '' OR length(publish.channel) > 200
             OR publish.channel ~ '[[:cntrl:]]' THEN
         RAISE EXCEPTION 'pgws_sync.publish: invalid channel name %', quote_nullable(publish.channel)
@@ -93,41 +124,93 @@ BEGIN
     IF publish.payload IS NULL THEN
         RAISE EXCEPTION 'pgws_sync.publish: the payload is NULL' USING ERRCODE = '22004';
     END IF;
-    IF octet_length(publish.payload) > m.max_payload THEN
+    IF octet_length(publish.payload) > limit_bytes THEN
         RAISE EXCEPTION 'pgws_sync.publish: the message for channel % is % bytes; '
             'the log takes at most %', publish.channel, octet_length(publish.payload),
-            m.max_payload USING ERRCODE = '54000';
+            limit_bytes USING ERRCODE = '54000';
     END IF;
     IF publish.type = 'json' THEN
         PERFORM publish.payload::jsonb;  -- raises on anything that is not JSON
     END IF;
-    INSERT INTO {s}.streams (channel) VALUES (publish.channel) ON CONFLICT DO NOTHING;
-    -- held until this transaction ends: the channel's next publisher waits here
-    SELECT pruned_to INTO STRICT floor_offset FROM {s}.streams
-        WHERE streams.channel = publish.channel FOR UPDATE;
-    -- a statement after the wait: it sees what the previous publisher committed
-    SELECT greatest(floor_offset, coalesce(max(messages."offset"), 0)) + 1 INTO next_offset
-        FROM {s}.messages WHERE messages.channel = publish.channel;
-    INSERT INTO {s}.messages (channel, "offset", id, type, payload, reply_to)
-        VALUES (publish.channel, next_offset, coalesce(publish.id, gen_random_uuid()::text),
-                publish.type, publish.payload, publish.reply_to);
-    PERFORM pg_notify(m.wake_channel, publish.channel);
-    RETURN next_offset;
+    IF publish.id IS NOT NULL AND (publish.id = '' OR length(publish.id) > 200
+            OR publish.id ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'pgws_sync.publish: invalid message id % (1 to 200 characters, no '
+            'control characters)', left(publish.id, 60) USING ERRCODE = '22023';
+    END IF;
+    IF publish.reply_to IS NOT NULL THEN
+        BEGIN
+            answered := publish.reply_to::jsonb;
+        EXCEPTION WHEN invalid_text_representation THEN
+            answered := NULL;
+        END;
+        IF answered IS NULL OR jsonb_typeof(answered) NOT IN ('string', 'number')
+                OR length(answered #>> '{{}}') > 200 THEN
+            RAISE EXCEPTION 'pgws_sync.publish: reply_to must be the JSON text of a string (at '
+                'most 200 characters) or a number, not %', left(publish.reply_to, 60)
+                USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    INSERT INTO {s}.pending (channel, id, type, payload, reply_to)
+        VALUES (publish.channel, coalesce(publish.id, gen_random_uuid()::text), publish.type,
+                publish.payload, publish.reply_to)
+        RETURNING pending.seq INTO seq;
+    RETURN seq;
 END
-$fn$"""
+$fn$""",
+    """CREATE OR REPLACE FUNCTION {s}.sequence(batch integer DEFAULT 500)
+    RETURNS TABLE (channel text, head bigint, numbered bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    floor_offset bigint;
+    wake text;
+BEGIN
+    -- one numbering transaction at a time, whoever calls (and the pruner, when it drops a row)
+    PERFORM pg_advisory_xact_lock(hashtext({lock}));
+    SELECT offset_floor, wake_channel INTO STRICT floor_offset, wake FROM {s}.meta;
+    RETURN QUERY
+    WITH taken AS (
+        DELETE FROM {s}.pending p
+        WHERE p.seq IN (SELECT q.seq FROM {s}.pending q ORDER BY q.seq LIMIT batch)
+        RETURNING p.seq, p.channel, p.id, p.type, p.payload, p.reply_to, p.xid, p.published_at
+    ), counted AS (
+        SELECT t.channel, count(*) AS n FROM taken t GROUP BY t.channel
+    ), bumped AS (
+        INSERT INTO {s}.streams AS s (channel, head)
+        SELECT c.channel, floor_offset + c.n FROM counted c
+        ON CONFLICT (channel) DO UPDATE
+            SET head = s.head + excluded.head - floor_offset, touched_at = now()
+        RETURNING s.channel, s.head
+    ), added AS (
+        INSERT INTO {s}.messages (channel, "offset", id, type, payload, reply_to, xid, published_at)
+        SELECT t.channel, b.head - c.n + row_number() OVER (PARTITION BY t.channel ORDER BY t.seq),
+               t.id, t.type, t.payload, t.reply_to, t.xid, t.published_at
+        FROM taken t JOIN counted c ON c.channel = t.channel JOIN bumped b ON b.channel = t.channel
+    )
+    SELECT b.channel, b.head, c.n FROM bumped b JOIN counted c ON c.channel = b.channel
+        CROSS JOIN LATERAL pg_notify(wake, b.channel) n;
+END
+$fn$""",
+]
 
 
 def _statements(schema: str, templates: Iterable[str]) -> List[sql.Composed]:
-    ident = sql.Identifier(schema)
-    return [sql.SQL(t).format(s=ident) for t in templates]
+    return [sql.SQL(t).format(s=sql.Identifier(schema), lock=sql.Literal(_lock_key(schema)))
+            for t in templates]
+
+
+def _lock_key(schema: str) -> str:
+    return schema + ".sequence"
 
 
 def migration_sql(schema: str = DEFAULT_SCHEMA) -> List[str]:
     """The statements a new log's migration runs, as text (for the docs and for review)."""
-    first_row = (f"INSERT INTO {{s}}.meta (version, max_payload, wake_channel) VALUES "
-                 f"({SCHEMA_VERSION}, {DEFAULT_MAX_PAYLOAD}, '{wake_channel_for(schema)}')")
-    return [t.replace("{s}", _quoted(schema))
-            for t in _VERSION_1 + [first_row, _PUBLISH_FUNCTION]]
+    _check_schema_name(schema)
+    first_row = ("INSERT INTO {s}.meta (version, max_payload, wake_channel) VALUES "
+                 f"({SCHEMA_VERSION}, {DEFAULT_MAX_PAYLOAD}, {_literal(wake_channel_for(schema))})")
+    return [t.replace("{s}", _quoted(schema)).replace("{lock}", _literal(_lock_key(schema)))
+            .replace("{{", "{").replace("}}", "}")
+            for t in _VERSION_1 + _VERSION_2 + [first_row] + _FUNCTIONS]
 
 
 class LogInfo(NamedTuple):
@@ -141,7 +224,7 @@ class LogInfo(NamedTuple):
 
 
 def wake_channel_for(schema: str) -> str:
-    """The NOTIFY channel a log's publishes wake readers on."""
+    """The NOTIFY channel a log's sequencer wakes readers on."""
     return f"{schema}_log"
 
 
@@ -151,19 +234,20 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
 
     ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN. It
     runs in one transaction under an advisory lock, so several workers
-    migrating at once do it once. ``max_payload`` (bytes): set the largest
-    payload; None keeps the current one (:data:`DEFAULT_MAX_PAYLOAD` for a new log).
+    migrating at once do it once. A version 1 log is upgraded in place.
+    ``max_payload`` (bytes): set the largest payload; None keeps the current
+    one (:data:`DEFAULT_MAX_PAYLOAD` for a new log).
     """
+    _check_schema_name(schema)
+    if max_payload is not None and not 1 <= max_payload <= 1_000_000_000:
+        raise InvalidPayload(f"max_payload must be between 1 and 1000000000 bytes, "
+                             f"got {max_payload!r}")
     if isinstance(conn, str):
         own = psycopg2.connect(conn)
         try:
             return migrate(own, schema=schema, max_payload=max_payload)
         finally:
             own.close()
-    _check_schema_name(schema)
-    if max_payload is not None and not 1 <= max_payload <= 1_000_000_000:
-        raise InvalidPayload(f"max_payload must be between 1 and 1000000000 bytes, "
-                             f"got {max_payload!r}")
     done: List[str] = []
     ident = sql.Identifier(schema)
     autocommit = conn.autocommit
@@ -173,7 +257,7 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema + ".migrate",))
             cur.execute("SELECT to_regclass(%s)", (f"{_quoted(schema)}.meta",))
             if cur.fetchone()[0] is None:
-                for stmt in _statements(schema, _VERSION_1):
+                for stmt in _statements(schema, _VERSION_1 + _VERSION_2):
                     cur.execute(stmt)
                 cur.execute(sql.SQL("INSERT INTO {}.meta (version, max_payload, wake_channel) "
                                     "VALUES (%s, %s, %s) RETURNING epoch").format(ident),
@@ -190,6 +274,13 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                     raise LogUnavailable(
                         f"the durable log in schema {schema!r} is version {version}, newer than "
                         f"this pgws_sync knows ({SCHEMA_VERSION}): upgrade pgws_sync")
+                if version == 1:
+                    for stmt in _statements(schema, _VERSION_2):
+                        cur.execute(stmt)
+                    cur.execute(sql.SQL("UPDATE {}.meta SET version = %s").format(ident),
+                                (SCHEMA_VERSION,))
+                    done.append(f"upgraded the durable log in schema {schema!r} from version 1 "
+                                f"to {SCHEMA_VERSION} (offsets numbered after commit)")
                 if max_payload is not None and max_payload != current:
                     cur.execute(sql.SQL("UPDATE {}.meta SET max_payload = %s").format(ident),
                                 (max_payload,))
@@ -197,7 +288,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                 if not done:
                     done.append(f"the durable log in schema {schema!r} is up to date "
                                 f"(version {version}); nothing to do")
-            cur.execute(_statements(schema, [_PUBLISH_FUNCTION])[0])
+            for stmt in _statements(schema, _FUNCTIONS):
+                cur.execute(stmt)
     finally:
         conn.autocommit = autocommit
     return done
@@ -207,11 +299,21 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+#: The longest schema name whose wake-up channel (``<schema>_log``) still fits 63 bytes.
+MAX_SCHEMA_BYTES = 63 - len("_log")
+
+
 def _check_schema_name(schema: str) -> None:
     problem = name_problem(schema, max_chars=None)
-    if problem is not None or len(schema.encode()) > 63:
-        raise InvalidPayload(f"invalid schema name {schema!r}: "
-                             f"{problem or 'longer than 63 bytes'}")
+    if problem is None and len(schema.encode()) > MAX_SCHEMA_BYTES:
+        problem = (f"it is {len(schema.encode())} bytes long; at most {MAX_SCHEMA_BYTES} "
+                   f"(its wake-up channel {schema}_log must fit PostgreSQL's 63 bytes)")
+    if problem is not None:
+        raise InvalidPayload(f"invalid schema name {schema!r}: {problem}")
 
 
 def log_info(cur: Any, schema: str = DEFAULT_SCHEMA) -> LogInfo:
@@ -244,26 +346,33 @@ def _rights_message(schema: str, missing: str) -> str:
     return (f"this database role cannot use the durable log in schema {schema!r}: {missing}. "
             f"Grant it, e.g. GRANT USAGE ON SCHEMA {schema} TO <role>; GRANT SELECT, INSERT, "
             f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO <role>; GRANT EXECUTE ON "
-            f"FUNCTION {schema}.publish TO <role>")
+            f"ALL FUNCTIONS IN SCHEMA {schema} TO <role>")
+
+
+#: What a worker does with each table: read, publish, number and prune.
+_TABLE_RIGHTS = (("meta", "SELECT UPDATE"), ("streams", "SELECT INSERT UPDATE DELETE"),
+                 ("messages", "SELECT INSERT DELETE"), ("pending", "SELECT INSERT DELETE"))
 
 
 def check_rights(cur: Any, schema: str = DEFAULT_SCHEMA) -> None:
     """Raise :class:`LogUnavailable` naming the first right the current role lacks to read,
-    publish to and prune the log."""
+    publish to, number and prune the log."""
     cur.execute("SELECT has_schema_privilege(%s, 'USAGE')", (schema,))
     if not cur.fetchone()[0]:
         raise LogUnavailable(_rights_message(schema, f"it lacks USAGE on schema {schema}"))
-    for table, rights in (("meta", "SELECT"), ("streams", "SELECT INSERT UPDATE"),
-                          ("messages", "SELECT INSERT DELETE")):
+    for table, rights in _TABLE_RIGHTS:
         for right in rights.split():  # one at a time: a list asks whether any is held
             cur.execute("SELECT has_table_privilege(%s, %s)", (f"{_quoted(schema)}.{table}", right))
             if not cur.fetchone()[0]:
                 raise LogUnavailable(_rights_message(schema,
                                                      f"it lacks {right} on {schema}.{table}"))
-    cur.execute("SELECT has_function_privilege(%s, 'EXECUTE')",
-                (f"{_quoted(schema)}.publish(text, text, text, text, text)",))
-    if not cur.fetchone()[0]:
-        raise LogUnavailable(_rights_message(schema, f"it lacks EXECUTE on {schema}.publish"))
+    for function in ("publish(text, text, text, text, text)", "sequence(integer)"):
+        cur.execute("SELECT has_function_privilege(%s, 'EXECUTE')",
+                    (f"{_quoted(schema)}.{function}",))
+        if not cur.fetchone()[0]:
+            name = function.split("(")[0]
+            raise LogUnavailable(_rights_message(schema,
+                                                 f"it lacks EXECUTE on {schema}.{name}"))
 
 
 # ------------------------------------------------------------------ publishing
@@ -283,10 +392,11 @@ def log_payload(message: Any, type: str) -> str:
                          f"(a binary frame has no room for an offset)")
 
 
-def check_message(channel: str, payload: str, type: str, max_payload: int) -> None:
-    """Raise before publishing what the log would refuse (:class:`MessageTooLarge`, ...)."""
+def check_message(channel: str, payload: str, type: str, max_payload: Optional[int]) -> None:
+    """Raise before publishing what the log would refuse (:class:`MessageTooLarge` above
+    ``max_payload`` bytes, None: no size check here; :class:`InvalidPayload`)."""
     size = len(payload.encode("utf-8", "surrogatepass"))
-    if size > max_payload:
+    if max_payload is not None and size > max_payload:
         raise MessageTooLarge(size, max_payload, channel)
     if type == "json":
         try:
@@ -301,33 +411,83 @@ def publish_call(schema: str) -> sql.Composed:
 
 
 def publish_args(channel: str, message: Any, *, type: str, message_id: Optional[str],
-                 reply_to: Any, max_payload: int) -> Tuple[str, str, str, str, Optional[str]]:
-    """The checked arguments of :func:`publish_call` (raises what :func:`publish` raises)."""
+                 reply_to: Any, max_payload: Optional[int]
+                 ) -> Tuple[str, str, str, str, Optional[str]]:
+    """The checked arguments of :func:`publish_call` (raises what :func:`publish` raises);
+    ``max_payload`` None leaves the size to the database's check."""
     validate_name(channel)
     payload = log_payload(message, type)
     check_message(channel, payload, type, max_payload)
+    if message_id is not None:
+        problem = message_id_problem(message_id)
+        if problem is not None:
+            raise InvalidPayload(f"invalid message id {message_id!r:.60}: {problem}")
+    if reply_to is not None:
+        problem = reply_to_problem(reply_to)
+        if problem is not None:
+            raise InvalidPayload(f"invalid reply_to {reply_to!r:.60}: {problem}")
     return (channel, payload, type, message_id or new_message_id(),
             None if reply_to is None else dumps(reply_to))
 
 
 def publish(conn: Any, channel: str, message: Any, *, type: str = "json",
             message_id: Optional[str] = None, reply_to: Any = None,
-            schema: str = DEFAULT_SCHEMA, max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
+            schema: str = DEFAULT_SCHEMA, max_payload: Optional[int] = None) -> int:
     """Append ``message`` to ``channel``'s durable stream inside ``conn``'s transaction.
 
     It reaches subscribers when the transaction commits (at once in
-    autocommit) and never if it rolls back. Returns its offset (messages
-    published in one transaction get consecutive offsets, in call order).
-    ``type`` is ``json`` (any JSON value; a ``str`` is a JSON string) or
-    ``text`` (a str). Raises :class:`MessageTooLarge` above ``max_payload``
-    UTF-8 bytes (the log's own limit is checked again by the database), and
-    :class:`InvalidPayload` / :class:`InvalidChannel` for bad input.
+    autocommit) and never if it rolls back; it takes no lock another
+    transaction waits for. Its offset is numbered after commit, so this
+    returns the message's ``seq`` in the log's intake instead (increasing,
+    not per channel). ``type`` is ``json`` (any JSON value; a ``str`` is a
+    JSON string) or ``text`` (a str). Raises :class:`MessageTooLarge` above
+    the log's ``max_payload`` (checked here first when ``max_payload`` is
+    given), and :class:`InvalidPayload` / :class:`InvalidChannel` for bad input.
     """
     args = publish_args(channel, message, type=type, message_id=message_id, reply_to=reply_to,
                         max_payload=max_payload)
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT ") + publish_call(schema), args)
+        try:
+            cur.execute(sql.SQL("SELECT ") + publish_call(schema), args)
+        except psycopg2.Error as exc:
+            if getattr(exc, "pgcode", None) == "54000":  # the log's own max_payload
+                limit = _limit_in(first_line(exc))
+                if limit is not None:
+                    raise MessageTooLarge(len(args[1].encode("utf-8", "surrogatepass")), limit,
+                                          channel) from None
+            raise
         return int(cur.fetchone()[0])
+
+
+def _limit_in(error: str) -> Optional[int]:
+    """The limit named by the publish function's 'takes at most N' error, if it is one."""
+    words = error.rsplit("takes at most ", 1)
+    return int(words[1].split()[0]) if len(words) == 2 and words[1].split()[0].isdigit() else None
+
+
+class Numbered(NamedTuple):
+    """What one call of the sequencer did to one channel."""
+
+    channel: str
+    #: The channel's newest offset now.
+    head: int
+    #: How many messages it numbered (the last ``numbered`` offsets up to ``head``).
+    numbered: int
+
+
+def sequence(conn: Any, schema: str = DEFAULT_SCHEMA, batch: int = SEQUENCE_BATCH
+             ) -> List[Numbered]:
+    """Number up to ``batch`` newly committed messages (one call of ``<schema>.sequence``,
+    which also wakes the readers); returns what it did per channel. ``conn`` must be in
+    autocommit.
+
+    Any number of callers may run it at once: the function takes a transaction
+    lock, so numbering is serial.
+    """
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT channel, head, numbered FROM {}.sequence(%s)").format(
+            sql.Identifier(schema)), (batch,))
+        return [Numbered(channel, int(head), int(n)) for channel, head, n in cur.fetchall()]
 
 
 # --------------------------------------------------------------------- reading
@@ -345,21 +505,26 @@ class Row(NamedTuple):
     reply_to: Optional[str]
     #: When it was published (seconds since the epoch).
     published: float
+    #: The payload's bytes and those of the rows before it in the same read.
+    running_bytes: int = 0
 
 
 def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
-               limit: int) -> Tuple[str, Dict[str, List[Row]]]:
+               limit: int, max_bytes: Optional[int] = None) -> Tuple[str, Dict[str, List[Row]]]:
     """The log's epoch, and up to ``limit`` messages of each ``(channel, after)`` with offsets
-    above ``after``, in offset order, by channel (one round trip for every channel)."""
+    above ``after``, in offset order, by channel (one round trip for every channel). With
+    ``max_bytes``, a channel's messages stop before the first that starts past that many
+    payload bytes (the first always comes)."""
     cur.execute(sql.SQL(
         'SELECT e.epoch, r.channel, r."offset", r.id, r.type, r.payload, r.reply_to, '
-        "extract(epoch FROM r.published_at)::float8 FROM {s}.meta e LEFT JOIN LATERAL ("
-        'SELECT m.channel, m."offset", m.id, m.type, m.payload, m.reply_to, m.published_at '
-        "FROM unnest(%s::text[], %s::bigint[]) AS p(channel, after) "
-        "CROSS JOIN LATERAL (SELECT * FROM {s}.messages m WHERE m.channel = p.channel "
-        'AND m."offset" > p.after ORDER BY m."offset" LIMIT %s) m) r ON true '
+        "extract(epoch FROM r.published_at)::float8, r.running FROM {s}.meta e "
+        "LEFT JOIN LATERAL (SELECT w.* FROM unnest(%s::text[], %s::bigint[]) AS p(channel, after) "
+        "CROSS JOIN LATERAL (SELECT m.*, sum(octet_length(m.payload)) OVER (ORDER BY "
+        'm."offset")::bigint AS running FROM (SELECT * FROM {s}.messages m WHERE '
+        'm.channel = p.channel AND m."offset" > p.after ORDER BY m."offset" LIMIT %s) m) w '
+        "WHERE %s::bigint IS NULL OR w.running - octet_length(w.payload) < %s) r ON true "
         'ORDER BY r.channel, r."offset"').format(s=sql.Identifier(schema)),
-        ([c for c, _ in positions], [a for _, a in positions], limit))
+        ([c for c, _ in positions], [a for _, a in positions], limit, max_bytes, max_bytes))
     epoch = ""
     out: Dict[str, List[Row]] = {}
     for record in cur.fetchall():
@@ -370,13 +535,14 @@ def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
 
 
 def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int, int]]:
-    """``(head, oldest kept offset)`` of each channel (``(0, 1)`` for one never published to):
-    the newest committed offset, and ``head + 1`` when nothing is kept."""
+    """``(head, oldest kept offset)`` of each channel: the newest numbered offset, and
+    ``head + 1`` when nothing is kept. A channel without a ``streams`` row has its head at
+    the log's ``offset_floor`` (0 until a channel's row was removed after retention)."""
     cur.execute(sql.SQL(
-        "SELECT c.channel, greatest(coalesce(s.pruned_to, 0), coalesce(("
-        "SELECT max(m.\"offset\") FROM {s}.messages m WHERE m.channel = c.channel), 0)), "
+        "SELECT c.channel, coalesce(s.head, e.offset_floor), "
         "(SELECT min(m.\"offset\") FROM {s}.messages m WHERE m.channel = c.channel) "
-        "FROM unnest(%s::text[]) AS c(channel) LEFT JOIN {s}.streams s ON s.channel = c.channel"
+        "FROM unnest(%s::text[]) AS c(channel) CROSS JOIN {s}.meta e "
+        "LEFT JOIN {s}.streams s ON s.channel = c.channel"
     ).format(s=sql.Identifier(schema)), (list(channels),))
     return {channel: (int(head), int(head) + 1 if low is None else int(low))
             for channel, head, low in cur.fetchall()}
@@ -397,18 +563,31 @@ def backlog(cur: Any, schema: str) -> Tuple[int, float]:
     return int(kept), max(0.0, float(oldest))
 
 
+def intake(cur: Any, schema: str) -> Tuple[int, float]:
+    """How many committed messages wait for the sequencer, and the age in seconds of the
+    oldest of them (0 if none)."""
+    cur.execute(sql.SQL(
+        "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(published_at)), "
+        "0)::float8 FROM {}.pending").format(sql.Identifier(schema)))
+    waiting, oldest = cur.fetchone()
+    return int(waiting), max(0.0, float(oldest))
+
+
 # --------------------------------------------------------------------- pruning
 
 
 def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 1000,
           stop: Optional[Any] = None) -> Optional[int]:
     """Delete messages older than ``max_age`` seconds, or beyond the newest ``keep`` of their
-    channel, oldest first, ``batch`` rows per short transaction.
+    channel, oldest first, ``batch`` rows per short transaction; then drop the ``streams``
+    rows of channels that kept nothing for ``max_age`` (raising ``offset_floor`` past their
+    heads, so no offset is ever numbered twice).
 
-    Only one process prunes a log at a time (a session advisory lock): returns
-    how many rows this call deleted, or None if another session holds the lock.
-    Only the oldest rows of a channel go, so what is kept has no holes.
-    ``stop`` (an Event) ends the pass early. ``conn`` must be in autocommit.
+    It looks only at channels with something to prune (an index on ``published_at``, one
+    scan of ``streams``). Only one process prunes a log at a time (a session advisory
+    lock): returns how many rows this call deleted, or None if another session holds the
+    lock. Only the oldest rows of a channel go, so what is kept has no holes. ``stop`` (an
+    Event) ends the pass early. ``conn`` must be in autocommit.
     """
     ident = sql.Identifier(schema)
     deleted = 0
@@ -418,30 +597,43 @@ def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 100
             return None
         try:
             cur.execute(sql.SQL(
-                'SELECT s.channel, (SELECT max(m."offset") FROM {s}.messages m '
-                "WHERE m.channel = s.channel) FROM {s}.streams s").format(s=ident))
-            for channel, head in cur.fetchall():
-                if head is None:
-                    continue
+                'SELECT channel, max("offset") FROM {s}.messages '
+                "WHERE published_at < now() - %s * interval '1 second' GROUP BY channel "
+                "UNION ALL SELECT channel, head - %s FROM {s}.streams WHERE head - pruned_to > %s"
+            ).format(s=ident), (max_age, keep, keep))
+            upto: Dict[str, int] = {}
+            for channel, offset in cur.fetchall():
+                upto[channel] = max(upto.get(channel, 0), int(offset))
+            for channel in sorted(upto):
                 while stop is None or not stop.is_set():
+                    # one short transaction: a batch of rows goes, the channel remembers how far
                     cur.execute(sql.SQL(
-                        'SELECT "offset", published_at < now() - %s * interval \'1 second\' '
-                        'FROM {}.messages WHERE channel = %s ORDER BY "offset" LIMIT %s'
-                    ).format(ident), (max_age, channel, batch))
-                    upto, count = None, 0
-                    for offset, old in cur.fetchall():
-                        if not (old or offset <= head - keep):
-                            break
-                        upto, count = offset, count + 1
-                    if upto is None:
+                        'WITH gone AS (DELETE FROM {s}.messages WHERE channel = %s AND "offset" '
+                        'IN (SELECT "offset" FROM {s}.messages WHERE channel = %s '
+                        'AND "offset" <= %s ORDER BY "offset" LIMIT %s) RETURNING "offset") '
+                        'UPDATE {s}.streams SET pruned_to = greatest(pruned_to, '
+                        '(SELECT max("offset") FROM gone)) WHERE channel = %s '
+                        'AND EXISTS (SELECT FROM gone) RETURNING (SELECT count(*) FROM gone)'
+                    ).format(s=ident), (channel, channel, upto[channel], batch, channel))
+                    row = cur.fetchone()
+                    if row is None:
                         break
-                    # one short transaction: the rows go, and the channel remembers how far
-                    cur.execute(sql.SQL(
-                        'DELETE FROM {s}.messages WHERE channel = %s AND "offset" <= %s; '
-                        "UPDATE {s}.streams SET pruned_to = greatest(pruned_to, %s) "
-                        "WHERE channel = %s").format(s=ident), (channel, upto, upto, channel))
-                    deleted += count
+                    deleted += int(row[0])
+            if stop is None or not stop.is_set():
+                _drop_idle_streams(conn, schema, max_age)
         finally:
             cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (schema + ".prune",))
     return deleted
 
+
+def _drop_idle_streams(conn: Any, schema: str, max_age: float) -> None:
+    """Remove the rows of channels with nothing kept and nothing numbered for ``max_age``."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(
+            "SELECT pg_advisory_xact_lock(hashtext(%s)); "
+            "WITH gone AS (DELETE FROM {s}.streams s WHERE s.pruned_to >= s.head "
+            "AND s.touched_at < now() - %s * interval '1 second' "
+            "AND NOT EXISTS (SELECT FROM {s}.messages m WHERE m.channel = s.channel) "
+            "RETURNING s.head) UPDATE {s}.meta SET offset_floor = greatest(offset_floor, "
+            "(SELECT max(head) FROM gone)) WHERE EXISTS (SELECT FROM gone)"
+        ).format(s=sql.Identifier(schema)), (_lock_key(schema), max_age))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type
@@ -14,7 +15,7 @@ import psycopg2.sql
 
 from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
-from .postgres import close_quietly
+from .postgres import STATEMENT_TIMEOUT, close_quietly, session_params
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class NotifyPool:
         size: int = 4,
         wait_timeout: float = 10.0,
         connect_timeout: float = 10.0,
-        statement_timeout: Optional[float] = None,
+        statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
         application_name: str = "pgws_sync notify",
         size_name: str = "size",
         error: Type[NotifyFailed] = NotifyFailed,
@@ -66,20 +67,10 @@ class NotifyPool:
         self._usage = 0.0  # pg_notification_queue_usage() when last seen
         self._usage_at = float("-inf")
         self._warned_at = float("-inf")
-        params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
-        options = params.pop("options", "")
-        if statement_timeout is not None:
-            options += f" -c statement_timeout={int(statement_timeout * 1000)}"
         # Settings in the DSN win, except the name this pool's connections show.
-        self._params: Dict[str, Any] = {
-            "connect_timeout": max(1, int(connect_timeout)),
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-            "keepalives_count": 3,
-            **params,
-            "application_name": application_name,
-        }
-        if options.strip():
-            self._params["options"] = options.strip()
+        self._params: Dict[str, Any] = session_params(
+            dsn, application_name=application_name, connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout)
         self._lock = threading.Lock()  # guards the pool state below
         self._free = threading.Condition(self._lock)
         self._idle: List[Any] = []
@@ -90,8 +81,8 @@ class NotifyPool:
     def notify(self, channel: str, payloads: Sequence[str]) -> None:
         """NOTIFY each payload on ``channel``, in order and in one transaction: all or none.
 
-        A connection that died while idle (a database restart) fails before
-        anything is sent; then a fresh one is tried, once.
+        A connection that died while idle (a database restart) is noticed before
+        anything is sent and replaced; nothing is ever sent twice.
         """
         if not payloads:
             return
@@ -103,7 +94,7 @@ class NotifyPool:
 
     def select(self, expression: Any, args: Sequence[Any], *, what: str) -> Any:
         """``SELECT expression`` (a ``psycopg2.sql`` object, e.g. a function that NOTIFYs)
-        like :meth:`notify`: checked, retried once on a dead connection, counted. Returns its
+        like :meth:`notify`: checked, on a live connection, counted. Returns its
         value; failures raise ``error`` saying ``what`` failed."""
         query = psycopg2.sql.SQL("SELECT ") + expression
         return self._counted(1, lambda: self._execute(query, args, what, result=True))
@@ -130,25 +121,23 @@ class NotifyPool:
             query = query + psycopg2.sql.SQL(", pg_notification_queue_usage()")
         elif check:
             query += "; SELECT pg_notification_queue_usage()"
-        for attempt in (1, 2):
-            conn = self._acquire()
-            value = None
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(query, args)
-                    if result or check:
-                        row = cur.fetchone()
-                        value = row[0] if result else None
-                        if check:
-                            self._saw_usage(float(row[-1]))
-            except psycopg2.Error as exc:
-                broken = bool(conn.closed)
-                self._release(conn, broken=broken)
-                if broken and attempt == 1:
-                    continue
-                raise self.error(f"{what} failed: {first_line(exc)}") from exc
-            self._release(conn)
-            return value
+        # Never retried: once sent, a statement may have run (a durable message committed)
+        # even when its answer was lost. A connection that died while idle is replaced first.
+        conn = self._acquire()
+        value = None
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query, args)
+                if result or check:
+                    row = cur.fetchone()
+                    value = row[0] if result else None
+                    if check:
+                        self._saw_usage(float(row[-1]))
+        except psycopg2.Error as exc:
+            self._release(conn, broken=bool(conn.closed))
+            raise self.error(f"{what} failed: {first_line(exc)}") from exc
+        self._release(conn)
+        return value
 
     def close(self) -> None:
         """Close this process's idle connections (busy ones when they come back); later
@@ -166,7 +155,26 @@ class NotifyPool:
     # --------------------------------------------------------- internals
 
     def _acquire(self) -> Any:
+        """A live connection: an idle one that still answers, or a new one."""
         deadline = time.monotonic() + self.wait_timeout
+        while True:
+            conn = self._take(deadline)
+            if conn is None:
+                break
+            if _idle_and_alive(conn):
+                return conn
+            self._release(conn, broken=True)  # died while idle: nothing was sent on it
+        try:
+            conn = psycopg2.connect(**self._params)
+        except psycopg2.Error as exc:
+            self._release(None, broken=True)  # frees the slot taken above
+            raise self._failure("unreachable",
+                                f"cannot connect to the database: {first_line(exc)}") from exc
+        conn.autocommit = True
+        return conn
+
+    def _take(self, deadline: float) -> Any:
+        """An idle connection, or None once a slot for a new one is reserved."""
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's connections are not ours
                 self._pid, self._idle, self._open = os.getpid(), [], 0
@@ -177,20 +185,12 @@ class NotifyPool:
                     return self._idle.pop()
                 if self._open < self.size:
                     self._open += 1
-                    break
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise self._failure("busy", f"the database is busy: all {self.size} "
                                                 f"connections are in use ({self.size_name})")
                 self._free.wait(left)
-        try:
-            conn = psycopg2.connect(**self._params)
-        except psycopg2.Error as exc:
-            self._release(None, broken=True)  # frees the slot taken above
-            raise self._failure("unreachable",
-                                f"cannot connect to the database: {first_line(exc)}") from exc
-        conn.autocommit = True
-        return conn
 
     def _check_queue(self) -> None:
         """Refuse to publish while PostgreSQL's notification queue is fuller than
@@ -248,3 +248,17 @@ class NotifyPool:
             self._free.notify()
         if not keep:
             close_quietly(conn)
+
+
+def _idle_and_alive(conn: Any) -> bool:
+    """Whether an idle connection can still be used. The server sends an idle session
+    nothing but its goodbye (a FATAL notice, then EOF), so readable means "look closer"."""
+    if conn.closed:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if readable:
+            conn.poll()
+    except (psycopg2.Error, OSError, ValueError):
+        return False
+    return not conn.closed

@@ -109,24 +109,16 @@ class Listener(SourceThread):
     # --------------------------------------------------------------- internals
 
     def _connect(self) -> Any:
-        params = psycopg2.extensions.parse_dsn(self.dsn) if self.dsn else {}
-        options = params.get("options", "")
-        params.update(
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=5,
-            keepalives_count=3,
-            tcp_user_timeout=int(self.heartbeat_interval * 1000) + 20000,
-            application_name=self.application_name,
-            options=(options + " -c idle_session_timeout=0").strip(),
-        )
+        params = session_params(self.dsn, application_name=self.application_name,
+                                connect_timeout=None,
+                                tcp_user_timeout=self.heartbeat_interval + 20.0)
         try:
-            return self._connect_with(params)
+            return self._connect_with({**params, "options": params.get("options", "") +
+                                       " -c idle_session_timeout=0"})
         except psycopg2.OperationalError as exc:
             if "idle_session_timeout" not in str(exc):
                 raise
             # PostgreSQL before 14 has no idle session timeout to turn off.
-            params["options"] = options
             return self._connect_with(params)
 
     def _connect_with(self, params: Dict[str, Any]) -> Any:
@@ -248,17 +240,61 @@ def notification_queue_usage(dsn: str) -> Optional[float]:
         close_quietly(conn)
 
 
-def connect(dsn: str, *, connect_timeout: int = 10,
-            application_name: Optional[str] = None) -> Any:
-    """An autocommit psycopg2 connection that gives up after ``connect_timeout`` seconds,
-    unless the DSN or ``PGCONNECT_TIMEOUT`` says otherwise."""
-    options: Dict[str, Any] = {}
+#: Seconds a statement of the library's own connections may run (``statement_timeout``).
+STATEMENT_TIMEOUT = 30.0
+#: Seconds a statement of the library's own connections may wait for a lock (``lock_timeout``).
+LOCK_TIMEOUT = 10.0
+#: Seconds unacknowledged data may sit on a connection before it counts as dead
+#: (``tcp_user_timeout``, client and server side), and the TCP keepalive timings.
+TCP_USER_TIMEOUT = 30.0
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+               "keepalives_count": 3}
+
+
+def session_params(dsn: str, *, application_name: Optional[str] = None,
+                   connect_timeout: Optional[float] = 10.0,
+                   statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
+                   lock_timeout: Optional[float] = LOCK_TIMEOUT,
+                   tcp_user_timeout: Optional[float] = TCP_USER_TIMEOUT,
+                   server_options: str = "") -> Dict[str, Any]:
+    """``psycopg2.connect`` keywords for a connection of the library: keepalives and a TCP
+    user timeout on both ends, statement and lock timeouts, a bounded connect (seconds;
+    None: not set). Whatever the DSN (or ``PGCONNECT_TIMEOUT``) sets wins, except
+    ``application_name``."""
+    params: Dict[str, Any] = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+    options = [params.pop("options", "")]
+    settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout,
+                "tcp_user_timeout": tcp_user_timeout}
+    for name, seconds in settings.items():
+        if seconds is not None and f"{name}=" not in options[0]:
+            options.append(f"-c {name}={int(seconds * 1000)}")
+    if tcp_user_timeout is not None:  # the server drops a dead client (and its locks) in time
+        options.append("-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 "
+                       "-c tcp_keepalives_count=3")
+        params.setdefault("tcp_user_timeout", int(tcp_user_timeout * 1000))
+        for key, value in _KEEPALIVES.items():
+            params.setdefault(key, value)
+    options.append(server_options)
+    if connect_timeout is not None and not os.environ.get("PGCONNECT_TIMEOUT"):
+        params.setdefault("connect_timeout", max(1, int(connect_timeout)))
     if application_name is not None:
-        options["application_name"] = application_name
-    if "connect_timeout" not in (psycopg2.extensions.parse_dsn(dsn) if dsn else {}) \
-            and not os.environ.get("PGCONNECT_TIMEOUT"):
-        options["connect_timeout"] = connect_timeout
-    conn = psycopg2.connect(dsn, **options)
+        params["application_name"] = application_name
+    joined = " ".join(o.strip() for o in options if o.strip())
+    if joined:
+        params["options"] = joined
+    return params
+
+
+def connect(dsn: str, *, connect_timeout: int = 10,
+            application_name: Optional[str] = None,
+            statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
+            lock_timeout: Optional[float] = LOCK_TIMEOUT) -> Any:
+    """An autocommit psycopg2 connection with the library's timeouts (:func:`session_params`);
+    it gives up connecting after ``connect_timeout`` seconds, unless the DSN or
+    ``PGCONNECT_TIMEOUT`` says otherwise."""
+    conn = psycopg2.connect(**session_params(
+        dsn, application_name=application_name, connect_timeout=connect_timeout,
+        statement_timeout=statement_timeout, lock_timeout=lock_timeout))
     conn.autocommit = True
     return conn
 

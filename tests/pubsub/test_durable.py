@@ -9,7 +9,14 @@ import pytest
 
 from pgws_sync import InvalidPayload, MessageTooLarge, migrate, publish_durable
 
-from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
+from ..durable_helpers import (
+    Resumer,
+    new_log,
+    number_all,
+    publish_many,
+    serve_durable,
+    wait_numbered,
+)
 from ..pubsub_helpers import Client, post
 
 
@@ -30,7 +37,7 @@ def test_migrate_is_idempotent_and_says_what_it_did(pg_dsn):
     conn = psycopg2.connect(pg_dsn)
     try:
         assert migrate(conn, schema=schema) == [
-            f"the durable log in schema {schema!r} is up to date (version 1); nothing to do"]
+            f"the durable log in schema {schema!r} is up to date (version 2); nothing to do"]
         assert migrate(conn, schema=schema, max_payload=10) == [
             "set max_payload from 1048576 to 10 bytes"]
     finally:
@@ -49,9 +56,9 @@ def test_committed_messages_arrive_once_with_consecutive_offsets_rolled_back_nev
         with conn:  # rolled back: never delivered, takes no offset
             publish_durable(conn, channel, {"n": "rolled back"}, schema=schema)
             conn.rollback()
-        with conn:
-            assert publish_durable(conn, channel, {"n": 1}, schema=schema) == 1
-            assert publish_durable(conn, channel, "two", type="text", schema=schema) == 2
+        with conn:  # numbered after commit: the call returns the message's seq, not an offset
+            first = publish_durable(conn, channel, {"n": 1}, schema=schema)
+            assert publish_durable(conn, channel, "two", type="text", schema=schema) > first
         with conn, conn.cursor() as cur:  # from SQL, in the caller's transaction
             cur.execute(f"SELECT {schema}.publish(%s, %s)", (channel, '{"n": 3}'))
     finally:
@@ -210,22 +217,6 @@ def test_a_position_older_than_retention_gets_resync_required(pg_dsn, channel):
         server.stop()
 
 
-def _publish_in_thread(dsn, schema, channel, message, result):
-    import threading
-
-    def run():
-        conn = psycopg2.connect(dsn)
-        try:
-            with conn:
-                result.append(publish_durable(conn, channel, message, schema=schema))
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=run, name="second-publisher", daemon=True)
-    thread.start()
-    return thread
-
-
 def waiting_for_lock(dsn) -> bool:
     conn = psycopg2.connect(dsn)
     try:
@@ -237,58 +228,151 @@ def waiting_for_lock(dsn) -> bool:
 
 
 @pytest.mark.parametrize("first_ends", ["commit", "rollback"])
-def test_the_second_publisher_of_a_channel_waits_and_takes_the_next_offset(pg_dsn, channel,
-                                                                           first_ends):
-    from ..helpers import wait_for
-
-    schema = new_log(pg_dsn)
-    first = psycopg2.connect(pg_dsn)
+def test_a_publisher_never_waits_for_another_transaction_of_the_same_channel(
+        durable, pg_dsn, channel, first_ends):
+    server, schema = durable
+    client = Client(server)
+    subscribe(client, channel)
+    first, second = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
     try:
-        assert publish_durable(first, channel, "first", type="text", schema=schema) == 1
-        got = []
-        thread = _publish_in_thread(pg_dsn, schema, channel, "second", got)
-        wait_for(lambda: waiting_for_lock(pg_dsn), message="the second publisher to wait")
-        assert got == []  # it waits for the first transaction to end
+        publish_durable(first, channel, "first", type="text", schema=schema)  # stays open
+        with second:  # commits at once: nothing to wait for
+            publish_durable(second, channel, "second", type="text", schema=schema)
+        frame = client.recv_json()  # while the first transaction is still open
+        assert (frame["payload"], frame["offset"]) == ("second", 1)
+        assert not waiting_for_lock(pg_dsn)
         getattr(first, first_ends)()
-        thread.join(10)
-        assert got == [2 if first_ends == "commit" else 1]  # no gap either way
+        if first_ends == "commit":
+            frame = client.recv_json()
+            assert (frame["payload"], frame["offset"]) == ("first", 2)  # consecutive
+        publish_many(pg_dsn, schema, [(channel, "after")])
+        frame = client.recv_json()
+        assert (frame["payload"], frame["offset"]) == ("after", 3 if first_ends == "commit" else 2)
     finally:
         first.close()
+        second.close()
 
 
 def test_offsets_keep_growing_after_everything_was_pruned(pg_dsn, channel):
     from pgws_sync.sources.log import heads, prune
 
     schema = new_log(pg_dsn)
-    publish_many(pg_dsn, schema, ((channel, n) for n in range(3)))
+    publish_many(pg_dsn, schema, ((channel, n) for n in range(3)), numbered=False)
+    assert number_all(pg_dsn, schema) == 3
     conn = psycopg2.connect(pg_dsn)
     conn.autocommit = True
     try:
         assert prune(conn, schema, max_age=0, keep=1) == 3
+        with conn.cursor() as cur:  # the channel's row went too: the log's floor keeps its head
+            assert heads(cur, schema, [channel, "never-published"]) == {
+                channel: (3, 4), "never-published": (3, 4)}
+        publish_durable(conn, channel, "after", type="text", schema=schema)
+        assert number_all(pg_dsn, schema) == 1
         with conn.cursor() as cur:
-            assert heads(cur, schema, [channel]) == {channel: (3, 4)}
-        assert publish_durable(conn, channel, "after", type="text", schema=schema) == 4
+            assert heads(cur, schema, [channel]) == {channel: (4, 4)}
     finally:
         conn.close()
 
 
-def test_repeatable_read_publishers_of_one_channel_fail_cleanly_never_wrongly(pg_dsn, channel):
-    schema = new_log(pg_dsn)
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_publishers_at_any_isolation_level_both_succeed_with_consecutive_offsets(
+        durable, pg_dsn, channel, level):
+    server, schema = durable
+    client = Client(server)
+    subscribe(client, channel)
     a, b = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
     try:
         for conn in (a, b):
-            conn.set_session(isolation_level="REPEATABLE READ")
-            conn.cursor().execute("SELECT 1")  # take the snapshots now
-        assert publish_durable(a, channel, "a", type="text", schema=schema) == 1
+            conn.set_session(isolation_level=level)
+            conn.cursor().execute(f"SELECT count(*) FROM {schema}.messages")  # snapshots now
+        publish_durable(a, channel, "a", type="text", schema=schema)
+        publish_durable(b, channel, "b", type="text", schema=schema)
         a.commit()
-        with pytest.raises(psycopg2.Error):  # b cannot see a's message: it must retry
-            publish_durable(b, channel, "b", type="text", schema=schema)
-        b.rollback()
-        assert publish_durable(b, channel, "b", type="text", schema=schema) == 2
         b.commit()
     finally:
         a.close()
         b.close()
+    frames = [client.recv_json(), client.recv_json()]
+    assert sorted(f["payload"] for f in frames) == ["a", "b"]
+    assert [f["offset"] for f in frames] == [1, 2]
+
+
+def test_transactions_publishing_to_two_channels_in_opposite_orders_never_deadlock(
+        pg_dsn, channel):
+    import threading
+
+    schema = new_log(pg_dsn)
+    x, y = channel + "-x", channel + "-y"
+    a, b = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
+    try:
+        for _ in range(5):
+            # lock step: a publishes to x while b publishes to y, then each to the other
+            publish_durable(a, x, "a1", type="text", schema=schema)
+            publish_durable(b, y, "b1", type="text", schema=schema)
+            errors = []
+
+            def second(conn, name, text):
+                try:
+                    publish_durable(conn, name, text, type="text", schema=schema)
+                    conn.commit()
+                except psycopg2.Error as exc:  # a deadlock would end up here
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=second, args=(a, y, "a2"), name="a", daemon=True),
+                       threading.Thread(target=second, args=(b, x, "b2"), name="b", daemon=True)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+                assert not thread.is_alive()
+            assert errors == []
+    finally:
+        a.close()
+        b.close()
+    assert number_all(pg_dsn, schema) == 20
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT channel, array_agg("offset" ORDER BY "offset") FROM '
+                        f"{schema}.messages GROUP BY channel ORDER BY channel")
+            assert cur.fetchall() == [(x, list(range(1, 11))), (y, list(range(1, 11)))]
+    finally:
+        conn.close()
+
+
+def test_a_version_1_log_is_upgraded_in_place_and_keeps_its_offsets(durable, pg_dsn, channel):
+    from pgws_sync.sources.log import _VERSION_1, _literal, _quoted, wake_channel_for
+
+    _server, _schema = durable
+    schema = f"old_{channel}".lower().replace("-", "_")
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:  # a log as version 1 made it, with two messages
+            for stmt in _VERSION_1:
+                cur.execute(stmt.replace("{s}", _quoted(schema)))
+            cur.execute(f"INSERT INTO {schema}.meta (version, max_payload, wake_channel) "
+                        f"VALUES (1, 1048576, {_literal(wake_channel_for(schema))})")
+            cur.execute(f"INSERT INTO {schema}.streams (channel) VALUES (%s)", (channel,))
+            cur.execute(f"INSERT INTO {schema}.messages (channel, \"offset\", id, type, payload) "
+                        f"VALUES (%s, 1, 'a', 'json', '1'), (%s, 2, 'b', 'json', '2')",
+                        (channel, channel))
+        assert migrate(conn, schema=schema) == [
+            f"upgraded the durable log in schema {schema!r} from version 1 to 2 (offsets "
+            f"numbered after commit)"]
+    finally:
+        conn.close()
+    server = serve_durable(pg_dsn, schema)
+    try:
+        client = Client(server)
+        reply = subscribe(client, channel, since=0)
+        assert reply["event"] == "subscribed" and reply["offset"] == 2
+        assert [client.recv_json()["payload"] for _ in range(2)] == [1, 2]
+        publish_many(pg_dsn, schema, [(channel, 3)])
+        frame = client.recv_json()
+        assert (frame["payload"], frame["offset"]) == (3, 3)
+    finally:
+        server.stop()
 
 
 def test_a_recreated_log_sends_resync_required_with_its_new_epoch(durable, pg_dsn, channel):

@@ -1,0 +1,174 @@
+"""The sequencer: the one process per log that numbers newly committed durable messages.
+
+Every process with a durable endpoint runs a :class:`Sequencer` thread. The
+one whose connection holds the session advisory lock ``<schema>.sequencer``
+is elected: it calls ``<schema>.sequence`` every ``poll_interval`` seconds
+(at once again while batches come back full). The others try to take the
+lock every ``takeover_interval`` seconds, so when the elected process dies
+its session ends, the lock goes with it, and another takes over within about
+that long (a silent network is noticed within the TCP user timeout, on both
+ends). Numbering itself is serial whoever calls it (a transaction lock inside
+the function), so two sequencers at once are slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Optional
+
+import psycopg2
+from psycopg2 import sql
+
+from .. import _metrics
+from ..errors import first_line
+from . import log
+from .postgres import close_quietly, connect
+
+logger = logging.getLogger(__name__)
+
+
+class Sequencer:
+    """Numbers the log in ``schema`` while this process is elected (see the module).
+
+    :param dsn: the database holding the log.
+    :param schema: the log's schema.
+    :param poll_interval: seconds between two looks at the log's intake while elected.
+    :param takeover_interval: seconds between two attempts to be elected.
+    :param batch: the most messages one call numbers.
+    """
+
+    def __init__(self, dsn: str, *, schema: str, poll_interval: float = 0.005,
+                 takeover_interval: float = 2.0, batch: int = log.SEQUENCE_BATCH) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.poll_interval = poll_interval
+        self.takeover_interval = takeover_interval
+        self.batch = batch
+        #: Whether this process numbers the log now.
+        self.elected = False
+        self.error: Optional[str] = None
+        #: time.monotonic() when the current call to the database began, None between calls.
+        self.busy_since: Optional[float] = None
+        self._oldest: Optional[int] = None  # the intake's oldest seq when last watched
+        self._oldest_since = 0.0
+        self._stop = threading.Event()
+        self._pid: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()  # guards _pid and _thread
+
+    def start(self) -> None:
+        """Start this process's thread, if not yet."""
+        with self._start_lock:
+            if self._pid == os.getpid() or self._stop.is_set():
+                return
+            self._pid = os.getpid()
+            self.elected, self.busy_since = False, None
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"pgws-sequencer-{self._pid}")
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (its session, and with it the election, ends)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid() \
+                and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("sequencer thread %s did not stop within %.1fs", thread.name,
+                               timeout)
+
+    def stalled_for(self) -> float:
+        """Seconds the log's numbering has not moved although it had work: this process's
+        call to the database running that long, or (not elected) the same oldest message
+        waiting in the intake since then; 0 when it moves."""
+        now = time.monotonic()
+        busy = self.busy_since
+        stuck = 0.0 if busy is None else now - busy
+        if self.elected or self._oldest is None:
+            return stuck
+        return max(stuck, now - self._oldest_since)
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        conn: Any = None
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if conn is None:
+                        conn = connect(self.dsn, application_name="pgws_sync sequencer")
+                    if self.elected or self._elect(conn):
+                        full = self._number(conn)
+                        failures = 0
+                        if full:
+                            continue
+                        self._stop.wait(self.poll_interval)
+                    else:
+                        self._watch(conn)
+                        self._stop.wait(self.takeover_interval)
+                except (psycopg2.Error, OSError) as exc:
+                    self._lost(first_line(exc))
+                    close_quietly(conn)
+                    conn = None
+                    failures += 1
+                    self._stop.wait(min(10.0, 0.2 * 2 ** min(failures - 1, 6)))
+        finally:
+            if self.elected:
+                self._set_elected(False)
+            close_quietly(conn)
+
+    def _elect(self, conn: Any) -> bool:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                        (self.schema + ".sequencer",))
+            if not cur.fetchone()[0]:
+                return False
+        self._set_elected(True)
+        logger.info("this process numbers the durable log in schema %r (elected sequencer)",
+                    self.schema)
+        return True
+
+    def _watch(self, conn: Any) -> None:
+        """Not elected: note whether the log's intake moves (the elected one may be stuck)."""
+        self.busy_since = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("SELECT min(seq) FROM {}.pending").format(
+                    sql.Identifier(self.schema)))
+                oldest = cur.fetchone()[0]
+        finally:
+            self.busy_since = None
+        now = time.monotonic()
+        if oldest is None or oldest != self._oldest:
+            self._oldest, self._oldest_since = oldest, now
+        self.error = None
+
+    def _number(self, conn: Any) -> bool:
+        """One call of the database's sequencer; True if it came back full."""
+        self.busy_since = time.monotonic()
+        try:
+            moved = log.sequence(conn, self.schema, self.batch)
+        finally:
+            self.busy_since = None
+        self.error = None
+        count = sum(n.numbered for n in moved)
+        _metrics.inc("log_sequenced", count, log=self.schema)
+        return count >= self.batch
+
+    def _lost(self, reason: str) -> None:
+        self.error = reason
+        if self.elected:
+            logger.warning("the durable log's sequencer lost its connection (%s); another "
+                           "process takes over, or this one once it reconnects", reason)
+            self._set_elected(False)
+        else:
+            logger.debug("sequencer: %s", reason)
+
+    def _set_elected(self, elected: bool) -> None:
+        self.elected = elected
+        _metrics.set_gauge("log_sequencer_elected", 1.0 if elected else 0.0, log=self.schema)
