@@ -139,7 +139,7 @@ class Streams:
         self.max_payload = log.DEFAULT_MAX_PAYLOAD
         self.error: Optional[str] = None
         self.connected = False
-        #: time.monotonic() when the thread's current database call began, None between calls.
+        #: time.monotonic() when the thread began work it has not finished yet (None: idle).
         self.busy_since: Optional[float] = None
 
         self._lock = threading.Lock()  # guards the six fields below
@@ -256,7 +256,7 @@ class Streams:
 
     def stalled_for(self) -> float:
         """Seconds durable delivery has not moved although it had work to do: this thread's
-        current database call, or the log's numbering (0 when both move)."""
+        unfinished work (across reconnects), or the log's numbering."""
         busy = self.busy_since
         mine = 0.0 if busy is None else time.monotonic() - busy
         return max(mine, self.sequencer.stalled_for())
@@ -388,6 +388,8 @@ class Streams:
             if self._all_dirty:
                 dirty, self._all_dirty = set(self._subs), False
             ready, self._ready = self._ready, set()
+        if self.busy_since is None:  # until this work is done, even across reconnects
+            self.busy_since = time.monotonic()
         for request in [r for r in requests if r.attempts > REQUEST_ATTEMPTS]:
             requests.remove(request)
             self._fail(request, "the durable log did not answer in time; try again")
@@ -407,6 +409,7 @@ class Streams:
                 self._dirty |= dirty
                 self._ready |= ready
             raise
+        self.busy_since = None
         return True
 
     # ------------------------------------------------------------ requests
@@ -547,23 +550,14 @@ class Streams:
     # ------------------------------------------------------------ delivery
 
     def _heads(self, channels: List[str]) -> Dict[str, Tuple[int, int]]:
-        self.busy_since = time.monotonic()  # health reads how long a call runs
-        try:
-            with self._conn.cursor() as cur:
-                return log.heads(cur, self.schema, channels)
-        finally:
-            self.busy_since = None
+        with self._conn.cursor() as cur:
+            return log.heads(cur, self.schema, channels)
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
         """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
         (every subscriber then starts again from the new log, see :meth:`_new_epoch`)."""
-        self.busy_since = time.monotonic()
-        try:
-            with self._conn.cursor() as cur:
-                epoch, found = log.read_after(cur, self.schema, positions, limit,
-                                              self.page_bytes)
-        finally:
-            self.busy_since = None
+        with self._conn.cursor() as cur:
+            epoch, found = log.read_after(cur, self.schema, positions, limit, self.page_bytes)
         if epoch != self.epoch:
             self._new_epoch(epoch)
             return {}

@@ -50,8 +50,8 @@ class Sequencer:
         #: Whether this process numbers the log now.
         self.elected = False
         self.error: Optional[str] = None
-        #: time.monotonic() when the current call to the database began, None between calls.
-        self.busy_since: Optional[float] = None
+        #: time.monotonic() when a call to the database last came back.
+        self.progress_at = time.monotonic()
         self._oldest: Optional[int] = None  # the intake's oldest seq when last watched
         self._oldest_since = 0.0
         self._stop = threading.Event()
@@ -65,7 +65,7 @@ class Sequencer:
             if self._pid == os.getpid() or self._stop.is_set():
                 return
             self._pid = os.getpid()
-            self.elected, self.busy_since = False, None
+            self.elected, self.progress_at = False, time.monotonic()
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"pgws-sequencer-{self._pid}")
         self._thread.start()
@@ -82,15 +82,15 @@ class Sequencer:
                                timeout)
 
     def stalled_for(self) -> float:
-        """Seconds the log's numbering has not moved although it had work: this process's
-        call to the database running that long, or (not elected) the same oldest message
-        waiting in the intake since then; 0 when it moves."""
+        """Seconds the log's numbering may have been stuck: since this thread's last answer
+        from the database (it asks every ``poll_interval`` elected, every
+        ``takeover_interval`` otherwise), or, not elected, since the intake's oldest
+        message was first seen still waiting."""
         now = time.monotonic()
-        busy = self.busy_since
-        stuck = 0.0 if busy is None else now - busy
+        silent = now - self.progress_at
         if self.elected or self._oldest is None:
-            return stuck
-        return max(stuck, now - self._oldest_since)
+            return silent
+        return max(silent, now - self._oldest_since)
 
     # ------------------------------------------------------------ the thread
 
@@ -101,7 +101,8 @@ class Sequencer:
             while not self._stop.is_set():
                 try:
                     if conn is None:
-                        conn = connect(self.dsn, application_name="pgws_sync sequencer")
+                        conn = connect(self.dsn,
+                                       application_name=f"pgws_sync sequencer {os.getpid()}")
                     if self.elected or self._elect(conn):
                         full = self._number(conn)
                         failures = 0
@@ -127,6 +128,7 @@ class Sequencer:
             cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
                         (self.schema + ".sequencer",))
             if not cur.fetchone()[0]:
+                self.progress_at = time.monotonic()
                 return False
         self._set_elected(True)
         logger.info("this process numbers the durable log in schema %r (elected sequencer)",
@@ -135,26 +137,20 @@ class Sequencer:
 
     def _watch(self, conn: Any) -> None:
         """Not elected: note whether the log's intake moves (the elected one may be stuck)."""
-        self.busy_since = time.monotonic()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("SELECT min(seq) FROM {}.pending").format(
-                    sql.Identifier(self.schema)))
-                oldest = cur.fetchone()[0]
-        finally:
-            self.busy_since = None
-        now = time.monotonic()
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT min(seq) FROM {}.pending").format(
+                sql.Identifier(self.schema)))
+            oldest = cur.fetchone()[0]
+        now = self.progress_at = time.monotonic()
         if oldest is None or oldest != self._oldest:
             self._oldest, self._oldest_since = oldest, now
         self.error = None
 
     def _number(self, conn: Any) -> bool:
         """One call of the database's sequencer; True if it came back full."""
-        self.busy_since = time.monotonic()
-        try:
-            moved = log.sequence(conn, self.schema, self.batch)
-        finally:
-            self.busy_since = None
+        moved = log.sequence(conn, self.schema, self.batch)
+        self.progress_at = time.monotonic()
+        self._oldest = None
         self.error = None
         count = sum(n.numbered for n in moved)
         _metrics.inc("log_sequenced", count, log=self.schema)

@@ -35,8 +35,8 @@ _sentinels = itertools.count()
 @pytest.fixture(scope="module")
 def server(pg_dsn: str) -> Iterator[Any]:
     schema = new_log(pg_dsn)
-    publish_many(pg_dsn, schema, (("five", n) for n in range(5)))
     g = serve_durable(pg_dsn, schema)
+    publish_many(pg_dsn, schema, (("five", n) for n in range(5)))
     yield g
     g.stop()
 

