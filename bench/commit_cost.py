@@ -106,11 +106,12 @@ def sequencing(dsn: str) -> Iterator[None]:
 
 
 def intake_left(dsn: str) -> int:
+    from pgws_sync.sources import log
+
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {SCHEMA}.pending")
-            return int(cur.fetchone()[0])
+            return log.intake(cur, SCHEMA)[0]
     finally:
         conn.close()
 
@@ -138,29 +139,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
-    with durable_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp, \
-            sequencing(dsn):
-        workdir = Path(tmp)
+    with durable_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         prepare(dsn)
-        print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
-              f"publish ({args.seconds:g} s each)")
-        print(f"{'channels':>8} {'clients':>7} {'insert':>9} {'notify':>9} {'publish':>9} "
-              f"{'publish/insert':>15} {'notify/insert':>14}")
-        for channels in (1, 32):
-            for clients in (1, 8, 32):
-                tps = {name: run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
-                                         clients, args.seconds, workdir)
-                       for name, then in VARIANTS.items()}
-                print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
-                      f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
-                      f"{tps['notify'] / tps['insert']:>14.2f}", flush=True)
-        both = side_by_side(dsn, args.seconds, workdir)
-        plain, publishing = both["insert"], both["publish"]
-        print(f"32 updaters beside 32 plain inserters: {plain[0]:.0f} commits/s "
-              f"(inserters {plain[1]:.0f}); beside 32 publishers: {publishing[0]:.0f} "
-              f"(publishers {publishing[1]:.0f}); ratio {publishing[0] / plain[0]:.2f}")
-        print(f"messages still waiting for the sequencer at the end: {intake_left(dsn)}")
+        with sequencing(dsn):
+            report(dsn, Path(tmp), args.seconds)
     return 0
+
+
+def report(dsn: str, workdir: Path, seconds: float) -> None:
+    """Run every variant and print the table."""
+    print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
+          f"publish ({seconds:g} s each)")
+    print(f"{'channels':>8} {'clients':>7} {'insert':>9} {'notify':>9} {'publish':>9} "
+          f"{'publish/insert':>15} {'notify/insert':>14}")
+    for channels in (1, 32):
+        for clients in (1, 8, 32):
+            tps = {name: run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
+                                     clients, seconds, workdir)
+                   for name, then in VARIANTS.items()}
+            print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
+                  f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
+                  f"{tps['notify'] / tps['insert']:>14.2f}", flush=True)
+    both = side_by_side(dsn, seconds, workdir)
+    plain, publishing = both["insert"], both["publish"]
+    print(f"32 updaters beside 32 plain inserters: {plain[0]:.0f} commits/s "
+          f"(inserters {plain[1]:.0f}); beside 32 publishers: {publishing[0]:.0f} "
+          f"(publishers {publishing[1]:.0f}); ratio {publishing[0] / plain[0]:.2f}")
+    print(f"messages still waiting for the sequencer at the end: {intake_left(dsn)}")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def intake(dsn: str, schema: str) -> int:
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {schema}.pending")
+            cur.execute(f"SELECT count(*) FROM {schema}.messages "
+                        f"WHERE seq > (SELECT numbered_upto FROM {schema}.meta)")
             return int(cur.fetchone()[0])
     finally:
         conn.close()

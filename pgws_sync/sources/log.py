@@ -1,19 +1,25 @@
 """The durable log: messages kept in the application's own PostgreSQL, numbered after commit.
 
 Publishing (the SQL function ``<schema>.publish``) checks its arguments and
-inserts one row into ``<schema>.pending``, in the caller's transaction: no
-lock another transaction waits for, no NOTIFY, nothing that conflicts under
-any isolation level, and a rolled-back publish leaves nothing. One sequencer
-per database (``<schema>.sequence``, called by the elected process, see
-``sequencer.py``) moves newly committed rows into ``<schema>.messages``,
-giving each the next offset of its channel (1, 2, 3... with no gap) in the
-order of their insert ids, bumps the channel's head in ``<schema>.streams``
-and sends one payload-free NOTIFY per channel to wake the readers, who then
-ask the table what is new. Offsets therefore follow the order in which the
-sequencer saw transactions commit (see docs/guides/durable.md for exactly
-what that promises). ``meta.offset_floor`` is where a channel that has no
-``streams`` row starts, so a channel whose row was removed after retention
-never numbers an offset again that a client may still hold.
+inserts one row into ``<schema>.messages``, in the caller's transaction: no lock
+another transaction waits for, no NOTIFY, nothing that conflicts under any
+isolation level, and a rolled-back publish leaves nothing. Each row gets a
+``seq`` (an identity) when it is inserted, which is not commit order.
+
+One sequencer per database (``<schema>.sequence``, called by the elected
+process, see ``sequencer.py``) numbers rows after they commit: it reads the rows
+above ``meta.numbered_upto`` that its snapshot sees, gives each the next offset
+of its channel (1, 2, 3... with no gap) in ``seq`` order, writes the narrow
+``<schema>.offsets`` rows and the channel's head in ``<schema>.streams``, and
+sends one payload-free NOTIFY per channel to wake the readers, who then ask the
+tables what is new. A ``seq`` below the newest numbered one that it could not see
+yet (its transaction was still running) is kept in ``<schema>.gaps`` and numbered
+when it commits, or forgotten once every transaction that could hold it has ended
+(``pg_snapshot_xmin`` past the gap's horizon): it was rolled back. Offsets thus
+follow the order in which the sequencer saw transactions commit (see
+docs/guides/durable.md for exactly what that promises). ``meta.offset_floor`` is
+where a channel without a ``streams`` row starts, so a channel whose row was
+removed after retention never numbers an offset again that a client may hold.
 """
 
 from __future__ import annotations
@@ -47,46 +53,22 @@ DEFAULT_MAX_PAYLOAD = 1_048_576
 SCHEMA_VERSION = 2
 #: Message types a durable channel carries (a binary frame has no room for an offset).
 DURABLE_TYPES = ("json", "text")
-#: Rows one call of the sequencer numbers at most.
-SEQUENCE_BATCH = 500
+#: Messages one call of the sequencer numbers at most.
+SEQUENCE_BATCH = 1000
 
-# The statements that create version 1; {s} is the schema. Shown in docs/guides/durable.md.
-_VERSION_1 = [
+# The statements that create a log; {s} is the schema. Shown in docs/guides/durable.md.
+_CREATE = [
     "CREATE SCHEMA IF NOT EXISTS {s}",
     """CREATE TABLE {s}.meta (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     version integer NOT NULL,
     epoch text NOT NULL DEFAULT gen_random_uuid()::text,
     max_payload integer NOT NULL,
-    wake_channel text NOT NULL
-)""",
-    """CREATE TABLE {s}.streams (
-    channel text PRIMARY KEY,
-    pruned_to bigint NOT NULL DEFAULT 0
+    wake_channel text NOT NULL,
+    numbered_upto bigint NOT NULL DEFAULT 0,
+    offset_floor bigint NOT NULL DEFAULT 0
 )""",
     """CREATE TABLE {s}.messages (
-    channel text NOT NULL,
-    "offset" bigint NOT NULL,
-    id text NOT NULL,
-    type text NOT NULL CHECK (type IN ('json', 'text')),
-    payload text NOT NULL,
-    reply_to text,
-    published_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (channel, "offset")
-)""",
-]
-
-# Version 1 to 2, in place: offsets are numbered after commit by the sequencer.
-_VERSION_2 = [
-    "ALTER TABLE {s}.meta ADD COLUMN offset_floor bigint NOT NULL DEFAULT 0",
-    """ALTER TABLE {s}.streams
-    ADD COLUMN head bigint NOT NULL DEFAULT 0,
-    ADD COLUMN touched_at timestamptz NOT NULL DEFAULT now()""",
-    """UPDATE {s}.streams s SET head = greatest(s.pruned_to, coalesce(
-    (SELECT max(m."offset") FROM {s}.messages m WHERE m.channel = s.channel), 0))""",
-    "ALTER TABLE {s}.messages ADD COLUMN xid xid8",
-    "CREATE INDEX messages_published_at ON {s}.messages (published_at)",
-    """CREATE TABLE {s}.pending (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     channel text NOT NULL,
     id text NOT NULL,
@@ -96,7 +78,49 @@ _VERSION_2 = [
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     published_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )""",
+    """CREATE TABLE {s}.offsets (
+    channel text NOT NULL,
+    "offset" bigint NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (channel, "offset")
+)""",
+    "CREATE INDEX offsets_seq ON {s}.offsets (seq)",
+    """CREATE TABLE {s}.streams (
+    channel text PRIMARY KEY,
+    head bigint NOT NULL DEFAULT 0,
+    pruned_to bigint NOT NULL DEFAULT 0,
+    touched_at timestamptz NOT NULL DEFAULT now()
+)""",
+    """CREATE TABLE {s}.gaps (
+    seq bigint PRIMARY KEY,
+    horizon xid8 NOT NULL
+)""",
+]
+
+# Version 1 (offsets taken under a row lock by the publisher) to 2, in place.
+_UPGRADE_1 = [
+    "ALTER TABLE {s}.messages RENAME TO messages_v1",
+    "ALTER INDEX {s}.messages_pkey RENAME TO messages_v1_pkey",
+    "ALTER TABLE {s}.streams RENAME TO streams_v1",
+    "ALTER INDEX {s}.streams_pkey RENAME TO streams_v1_pkey",
+    "ALTER TABLE {s}.meta ADD COLUMN numbered_upto bigint NOT NULL DEFAULT 0, "
+    "ADD COLUMN offset_floor bigint NOT NULL DEFAULT 0",
+] + _CREATE[2:] + [
+    """INSERT INTO {s}.messages (seq, channel, id, type, payload, reply_to, xid, published_at)
+    OVERRIDING SYSTEM VALUE SELECT row_number() OVER (ORDER BY m.published_at, m.channel,
+    m."offset"), m.channel, m.id, m.type, m.payload, m.reply_to, '0'::xid8, m.published_at
+    FROM {s}.messages_v1 m""",
+    """INSERT INTO {s}.offsets (channel, "offset", seq) SELECT m.channel, m."offset",
+    row_number() OVER (ORDER BY m.published_at, m.channel, m."offset") FROM {s}.messages_v1 m""",
+    """INSERT INTO {s}.streams (channel, head, pruned_to) SELECT s.channel,
+    greatest(s.pruned_to, coalesce((SELECT max(m."offset") FROM {s}.messages_v1 m
+    WHERE m.channel = s.channel), 0)), s.pruned_to FROM {s}.streams_v1 s""",
+    "UPDATE {s}.meta SET numbered_upto = (SELECT count(*) FROM {s}.messages_v1)",
+    "SELECT setval(pg_get_serial_sequence({name} || '.messages', 'seq'), "
+    "greatest(1, (SELECT count(*) FROM {s}.messages_v1)), "
+    "(SELECT count(*) > 0 FROM {s}.messages_v1))",
     "DROP FUNCTION IF EXISTS {s}.publish(text, text, text, text, text)",
+    "DROP TABLE {s}.messages_v1, {s}.streams_v1",
 ]
 
 # Replaced on every migrate, so a release can fix them without a new version.
@@ -150,52 +174,83 @@ BEGIN
                 USING ERRCODE = '22023';
         END IF;
     END IF;
-    INSERT INTO {s}.pending (channel, id, type, payload, reply_to)
+    -- the transaction id before the seq: a transaction holding a seq the sequencer cannot
+    -- see yet is one its snapshots list as running (see sequence below)
+    PERFORM pg_current_xact_id();
+    INSERT INTO {s}.messages (channel, id, type, payload, reply_to)
         VALUES (publish.channel, coalesce(publish.id, gen_random_uuid()::text), publish.type,
                 publish.payload, publish.reply_to)
-        RETURNING pending.seq INTO seq;
+        RETURNING messages.seq INTO seq;
     RETURN seq;
 END
 $fn$""",
-    """CREATE OR REPLACE FUNCTION {s}.sequence(batch integer DEFAULT 500)
+    """CREATE OR REPLACE FUNCTION {s}.sequence(batch integer DEFAULT 1000)
     RETURNS TABLE (channel text, head bigint, numbered bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
-    floor_offset bigint;
-    wake text;
+    m {s}.meta;
+    before pg_snapshot;
+    fresh bigint[];
+    fresh_channels text[];
+    filled bigint[];
+    filled_channels text[];
+    top bigint;
 BEGIN
     -- one numbering transaction at a time, whoever calls (and the pruner, when it drops a row)
     PERFORM pg_advisory_xact_lock(hashtext({lock}));
-    SELECT offset_floor, wake_channel INTO STRICT floor_offset, wake FROM {s}.meta;
+    SELECT * INTO STRICT m FROM {s}.meta;
+    before := pg_current_snapshot();  -- every transaction running now began before this
+    SELECT coalesce(array_agg(f.seq ORDER BY f.seq), '{{}}'),
+           coalesce(array_agg(f.channel ORDER BY f.seq), '{{}}')
+        INTO fresh, fresh_channels
+        FROM (SELECT x.seq, x.channel FROM {s}.messages x WHERE x.seq > m.numbered_upto
+              ORDER BY x.seq LIMIT batch) f;
+    SELECT coalesce(array_agg(x.seq ORDER BY x.seq), '{{}}'),
+           coalesce(array_agg(x.channel ORDER BY x.seq), '{{}}')
+        INTO filled, filled_channels
+        FROM {s}.gaps g JOIN {s}.messages x ON x.seq = g.seq;
+    -- gaps whose transaction committed are numbered now; those whose every possible
+    -- transaction had ended before this call began, and still unseen, were rolled back
+    DELETE FROM {s}.gaps g WHERE g.seq = ANY(filled) OR g.horizon <= pg_snapshot_xmin(before);
+    IF cardinality(fresh) > 0 THEN
+        top := fresh[cardinality(fresh)];
+        INSERT INTO {s}.gaps (seq, horizon)
+            SELECT n, pg_snapshot_xmax(pg_current_snapshot())
+            FROM generate_series(m.numbered_upto + 1, top) AS n WHERE n <> ALL(fresh);
+        UPDATE {s}.meta SET numbered_upto = top;
+    END IF;
+    IF cardinality(fresh) + cardinality(filled) = 0 THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH taken AS (
-        DELETE FROM {s}.pending p
-        WHERE p.seq IN (SELECT q.seq FROM {s}.pending q ORDER BY q.seq LIMIT batch)
-        RETURNING p.seq, p.channel, p.id, p.type, p.payload, p.reply_to, p.xid, p.published_at
+        SELECT t.seq, t.channel FROM unnest(filled || fresh, filled_channels || fresh_channels)
+            AS t(seq, channel)
     ), counted AS (
         SELECT t.channel, count(*) AS n FROM taken t GROUP BY t.channel
     ), bumped AS (
         INSERT INTO {s}.streams AS s (channel, head)
-        SELECT c.channel, floor_offset + c.n FROM counted c
+        SELECT c.channel, m.offset_floor + c.n FROM counted c
         ON CONFLICT (channel) DO UPDATE
-            SET head = s.head + excluded.head - floor_offset, touched_at = now()
+            SET head = s.head + excluded.head - m.offset_floor, touched_at = now()
         RETURNING s.channel, s.head
     ), added AS (
-        INSERT INTO {s}.messages (channel, "offset", id, type, payload, reply_to, xid, published_at)
+        INSERT INTO {s}.offsets (channel, "offset", seq)
         SELECT t.channel, b.head - c.n + row_number() OVER (PARTITION BY t.channel ORDER BY t.seq),
-               t.id, t.type, t.payload, t.reply_to, t.xid, t.published_at
+               t.seq
         FROM taken t JOIN counted c ON c.channel = t.channel JOIN bumped b ON b.channel = t.channel
     )
     SELECT b.channel, b.head, c.n FROM bumped b JOIN counted c ON c.channel = b.channel
-        CROSS JOIN LATERAL pg_notify(wake, b.channel) n;
+        CROSS JOIN LATERAL pg_notify(m.wake_channel, b.channel) n;
 END
 $fn$""",
 ]
 
 
 def _statements(schema: str, templates: Iterable[str]) -> List[sql.Composed]:
-    return [sql.SQL(t).format(s=sql.Identifier(schema), lock=sql.Literal(_lock_key(schema)))
+    return [sql.SQL(t).format(s=sql.Identifier(schema), lock=sql.Literal(_lock_key(schema)),
+                              name=sql.Literal(_quoted(schema)))
             for t in templates]
 
 
@@ -210,7 +265,7 @@ def migration_sql(schema: str = DEFAULT_SCHEMA) -> List[str]:
                  f"({SCHEMA_VERSION}, {DEFAULT_MAX_PAYLOAD}, {_literal(wake_channel_for(schema))})")
     return [t.replace("{s}", _quoted(schema)).replace("{lock}", _literal(_lock_key(schema)))
             .replace("{{", "{").replace("}}", "}")
-            for t in _VERSION_1 + _VERSION_2 + [first_row] + _FUNCTIONS]
+            for t in _CREATE + [first_row] + _FUNCTIONS]
 
 
 class LogInfo(NamedTuple):
@@ -257,7 +312,7 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema + ".migrate",))
             cur.execute("SELECT to_regclass(%s)", (f"{_quoted(schema)}.meta",))
             if cur.fetchone()[0] is None:
-                for stmt in _statements(schema, _VERSION_1 + _VERSION_2):
+                for stmt in _statements(schema, _CREATE):
                     cur.execute(stmt)
                 cur.execute(sql.SQL("INSERT INTO {}.meta (version, max_payload, wake_channel) "
                                     "VALUES (%s, %s, %s) RETURNING epoch").format(ident),
@@ -275,7 +330,7 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                         f"the durable log in schema {schema!r} is version {version}, newer than "
                         f"this pgws_sync knows ({SCHEMA_VERSION}): upgrade pgws_sync")
                 if version == 1:
-                    for stmt in _statements(schema, _VERSION_2):
+                    for stmt in _statements(schema, _UPGRADE_1):
                         cur.execute(stmt)
                     cur.execute(sql.SQL("UPDATE {}.meta SET version = %s").format(ident),
                                 (SCHEMA_VERSION,))
@@ -351,7 +406,8 @@ def _rights_message(schema: str, missing: str) -> str:
 
 #: What a worker does with each table: read, publish, number and prune.
 _TABLE_RIGHTS = (("meta", "SELECT UPDATE"), ("streams", "SELECT INSERT UPDATE DELETE"),
-                 ("messages", "SELECT INSERT DELETE"), ("pending", "SELECT INSERT DELETE"))
+                 ("messages", "SELECT INSERT DELETE"), ("offsets", "SELECT INSERT DELETE"),
+                 ("gaps", "SELECT INSERT DELETE"))
 
 
 def check_rights(cur: Any, schema: str = DEFAULT_SCHEMA) -> None:
@@ -519,9 +575,10 @@ def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
         'SELECT e.epoch, r.channel, r."offset", r.id, r.type, r.payload, r.reply_to, '
         "extract(epoch FROM r.published_at)::float8, r.running FROM {s}.meta e "
         "LEFT JOIN LATERAL (SELECT w.* FROM unnest(%s::text[], %s::bigint[]) AS p(channel, after) "
-        "CROSS JOIN LATERAL (SELECT m.*, sum(octet_length(m.payload)) OVER (ORDER BY "
-        'm."offset")::bigint AS running FROM (SELECT * FROM {s}.messages m WHERE '
-        'm.channel = p.channel AND m."offset" > p.after ORDER BY m."offset" LIMIT %s) m) w '
+        "CROSS JOIN LATERAL (SELECT k.*, sum(octet_length(k.payload)) OVER (ORDER BY "
+        'k."offset")::bigint AS running FROM (SELECT o."offset", m.* FROM {s}.offsets o '
+        'JOIN {s}.messages m ON m.seq = o.seq WHERE o.channel = p.channel AND o."offset" > '
+        'p.after ORDER BY o."offset" LIMIT %s) k) w '
         "WHERE %s::bigint IS NULL OR w.running - octet_length(w.payload) < %s) r ON true "
         'ORDER BY r.channel, r."offset"').format(s=sql.Identifier(schema)),
         ([c for c, _ in positions], [a for _, a in positions], limit, max_bytes, max_bytes))
@@ -540,7 +597,7 @@ def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int
     the log's ``offset_floor`` (0 until a channel's row was removed after retention)."""
     cur.execute(sql.SQL(
         "SELECT c.channel, coalesce(s.head, e.offset_floor), "
-        "(SELECT min(m.\"offset\") FROM {s}.messages m WHERE m.channel = c.channel) "
+        "(SELECT min(o.\"offset\") FROM {s}.offsets o WHERE o.channel = c.channel) "
         "FROM unnest(%s::text[]) AS c(channel) CROSS JOIN {s}.meta e "
         "LEFT JOIN {s}.streams s ON s.channel = c.channel"
     ).format(s=sql.Identifier(schema)), (list(channels),))
@@ -549,28 +606,36 @@ def heads(cur: Any, schema: str, channels: Sequence[str]) -> Dict[str, Tuple[int
 
 
 def backlog(cur: Any, schema: str) -> Tuple[int, float]:
-    """How many messages the log keeps, and the age in seconds of its oldest (0 if none);
-    one index probe per channel."""
+    """How many numbered messages the log keeps, and the age in seconds of its oldest
+    (0 if none)."""
     cur.execute(sql.SQL(
-        'SELECT coalesce(sum(l."offset" - f."offset" + 1), 0), '
-        "coalesce(extract(epoch FROM now() - min(f.published_at)), 0)::float8 "
-        "FROM {s}.streams s CROSS JOIN LATERAL (SELECT m.\"offset\", m.published_at "
-        "FROM {s}.messages m WHERE m.channel = s.channel ORDER BY m.\"offset\" LIMIT 1) f "
-        "CROSS JOIN LATERAL (SELECT m.\"offset\" FROM {s}.messages m "
-        "WHERE m.channel = s.channel ORDER BY m.\"offset\" DESC LIMIT 1) l"
+        "SELECT coalesce(sum(s.head - greatest(s.pruned_to, (SELECT min(o.\"offset\") - 1 "
+        "FROM {s}.offsets o WHERE o.channel = s.channel))), 0), coalesce((SELECT "
+        "extract(epoch FROM now() - m.published_at) FROM {s}.messages m ORDER BY m.seq "
+        "LIMIT 1), 0)::float8 FROM {s}.streams s WHERE s.head > s.pruned_to"
     ).format(s=sql.Identifier(schema)))
     kept, oldest = cur.fetchone()
-    return int(kept), max(0.0, float(oldest))
+    return int(kept or 0), max(0.0, float(oldest))
 
 
 def intake(cur: Any, schema: str) -> Tuple[int, float]:
     """How many committed messages wait for the sequencer, and the age in seconds of the
     oldest of them (0 if none)."""
     cur.execute(sql.SQL(
-        "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(published_at)), "
-        "0)::float8 FROM {}.pending").format(sql.Identifier(schema)))
+        "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(m.published_at)), "
+        "0)::float8 FROM {s}.messages m WHERE m.seq > (SELECT numbered_upto FROM {s}.meta)"
+    ).format(s=sql.Identifier(schema)))
     waiting, oldest = cur.fetchone()
     return int(waiting), max(0.0, float(oldest))
+
+
+def oldest_waiting(cur: Any, schema: str) -> Optional[int]:
+    """The ``seq`` of the oldest committed message the sequencer has not numbered, if any."""
+    cur.execute(sql.SQL(
+        "SELECT min(m.seq) FROM {s}.messages m WHERE m.seq > (SELECT numbered_upto "
+        "FROM {s}.meta)").format(s=sql.Identifier(schema)))
+    oldest = cur.fetchone()[0]
+    return None if oldest is None else int(oldest)
 
 
 # --------------------------------------------------------------------- pruning
@@ -578,16 +643,16 @@ def intake(cur: Any, schema: str) -> Tuple[int, float]:
 
 def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 1000,
           stop: Optional[Any] = None) -> Optional[int]:
-    """Delete messages older than ``max_age`` seconds, or beyond the newest ``keep`` of their
-    channel, oldest first, ``batch`` rows per short transaction; then drop the ``streams``
-    rows of channels that kept nothing for ``max_age`` (raising ``offset_floor`` past their
-    heads, so no offset is ever numbered twice).
+    """Delete numbered messages older than ``max_age`` seconds, or beyond the newest ``keep``
+    of their channel, oldest first, ``batch`` rows per short transaction; then drop the
+    ``streams`` rows of channels that kept nothing for ``max_age`` (raising ``offset_floor``
+    past their heads, so no offset is ever numbered twice).
 
-    It looks only at channels with something to prune (an index on ``published_at``, one
-    scan of ``streams``). Only one process prunes a log at a time (a session advisory
-    lock): returns how many rows this call deleted, or None if another session holds the
-    lock. Only the oldest rows of a channel go, so what is kept has no holes. ``stop`` (an
-    Event) ends the pass early. ``conn`` must be in autocommit.
+    It looks only at what is to be pruned: the oldest messages (by ``seq``) and one scan of
+    ``streams``. Only one process prunes a log at a time (a session advisory lock): returns
+    how many messages this call deleted, or None if another session holds the lock. Only
+    the oldest offsets of a channel go, so what is kept has no holes. ``stop`` (an Event)
+    ends the pass early. ``conn`` must be in autocommit.
     """
     ident = sql.Identifier(schema)
     deleted = 0
@@ -596,24 +661,20 @@ def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 100
         if not cur.fetchone()[0]:
             return None
         try:
-            cur.execute(sql.SQL(
-                'SELECT channel, max("offset") FROM {s}.messages '
-                "WHERE published_at < now() - %s * interval '1 second' GROUP BY channel "
-                "UNION ALL SELECT channel, head - %s FROM {s}.streams WHERE head - pruned_to > %s"
-            ).format(s=ident), (max_age, keep, keep))
             upto: Dict[str, int] = {}
-            for channel, offset in cur.fetchall():
-                upto[channel] = max(upto.get(channel, 0), int(offset))
+            for channel, offset in _expired(cur, ident, max_age, keep):
+                upto[channel] = max(upto.get(channel, 0), offset)
             for channel in sorted(upto):
                 while stop is None or not stop.is_set():
-                    # one short transaction: a batch of rows goes, the channel remembers how far
+                    # one short transaction: a batch goes, the channel remembers how far
                     cur.execute(sql.SQL(
-                        'WITH gone AS (DELETE FROM {s}.messages WHERE channel = %s AND "offset" '
-                        'IN (SELECT "offset" FROM {s}.messages WHERE channel = %s '
-                        'AND "offset" <= %s ORDER BY "offset" LIMIT %s) RETURNING "offset") '
-                        'UPDATE {s}.streams SET pruned_to = greatest(pruned_to, '
+                        'WITH gone AS (DELETE FROM {s}.offsets WHERE channel = %s AND "offset" '
+                        'IN (SELECT "offset" FROM {s}.offsets WHERE channel = %s '
+                        'AND "offset" <= %s ORDER BY "offset" LIMIT %s) RETURNING "offset", seq), '
+                        "dropped AS (DELETE FROM {s}.messages WHERE seq IN (SELECT seq FROM gone)) "
+                        "UPDATE {s}.streams SET pruned_to = greatest(pruned_to, "
                         '(SELECT max("offset") FROM gone)) WHERE channel = %s '
-                        'AND EXISTS (SELECT FROM gone) RETURNING (SELECT count(*) FROM gone)'
+                        "AND EXISTS (SELECT FROM gone) RETURNING (SELECT count(*) FROM gone)"
                     ).format(s=ident), (channel, channel, upto[channel], batch, channel))
                     row = cur.fetchone()
                     if row is None:
@@ -626,6 +687,33 @@ def prune(conn: Any, schema: str, *, max_age: float, keep: int, batch: int = 100
     return deleted
 
 
+def _expired(cur: Any, ident: sql.Identifier, max_age: float, keep: int
+             ) -> List[Tuple[str, int]]:
+    """``(channel, offset)``: prune the channel up to that offset. By age: walk the oldest
+    numbered messages in ``seq`` order until one is young enough (so only the expired ones
+    and one page more are read); by count: one scan of ``streams``."""
+    last = 0
+    while True:
+        cur.execute(sql.SQL(
+            "SELECT m.seq, m.published_at < now() - %s * interval '1 second' FROM {s}.messages m "
+            "WHERE m.seq > %s AND m.seq <= (SELECT numbered_upto FROM {s}.meta) "
+            "ORDER BY m.seq LIMIT 1000").format(s=ident), (max_age, last))
+        page = cur.fetchall()
+        for seq, old in page:
+            if not old:
+                break
+            last = seq
+        else:
+            if len(page) == 1000:
+                continue
+        break
+    cur.execute(sql.SQL(
+        'SELECT channel, max("offset") FROM {s}.offsets WHERE seq <= %s GROUP BY channel '
+        "UNION ALL SELECT channel, head - %s FROM {s}.streams WHERE head - pruned_to > %s"
+    ).format(s=ident), (last, keep, keep))
+    return [(channel, int(offset)) for channel, offset in cur.fetchall()]
+
+
 def _drop_idle_streams(conn: Any, schema: str, max_age: float) -> None:
     """Remove the rows of channels with nothing kept and nothing numbered for ``max_age``."""
     with conn.cursor() as cur:
@@ -633,7 +721,7 @@ def _drop_idle_streams(conn: Any, schema: str, max_age: float) -> None:
             "SELECT pg_advisory_xact_lock(hashtext(%s)); "
             "WITH gone AS (DELETE FROM {s}.streams s WHERE s.pruned_to >= s.head "
             "AND s.touched_at < now() - %s * interval '1 second' "
-            "AND NOT EXISTS (SELECT FROM {s}.messages m WHERE m.channel = s.channel) "
+            "AND NOT EXISTS (SELECT FROM {s}.offsets o WHERE o.channel = s.channel) "
             "RETURNING s.head) UPDATE {s}.meta SET offset_floor = greatest(offset_floor, "
             "(SELECT max(head) FROM gone)) WHERE EXISTS (SELECT FROM gone)"
         ).format(s=sql.Identifier(schema)), (_lock_key(schema), max_age))

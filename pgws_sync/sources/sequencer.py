@@ -20,7 +20,6 @@ import time
 from typing import Any, Optional
 
 import psycopg2
-from psycopg2 import sql
 
 from .. import _metrics
 from ..errors import first_line
@@ -138,9 +137,7 @@ class Sequencer:
     def _watch(self, conn: Any) -> None:
         """Not elected: note whether the log's intake moves (the elected one may be stuck)."""
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("SELECT min(seq) FROM {}.pending").format(
-                sql.Identifier(self.schema)))
-            oldest = cur.fetchone()[0]
+            oldest = log.oldest_waiting(cur, self.schema)
         now = self.progress_at = time.monotonic()
         if oldest is None or oldest != self._oldest:
             self._oldest, self._oldest_since = oldest, now

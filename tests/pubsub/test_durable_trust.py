@@ -107,7 +107,7 @@ def test_a_row_written_around_the_function_goes_out_without_its_bad_field(durabl
     conn = psycopg2.connect(pg_dsn)
     with conn, conn.cursor() as cur:
         for n in range(7):
-            cur.execute(f"INSERT INTO {schema}.pending (channel, id, type, payload, reply_to) "
+            cur.execute(f"INSERT INTO {schema}.messages (channel, id, type, payload, reply_to) "
                         f"VALUES (%s, %s, 'json', %s, %s)",
                         (channel, f"m{n}", json.dumps({"n": n}), "req-7" if n == 3 else None))
     conn.close()
@@ -152,7 +152,7 @@ def test_locked_log_tables_make_readiness_fail_then_recover_with_nothing_lost(pg
         wait_for(lambda: ready(server) == 200, message="ready")
         locker = psycopg2.connect(pg_dsn)
         cur = locker.cursor()
-        cur.execute(f"LOCK TABLE {schema}.pending, {schema}.messages, {schema}.streams "
+        cur.execute(f"LOCK TABLE {schema}.messages, {schema}.offsets, {schema}.streams "
                     f"IN ACCESS EXCLUSIVE MODE")  # what an ALTER TABLE holds
         done: List[Optional[str]] = []
         publisher = threading.Thread(  # waits for the lock, then commits
