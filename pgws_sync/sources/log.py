@@ -211,12 +211,15 @@ BEGIN
         INTO filled, filled_channels
         FROM {s}.gaps g JOIN {s}.messages x ON x.seq = g.seq;
     -- gaps whose transaction committed are numbered now; those whose every possible
-    -- transaction had ended before this call began, and still unseen, were rolled back
+    -- transaction had ended before this call began (the oldest running id is past the
+    -- horizon), and still unseen, were rolled back
     DELETE FROM {s}.gaps g WHERE g.seq = ANY(filled) OR g.horizon <= pg_snapshot_xmin(before);
     IF cardinality(fresh) > 0 THEN
         top := fresh[cardinality(fresh)];
+        -- the horizon: this transaction's own id, taken after the rows were read; every
+        -- transaction holding a gap took its id before its seq (see publish), so before this
         INSERT INTO {s}.gaps (seq, horizon)
-            SELECT n, pg_snapshot_xmax(pg_current_snapshot())
+            SELECT n, pg_current_xact_id()
             FROM generate_series(m.numbered_upto + 1, top) AS n WHERE n <> ALL(fresh);
         UPDATE {s}.meta SET numbered_upto = top;
     END IF;

@@ -30,7 +30,8 @@ class Publishers:
     before COMMIT, one in ten rolled back), recording what committed."""
 
     def __init__(self, dsn: str, schema: str, channels: List[str], *, threads: int,
-                 total: int) -> None:
+                 total: int, pause: float = 0.002) -> None:
+        self.pause = pause
         self.dsn, self.schema, self.channels = dsn, schema, channels
         self.committed: Dict[str, Set[str]] = {c: set() for c in channels}
         self.rolled_back: Set[str] = set()
@@ -81,7 +82,7 @@ class Publishers:
                     conn = psycopg2.connect(self.dsn)
                 for channel, tag in batch:
                     publish_durable(conn, channel, {"tag": tag}, schema=self.schema)
-                time.sleep(rng.random() * 0.002)  # hold the transaction open a moment
+                time.sleep(rng.random() * self.pause)  # hold the transaction open a moment
                 if rollback:
                     conn.rollback()
                     with self._lock:
@@ -174,7 +175,9 @@ def test_killed_backends_and_a_database_restart_lose_nothing_for_100_clients(pg_
             reader = Resumer(server)
             reader.connect(channels)
             readers.append(reader)
-        publishers = Publishers(dsn, schema, channels, threads=4, total=6000).start()
+        # slow enough to be still publishing through five kills (publishers never wait)
+        publishers = Publishers(dsn, schema, channels, threads=4, total=6000,
+                                pause=0.02).start()
         admin = psycopg2.connect(dsn)
         admin.autocommit = True
         for _ in range(5):
