@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from ..durable_helpers import new_log
+from ..durable_helpers import new_log, wait_numbered
 from ..helpers import Gunicorn, Ws
 from ..push_helpers import api, serve_push
 
@@ -17,6 +17,7 @@ from ..push_helpers import api, serve_push
 def durable_push(pg_dsn):
     schema = new_log(pg_dsn)
     server = serve_push(pg_dsn, options={"durable": True, "log_schema": schema}, workers=2)
+    server.numbered = lambda: wait_numbered(pg_dsn, schema)  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -84,6 +85,7 @@ def test_rooms_resume_with_since_and_join_room_starts_live(durable_push):
     assert (first["channel"], first["payload"], first["offset"]) == ("lobby", "hello", 1)
     tab.ws.close()
     api(server, {"room": "lobby", "payload": "while away"})
+    server.numbered()  # offsets are given after commit, within milliseconds
     back = DurableTab(server, "ann", positions={"lobby": [1, first["epoch"]]})
     assert back.subscribe("lobby")["offset"] == 2
     assert back.message()["payload"] == "while away"
