@@ -119,6 +119,48 @@ def test_an_inbound_flood_beyond_max_backlog_closes_with_1008_and_others_go_on(s
     assert all(not f.startswith("echo:flood") for f in frames if isinstance(f, str))
 
 
+def test_an_inbound_flood_of_large_frames_is_bounded_in_bytes(pg_dsn, clients):
+    """40 frames of 250 KiB (10 MiB) while the hook blocks: well within max_backlog (256
+    messages) but past max_backlog_bytes (1 MiB). The server stops reading the socket once
+    its backlog passes 1 MiB (the sender blocks), then closes it with 1008."""
+    import threading
+
+    options = {"max_backlog": 256, "max_backlog_bytes": 1 << 20, "max_message_size": 256 << 10}
+    g = Gunicorn("tests.apps.hooks:app", env={"PGWS_DB_URI": pg_dsn,
+                                              "PGWS_OPTIONS": json.dumps(options)}).wait_up()
+    try:
+        ws = clients(g.ws_url())
+        hello(ws)
+        ws.client.send("block")
+        sent = []
+
+        def flood() -> None:
+            try:
+                for n in range(40):
+                    ws.client.send("x" * (250 << 10))
+                    sent.append(n)
+            except (simple_websocket.ConnectionClosed, OSError):
+                pass
+
+        sender = threading.Thread(target=flood, name="flood", daemon=True)
+        sender.start()
+        wait_for(lambda: not sender.is_alive() or len(sent) >= 5, message="5 frames sent")
+        http_get(g.url("/debug/release"))
+        echoes = 0
+        with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+            while True:
+                frame = ws.client.receive(timeout=10)
+                assert frame is not None, "no close within 10 s"
+                echoes += 1
+        assert (closed.value.reason, closed.value.message) == (1008, "too many messages")
+        sender.join(10)
+        assert echoes < 40 and not sender.is_alive()
+        print(f"\n{len(sent)} of 40 frames of 250 KiB sent before the close, {echoes} echoed")
+    finally:
+        http_get(g.url("/debug/release"))
+        g.stop()
+
+
 def test_on_disconnect_runs_exactly_once_however_the_socket_ended(server, clients):
     # the sockets of earlier tests end asynchronously: start once they all have
     start = wait_for(lambda: (h := hooks(server))["connect"] == h["disconnect"] and h,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _metrics
 from .._formats import gap_frame
-from .simple_ws import ConnectionClosed, LocalProtocolError, inbound
+from .simple_ws import ConnectionClosed, LocalProtocolError, inbound, inbound_over_limit
 from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
 
 logger = logging.getLogger(__name__)
@@ -709,11 +709,13 @@ class Connection:
     def _receive(self, ws: Any, on_message: Optional[MessageHandler], max_backlog: int) -> None:
         """Hand every waiting inbound message to ``on_message`` (outside the write lock).
 
-        More than ``max_backlog`` messages waiting asks for a 1008 close instead.
+        More than ``max_backlog`` messages (or the bytes :func:`limit_inbound` allows)
+        waiting asks for a 1008 close instead; the shared reader stops reading a socket
+        whose backlog is past the limit, so it cannot grow while a handler blocks.
         """
         buffer = inbound(ws)
         while buffer:
-            if len(buffer) > max_backlog:
+            if len(buffer) > max_backlog or inbound_over_limit(ws):
                 buffer.clear()
                 self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
                 return

@@ -33,6 +33,7 @@ from .simple_ws import (
     HandshakeFailed,
     accept,
     header_tokens,
+    limit_inbound,
 )
 from .wire import Frame, valid_key
 
@@ -127,6 +128,8 @@ class WebSocketEndpoint:
     :param ping_interval: seconds between pings; a missing pong closes the socket (None: no pings).
     :param max_message_size: bytes of an incoming message before a 1009 close.
     :param max_backlog: inbound messages waiting to be handled before a 1008 close.
+    :param max_backlog_bytes: bytes of them waiting before a 1008 close (at least
+        ``max_message_size``).
     :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
@@ -148,6 +151,7 @@ class WebSocketEndpoint:
         ping_interval: Optional[float] = 25.0,
         max_message_size: Optional[int] = 1 << 20,
         max_backlog: int = 256,
+        max_backlog_bytes: int = 4 << 20,
         allowed_origins: Iterable[str] = (),
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
@@ -180,6 +184,7 @@ class WebSocketEndpoint:
         self.ping_interval = ping_interval
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
         self.compression = compression
         self.health_path = health_path
@@ -434,6 +439,7 @@ class WebSocketEndpoint:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return _SocketDone()
+        limit_inbound(ws, self.max_backlog, max(self.max_backlog_bytes, self.max_message_size or 0))
         conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:

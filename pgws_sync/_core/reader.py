@@ -13,7 +13,15 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .connection import CLOSE_POLICY_VIOLATION, Latch, forbid_blocking_writes
-from .simple_ws import LocalProtocolError, feed, owner_of, pong_missing, receive_size, send_ping
+from .simple_ws import (
+    LocalProtocolError,
+    feed,
+    inbound_over_limit,
+    owner_of,
+    pong_missing,
+    receive_size,
+    send_ping,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +161,11 @@ class SharedReader:
             if not data:
                 raise ConnectionResetError("the client closed the connection")
             ws.connected = feed(ws, data)
+            if ws.connected and inbound_over_limit(ws):
+                # checked where the backlog grows: read no more (TCP pushes back); its writer
+                # closes it with 1008 when it comes back to the backlog
+                self._stop_reading(sock)
+                return
         except (OSError, LocalProtocolError):
             ws.connected = False
         except Exception:  # simple-websocket failed on this socket: end it, keep the others
@@ -161,8 +174,8 @@ class SharedReader:
         if not ws.connected:
             self._finish(sock)
 
-    def _finish(self, sock: _Socket) -> None:
-        """The socket is over: stop reading it and tell its writer."""
+    def _stop_reading(self, sock: _Socket) -> None:
+        """Read ``sock`` no more, and let its writer know (it ends the socket)."""
         with self._lock:
             try:
                 if self._selector.get_key(sock.fd).data is sock:
@@ -171,6 +184,10 @@ class SharedReader:
                 pass
         sock.finish()
         sock.ws.event.set()
+
+    def _finish(self, sock: _Socket) -> None:
+        """The socket is over: stop reading it and tell its writer."""
+        self._stop_reading(sock)
 
     def _drop_closed(self) -> None:
         with self._lock:

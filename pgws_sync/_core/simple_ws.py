@@ -103,6 +103,21 @@ def inbound(ws: Any) -> List[Frame]:
     return buffer
 
 
+def limit_inbound(ws: Any, messages: int, size: int) -> None:
+    """Mark ``ws`` so that :func:`inbound_over_limit` says when more than ``messages``
+    messages or ``size`` bytes of them wait to be handled."""
+    ws.pgws_inbound_limit = (messages, size)
+
+
+def inbound_over_limit(ws: Any) -> bool:
+    """Whether more messages (or bytes) wait than :func:`limit_inbound` allows."""
+    limit = getattr(ws, "pgws_inbound_limit", None)
+    if limit is None:
+        return False
+    buffer = inbound(ws)
+    return bool(len(buffer) > limit[0] or sum(len(m) for m in buffer) > limit[1])
+
+
 def pong_missing(ws: Any) -> bool:
     """Whether the pong answering the last ping has not come back."""
     return not ws.pong_received

@@ -210,7 +210,8 @@ class Streams:
         ``resync_required``) follows on the streams thread.
 
         Returns None once the request is taken, else why it was refused at once:
-        ``conn`` already asked for ``limit`` other channels, or too many requests wait.
+        ``conn`` already asked for ``limit`` other channels, or too many requests wait
+        (the log has not answered for a while).
         """
         with self._lock:
             claimed = self._claimed.setdefault(conn, set())
