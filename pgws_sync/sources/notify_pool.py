@@ -251,14 +251,13 @@ class NotifyPool:
 
 
 def _idle_and_alive(conn: Any) -> bool:
-    """Whether an idle connection can still be used. The server sends an idle session
-    nothing but its goodbye (a FATAL notice, then EOF), so readable means "look closer"."""
+    """Whether an idle connection can still be used. The server sends an idle session that
+    does not LISTEN nothing but its goodbye (a FATAL message, then EOF), or rarely a setting
+    that changed: anything readable retires it (a fresh one costs a reconnect, no more)."""
     if conn.closed:
         return False
     try:
         readable, _, _ = select.select([conn.fileno()], [], [], 0)
-        if readable:
-            conn.poll()
-    except (psycopg2.Error, OSError, ValueError):
+    except (OSError, ValueError):
         return False
-    return not conn.closed
+    return not readable

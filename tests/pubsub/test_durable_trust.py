@@ -312,3 +312,39 @@ def test_fuzz_every_committed_sql_publish_reaches_a_live_subscriber(
         assert frame["id"] == message_id
     if reply_to is not None:
         assert frame["reply_to"] == json.loads(reply_to)
+
+
+def test_a_pooled_publisher_whose_connection_died_idle_publishes_once(pg_dsn, channel):
+    """The endpoint's pool: its idle connection's backend is terminated; the next publish
+    notices before sending, uses a fresh connection, and the message is in the log once."""
+    from ..pubsub_helpers import post
+
+    schema = new_log(pg_dsn)
+    server = serve_durable(pg_dsn, schema, workers=1)
+    try:
+        client = Client(server)
+        client.request(action="subscribe", channel=channel, id="s")
+        post(server, "/debug/publish", {"channel": channel, "message": 1})
+        assert messages(client, 1)[0]["payload"] == 1
+        admin = psycopg2.connect(pg_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'pgws_sync publisher'")
+            assert cur.rowcount >= 1
+        wait_for(lambda: _publishers(admin) == 0, message="the pooled backend gone")
+        post(server, "/debug/publish", {"channel": channel, "message": 2, "id": "only-once"})
+        assert messages(client, 1)[0]["payload"] == 2
+        with admin.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {schema}.messages WHERE id = 'only-once'")
+            assert cur.fetchone()[0] == 1
+        admin.close()
+    finally:
+        server.stop()
+
+
+def _publishers(admin: Any) -> int:
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgws_sync publisher'")
+        return int(cur.fetchone()[0])
