@@ -75,6 +75,8 @@ class PubSub(ListeningEndpoint):
     :param retention_messages: only this many of a channel's newest durable messages are kept.
     :param prune_interval: seconds between two pruning passes of a worker (None: never; one
         worker at a time prunes).
+    :param sequencer_poll: seconds between two looks for newly committed durable messages by
+        the elected sequencer (one worker per database).
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
