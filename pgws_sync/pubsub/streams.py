@@ -391,7 +391,8 @@ class Streams:
             ready, self._ready = self._ready, set()
         if self.busy_since is None:  # until this work is done, even across reconnects
             self.busy_since = time.monotonic()
-        for request in [r for r in requests if r.attempts > REQUEST_ATTEMPTS]:
+        for request in [r for r in requests  # only a subscribe needs the database
+                        if r.kind == "subscribe" and r.attempts > REQUEST_ATTEMPTS]:
             requests.remove(request)
             self._fail(request, "the durable log did not answer in time; try again")
         try:
