@@ -131,11 +131,10 @@ _FUNCTIONS = [
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
-    limit_bytes integer;
+    limit_bytes CONSTANT integer := {max_payload};  -- meta.max_payload, set by migrate
     answered jsonb;
     seq bigint;
 BEGIN
-    SELECT max_payload INTO STRICT limit_bytes FROM {s}.meta;
     IF publish.channel IS NULL OR publish.channel = '' OR length(publish.channel) > 200
             OR publish.channel ~ '[[:cntrl:]]' THEN
         RAISE EXCEPTION 'pgws_sync.publish: invalid channel name %', quote_nullable(publish.channel)
@@ -154,7 +153,7 @@ BEGIN
             limit_bytes USING ERRCODE = '54000';
     END IF;
     IF publish.type = 'json' THEN
-        PERFORM publish.payload::jsonb;  -- raises on anything that is not JSON
+        PERFORM publish.payload::json;  -- raises on anything that is not JSON
     END IF;
     IF publish.id IS NOT NULL AND (publish.id = '' OR length(publish.id) > 200
             OR publish.id ~ '[[:cntrl:]]') THEN
@@ -251,9 +250,11 @@ $fn$""",
 ]
 
 
-def _statements(schema: str, templates: Iterable[str]) -> List[sql.Composed]:
+def _statements(schema: str, templates: Iterable[str],
+                max_payload: int = DEFAULT_MAX_PAYLOAD) -> List[sql.Composed]:
     return [sql.SQL(t).format(s=sql.Identifier(schema), lock=sql.Literal(_lock_key(schema)),
-                              name=sql.Literal(_quoted(schema)))
+                              name=sql.Literal(_quoted(schema)),
+                              max_payload=sql.Literal(max_payload))
             for t in templates]
 
 
@@ -267,7 +268,8 @@ def migration_sql(schema: str = DEFAULT_SCHEMA) -> List[str]:
     first_row = ("INSERT INTO {s}.meta (version, max_payload, wake_channel) VALUES "
                  f"({SCHEMA_VERSION}, {DEFAULT_MAX_PAYLOAD}, {_literal(wake_channel_for(schema))})")
     return [t.replace("{s}", _quoted(schema)).replace("{lock}", _literal(_lock_key(schema)))
-            .replace("{{", "{").replace("}}", "}")
+            .replace("{max_payload}", str(DEFAULT_MAX_PAYLOAD)).replace("{{", "{")
+            .replace("}}", "}")
             for t in _CREATE + [first_row] + _FUNCTIONS]
 
 
@@ -346,8 +348,9 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                 if not done:
                     done.append(f"the durable log in schema {schema!r} is up to date "
                                 f"(version {version}); nothing to do")
-            for stmt in _statements(schema, _FUNCTIONS):
-                cur.execute(stmt)
+            cur.execute(sql.SQL("SELECT max_payload FROM {}.meta").format(ident))
+            for stmt in _statements(schema, _FUNCTIONS, max_payload=cur.fetchone()[0]):
+                cur.execute(stmt)  # the function carries the limit: no read of meta per call
     finally:
         conn.autocommit = autocommit
     return done
