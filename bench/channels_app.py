@@ -22,6 +22,6 @@ class AutoSubscribe(PubSub):
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""))
-endpoint = AutoSubscribe(listener, durable=os.environ.get("BENCH_MODE") == "durable",
+endpoint = AutoSubscribe(listener, durable=os.environ.get("BENCH_MODE") == "durable", public=True,
                          log_schema=os.environ.get("BENCH_LOG_SCHEMA", "pgws_sync"))
 endpoint.init_app(app, "/ws")

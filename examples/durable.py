@@ -22,7 +22,7 @@ DSN = os.environ.get("PGWS_DB_URI", "")
 
 app = Flask(__name__)
 listener = Listener(DSN, min_reconnect=1.0, max_reconnect=30.0)
-orders = PubSub(listener, durable=True)
+orders = PubSub(listener, durable=True, public=True)  # every tab may follow every order
 orders.init_app(app, "/ws")
 
 

@@ -77,6 +77,12 @@ class PubSub(ListeningEndpoint):
         worker at a time prunes).
     :param sequencer_poll: seconds between two looks for newly committed durable messages by
         the elected sequencer (one worker per database).
+    :param public: a durable endpoint whose every channel anyone may read, history included
+        (without it, a durable endpoint needs its own :meth:`can_subscribe`).
+    :param max_replay: the most messages one durable resume replays; a ``since`` further
+        back gets ``resync_required``.
+    :param replay_budget: the most messages one connection may have replayed in all; past
+        it, a resume gets ``resync_required``.
 
     Other keyword options are those of :class:`WebSocketEndpoint`.
     """
@@ -99,6 +105,9 @@ class PubSub(ListeningEndpoint):
         retention_messages: int = 100_000,
         prune_interval: Optional[float] = 30.0,
         sequencer_poll: float = 0.005,
+        public: bool = False,
+        max_replay: int = 10_000,
+        replay_budget: int = 100_000,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -121,6 +130,13 @@ class PubSub(ListeningEndpoint):
             if not (retention_seconds > 0 and retention_messages >= 1):
                 raise ConfigError("retention_seconds must be above 0 and retention_messages at "
                                   "least 1")
+            if not public and not self._decides_subscriptions():
+                raise ConfigError(
+                    f"a durable {type(self).__name__} replays history to whoever subscribes: "
+                    f"override {self.SUBSCRIPTION_HOOK} to say who may read which channel, or "
+                    f"pass public=True if anyone may read every channel")
+            if max_replay < 1 or replay_budget < 1:
+                raise ConfigError("max_replay and replay_budget must be at least 1 message")
             if not 0 < sequencer_poll <= 10:
                 raise ConfigError(f"sequencer_poll must be above 0 and at most 10 seconds, got "
                                   f"{sequencer_poll!r}")
@@ -137,7 +153,8 @@ class PubSub(ListeningEndpoint):
                 label=self.label, retention_seconds=retention_seconds,
                 retention_messages=retention_messages, prune_every=prune_interval,
                 max_queue=self.max_queue, max_queue_bytes=self.max_queue_bytes,
-                sequencer_poll=sequencer_poll)
+                sequencer_poll=sequencer_poll, max_replay=max_replay,
+                replay_budget=replay_budget)
 
     # ---------------------------------------------------- application hooks
 
@@ -152,9 +169,17 @@ class PubSub(ListeningEndpoint):
         """
         raise ProtocolError("this endpoint takes no messages (override on_client_message)")
 
+    #: The hook that decides who may subscribe (named in errors).
+    SUBSCRIPTION_HOOK = "can_subscribe"
+
     def can_subscribe(self, conn: Connection, channel: str) -> bool:
-        """Whether ``conn`` may subscribe to ``channel`` (default: yes)."""
+        """Whether ``conn`` may subscribe to ``channel`` (default: yes; a durable endpoint
+        must override it, or be made with ``public=True``)."""
         return True
+
+    def _decides_subscriptions(self) -> bool:
+        """Whether the app decides who may subscribe (it overrides the hook)."""
+        return type(self).can_subscribe is not PubSub.can_subscribe
 
     def can_publish(self, conn: Connection, channel: str) -> bool:
         """Whether ``conn`` may publish to ``channel`` (default: no)."""

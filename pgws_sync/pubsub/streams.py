@@ -113,13 +113,16 @@ class Streams:
     :param max_queue_bytes: the same in bytes.
     :param sequencer_poll: seconds between two looks at the log's intake while this process
         is the elected sequencer.
+    :param max_replay: the most messages one resume replays (further back: resync_required).
+    :param replay_budget: the most messages one connection may have replayed in all.
     """
 
     def __init__(self, dsn: str, *, schema: str, hub: Hub, key: Callable[[str], str],
                  make_frame: FrameMaker, label: str, retention_seconds: float,
                  retention_messages: int, prune_every: Optional[float] = 30.0,
                  check_interval: float = 30.0, max_queue: int = 1024,
-                 max_queue_bytes: int = 4 << 20, sequencer_poll: float = 0.005) -> None:
+                 max_queue_bytes: int = 4 << 20, sequencer_poll: float = 0.005,
+                 max_replay: int = 10_000, replay_budget: int = 100_000) -> None:
         self.dsn = dsn
         self.schema = schema
         self.hub = hub
@@ -134,6 +137,8 @@ class Streams:
         self.page_size = max(1, min(PAGE_SIZE, max_queue // 2))
         self.page_bytes = max(1, min(PAGE_BYTES, max_queue_bytes // 2))
         self.sequencer = Sequencer(dsn, schema=schema, poll_interval=sequencer_poll)
+        self.max_replay = max_replay
+        self.replay_budget = replay_budget
         #: The log's epoch, once read.
         self.epoch: Optional[str] = None
         self.max_payload = log.DEFAULT_MAX_PAYLOAD
@@ -160,6 +165,8 @@ class Streams:
         self._subs: Dict[str, Dict[Connection, Subscriber]] = {}
         #: Per socket, the channels it is subscribed to here (a disconnect costs only these).
         self._by_conn: Dict[Connection, Set[str]] = {}
+        #: Per socket, the messages its resumes have replayed so far.
+        self._replayed: Dict[Connection, int] = {}
         self._warned: Set[str] = set()  # channels whose bad rows were logged already
         self._conn: Any = None
         self._pid: Optional[int] = None
@@ -179,6 +186,7 @@ class Streams:
             self._pid = pid
             self._positions, self._subs, self._conn = {}, {}, None
             self._recent, self._recent_bytes, self._by_conn = OrderedDict(), 0, {}
+            self._replayed = {}
             self._threads = [threading.Thread(target=self._run, name=f"pgws-streams-{pid}",
                                               daemon=True)]
             if self.prune_every is not None:
@@ -438,6 +446,7 @@ class Streams:
         if request.kind == "forget":
             for name in self._by_conn.pop(conn, set()):
                 self._remove(conn, name)
+            self._replayed.pop(conn, None)
             return
         assert channel is not None
         if request.kind == "unsubscribe":
@@ -490,11 +499,21 @@ class Streams:
                 return False
             else:
                 low = lows[channel] if channel in lows else self._heads([channel])[channel][1]
+                used = self._replayed.get(conn, 0)
                 if since < low - 1:
                     reply = self._resync_required(
                         channel, f"retention: offsets up to {low - 1} are no longer kept", head)
+                elif head - since > self.max_replay:
+                    reply = self._resync_required(
+                        channel, f"replay limit: {head - since} messages to replay, at most "
+                        f"{self.max_replay} per resume", head)
+                elif used + head - since > self.replay_budget:
+                    reply = self._resync_required(
+                        channel, f"replay budget: this connection has replayed {used} "
+                        f"messages, at most {self.replay_budget}", head)
                 elif since < head:
                     cursor = since
+                    self._replayed[conn] = used + head - since
         if not self.hub.join(conn, self.key(channel)):
             self._drop_position_if_unused(channel)
             return False  # the socket is gone

@@ -118,8 +118,14 @@ class Push(PubSub):
         """Whether to accept this upgrade at all (False: HTTP 403). Default: yes."""
         return True
 
+    SUBSCRIPTION_HOOK = "permit_join"
+
+    def _decides_subscriptions(self) -> bool:
+        return type(self).permit_join is not Push.permit_join
+
     def permit_join(self, user: Optional[str], room: str, request: Request) -> bool:
-        """Whether the socket of ``user`` (None: anonymous) may join ``room``. Default: yes.
+        """Whether the socket of ``user`` (None: anonymous) may join ``room``. Default: yes
+        (a durable endpoint must override it, or be made with ``public=True``).
 
         ``request`` is the socket's upgrade request. Also decides pub/sub
         subscriptions, which are the same thing.

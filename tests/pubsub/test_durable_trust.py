@@ -348,3 +348,50 @@ def _publishers(admin: Any) -> int:
         cur.execute("SELECT count(*) FROM pg_stat_activity "
                     "WHERE application_name = 'pgws_sync publisher'")
         return int(cur.fetchone()[0])
+
+
+def test_a_durable_endpoint_that_never_decides_who_reads_history_refuses_to_build(pg_dsn):
+    from pgws_sync import ConfigError, Listener, PubSub, Push
+
+    listener = Listener(pg_dsn)
+    with pytest.raises(ConfigError, match="override can_subscribe .* or pass public=True"):
+        PubSub(listener, durable=True)
+    with pytest.raises(ConfigError, match="override permit_join .* or pass public=True"):
+        Push(listener, durable=True)
+
+    class Decides(PubSub):
+        def can_subscribe(self, conn: Any, channel: str) -> bool:
+            return channel.startswith("news")
+
+    class Joins(Push):
+        def permit_join(self, user: Any, room: str, request: Any) -> bool:
+            return user is not None
+
+    for endpoint in (Decides(listener, durable=True), Joins(listener, durable=True),
+                     PubSub(listener, durable=True, public=True), PubSub(listener)):
+        endpoint.close()
+
+
+def test_replays_are_limited_per_resume_and_per_connection(pg_dsn, channel):
+    schema = new_log(pg_dsn)
+    server = serve_durable(pg_dsn, schema, {"max_replay": 5, "replay_budget": 6})
+    try:
+        publish_many(pg_dsn, schema, ((channel, n) for n in range(1, 11)))
+        client = Client(server)
+        reply = client.request(action="subscribe", channel=channel, id="a", since=2)
+        assert reply["event"] == "resync_required" and reply["offset"] == 10, reply
+        assert reply["reason"] == "replay limit: 8 messages to replay, at most 5 per resume"
+        client.request(action="unsubscribe", channel=channel, id="u")
+        reply = client.request(action="subscribe", channel=channel, id="b", since=6)
+        assert reply["event"] == "subscribed"
+        assert [f["payload"] for f in messages(client, 4)] == [7, 8, 9, 10]
+        client.request(action="unsubscribe", channel=channel, id="u")
+        reply = client.request(action="subscribe", channel=channel, id="c", since=7)
+        assert reply["event"] == "resync_required", reply
+        assert reply["reason"] == ("replay budget: this connection has replayed 4 messages, "
+                                   "at most 6")
+        other = Client(server)  # the budget is per connection
+        assert other.request(action="subscribe", channel=channel, id="d",
+                             since=7)["event"] == "subscribed"
+    finally:
+        server.stop()
