@@ -39,6 +39,10 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
     ("counter", "slow_clients_dropped", "Sockets closed with 1013 for reading too slowly",
      ("endpoint",), {}),
     ("counter", "frames_dropped", "Frames lost by sockets under the drop policy", ("endpoint",), {}),
+    ("counter", "frames_rate_limited", "Client frames refused for exceeding client_rate "
+     "(answered 'rate limited', not acted on)", ("endpoint",), {}),
+    ("counter", "sockets_rate_limited", "Sockets closed with 1008 for exceeding client_rate "
+     "again and again", ("endpoint",), {}),
     ("counter", "control_frames", "gap, resync and resync_required frames sent",
      ("endpoint", "event"), {}),
     ("counter", "messages_replayed", "Durable messages paged from the log to sockets that "

@@ -14,10 +14,12 @@ from urllib.parse import urlsplit
 from werkzeug.wrappers import Request, Response
 
 from .. import _metrics
+from .._formats import error_frame
 from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_SERVICE_RESTART,
     DEFAULT_MAX_QUEUE_BYTES,
     SLOW_CLIENT_REASON,
@@ -26,6 +28,7 @@ from .connection import (
     WakingEvent,
 )
 from .hub import Hub
+from .limits import TokenBucket
 from .reader import reading_thread
 from .simple_ws import (
     PLAIN_READS,
@@ -130,6 +133,10 @@ class WebSocketEndpoint:
     :param max_backlog: inbound messages waiting to be handled before a 1008 close.
     :param max_backlog_bytes: bytes of them waiting before a 1008 close (at least
         ``max_message_size``).
+    :param client_rate: frames a second a client may send (None: no limit); past it a frame
+        is answered ``{"event": "error", "error": "rate limited"}`` and not acted on, and a
+        client that keeps exceeding is closed with 1008.
+    :param client_burst: frames a client may send at once beyond ``client_rate``.
     :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
@@ -152,6 +159,8 @@ class WebSocketEndpoint:
         max_message_size: Optional[int] = 1 << 20,
         max_backlog: int = 256,
         max_backlog_bytes: int = 4 << 20,
+        client_rate: Optional[float] = 50.0,
+        client_burst: int = 100,
         allowed_origins: Iterable[str] = (),
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
@@ -163,6 +172,9 @@ class WebSocketEndpoint:
     ) -> None:
         if max_queue < 1:
             raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
+        if client_rate is not None and not (client_rate > 0 and client_burst >= 1):
+            raise ConfigError(f"client_rate must be above 0 frames a second (or None) and "
+                              f"client_burst at least 1, got {client_rate!r} and {client_burst!r}")
         if max_queue_bytes < 1:
             raise ConfigError(f"max_queue_bytes must be at least 1, got {max_queue_bytes}")
         if max_backlog < 1:
@@ -185,6 +197,8 @@ class WebSocketEndpoint:
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
+        self.client_rate = client_rate
+        self.client_burst = client_burst
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
         self.compression = compression
         self.health_path = health_path
@@ -417,6 +431,19 @@ class WebSocketEndpoint:
             except Exception:  # an application hook: log it
                 logger.exception("on_disconnect failed for connection %s", conn.id)
 
+    def _client_frame(self, conn: Connection, bucket: Optional[TokenBucket], data: Frame) -> None:
+        """One client frame: to :meth:`on_message`, unless the client is over its rate."""
+        if bucket is None or bucket.take():
+            self.on_message(conn, data)
+            return
+        _metrics.inc("frames_rate_limited", endpoint=self.label)
+        if bucket.exhausted:
+            if conn.close_code is None:
+                _metrics.inc("sockets_rate_limited", endpoint=self.label)
+            conn.request_close(CLOSE_POLICY_VIOLATION, "rate limited")
+            return
+        conn.send(error_frame("rate limited"))
+
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
         deflate = self.compression and "permessage-deflate" in environ.get(
@@ -446,8 +473,10 @@ class WebSocketEndpoint:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
             else:
                 self.on_open(conn)
+            bucket = (None if self.client_rate is None
+                      else TokenBucket(self.client_rate, self.client_burst))
             conn.serve(close_timeout=self.close_timeout,
-                       on_message=lambda data: self.on_message(conn, data),
+                       on_message=lambda data: self._client_frame(conn, bucket, data),
                        max_backlog=self.max_backlog)
         finally:
             self.hub.remove(conn)

@@ -6,8 +6,10 @@ PGWS_LISTEN_CHANNEL  the NOTIFY channel
 PGWS_META_CHANNEL    optional meta channel
 PGWS_ROOT_PATH       optional folder of static files
 PGWS_POOL_SIZE       write connections (default 10)
+PGWS_OPTIONS         JSON object of more JwtGateway options (e.g. client_rate)
 """
 
+import json
 import os
 
 from pgws_sync import JwtAuth, JwtGateway, Listener, static_files
@@ -21,4 +23,5 @@ app = JwtGateway(
     meta_channel=os.environ.get("PGWS_META_CHANNEL") or None,
     pool_size=int(os.environ.get("PGWS_POOL_SIZE", "10")),
     fallback=static_files(root) if root else None,
+    **json.loads(os.environ.get("PGWS_OPTIONS", "{}")),
 )

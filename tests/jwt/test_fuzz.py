@@ -4,6 +4,7 @@ to the sender (it reads its own channel) or is refused with one error frame."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import uuid
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ def server(pg_dsn: str) -> Iterator[Gunicorn]:
     listen = f"pgws-fuzz-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     g = Gunicorn("tests.apps.jwt_app:app", env={
         "PGWS_DB_URI": pg_dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_LISTEN_CHANNEL": listen,
+        "PGWS_OPTIONS": json.dumps({"client_rate": None}),  # the limiter: test_ratelimit.py
     }).wait_up()
     yield g
     g.stop()

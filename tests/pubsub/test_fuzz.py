@@ -26,7 +26,7 @@ _sentinels = itertools.count()
 
 @pytest.fixture(scope="module")
 def server(pg_dsn: str) -> Iterator[Any]:
-    g = serve_pubsub(pg_dsn)
+    g = serve_pubsub(pg_dsn, {"client_rate": None})  # the limiter: test_ratelimit.py
     yield g
     g.stop()
 

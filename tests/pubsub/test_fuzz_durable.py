@@ -35,7 +35,7 @@ _sentinels = itertools.count()
 @pytest.fixture(scope="module")
 def server(pg_dsn: str) -> Iterator[Any]:
     schema = new_log(pg_dsn)
-    g = serve_durable(pg_dsn, schema)
+    g = serve_durable(pg_dsn, schema, {"client_rate": None})  # the limiter: test_ratelimit.py
     publish_many(pg_dsn, schema, (("five", n) for n in range(5)))
     yield g
     g.stop()

@@ -18,7 +18,8 @@ from ..pubsub_helpers import Client, post, serve_pubsub, sql_publish, stats, unt
 
 @pytest.fixture(scope="module")
 def server(pg_dsn):
-    g = serve_pubsub(pg_dsn, options={"max_message_size": 65536})
+    # no client_rate: the cycle tests send 1000 frames at once (the limiter has its own tests)
+    g = serve_pubsub(pg_dsn, options={"max_message_size": 65536, "client_rate": None})
     yield g
     g.stop()
 

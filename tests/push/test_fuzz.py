@@ -27,7 +27,7 @@ _sentinels = itertools.count()
 
 @pytest.fixture(scope="module")
 def server(pg_dsn: str) -> Iterator[Any]:
-    g = serve_push(pg_dsn)
+    g = serve_push(pg_dsn, options={"client_rate": None})  # the limiter: test_ratelimit.py
     yield g
     g.stop()
 

@@ -21,7 +21,8 @@ def fresh(prefix: str) -> str:
 @pytest.fixture(scope="module", params=["notify", "redis"])
 def server(request, pg_dsn):
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    g = serve_push(pg_dsn, redis_url)
+    # no client_rate: the cycle tests send 1000 frames at once (the limiter has its own tests)
+    g = serve_push(pg_dsn, redis_url, options={"client_rate": None})
     g.source = request.param
     yield g
     g.stop()
