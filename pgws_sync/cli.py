@@ -21,7 +21,7 @@ from .errors import CommandFailed, ConfigError, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
-from .sources.log import DEFAULT_SCHEMA, migrate, migration_sql
+from .sources.log import DEFAULT_SCHEMA, grant_sql, migrate, migration_sql
 from .sources.postgres import connect
 
 PROG = "pgws-sync"
@@ -212,12 +212,16 @@ def _json_kind(value: Any) -> str:
 
 def _migrate(args: argparse.Namespace) -> int:
     if args.print_sql:
-        for statement in migration_sql(args.schema):
+        grants = ([g for r in args.grant for g in grant_sql(args.schema, r)]
+                  + [g for r in args.grant_publish
+                     for g in grant_sql(args.schema, r, publisher_only=True)])
+        for statement in migration_sql(args.schema) + grants:
             print(statement.rstrip() + ";\n")
         return EXIT_OK
     conn = connect(resolve_dsn(args.dsn, os.environ))
     try:
-        for line in migrate(conn, schema=args.schema, max_payload=args.max_payload):
+        for line in migrate(conn, schema=args.schema, max_payload=args.max_payload,
+                            grant=args.grant, grant_publish=args.grant_publish):
             print(line)
     finally:
         conn.close()
@@ -322,7 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the largest message the log takes, in UTF-8 bytes (default: "
                               "1048576 for a new log; unchanged for an existing one)")
     upgrade.add_argument("--print-sql", action="store_true",
-                         help="print the SQL that creates a new log, and change nothing")
+                         help="print the SQL that creates a new log (and the GRANTs asked "
+                              "for), and change nothing")
+    upgrade.add_argument("--grant", action="append", default=[], metavar="ROLE",
+                         help="give ROLE what a worker needs on the log (repeatable); the "
+                              "GRANTs are printed")
+    upgrade.add_argument("--grant-publish", action="append", default=[], metavar="ROLE",
+                         help="let ROLE publish, and nothing else (repeatable)")
     upgrade.set_defaults(run=_migrate)
 
     demo = commands.add_parser(

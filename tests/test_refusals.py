@@ -193,9 +193,10 @@ def test_a_role_without_rights_on_the_log_is_refused_naming_the_right(pg_dsn):
         assert g.proc.wait(60) != 0
         refusals = [line for line in g.log().splitlines() if "refuses to start" in line]
         assert refusals, g.log()
-        assert f"cannot use the durable log in schema '{schema}': it lacks INSERT on " \
-               f"{schema}.streams" in refusals[0]
-        assert "GRANT" in refusals[0]
+        assert f"cannot use the durable log in schema '{schema}': it lacks UPDATE on " \
+               f"{schema}.meta" in refusals[0]
+        assert f"pgws-sync migrate --schema {schema} --grant pgws_reader" in refusals[0]
+        assert f'GRANT USAGE ON SCHEMA "{schema}" TO "pgws_reader"' in refusals[0]
     finally:
         g.stop()
         with admin.cursor() as cur:

@@ -128,7 +128,7 @@ _FUNCTIONS = [
     """CREATE OR REPLACE FUNCTION {s}.publish(
     channel text, payload text, type text DEFAULT 'json', id text DEFAULT NULL,
     reply_to text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_column
 DECLARE
     limit_bytes CONSTANT integer := {max_payload};  -- meta.max_payload, set by migrate
@@ -185,7 +185,7 @@ END
 $fn$""",
     """CREATE OR REPLACE FUNCTION {s}.sequence(batch integer DEFAULT 1000)
     RETURNS TABLE (channel text, head bigint, numbered bigint)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_column
 DECLARE
     m {s}.meta;
@@ -247,7 +247,33 @@ BEGIN
         CROSS JOIN LATERAL pg_notify(m.wake_channel, b.channel) n;
 END
 $fn$""",
+    # publishing runs with the log owner's rights: only roles granted EXECUTE may publish
+    "REVOKE ALL ON FUNCTION {s}.publish(text, text, text, text, text) FROM PUBLIC",
+    "REVOKE ALL ON FUNCTION {s}.sequence(integer) FROM PUBLIC",
 ]
+
+#: The rights of a role that runs workers (reads, numbers, prunes, publishes); {r} the role.
+_WORKER_GRANTS = [
+    "GRANT USAGE ON SCHEMA {s} TO {r}",
+    "GRANT SELECT, UPDATE ON {s}.meta TO {r}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.streams TO {r}",
+    "GRANT SELECT, INSERT, DELETE ON {s}.messages, {s}.offsets, {s}.gaps TO {r}",
+    "GRANT EXECUTE ON FUNCTION {s}.publish(text, text, text, text, text), "
+    "{s}.sequence(integer) TO {r}",
+]
+#: The rights of a role that only publishes (an app's writers, a trigger's owner).
+_PUBLISHER_GRANTS = [
+    "GRANT USAGE ON SCHEMA {s} TO {r}",
+    "GRANT EXECUTE ON FUNCTION {s}.publish(text, text, text, text, text) TO {r}",
+]
+
+
+def grant_sql(schema: str, role: str, *, publisher_only: bool = False) -> List[str]:
+    """The GRANT statements giving ``role`` what a worker needs on the log (or, with
+    ``publisher_only``, only the right to publish), as text."""
+    _check_schema_name(schema)
+    return [t.replace("{s}", _quoted(schema)).replace("{r}", _quoted(role))
+            for t in (_PUBLISHER_GRANTS if publisher_only else _WORKER_GRANTS)]
 
 
 def _statements(schema: str, templates: Iterable[str],
@@ -289,14 +315,18 @@ def wake_channel_for(schema: str) -> str:
 
 
 def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
-            max_payload: Optional[int] = None) -> List[str]:
+            max_payload: Optional[int] = None, grant: Sequence[str] = (),
+            grant_publish: Sequence[str] = ()) -> List[str]:
     """Create or upgrade the durable log (idempotent); returns what it did, one line each.
 
     ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN. It
     runs in one transaction under an advisory lock, so several workers
     migrating at once do it once. A version 1 log is upgraded in place.
     ``max_payload`` (bytes): set the largest payload; None keeps the current
-    one (:data:`DEFAULT_MAX_PAYLOAD` for a new log).
+    one (:data:`DEFAULT_MAX_PAYLOAD` for a new log). ``grant``: roles that run
+    workers get their rights (:func:`grant_sql`); ``grant_publish``: roles that
+    may only publish. Publishing runs with the owner's rights (``SECURITY
+    DEFINER``): no other role may publish until granted.
     """
     _check_schema_name(schema)
     if max_payload is not None and not 1 <= max_payload <= 1_000_000_000:
@@ -305,7 +335,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
     if isinstance(conn, str):
         own = psycopg2.connect(conn)
         try:
-            return migrate(own, schema=schema, max_payload=max_payload)
+            return migrate(own, schema=schema, max_payload=max_payload, grant=grant,
+                           grant_publish=grant_publish)
         finally:
             own.close()
     done: List[str] = []
@@ -351,6 +382,11 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
             cur.execute(sql.SQL("SELECT max_payload FROM {}.meta").format(ident))
             for stmt in _statements(schema, _FUNCTIONS, max_payload=cur.fetchone()[0]):
                 cur.execute(stmt)  # the function carries the limit: no read of meta per call
+            for role, publisher_only in ([(r, False) for r in grant]
+                                         + [(r, True) for r in grant_publish]):
+                for grant_stmt in grant_sql(schema, role, publisher_only=publisher_only):
+                    cur.execute(grant_stmt)
+                    done.append(grant_stmt)
     finally:
         conn.autocommit = autocommit
     return done
@@ -403,11 +439,10 @@ def log_info(cur: Any, schema: str = DEFAULT_SCHEMA) -> LogInfo:
     return LogInfo(schema, version, epoch, max_payload, wake)
 
 
-def _rights_message(schema: str, missing: str) -> str:
+def _rights_message(schema: str, missing: str, role: str = "<role>") -> str:
     return (f"this database role cannot use the durable log in schema {schema!r}: {missing}. "
-            f"Grant it, e.g. GRANT USAGE ON SCHEMA {schema} TO <role>; GRANT SELECT, INSERT, "
-            f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO <role>; GRANT EXECUTE ON "
-            f"ALL FUNCTIONS IN SCHEMA {schema} TO <role>")
+            f"Have the log's owner grant it: pgws-sync migrate --schema {schema} --grant "
+            f"{role} (it prints the GRANTs: {'; '.join(grant_sql(schema, role))})")
 
 
 #: What a worker does with each table: read, publish, number and prune.
@@ -419,22 +454,23 @@ _TABLE_RIGHTS = (("meta", "SELECT UPDATE"), ("streams", "SELECT INSERT UPDATE DE
 def check_rights(cur: Any, schema: str = DEFAULT_SCHEMA) -> None:
     """Raise :class:`LogUnavailable` naming the first right the current role lacks to read,
     publish to, number and prune the log."""
-    cur.execute("SELECT has_schema_privilege(%s, 'USAGE')", (schema,))
-    if not cur.fetchone()[0]:
-        raise LogUnavailable(_rights_message(schema, f"it lacks USAGE on schema {schema}"))
+    cur.execute("SELECT current_user, has_schema_privilege(%s, 'USAGE')", (schema,))
+    role, usage = cur.fetchone()
+    if not usage:
+        raise LogUnavailable(_rights_message(schema, f"it lacks USAGE on schema {schema}", role))
     for table, rights in _TABLE_RIGHTS:
         for right in rights.split():  # one at a time: a list asks whether any is held
             cur.execute("SELECT has_table_privilege(%s, %s)", (f"{_quoted(schema)}.{table}", right))
             if not cur.fetchone()[0]:
-                raise LogUnavailable(_rights_message(schema,
-                                                     f"it lacks {right} on {schema}.{table}"))
+                raise LogUnavailable(_rights_message(
+                    schema, f"it lacks {right} on {schema}.{table}", role))
     for function in ("publish(text, text, text, text, text)", "sequence(integer)"):
         cur.execute("SELECT has_function_privilege(%s, 'EXECUTE')",
                     (f"{_quoted(schema)}.{function}",))
         if not cur.fetchone()[0]:
             name = function.split("(")[0]
-            raise LogUnavailable(_rights_message(schema,
-                                                 f"it lacks EXECUTE on {schema}.{name}"))
+            raise LogUnavailable(_rights_message(schema, f"it lacks EXECUTE on {schema}.{name}",
+                                                 role))
 
 
 # ------------------------------------------------------------------ publishing

@@ -395,3 +395,54 @@ def test_replays_are_limited_per_resume_and_per_connection(pg_dsn, channel):
                              since=7)["event"] == "subscribed"
     finally:
         server.stop()
+
+
+def test_publishing_needs_execute_only_and_no_role_writes_around_the_function(pg_dsn, channel):
+    """publish() runs with the log owner's rights: a role granted only EXECUTE publishes,
+    but cannot read or write the tables; a role granted nothing cannot publish; a worker
+    role gets what it needs with migrate(grant=...)."""
+    import psycopg2.extensions
+
+    schema = new_log(pg_dsn)
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    roles = ("pgws_pub", "pgws_nobody", "pgws_worker")
+    with admin.cursor() as cur:
+        for role in roles:
+            cur.execute(f"DROP ROLE IF EXISTS {role}")
+            cur.execute(f"CREATE ROLE {role} LOGIN")
+    done = migrate(admin, schema=schema, grant=["pgws_worker"], grant_publish=["pgws_pub"])
+    assert f'GRANT EXECUTE ON FUNCTION "{schema}".publish(text, text, text, text, text) TO ' \
+           f'"pgws_pub"' in done
+    try:
+        def as_role(role: str) -> Any:
+            conn = psycopg2.connect(psycopg2.extensions.make_dsn(pg_dsn, user=role))
+            conn.autocommit = True
+            return conn
+
+        pub = as_role("pgws_pub")
+        publish_durable(pub, channel, {"by": "pgws_pub"}, schema=schema)
+        for statement in (f"SELECT * FROM {schema}.messages",
+                          f"INSERT INTO {schema}.messages (channel, id, type, payload) "
+                          f"VALUES ('x', 'i', 'json', '1')",
+                          f"UPDATE {schema}.meta SET max_payload = 1"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege), pub.cursor() as cur:
+                cur.execute(statement)
+        pub.close()
+        nobody = as_role("pgws_nobody")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            publish_durable(nobody, channel, {"by": "nobody"}, schema=schema)
+        nobody.close()
+        worker = as_role("pgws_worker")
+        with worker.cursor() as cur:
+            from pgws_sync.sources.log import check_rights, sequence
+
+            check_rights(cur, schema)  # raises if a right is missing
+            assert [n.numbered for n in sequence(worker, schema)] == [1]
+        worker.close()
+    finally:
+        with admin.cursor() as cur:
+            for role in roles:
+                cur.execute(f"DROP OWNED BY {role}")
+                cur.execute(f"DROP ROLE {role}")
+        admin.close()
