@@ -24,8 +24,11 @@ from pgws_sync import Listener, Push, RedisSource
 
 
 class Notifications(Push):
-    def get_user(self, request):  # default: X-Auth-User, else X-Auth-Guest
-        return session.get("user") or session.get("guest")
+    def get_user(self, request):  # default: nobody (no header is trusted)
+        return session.get("user")
+
+    def get_guest(self, request):  # a visitor not logged in yet (never a user)
+        return session.get("guest")
 
     def permit_join(self, user, room, request):
         return room == "lobby" or user is not None and room == f"team-{user}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from werkzeug.wrappers import Request
 
@@ -32,8 +32,10 @@ from .messages import (
 
 logger = logging.getLogger(__name__)
 
-#: Hub keys of users and of tab windows (rooms are subscriptions: ``sub:<room>``).
+#: Hub keys of users, of guests and of tab windows (rooms are subscriptions: ``sub:<room>``).
+#: Guests and users live in separate key spaces: a guest id is never a user id.
 USER_PREFIX = "user:"
+GUEST_PREFIX = "guest:"
 TAB_PREFIX = "tab:"
 
 #: On a durable endpoint, the log channels of users and of tabs: ``pgws:user:<user>`` and
@@ -64,14 +66,18 @@ class Push(PubSub):
     "payload": P}``, or ``{"guestId": g, "authUserId": u}``. Each recipient
     gets P's JSON text as one text frame. Clients join rooms with
     ``{"joinRoom": r}`` / ``{"leaveRoom": r}``; a room is a pub/sub channel.
-    Hooks: :meth:`get_user`, :meth:`permit_connection`, :meth:`permit_join`;
-    a subclass overriding :meth:`on_connect` calls ``super().on_connect`` first.
+    Hooks: :meth:`get_user`, :meth:`get_guest`, :meth:`permit_connection`,
+    :meth:`permit_join`; a subclass overriding :meth:`on_connect` calls
+    ``super().on_connect`` first. Identity comes from the app: by default a
+    socket is anonymous until :meth:`get_user` says otherwise.
 
     :param source: where backend messages come from (default: the listener).
     :param push_channel: the channel backend messages travel on.
     :param tab_windows: send each socket ``{"tabWindowId": "<token>"}`` first.
-    :param user_header: request header naming the user.
-    :param guest_header: request header naming a guest, when there is no user.
+    :param user_header: a request header to take the user id from (None: trust no header).
+        Only behind a proxy that sets it and strips it from what clients send.
+    :param guest_header: a request header to take a guest id from, when there is no user
+        (None: trust no header); the same warning applies.
 
     Other keyword options are those of :class:`PubSub`.
     """
@@ -83,8 +89,8 @@ class Push(PubSub):
         source: Optional[Source] = None,
         push_channel: str = DEFAULT_PUSH_CHANNEL,
         tab_windows: bool = True,
-        user_header: str = "X-Auth-User",
-        guest_header: str = "X-Auth-Guest",
+        user_header: Optional[str] = None,
+        guest_header: Optional[str] = None,
         **options: Any,
     ) -> None:
         self.push_source: Source = listener if source is None else source
@@ -107,12 +113,21 @@ class Push(PubSub):
     def get_user(self, request: Request) -> Optional[str]:
         """The user id of a new socket, or None for none (called once, before the upgrade).
 
-        Default: the ``user_header`` (``X-Auth-User``), else the
-        ``guest_header`` (``X-Auth-Guest``). Set them in a trusted proxy or
-        override this with your own authentication.
+        Override it with your app's authentication (the session, a token). The
+        default trusts no client: None, unless the endpoint was given
+        ``user_header`` (only behind a proxy that sets and strips it).
         """
-        return (request.headers.get(self.user_header)
-                or request.headers.get(self.guest_header) or None)
+        if self.user_header is None:
+            return None
+        return request.headers.get(self.user_header) or None
+
+    def get_guest(self, request: Request) -> Optional[str]:
+        """The guest id of a new socket that has no user, or None (called once, before the
+        upgrade). A guest gets no user's pushes; :meth:`authenticate` moves it to a user.
+        Default: None, unless the endpoint was given ``guest_header``."""
+        if self.guest_header is None:
+            return None
+        return request.headers.get(self.guest_header) or None
 
     def permit_connection(self, request: Request) -> bool:
         """Whether to accept this upgrade at all (False: HTTP 403). Default: yes."""
@@ -205,22 +220,31 @@ class Push(PubSub):
             self.hub.join(conn, USER_PREFIX + user)
             if self.streams is not None:
                 conn.send(self._streams_frame(conn, user))
+        else:
+            guest = self._identify(request, self.get_guest, "guest")
+            if guest is not None:
+                conn.metadata["guest"] = guest
+                self.hub.join(conn, GUEST_PREFIX + guest)
         if self._keep_requests:
             with self._requests_lock:
                 self._requests[conn] = request
 
-    def _identify(self, request: Request) -> Optional[str]:
+    def _identify(self, request: Request,
+                  hook: Optional[Callable[[Request], Optional[str]]] = None,
+                  what: str = "user") -> Optional[str]:
+        """What ``hook`` (default :meth:`get_user`) says, checked as a name."""
+        hook = self.get_user if hook is None else hook
         try:
-            user = self.get_user(request)
+            name = hook(request)
         except Exception:  # an application hook: refuse, log
-            logger.exception("get_user failed; refused the socket")
-            raise Refused(500, "get_user failed") from None
-        if user is None or user == "":
+            logger.exception("get_%s failed; refused the socket", what)
+            raise Refused(500, f"get_{what} failed") from None
+        if name is None or name == "":
             return None
-        problem = name_problem(user)
+        problem = name_problem(name)
         if problem is not None:
-            raise Refused(400, f"invalid user id: {problem}")
-        return user
+            raise Refused(400, f"invalid {what} id: {problem}")
+        return str(name)
 
     def _forget(self, conn: Connection) -> None:
         super()._forget(conn)
@@ -301,9 +325,10 @@ class Push(PubSub):
 
     def _log_in(self, event: AuthEvent) -> None:
         moved = 0
-        for conn in self.hub.members(USER_PREFIX + event.guest):
-            self.hub.leave(conn, USER_PREFIX + event.guest)
+        for conn in self.hub.members(GUEST_PREFIX + event.guest):
+            self.hub.leave(conn, GUEST_PREFIX + event.guest)
             if self.hub.join(conn, USER_PREFIX + event.user):
+                conn.metadata.pop("guest", None)
                 conn.metadata["user"] = event.user
                 moved += 1
                 if self.streams is not None:  # the client subscribes to the user's streams

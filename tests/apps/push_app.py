@@ -22,6 +22,10 @@ from pgws_sync import Listener, Push
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2, max_reconnect=2.0)
 options = json.loads(os.environ.get("PGWS_OPTIONS", "{}"))
+# The test clients play a proxy that authenticates: it sets these headers (and strips them
+# from what a real client sends). PGWS_OPTIONS {"user_header": null, ...} keeps the defaults.
+options.setdefault("user_header", "X-Auth-User")
+options.setdefault("guest_header", "X-Auth-Guest")
 if os.environ.get("PGWS_REDIS_URL"):
     from pgws_sync import RedisSource
 
