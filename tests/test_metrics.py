@@ -245,9 +245,9 @@ def test_the_durable_log_is_measured_and_replays_are_counted(pg_dsn):
     from .durable_helpers import new_log, publish_many, serve_durable
 
     schema = new_log(pg_dsn)
-    publish_many(pg_dsn, schema, (("m", n) for n in range(5)))
     g = serve_durable(pg_dsn, schema, {"metrics_path": "/metrics"})
     try:
+        publish_many(pg_dsn, schema, (("m", n) for n in range(5)))  # numbered by the server
         c = Client(g)
         reply = c.request(action="subscribe", channel="m", since=2, id=1)
         assert reply["event"] == "subscribed" and reply["offset"] == 5

@@ -15,7 +15,7 @@ import psycopg2.sql
 
 from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
-from .postgres import STATEMENT_TIMEOUT, close_quietly, session_params
+from .postgres import STATEMENT_TIMEOUT, close_quietly, open_session, session_params
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class NotifyPool:
                 return conn
             self._release(conn, broken=True)  # died while idle: nothing was sent on it
         try:
-            conn = psycopg2.connect(**self._params)
+            conn = open_session(self._params)
         except psycopg2.Error as exc:
             self._release(None, broken=True)  # frees the slot taken above
             raise self._failure("unreachable",

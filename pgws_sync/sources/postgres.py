@@ -285,6 +285,20 @@ def session_params(dsn: str, *, application_name: Optional[str] = None,
     return params
 
 
+def open_session(params: Dict[str, Any]) -> Any:
+    """``psycopg2.connect(**params)``; a server that takes no startup ``options`` (PgBouncer)
+    gets the connection without them: the keepalives and TCP timeout stay (libpq's), the
+    statement and lock timeouts are not set (a SET would outlive the session in a pool)."""
+    try:
+        return psycopg2.connect(**params)
+    except psycopg2.OperationalError as exc:
+        if "options" not in params or "unsupported startup parameter" not in str(exc):
+            raise
+    logger.debug("the server takes no startup options (a connection pooler?): the library's "
+                "statement and lock timeouts are not set on its connections there")
+    return psycopg2.connect(**{k: v for k, v in params.items() if k != "options"})
+
+
 def connect(dsn: str, *, connect_timeout: int = 10,
             application_name: Optional[str] = None,
             statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
@@ -292,7 +306,7 @@ def connect(dsn: str, *, connect_timeout: int = 10,
     """An autocommit psycopg2 connection with the library's timeouts (:func:`session_params`);
     it gives up connecting after ``connect_timeout`` seconds, unless the DSN or
     ``PGCONNECT_TIMEOUT`` says otherwise."""
-    conn = psycopg2.connect(**session_params(
+    conn = open_session(session_params(
         dsn, application_name=application_name, connect_timeout=connect_timeout,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout))
     conn.autocommit = True
