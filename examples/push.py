@@ -40,7 +40,9 @@ app = Flask(__name__)
 app.secret_key = os.environ.get("SECRET_KEY") or "pgws_sync example key: set SECRET_KEY"
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=1.0, max_reconnect=30.0)
 source = RedisSource(os.environ["PGWS_REDIS_URL"]) if os.environ.get("PGWS_REDIS_URL") else None
-notifications = Notifications(listener, source=source)
+# AuthEvents (a guest logging in) are signed with a secret every worker shares: no database
+# role can forge one. The session key serves here.
+notifications = Notifications(listener, source=source, auth_key=app.secret_key)
 notifications.init_app(app, "/ws")
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>pgws_sync push</title>

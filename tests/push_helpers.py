@@ -12,6 +12,10 @@ from .helpers import Gunicorn, Ws, http_get, wait_for
 APP = "tests.apps.push_app:app"
 
 
+#: The secret the test app signs AuthEvents with (Push(auth_key=...)).
+AUTH_KEY = "test-auth-key-for-signed-auth-events"
+
+
 def serve_push(pg_dsn: str, redis_url: Optional[str] = None,
                options: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Gunicorn:
     """The push app under gunicorn; backend messages from Redis when ``redis_url`` is given."""

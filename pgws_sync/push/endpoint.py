@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from werkzeug.wrappers import Request
 
@@ -19,6 +19,8 @@ from ..sources.base import Notification, Source
 from .messages import (
     DEFAULT_PUSH_CHANNEL,
     AuthEvent,
+    auth_event_signed,
+    sign_auth_event,
     BackendMessage,
     ToRoom,
     ToUser,
@@ -78,6 +80,9 @@ class Push(PubSub):
         Only behind a proxy that sets it and strips it from what clients send.
     :param guest_header: a request header to take a guest id from, when there is no user
         (None: trust no header); the same warning applies.
+    :param auth_key: the secret that signs guest-to-user AuthEvents (``sig``, see
+        :func:`sign_auth_event`); without it no AuthEvent is acted on, since any database
+        role could send one.
 
     Other keyword options are those of :class:`PubSub`.
     """
@@ -91,6 +96,7 @@ class Push(PubSub):
         tab_windows: bool = True,
         user_header: Optional[str] = None,
         guest_header: Optional[str] = None,
+        auth_key: Optional[Union[str, bytes]] = None,
         **options: Any,
     ) -> None:
         self.push_source: Source = listener if source is None else source
@@ -98,6 +104,9 @@ class Push(PubSub):
         self.tab_windows = tab_windows
         self.user_header = user_header
         self.guest_header = guest_header
+        if auth_key is not None and len(auth_key) < 16:
+            raise ConfigError("auth_key must be at least 16 characters (a random secret)")
+        self.auth_key = auth_key
         # The upgrade request of each socket, only if permit_join wants it later.
         self._keep_requests = type(self).permit_join is not Push.permit_join
         self._requests: Dict[Connection, Request] = {}
@@ -172,8 +181,14 @@ class Push(PubSub):
         self.send_backend_message(ToRoom(room, str(message_body(payload))))
 
     def authenticate(self, guest: str, user: str) -> None:
-        """Move guest ``guest``'s sockets to user ``user``, in every worker."""
-        self.send_backend_message(AuthEvent(guest, user))
+        """Move guest ``guest``'s sockets to user ``user``, in every worker (a signed
+        AuthEvent: needs ``auth_key``)."""
+        if self.auth_key is None:
+            raise ConfigError("authenticate() needs Push(..., auth_key=<a secret every worker "
+                              "shares>): AuthEvents are signed so that no database role can "
+                              "forge one")
+        self.send_backend_message(AuthEvent(guest, user,
+                                            sign_auth_event(self.auth_key, guest, user)))
 
     def send_backend_message(self, message: BackendMessage) -> None:
         """Send ``message`` through the push source, exactly as a backend service would.
@@ -324,6 +339,11 @@ class Push(PubSub):
         self.hub.fan_out(pending)
 
     def _log_in(self, event: AuthEvent) -> None:
+        if self.auth_key is None or not auth_event_signed(self.auth_key, event):
+            logger.warning("ignored an AuthEvent for guest %r: %s", event.guest,
+                           "this Push has no auth_key" if self.auth_key is None else
+                           "its sig is missing or wrong (forged, or signed with another key)")
+            return
         moved = 0
         for conn in self.hub.members(GUEST_PREFIX + event.guest):
             self.hub.leave(conn, GUEST_PREFIX + event.guest)

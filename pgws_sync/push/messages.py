@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from .._formats import check_json, dumps, error_frame, json_fields, name_problem, strict_problem
@@ -27,10 +29,25 @@ class ToRoom(NamedTuple):
 
 
 class AuthEvent(NamedTuple):
-    """``{"guestId": g, "authUserId": u}``: guest ``g`` has logged in as user ``u``."""
+    """``{"guestId": g, "authUserId": u, "sig": S}``: guest ``g`` has logged in as user ``u``;
+    ``S`` is :func:`sign_auth_event`'s HMAC, so that no one without the key forges it."""
 
     guest: str
     user: str
+    sig: Optional[str] = None
+
+
+def sign_auth_event(key: Union[str, bytes], guest: str, user: str) -> str:
+    """The ``sig`` of an AuthEvent: HMAC-SHA256 of guest and user with ``key``, in hex."""
+    secret = key.encode("utf-8") if isinstance(key, str) else key
+    message = guest.encode("utf-8") + b"\x00" + user.encode("utf-8")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def auth_event_signed(key: Union[str, bytes], event: AuthEvent) -> bool:
+    """Whether ``event`` carries the right ``sig`` for ``key`` (compared in constant time)."""
+    return event.sig is not None and hmac.compare_digest(
+        event.sig, sign_auth_event(key, event.guest, event.user))
 
 
 BackendMessage = Union[ToUser, ToRoom, AuthEvent]
@@ -68,7 +85,10 @@ def parse_backend_message(text: str) -> BackendMessage:
     if targets[0] == "guestId":
         if "authUserId" not in fields:
             raise InvalidPayload("'guestId' without 'authUserId'")
-        return AuthEvent(_name(fields, "guestId"), _name(fields, "authUserId"))
+        sig = fields["sig"][0] if "sig" in fields else None
+        if sig is not None and not isinstance(sig, str):
+            raise InvalidPayload("'sig' is not a string")
+        return AuthEvent(_name(fields, "guestId"), _name(fields, "authUserId"), sig)
     if "payload" not in fields:
         raise InvalidPayload(f"{targets[0]!r} without 'payload'")
     problem = strict_problem(fields["payload"][0])
@@ -84,7 +104,10 @@ def parse_backend_message(text: str) -> BackendMessage:
 def format_backend_message(message: BackendMessage) -> str:
     """The JSON text of ``message`` as a backend publishes it (``payload`` must be JSON text)."""
     if isinstance(message, AuthEvent):
-        return dumps({"guestId": message.guest, "authUserId": message.user})
+        event: Dict[str, str] = {"guestId": message.guest, "authUserId": message.user}
+        if message.sig is not None:
+            event["sig"] = message.sig
+        return dumps(event)
     try:
         check_json(message.payload)
     except ValueError as exc:

@@ -18,6 +18,7 @@ import threading
 from flask import Flask, jsonify, request
 
 from pgws_sync import Listener, Push
+from tests.push_helpers import AUTH_KEY  # the secret the tests sign AuthEvents with
 
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""), min_reconnect=0.2, max_reconnect=2.0)
@@ -26,6 +27,7 @@ options = json.loads(os.environ.get("PGWS_OPTIONS", "{}"))
 # from what a real client sends). PGWS_OPTIONS {"user_header": null, ...} keeps the defaults.
 options.setdefault("user_header", "X-Auth-User")
 options.setdefault("guest_header", "X-Auth-Guest")
+options.setdefault("auth_key", AUTH_KEY)
 if os.environ.get("PGWS_REDIS_URL"):
     from pgws_sync import RedisSource
 

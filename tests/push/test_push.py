@@ -8,7 +8,9 @@ import re
 import pytest
 
 from ..helpers import http_get, raw_upgrade, wait_for
-from ..push_helpers import Tab, api, push, serve_push, stats, wait_sockets
+from pgws_sync.push.messages import sign_auth_event
+
+from ..push_helpers import AUTH_KEY, Tab, api, push, serve_push, stats, wait_sockets
 
 _names = itertools.count()
 
@@ -163,7 +165,11 @@ def test_guest_sockets_move_to_the_user_who_logged_in(server, tabs):
     both = tabs(server, user=user, headers={"X-Auth-Guest": guest})
     # guests and users live apart: a guest id is no user id, its pushes reach nobody
     push(server, {"pushToUser": guest, "payload": "a guest is not a user"})
-    push(server, {"guestId": guest, "authUserId": user})
+    forged = {"guestId": guest, "authUserId": "mallory"}  # no sig, then a wrong one
+    push(server, forged)
+    push(server, {**forged, "sig": sign_auth_event("another key of 16+ chars", guest, "mallory")})
+    push(server, {"guestId": guest, "authUserId": user,
+                  "sig": sign_auth_event(AUTH_KEY, guest, user)})
     push(server, {"pushToUser": user, "payload": "as user"})
     for tab in (g1, g2, already, both):
         assert tab.recv_json() == "as user"
