@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional
 
 from ._core.wire import warm_up
-from ._core.endpoint import live_endpoints
+from ._core.endpoint import auto_socket_cap, live_endpoints, set_worker_threads
 from .errors import ConfigError, PgwsError
 from .runtime import hurry, live_sources, prepare_endpoints, shutdown, start_sources
 from .sources.canary import check_listening
@@ -98,6 +98,13 @@ def post_worker_init(worker: Any) -> None:
     waiting at most QUICK_SHUTDOWN_TIMEOUT seconds, before gunicorn exits.
     """
     use_gunicorn_logging(worker)
+    threads = int(getattr(worker.cfg, "threads", 1) or 1)
+    set_worker_threads(threads)  # max_sockets="auto" keeps some for plain requests
+    if auto_socket_cap(threads) < 16:
+        logger.warning("with --threads %d a worker serves at most %d sockets (max_sockets="
+                       "'auto' keeps a tenth of the threads, and at least 4, for plain "
+                       "requests): raise --threads above the sockets you expect", threads,
+                       auto_socket_cap(threads))
     limit_malloc_arenas(MALLOC_ARENA_MAX)
     warm_up()
     prestart_threads(worker, prestart_setting())

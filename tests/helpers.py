@@ -50,7 +50,7 @@ class Gunicorn:
     """A real gunicorn serving ``app`` on a free port, configured by environment variables."""
 
     def __init__(self, app: str = "tests.apps.app:app", *, env: Optional[Dict[str, str]] = None,
-                 workers: int = 1, threads: int = 64, args: Sequence[str] = (),
+                 workers: int = 1, threads: int = 128, args: Sequence[str] = (),
                  port: Optional[int] = None) -> None:
         self.port = port or free_port()  # a port given: a restart where the last one served
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-gunicorn-{self.port}.log"

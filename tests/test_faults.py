@@ -11,6 +11,7 @@ from wsproto.events import Ping, Pong, TextMessage
 
 from .helpers import (
     Ws,
+    http_get,
     pg_notify,
     raw_upgrade,
     read_frame,
@@ -176,9 +177,10 @@ def vanish(port):
 def test_1000_connect_disconnect_cycles_leave_no_residue(pg_dsn, sender):
     g = serve(pg_dsn, threads=16).wait_up()
     try:
-        # fill gunicorn's thread pool first: its threads live on, by design
-        warm = [Ws(g.ws_url()) for _ in range(14)]
-        wait_sockets(g, 14)
+        # fill gunicorn's thread pool first (as many sockets as the worker takes: 16 threads
+        # less the 4 max_sockets="auto" keeps for plain requests): its threads live on
+        warm = [Ws(g.ws_url()) for _ in range(12)]
+        wait_sockets(g, 12)
         for ws in warm:
             ws.close()
         wait_sockets(g, 0)
@@ -241,4 +243,45 @@ def test_pongs_never_interleave_with_large_frames(pg_dsn, sender):
         assert pongs > 0
     finally:
         sock.close()
+        g.stop()
+
+
+def test_sockets_past_the_workers_cap_get_503_and_plain_requests_still_answer(pg_dsn, sender):
+    """--threads 16: max_sockets="auto" leaves 4 threads to plain requests, so the 13th
+    socket gets 503 with Retry-After before any upgrade, and a plain GET answers at once."""
+    g = serve(pg_dsn, threads=16, options={"max_sockets_per_address": 20}).wait_up()
+    socks = []
+    try:
+        socks = [Ws(g.ws_url()) for _ in range(12)]
+        wait_sockets(g, 12)
+        sock, head = raw_upgrade(g.port)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head, head
+        for _ in range(5):  # the app's own requests keep their threads
+            status, _body = http_get(g.url("/healthz"), timeout=5)
+            assert status == 200
+        pg_notify(sender, "pgws", 'default,{"still": "delivering"}')
+        assert all(ws.recv_json()["payload"] == {"still": "delivering"} for ws in socks)
+        socks.pop().close()
+        wait_sockets(g, 11)
+        socks.append(Ws(g.ws_url()))  # room again
+        wait_sockets(g, 12)
+    finally:
+        for ws in socks:
+            ws.close()
+        g.stop()
+
+
+def test_a_cap_per_address(pg_dsn):
+    g = serve(pg_dsn, options={"max_sockets_per_address": 2}).wait_up()
+    socks = []
+    try:
+        socks = [Ws(g.ws_url()) for _ in range(2)]
+        wait_sockets(g, 2)
+        sock, head = raw_upgrade(g.port)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 503"), head
+    finally:
+        for ws in socks:
+            ws.close()
         g.stop()

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 from werkzeug.wrappers import Request, Response
@@ -43,6 +43,52 @@ from .wire import Frame, valid_key
 logger = logging.getLogger(__name__)
 
 _live_endpoints: "weakref.WeakSet[WebSocketEndpoint]" = weakref.WeakSet()
+
+
+class _SocketBudget:
+    """The sockets open in this process (they share the server's threads), per address too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the three fields below
+        self.open = 0
+        self.by_address: Dict[str, int] = {}
+        #: The server's threads per worker, when the gunicorn hook said (None: unknown).
+        self.threads: Optional[int] = None
+
+    def take(self, address: str, cap: Optional[int], per_address: Optional[int]) -> bool:
+        """Count one more socket, if the caps allow it."""
+        with self._lock:
+            mine = self.by_address.get(address, 0)
+            if (cap is not None and self.open >= cap) or \
+                    (per_address is not None and mine >= per_address):
+                return False
+            self.open += 1
+            self.by_address[address] = mine + 1
+            return True
+
+    def give_back(self, address: str) -> None:
+        with self._lock:
+            self.open -= 1
+            left = self.by_address.get(address, 1) - 1
+            if left > 0:
+                self.by_address[address] = left
+            else:
+                self.by_address.pop(address, None)
+
+
+_sockets = _SocketBudget()
+
+
+def set_worker_threads(threads: int) -> None:
+    """Tell the endpoints how many threads this worker serves requests with (the gunicorn
+    hook does): ``max_sockets="auto"`` leaves some of them to plain requests."""
+    _sockets.threads = threads
+
+
+def auto_socket_cap(threads: int) -> int:
+    """The sockets a worker of ``threads`` threads takes with ``max_sockets="auto"``: all but
+    a tenth of them, and at least 4, kept for plain requests."""
+    return max(0, threads - max(4, -(-threads // 10)))
 
 #: The reason of a drain's 1012 close: when to come back (pgws.js reads it).
 RESTART_REASON = "restart: reconnect after 1.0s"
@@ -137,6 +183,12 @@ class WebSocketEndpoint:
         is answered ``{"event": "error", "error": "rate limited"}`` and not acted on, and a
         client that keeps exceeding is closed with 1008.
     :param client_burst: frames a client may send at once beyond ``client_rate``.
+    :param max_sockets: sockets this worker serves at once, all endpoints together
+        (``"auto"``: under the gunicorn hook, all its threads but a tenth and at least 4,
+        which stay for plain requests; None: no cap); past it an upgrade gets HTTP 503
+        with ``Retry-After``.
+    :param max_sockets_per_address: sockets one client address may hold in this worker
+        (None: no cap; behind a proxy every client has the proxy's address).
     :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
@@ -161,6 +213,8 @@ class WebSocketEndpoint:
         max_backlog_bytes: int = 4 << 20,
         client_rate: Optional[float] = 50.0,
         client_burst: int = 100,
+        max_sockets: Union[int, str, None] = "auto",
+        max_sockets_per_address: Optional[int] = None,
         allowed_origins: Iterable[str] = (),
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
@@ -175,6 +229,10 @@ class WebSocketEndpoint:
         if client_rate is not None and not (client_rate > 0 and client_burst >= 1):
             raise ConfigError(f"client_rate must be above 0 frames a second (or None) and "
                               f"client_burst at least 1, got {client_rate!r} and {client_burst!r}")
+        if not (max_sockets is None or max_sockets == "auto"
+                or (isinstance(max_sockets, int) and max_sockets >= 0)):
+            raise ConfigError(f"max_sockets must be a number of sockets, 'auto' or None, got "
+                              f"{max_sockets!r}")
         if max_queue_bytes < 1:
             raise ConfigError(f"max_queue_bytes must be at least 1, got {max_queue_bytes}")
         if max_backlog < 1:
@@ -199,6 +257,8 @@ class WebSocketEndpoint:
         self.max_backlog_bytes = max_backlog_bytes
         self.client_rate = client_rate
         self.client_burst = client_burst
+        self.max_sockets = max_sockets
+        self.max_sockets_per_address = max_sockets_per_address
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
         self.compression = compression
         self.health_path = health_path
@@ -380,11 +440,30 @@ class WebSocketEndpoint:
 
     def handle(self, request: Request) -> Response:
         """Check, upgrade and serve one WebSocket request; returns when the socket is over."""
-        environ = request.environ
         refusal = self._check_upgrade(request)
         if refusal is not None:
             _metrics.inc("sockets_refused", endpoint=self.label, status=str(refusal.status_code))
             return refusal
+        address = str(request.environ.get("REMOTE_ADDR", ""))
+        if not _sockets.take(address, self.socket_cap(), self.max_sockets_per_address):
+            _metrics.inc("sockets_refused", endpoint=self.label, status="503")
+            logger.info("refused a socket: this worker serves %s sockets already", _sockets.open)
+            return _text_response(503, "too many sockets in this worker; try again later",
+                                  {"Retry-After": "5"})
+        try:
+            return self._upgrade(request)
+        finally:
+            _sockets.give_back(address)
+
+    def socket_cap(self) -> Optional[int]:
+        """The most sockets this worker serves at once for this endpoint (None: no cap)."""
+        if self.max_sockets == "auto":
+            threads = _sockets.threads
+            return None if threads is None else auto_socket_cap(threads)
+        return None if self.max_sockets is None else int(self.max_sockets)
+
+    def _upgrade(self, request: Request) -> Response:
+        environ = request.environ
         key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
         raw = environ.get(key)
         if raw is None:
