@@ -80,7 +80,7 @@ def peak(times: List[float], window: float) -> int:
 
 
 def run(dsn: str, clients: int, drain: float) -> None:
-    server = Gunicorn("examples.minimal:app", dsn, threads=clients + 100,
+    server = Gunicorn("examples.minimal:app", dsn, threads=clients * 115 // 100 + 100,
                       worker_connections=2 * clients + 200, extra=[])
     try:
         server.wait_healthy("/healthz", 60)

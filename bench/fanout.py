@@ -250,7 +250,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     args.app = "bench.channels_app:app"
             if args.mode == "durable":
                 servers.fresh_log(dsn, BENCH_LOG_SCHEMA)
-            threads = args.threads or args.clients + 100
+            # a tenth more threads than sockets (max_sockets="auto" keeps a tenth for requests)
+            threads = args.threads or args.clients * 115 // 100 + 100
             wconns = args.worker_connections or 2 * args.clients + 200
             gunicorn = servers.Gunicorn(args.app, dsn, threads=threads, worker_connections=wconns,
                                         extra=shlex.split(args.gunicorn_args))

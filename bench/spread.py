@@ -57,7 +57,7 @@ def sockets_per_worker(server: Gunicorn) -> Dict[int, int]:
 
 
 def measure(dsn: str, workers: int, clients: int, config: str) -> List[int]:
-    server = Gunicorn("examples.minimal:app", dsn, threads=clients + 100,
+    server = Gunicorn("examples.minimal:app", dsn, threads=clients * 115 // 100 + 100,
                       worker_connections=2 * clients + 200, workers=workers, config=config)
     try:
         server.wait_healthy("/healthz", 60)
