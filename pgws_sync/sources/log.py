@@ -207,8 +207,8 @@ BEGIN
               ORDER BY x.seq LIMIT batch) f;
     SELECT coalesce(array_agg(x.seq ORDER BY x.seq), '{{}}'),
            coalesce(array_agg(x.channel ORDER BY x.seq), '{{}}')
-        INTO filled, filled_channels
-        FROM {s}.gaps g JOIN {s}.messages x ON x.seq = g.seq;
+        INTO filled, filled_channels  -- by primary key, whatever the statistics say
+        FROM {s}.messages x WHERE x.seq = ANY(ARRAY(SELECT g.seq FROM {s}.gaps g));
     -- gaps whose transaction committed are numbered now; those whose every possible
     -- transaction had ended before this call began (the oldest running id is past the
     -- horizon), and still unseen, were rolled back
@@ -620,10 +620,12 @@ def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
         "CROSS JOIN LATERAL (SELECT k.*, sum(octet_length(k.payload)) OVER (ORDER BY "
         'k."offset")::bigint AS running FROM (SELECT o."offset", m.* FROM {s}.offsets o '
         'JOIN {s}.messages m ON m.seq = o.seq WHERE o.channel = p.channel AND o."offset" > '
-        'p.after ORDER BY o."offset" LIMIT %s) k) w '
+        # offsets have no gaps: the range bounds the read whatever plan the statistics give
+        'p.after AND o."offset" <= p.after + %s ORDER BY o."offset" LIMIT %s) k) w '
         "WHERE %s::bigint IS NULL OR w.running - octet_length(w.payload) < %s) r ON true "
         'ORDER BY r.channel, r."offset"').format(s=sql.Identifier(schema)),
-        ([c for c, _ in positions], [a for _, a in positions], limit, max_bytes, max_bytes))
+        ([c for c, _ in positions], [a for _, a in positions], limit, limit, max_bytes,
+         max_bytes))
     epoch = ""
     out: Dict[str, List[Row]] = {}
     for record in cur.fetchall():
