@@ -7,7 +7,7 @@ publishers run, a sequencer numbers what they commit, as an elected worker would
 Then 32 clients commit plain updates while 32 others publish (or insert plain rows):
 the updaters' commits per second show what publishing costs everyone else.
 
-    python -m bench.commit_cost [--dsn DSN] [--seconds 5]
+    python -m bench.commit_cost [--dsn DSN] [--seconds 5] [--rounds 3]
 
 Without --dsn (or BENCH_DSN) it starts a throw-away PostgreSQL with fsync on (commits
 then cost what they cost on a real server). It prints figures, asserts nothing.
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -138,18 +139,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every variant in turn; medians are printed")
     args = parser.parse_args(argv)
     with durable_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         prepare(dsn)
         with sequencing(dsn):
-            report(dsn, Path(tmp), args.seconds)
+            report(dsn, Path(tmp), args.seconds, args.rounds)
     return 0
 
 
-def report(dsn: str, workdir: Path, seconds: float) -> None:
-    """Run every variant and print the table."""
+def report(dsn: str, workdir: Path, seconds: float, rounds: int) -> None:
+    """Run every variant and print the table (medians of ``rounds``, variants interleaved)."""
     print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
-          f"publish ({seconds:g} s each)")
+          f"publish ({seconds:g} s each, median of {rounds} interleaved rounds)")
     print(f"{'channels':>8} {'clients':>7} {'insert':>9} {'notify':>9} {'publish':>9} "
           f"{'publish/insert':>15} {'notify/insert':>14}")
     for channels in (1, 32):
@@ -160,8 +163,11 @@ def report(dsn: str, workdir: Path, seconds: float) -> None:
             print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
                   f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
                   f"{tps['notify'] / tps['insert']:>14.2f}", flush=True)
-    both = side_by_side(dsn, seconds, workdir)
-    plain, publishing = both["insert"], both["publish"]
+    sides = [side_by_side(dsn, seconds, workdir) for _ in range(rounds)]
+    plain = (statistics.median(b["insert"][0] for b in sides),
+             statistics.median(b["insert"][1] for b in sides))
+    publishing = (statistics.median(b["publish"][0] for b in sides),
+                  statistics.median(b["publish"][1] for b in sides))
     print(f"32 updaters beside 32 plain inserters: {plain[0]:.0f} commits/s "
           f"(inserters {plain[1]:.0f}); beside 32 publishers: {publishing[0]:.0f} "
           f"(publishers {publishing[1]:.0f}); ratio {publishing[0] / plain[0]:.2f}")
