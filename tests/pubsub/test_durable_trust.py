@@ -172,13 +172,35 @@ def test_locked_log_tables_make_readiness_fail_then_recover_with_nothing_lost(pg
         server.stop()
 
 
-def test_a_durable_worker_is_healthy_from_boot_without_a_request(pg_dsn):
+def test_a_durable_worker_connects_its_log_from_boot_without_a_request(pg_dsn):
+    """Under the gunicorn hook the log reader and the sequencer start with the worker: they
+    show in pg_stat_activity before anything asks the server (so /healthz is right at once)."""
+    import json as json_module
+
+    from ..helpers import Gunicorn
+    from ..pubsub_helpers import APP
+
     schema = new_log(pg_dsn)
-    server = serve_durable(pg_dsn, schema, workers=2)  # wait_up polls /healthz: 200
+    env = {"PGWS_DB_URI": pg_dsn,
+           "PGWS_OPTIONS": json_module.dumps({"durable": True, "log_schema": schema})}
+    server = Gunicorn(APP, env=env, workers=2)  # no wait_up: it would send requests
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+
+    def sessions() -> List[str]:
+        with admin.cursor() as cur:
+            cur.execute("SELECT application_name FROM pg_stat_activity WHERE "
+                        "application_name IN ('pgws_sync streams') OR "
+                        "application_name LIKE 'pgws_sync sequencer %'")
+            return sorted(name.split(" ")[1] for name, in cur.fetchall())
+
     try:
+        wait_for(lambda: sessions() == ["sequencer", "sequencer", "streams", "streams"],
+                 timeout=30, message="both workers' log reader and sequencer connected")
         status, body = http_get(server.url("/healthz"))
         assert status == 200 and "connected" in body, body
     finally:
+        admin.close()
         server.stop()
 
 
