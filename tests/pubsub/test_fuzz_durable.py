@@ -35,7 +35,9 @@ _sentinels = itertools.count()
 @pytest.fixture(scope="module")
 def server(pg_dsn: str) -> Iterator[Any]:
     schema = new_log(pg_dsn)
-    g = serve_durable(pg_dsn, schema, {"client_rate": None})  # the limiter: test_ratelimit.py
+    # the limiter has its own tests (test_ratelimit.py); a replay limit within reach of the
+    # fuzzed positions (5 messages), so that resumes past it are fuzzed too
+    g = serve_durable(pg_dsn, schema, {"client_rate": None, "max_replay": 3})
     publish_many(pg_dsn, schema, (("five", n) for n in range(5)))
     yield g
     g.stop()
@@ -76,6 +78,8 @@ def test_every_subscribe_position_gets_one_strict_answer(server, client, frame):
                                    "error"), answer
     if answer["event"] == "error" and ("'since'" in answer["error"] or "'epoch'" in answer["error"]):
         assert answer["error"].startswith(("invalid 'since': ", "invalid 'epoch': ")), answer
+    if answer["event"] == "resync_required":
+        assert answer["reason"].startswith(("epoch: ", "replay limit: ", "retention: ")), answer
 
 
 def test_the_fuzzed_durable_server_logged_no_traceback(server, client):
