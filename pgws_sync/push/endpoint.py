@@ -59,6 +59,20 @@ def tab_stream(user: str, tab_window_id: str) -> Optional[str]:
     return name if name_problem(name) is None else None
 
 
+def parse_tab_stream(channel: str) -> Optional[Tuple[str, str]]:
+    """(user, tab window id) of a tab's durable channel, or None if ``channel`` is not one.
+
+    Tab window ids never hold ``:``, so the id is what follows the last one and the user
+    is everything between the prefix and it (user ids may hold ``:``).
+    """
+    if not channel.startswith(TAB_STREAM):
+        return None
+    user, colon, tab = channel[len(TAB_STREAM):].rpartition(":")
+    if not colon or not user or not tab:
+        return None
+    return user, tab
+
+
 class Push(PubSub):
     """websocket-push's model on pgws_sync: push to users, to one tab, or to rooms.
 
@@ -279,8 +293,10 @@ class Push(PubSub):
     def can_subscribe(self, conn: Connection, channel: str) -> bool:
         if channel.startswith(STREAM_PREFIX) and self.streams is not None:
             user = conn.metadata.get("user")  # its own streams only, its old tabs' included
-            return user is not None and (channel == user_stream(user) or
-                                         channel.startswith(f"{TAB_STREAM}{user}:"))
+            if user is None:
+                return False
+            tab = parse_tab_stream(channel)
+            return channel == user_stream(user) or (tab is not None and tab[0] == user)
         with self._requests_lock:
             request = self._requests.get(conn)
         return self.permit_join(conn.metadata.get("user"), channel, request)  # type: ignore[arg-type]

@@ -3,8 +3,11 @@
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgws_sync import InvalidPayload, ProtocolError
+from pgws_sync.push.endpoint import parse_tab_stream
 from pgws_sync.push.messages import (
     AuthEvent,
     RoomRequest,
@@ -104,3 +107,22 @@ def test_frames():
     assert json.loads(room_frame(RoomRequest(False, "r"))) == {"event": "left", "room": "r"}
     assert json.loads(room_error_frame("no", "r")) == {"event": "error", "error": "no", "room": "r"}
     assert json.loads(room_error_frame("bad")) == {"event": "error", "error": "bad"}
+
+
+@pytest.mark.parametrize("channel, parsed", [
+    ("pgws:tab:bob:Xy_9-z", ("bob", "Xy_9-z")),
+    ("pgws:tab:a:b:tok", ("a:b", "tok")),   # user ids may hold ':'; tab ids never do
+    ("pgws:tab:a:", None),
+    ("pgws:tab::tok", None),
+    ("pgws:tab:tok", None),
+    ("pgws:user:bob", None),
+    ("room", None),
+])
+def test_tab_streams_parse_into_user_and_tab(channel, parsed):
+    assert parse_tab_stream(channel) == parsed
+
+
+@given(user=st.text(min_size=1, max_size=20), tab=st.text(
+    alphabet=st.characters(blacklist_characters=":"), min_size=1, max_size=22))
+def test_a_tab_stream_parses_back_into_its_exact_user(user, tab):
+    assert parse_tab_stream(f"pgws:tab:{user}:{tab}") == (user, tab)

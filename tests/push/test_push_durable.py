@@ -102,3 +102,20 @@ def test_a_client_may_subscribe_to_its_own_streams_only(durable_push):
     assert reply["event"] == "error" and "not allowed" in reply["error"], reply
     assert tab.subscribe("pgws:tab:eve:an-old-tab")["event"] == "subscribed"
     tab.ws.close()
+
+
+def test_a_user_whose_id_prefixes_another_gets_none_of_its_tab_streams(durable_push):
+    """User ``a`` and user ``a:b``: ``pgws:tab:a:b:<tab>`` is a tab of ``a:b``, not of ``a``."""
+    owner = DurableTab(durable_push, "a:b")
+    tab_stream = owner.streams["tab"]
+    assert tab_stream == f"pgws:tab:a:b:{owner.tab}"
+    prefix = DurableTab(durable_push, "a")
+    for channel in (tab_stream, "pgws:user:a:b", "pgws:tab:a:", "pgws:tab:a:b:"):
+        reply = prefix.subscribe(channel)
+        assert reply["event"] == "error" and "not allowed" in reply["error"], (channel, reply)
+    assert prefix.subscribe(prefix.streams["tab"])["event"] == "subscribed"
+    assert owner.subscribe(tab_stream)["event"] == "subscribed"  # its owner may
+    api(durable_push, {"user": "a:b", "payload": "for a:b's tab", "tab": owner.tab})
+    assert owner.message()["payload"] == "for a:b's tab"
+    owner.ws.close()
+    prefix.ws.close()
