@@ -2,7 +2,8 @@
 
 from ._core.assets import client_js, static_files
 from ._core.connection import Connection
-from ._core.endpoint import WebSocketEndpoint, origin_allowed
+from ._core.endpoint import WebSocketEndpoint
+from ._core.origin import origin_allowed
 from ._formats import NOTIFY_PAYLOAD_LIMIT
 from .errors import (
     BatcherStopped,

@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -118,10 +119,13 @@ def wait_sockets(server, n):
 
 
 class Client(simple_websocket.Client):
-    """simple-websocket's client, minus one bug: frames that arrive in the same read as
-    the handshake answer (a server that sends at once) waited for the next read."""
+    """simple-websocket's client, minus two bugs: frames that arrive in the same read as
+    the handshake answer (a server that sends at once) waited for the next read, and its
+    Host header left out a port other than the scheme's default (browsers send it)."""
 
     def handshake(self) -> None:
+        if self.port not in (80, 443):  # connected already: the name is used for Host only
+            self.host = f"{self.host}:{self.port}"
         super().handshake()
         self.connected = self._handle_events()
 
@@ -130,8 +134,10 @@ class Ws:
     """A real WebSocket client (simple-websocket) with deadline-bound reads."""
 
     def __init__(self, url: str, headers: Optional[Dict[str, str]] = None,
-                 subprotocols: Optional[List[str]] = None) -> None:
-        self.client = Client.connect(url, headers=headers, subprotocols=subprotocols)
+                 subprotocols: Optional[List[str]] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.client = Client.connect(url, headers=headers, subprotocols=subprotocols,
+                                     ssl_context=ssl_context)
 
     def recv(self, timeout: float = 10.0) -> Any:
         message = self.client.receive(timeout=timeout)
@@ -176,15 +182,20 @@ class Ws:
 
 def raw_upgrade(port: int, path: str = "/ws", headers: Optional[Dict[str, str]] = None,
                 rcvbuf: Optional[int] = None) -> Tuple[socket.socket, bytes]:
-    """Open a TCP connection, send an upgrade request, return (socket, response head)."""
+    """Open a TCP connection, send an upgrade request, return (socket, response head).
+
+    ``headers`` are added; a ``Host`` among them replaces ``127.0.0.1:<port>``.
+    """
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
+    extra = dict(headers or {})
+    host = extra.pop("Host", f"127.0.0.1:{port}")
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
              "Sec-WebSocket-Version: 13"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     head = b""
     sock.settimeout(10)

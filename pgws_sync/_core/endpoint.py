@@ -9,7 +9,6 @@ import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit
 
 from werkzeug.wrappers import Request, Response
 
@@ -29,6 +28,7 @@ from .connection import (
 )
 from .hub import Hub
 from .limits import TokenBucket
+from .origin import origin_allowed, request_scheme
 from .reader import reading_thread
 from .simple_ws import (
     PLAIN_READS,
@@ -97,36 +97,6 @@ RESTART_REASON = "restart: reconnect after 1.0s"
 DEFAULT_AUDIENCE = "default"
 
 
-def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Iterable[str] = ()) -> bool:
-    """Decide whether a browser on ``origin`` may open a socket on ``host``.
-
-    A missing Origin header (a non-browser client) is allowed; an origin whose
-    host and port equal the Host header is allowed; so is any origin listed in
-    ``allowed`` (compared as ``scheme://host[:port]``, case-insensitively), or
-    anything when ``allowed`` contains ``"*"``.
-    """
-    if origin is None:
-        return True
-    origin = origin.strip().lower().rstrip("/")
-    allowed_set = {a.strip().lower().rstrip("/") for a in allowed}
-    if "*" in allowed_set or origin in allowed_set:
-        return True
-    try:
-        parts = urlsplit(origin)
-        origin_host, origin_port = parts.hostname, parts.port
-    except ValueError:
-        return False
-    if not origin_host or parts.scheme not in ("http", "https") or not host:
-        return False
-    default_port = 443 if parts.scheme == "https" else 80
-    try:
-        target = urlsplit("//" + host.strip().lower())
-        target_host, target_port = target.hostname, target.port
-    except ValueError:
-        return False
-    return origin_host == target_host and (origin_port or default_port) == (target_port or default_port)
-
-
 class _SocketDone(Response):
     """Returned once a socket is over: tells the web server the connection is gone.
 
@@ -190,6 +160,9 @@ class WebSocketEndpoint:
     :param max_sockets_per_address: sockets one client address may hold in this worker
         (None: no cap; behind a proxy every client has the proxy's address).
     :param allowed_origins: browser origins allowed besides the page's own (``"*"``: any).
+    :param trust_forwarded: take the request's scheme from ``X-Forwarded-Proto`` or
+        ``Forwarded: proto=`` for the Origin check; only behind a proxy that sets the header
+        and strips what clients send.
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
     :param ready_path: path of the readiness check (None: none).
@@ -216,6 +189,7 @@ class WebSocketEndpoint:
         max_sockets: Union[int, str, None] = "auto",
         max_sockets_per_address: Optional[int] = None,
         allowed_origins: Iterable[str] = (),
+        trust_forwarded: bool = False,
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
         ready_path: Optional[str] = "/readyz",
@@ -260,6 +234,7 @@ class WebSocketEndpoint:
         self.max_sockets = max_sockets
         self.max_sockets_per_address = max_sockets_per_address
         self.allowed_origins: Tuple[str, ...] = tuple(allowed_origins)
+        self.trust_forwarded = trust_forwarded
         self.compression = compression
         self.health_path = health_path
         self.ready_path = ready_path
@@ -424,14 +399,20 @@ class WebSocketEndpoint:
         if "upgrade" not in (t.lower() for t in header_tokens(environ.get("HTTP_CONNECTION"))):
             return _text_response(400, "the Connection header must include Upgrade")
         if not self._origin_ok(request):
-            logger.info("refused a socket from origin %r", environ.get("HTTP_ORIGIN"))
+            logger.info("refused a socket from origin %r: the request came for host %r over "
+                        "%s", environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
+                        request_scheme(environ, trust_forwarded=self.trust_forwarded)
+                        or "an unknown scheme")
             return _text_response(403, "origin not allowed")
         return None
 
     def _origin_ok(self, request: Request) -> bool:
         if self.check_origin is None:
-            return origin_allowed(request.environ.get("HTTP_ORIGIN"),
-                                  request.environ.get("HTTP_HOST"), self.allowed_origins)
+            environ = request.environ
+            return origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
+                                  self.allowed_origins,
+                                  scheme=request_scheme(environ,
+                                                        trust_forwarded=self.trust_forwarded))
         try:
             return bool(self.check_origin(request))
         except Exception:  # an application hook: refuse, log

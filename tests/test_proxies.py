@@ -1,0 +1,294 @@
+"""The proxy configurations of docs/deployment.md, run as written: real nginx and HAProxy ending
+TLS in front of a real gunicorn, a WebSocket client connecting through them over TLS.
+
+The configurations live in examples/proxy/, which the page includes; only the addresses, the
+port and the certificate are replaced, each exactly once. Binding port 443 needs privileges
+and a port nobody else holds, so the proxy listens on a free port: a browser on the default
+port (``https://localhost``) sends ``Host: localhost`` and ``Origin: https://localhost``,
+which the tests send on the free port just the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import pytest
+
+from .helpers import ROOT, Gunicorn, Ws, pg_notify, serve, wait_for
+from .pgserver import free_port
+
+EXAMPLES = ROOT / "examples" / "proxy"
+#: What the examples name, replaced by what the tests run.
+GUNICORN = "127.0.0.1:8000"
+
+
+def program(name: str) -> str:
+    """The path of ``name`` (also looked for in /usr/sbin), or the test is skipped saying how
+    to install it."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if not found:
+        pytest.skip(f"no {name}: install the {name} package (Debian: apt-get install {name})")
+    return found
+
+
+def replace_once(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
+    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the example"
+    return text.replace(old, new)
+
+
+# ------------------------------------------------------------------ a certificate
+
+
+def self_signed(directory: Path) -> Tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 and its key, as PEM files in ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "localhost.crt", directory / "localhost.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+# ------------------------------------------------------------------ the proxies
+
+
+class Proxy:
+    """A proxy process ending TLS on 127.0.0.1:``port`` in front of gunicorn on ``upstream``."""
+
+    name = ""
+
+    def __init__(self, upstream: int, *, edit: Optional[Dict[str, str]] = None) -> None:
+        self.binary = program(self.name)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pgws-{self.name}-"))
+        self.port = free_port()
+        self.cert, self.key = self_signed(self.dir)
+        self.log_path = self.dir / "proxy.log"
+        command = self.configure(upstream, edit or {})
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._accepts, 20, f"{self.name} to accept connections")
+
+    def configure(self, upstream: int, edit: Dict[str, str]) -> list:
+        """Write the configuration into ``self.dir``; return the command that runs it."""
+        raise NotImplementedError
+
+    def example(self, filename: str, edit: Dict[str, str]) -> str:
+        text = (EXAMPLES / filename).read_text()
+        for old, new in edit.items():
+            text = replace_once(text, old, new)
+        return text
+
+    def _accepts(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited:\n{self.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def context(self) -> ssl.SSLContext:
+        """A client context trusting only this proxy's certificate."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nginx(Proxy):
+    """nginx in the foreground (``daemon off``), everything it writes in its own folder."""
+
+    name = "nginx"
+
+    def configure(self, upstream: int, edit: Dict[str, str]) -> list:
+        site = self.example("nginx.conf", {
+            "listen 443 ssl;": f"listen 127.0.0.1:{self.port} ssl;",
+            "/etc/nginx/tls/app.example.com.crt": str(self.cert),
+            "/etc/nginx/tls/app.example.com.key": str(self.key),
+            f"http://{GUNICORN};": f"http://127.0.0.1:{upstream};",
+            **edit})
+        (self.dir / "site.conf").write_text(site)
+        d = self.dir
+        temp = "\n".join(f"    {kind}_temp_path {d / kind};"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        # As root, nginx's workers run as an unprivileged user: they only need the temp paths.
+        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+        (d / "nginx.conf").write_text(f"""{user}daemon off;
+worker_processes 1;
+pid {d / "nginx.pid"};
+error_log {self.log_path} info;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+{temp}
+    include {d / "site.conf"};
+}}
+""")
+        d.chmod(0o755)
+        return [self.binary, "-p", str(d), "-e", str(self.log_path), "-c", str(d / "nginx.conf")]
+
+
+class HAProxy(Proxy):
+    """HAProxy in the foreground (``-db``)."""
+
+    name = "haproxy"
+
+    def configure(self, upstream: int, edit: Dict[str, str]) -> list:
+        pem = self.dir / "localhost.pem"
+        pem.write_text(self.cert.read_text() + self.key.read_text())
+        config = self.example("haproxy.cfg", {
+            "bind :443 ssl crt /etc/haproxy/tls/app.example.com.pem":
+                f"bind 127.0.0.1:{self.port} ssl crt {pem}",
+            f"server gunicorn {GUNICORN}": f"server gunicorn 127.0.0.1:{upstream}",
+            **edit})
+        (self.dir / "haproxy.cfg").write_text(config)
+        check = subprocess.run([self.binary, "-c", "-f", str(self.dir / "haproxy.cfg")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        return [self.binary, "-db", "-f", str(self.dir / "haproxy.cfg")]
+
+
+# ------------------------------------------------------------------ clients
+
+
+def tls_upgrade(proxy: Proxy, host: str, origin: str,
+                headers: Optional[Dict[str, str]] = None) -> int:
+    """Send an upgrade request through ``proxy`` over TLS with these headers; the status."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    with proxy.context().wrap_socket(raw, server_hostname="localhost") as sock:
+        lines = ["GET /ws HTTP/1.1", f"Host: {host}", f"Origin: {origin}", "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                 "Sec-WebSocket-Version: 13", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 "), head
+    return int(head.split()[1])
+
+
+def tls_get(proxy: Proxy, path: str) -> Tuple[int, str]:
+    """A plain GET through ``proxy`` over TLS: (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPSConnection("localhost", proxy.port, context=proxy.context(),
+                                       timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module")
+def app(pg_dsn: str) -> Iterator[Gunicorn]:
+    g = serve(pg_dsn).wait_up()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(params=[Nginx, HAProxy], ids=["nginx", "haproxy"], scope="module")
+def proxy(request: pytest.FixtureRequest, app: Gunicorn) -> Iterator[Proxy]:
+    started = request.param(app.port)
+    yield started
+    started.stop()
+
+
+def test_the_page_own_origin_connects_over_tls_and_receives(proxy, sender):
+    page = f"https://localhost:{proxy.port}"
+    ws = Ws(f"wss://localhost:{proxy.port}/ws", headers={"Origin": page},
+            ssl_context=proxy.context())
+    try:
+        pg_notify(sender, "pgws", 'default,{"through": "the proxy"}')
+        assert ws.recv_json()["payload"] == {"through": "the proxy"}
+    finally:
+        ws.close()
+
+
+def test_other_origins_get_403(proxy):
+    port = proxy.port
+    assert tls_upgrade(proxy, f"localhost:{port}", f"https://localhost:{port}") == 101
+    assert tls_upgrade(proxy, f"localhost:{port}", "https://evil.example") == 403
+    assert tls_upgrade(proxy, f"localhost:{port}", f"https://evil.example:{port}") == 403
+    # the same host over plain http is another origin: the proxy says the page is https
+    assert tls_upgrade(proxy, f"localhost:{port}", f"http://localhost:{port}") == 403
+    # a client cannot say otherwise: the proxy replaces the header
+    assert tls_upgrade(proxy, f"localhost:{port}", f"http://localhost:{port}",
+                       {"X-Forwarded-Proto": "http"}) == 403
+    assert tls_upgrade(proxy, f"localhost:{port}", f"https://localhost:{port}",
+                       {"X-Forwarded-Proto": "http"}) == 101
+
+
+def test_a_page_on_the_default_port(proxy):
+    """What a browser on https://localhost (port 443) sends, Host with or without the port."""
+    assert tls_upgrade(proxy, "localhost", "https://localhost") == 101
+    assert tls_upgrade(proxy, "localhost:443", "https://localhost") == 101
+    assert tls_upgrade(proxy, "localhost", "https://localhost:443") == 101
+    assert tls_upgrade(proxy, "localhost", "http://localhost") == 403
+    assert tls_upgrade(proxy, "localhost", "https://localhost:8443") == 403
+
+
+def test_plain_requests_go_through_too(proxy):
+    assert tls_get(proxy, "/healthz")[0] == 200
+
+
+def test_nginx_passing_host_without_its_port_refused_the_page(app):
+    """The block these docs had (``Host $host``) dropped the port: on a port other than 443
+    the page's own origin was refused."""
+    proxy = Nginx(app.port, edit={"proxy_set_header Host $http_host;":
+                                  "proxy_set_header Host $host;"})
+    try:
+        page = f"https://localhost:{proxy.port}"
+        assert tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 403
+    finally:
+        proxy.stop()
+
+
+def test_the_deployment_page_includes_the_examples():
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    for filename in ("nginx.conf", "haproxy.cfg"):
+        assert f'--8<-- "examples/proxy/{filename}"' in page  # the files, not copies
