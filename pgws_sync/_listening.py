@@ -8,11 +8,21 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from . import _metrics
 from ._core.connection import Connection
 from ._core.endpoint import WebSocketEndpoint
+from ._core.health import (
+    CANARY_SILENT,
+    DATABASE_UNREACHABLE,
+    NOT_LISTENING,
+    REDIS_UNREACHABLE,
+    SHUTTING_DOWN,
+    SOURCE_UNREACHABLE,
+    Health,
+)
 from ._formats import resync_frame
 from .errors import ConfigError
 from .sources.base import Notification, Sink, Source
 from .sources.canary import Canary
-from .sources.postgres import notification_queue_usage
+from .sources.postgres import Listener, notification_queue_usage
+from .sources.redis import RedisSource
 
 #: Seconds between two samples of the database's figures by one worker.
 SAMPLE_EVERY = 5.0
@@ -29,6 +39,15 @@ def listener_dsn(listener: Source, dsn: Optional[str], who: str) -> str:
     return found
 
 
+def unreachable_reason(source: Source) -> str:
+    """The public reason of a health check while ``source`` is not connected."""
+    if isinstance(source, Listener):
+        return DATABASE_UNREACHABLE
+    if isinstance(source, RedisSource):
+        return REDIS_UNREACHABLE
+    return SOURCE_UNREACHABLE
+
+
 class ListeningEndpoint(WebSocketEndpoint):
     """A WebSocket endpoint that ``listener`` (any :class:`Source`) feeds with ``channels``.
 
@@ -38,7 +57,9 @@ class ListeningEndpoint(WebSocketEndpoint):
     while every source is connected and receives on its channels; the
     readiness check (``/readyz``) also needs a canary NOTIFY, sent by this
     worker every ``canary_interval`` seconds from the first readiness check on,
-    to have come back. Other keyword options are those of :class:`WebSocketEndpoint`.
+    to have come back. Both answer a short fixed reason when they fail; the sources'
+    states and errors are the operator's detail (the log, and ``health_detail``).
+    Other keyword options are those of :class:`WebSocketEndpoint`.
     """
 
     def __init__(self, listener: Source, channels: Iterable[str], *,
@@ -98,19 +119,24 @@ class ListeningEndpoint(WebSocketEndpoint):
         for source, _sink, _channels, _name in self._feeds:
             source.start()
 
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        ok = not self.closing
-        body: Dict[str, Any] = {}
+    def health(self) -> Health:
+        """Ok while every source is connected and receives on its channels; the first
+        reason found otherwise."""
+        reason = SHUTTING_DOWN if self.closing else None
+        detail: Dict[str, Any] = {}
         for source, _sink, channels, name in self._feeds:
             status = source.status()
-            ok = ok and status["connected"] and set(channels) <= source.listening
-            body[name] = "connected" if status["connected"] else "disconnected"
+            if reason is None and not status["connected"] and status["error"]:
+                reason = unreachable_reason(source)
+            elif reason is None and not (status["connected"] and set(channels) <= source.listening):
+                reason = NOT_LISTENING  # starting: not connected yet, or no LISTEN yet
+            detail[name] = "connected" if status["connected"] else "disconnected"
             if status["error"]:
-                body["error" if name == "listener" else name + "_error"] = status["error"]
-        body["sockets"] = len(self.hub)
+                detail["error" if name == "listener" else name + "_error"] = status["error"]
+        detail["sockets"] = len(self.hub)
         if self.closing:
-            body["closing"] = True
-        return ok, body
+            detail["closing"] = True
+        return Health(reason is None, reason, detail)
 
     def sample_database(self) -> None:
         """Record ``pg_notification_queue_usage()``, at most every ``SAMPLE_EVERY`` seconds, from
@@ -128,18 +154,18 @@ class ListeningEndpoint(WebSocketEndpoint):
     def sample_more(self) -> None:
         """Record more database-side figures, as :meth:`sample_database` does (a hook)."""
 
-    def readiness(self) -> Tuple[bool, Dict[str, Any]]:
+    def readiness(self) -> Health:
         """Ready: healthy, and a canary NOTIFY this worker sent itself came back recently."""
-        ok, body = self.health()
-        if self.closing:
-            return False, {"reason": "draining: the server is shutting down"}
-        if not ok:
-            return False, {"reason": "a source is not connected", **body}
+        health = self.health()
+        if not health.ok:
+            return health
         canary = self._start_canary()
         if canary is None:
-            return True, {}
+            return health
         ready, why = canary.readiness()
-        return (True, {}) if ready else (False, {"reason": why})
+        if ready:
+            return health
+        return Health(False, CANARY_SILENT, {**health.detail, "canary": why})
 
     def _start_canary(self) -> Optional[Canary]:
         """This endpoint's canary, made and started on first use (None: its source has no DSN)."""

@@ -91,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     wait_until_reachable(dsn, DEFAULT_RETRIES if args.retries is None else args.retries)
     check_listening(dsn, where="the database (--dsn)")
-    return _run_gunicorn(lambda: create_app(dsn, channels, metrics=args.metrics), bind, args)
+    return _run_gunicorn(lambda: create_app(dsn, channels, metrics=args.metrics,
+                                            health_detail=args.health_detail), bind, args)
 
 
 def _serve_jwt(args: argparse.Namespace) -> int:
@@ -112,8 +113,9 @@ def _serve_jwt(args: argparse.Namespace) -> int:
     else:
         wait_until_reachable(dsn, args.retries)
     check_listening(dsn, where="the database (PGWS_DB_URI)")
-    return _run_gunicorn(lambda: create_gateway_app(settings, auth, metrics=args.metrics), bind,
-                         args)
+    return _run_gunicorn(lambda: create_gateway_app(settings, auth, metrics=args.metrics,
+                                                    health_detail=args.health_detail),
+                         bind, args)
 
 
 def _setup_logging(level: str) -> None:
@@ -297,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"with a JWT secret; 0: forever)")
     serve.add_argument("--metrics", action="store_true",
                        help="serve Prometheus metrics at /metrics (needs the metrics extra)")
+    serve.add_argument("--health-detail", action="store_true",
+                       help="answer /healthz and /readyz with the operator's detail too "
+                            "(source states, database errors, socket counts); only where the "
+                            "public cannot reach them")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="log level (default: info)")

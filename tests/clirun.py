@@ -32,14 +32,16 @@ def run_cli(*args: str, env: Optional[Dict[str, str]] = None,
 
 
 class Serve(Gunicorn):
-    """``python -m pgws_sync serve`` on a free port (or ``port``), logging to a file."""
+    """``python -m pgws_sync serve`` on a free port (or ``port``), logging to a file; with
+    ``--health-detail`` unless ``health_detail`` is False (:meth:`sockets` reads it)."""
 
     # Only the command differs from Gunicorn's, so its __init__ is replaced, not called.
     def __init__(self, args: Sequence[str] = (), *, env: Optional[Dict[str, str]] = None,
-                 port: Optional[int] = None) -> None:
+                 port: Optional[int] = None, health_detail: bool = True) -> None:
         self.port = port or free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgws-serve-{self.port}.log"
-        cmd = [*COMMAND, "serve", "--bind", f"127.0.0.1:{self.port}", "--threads", "16", *args]
+        cmd = [*COMMAND, "serve", "--bind", f"127.0.0.1:{self.port}", "--threads", "16",
+               *(["--health-detail"] if health_detail else []), *args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or no_database_env(),
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -49,7 +51,7 @@ class Serve(Gunicorn):
         return self
 
     def sockets(self) -> int:
-        """How many WebSockets the worker has registered (from /healthz)."""
+        """How many WebSockets the worker has registered (from /healthz's detail)."""
         return int(json.loads(http_get(self.url("/healthz"))[1])["sockets"])
 
     def wait_sockets(self, count: int, timeout: float = 10.0) -> None:

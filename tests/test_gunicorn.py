@@ -81,7 +81,8 @@ def test_endpoint_close_sends_1001_refuses_new_sockets_and_reports_unhealthy(pg_
         sock.close()
         assert head.startswith(b"HTTP/1.1 503")
         status, body = http_get(g.url("/healthz"))
-        assert status == 503 and json.loads(body)["closing"] is True
+        assert status == 503 and json.loads(body) == {"status": "unavailable",
+                                                      "reason": "shutting down"}
     finally:
         g.stop()
 

@@ -273,7 +273,7 @@ def test_a_page_on_the_default_port(proxy):
 
 
 def test_plain_requests_go_through_too(proxy):
-    assert tls_get(proxy, "/healthz")[0] == 200
+    assert tls_get(proxy, "/healthz") == (200, '{"status": "ok"}')
 
 
 def test_nginx_passing_host_without_its_port_refused_the_page(app):

@@ -146,13 +146,14 @@ def test_readyz_needs_a_canary_back_and_says_why_not(primary):
                       "PGWS_OPTIONS": '{"canary_interval": 0.2}'}).wait_up()
     try:
         wait_for(lambda: http_get(g.url("/readyz"))[0] == 200, message="ready")
-        assert http_get(g.url("/readyz"))[1] == '{"status": "ready"}'
+        assert http_get(g.url("/readyz"))[1] == '{"status": "ok"}'
     finally:
         g.stop()
     endpoint = Pgws(Listener(primary.dsn), "pgws")
     endpoint.close(0)  # a drain has begun
     status = endpoint.ready_response()
-    assert status.status_code == 503 and b"draining" in status.get_data()
+    assert status.status_code == 503
+    assert status.get_json() == {"status": "unavailable", "reason": "shutting down"}
 
 
 def durable_app(dsn: str, schema: str) -> Gunicorn:

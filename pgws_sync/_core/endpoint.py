@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -26,6 +25,7 @@ from .connection import (
     GuardedSocket,
     WakingEvent,
 )
+from .health import SHUTTING_DOWN, Health, HealthLog, health_answer
 from .hub import Hub
 from .limits import TokenBucket
 from .origin import origin_allowed, request_scheme
@@ -166,6 +166,8 @@ class WebSocketEndpoint:
     :param compression: accept permessage-deflate when the client offers it.
     :param health_path: path of the health check (None: none).
     :param ready_path: path of the readiness check (None: none).
+    :param health_detail: health and readiness answers carry the operator's detail too
+        (source states, error texts, socket counts); only where the public cannot reach them.
     :param metrics_path: path of the Prometheus metrics, e.g. ``"/metrics"`` (None: off; needs
         the ``metrics`` extra).
     :param close_timeout: seconds to wait for the client's half of a close handshake.
@@ -193,6 +195,7 @@ class WebSocketEndpoint:
         compression: bool = False,
         health_path: Optional[str] = "/healthz",
         ready_path: Optional[str] = "/readyz",
+        health_detail: bool = False,
         metrics_path: Optional[str] = None,
         close_timeout: float = 2.0,
         slow_close_reason: str = SLOW_CLIENT_REASON,
@@ -238,12 +241,15 @@ class WebSocketEndpoint:
         self.compression = compression
         self.health_path = health_path
         self.ready_path = ready_path
+        self.health_detail = health_detail
         self.close_timeout = close_timeout
         self.slow_close_reason = slow_close_reason
         self.check_origin = check_origin
         #: The ``endpoint`` label of this endpoint's metrics (its class name).
         self.label = type(self).__name__
         self.hub = Hub(self.label)
+        self._health_log = HealthLog(f"{self.label} health")
+        self._ready_log = HealthLog(f"{self.label} readiness")
         self.metrics_path = metrics_path
         if metrics_path is not None:
             _metrics.enable()
@@ -258,15 +264,19 @@ class WebSocketEndpoint:
         """The audiences of a new connection (called once, before the upgrade)."""
         return [DEFAULT_AUDIENCE]
 
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        """Whether this endpoint can deliver now, and a small JSON-able description."""
-        return not self._closing, {"sockets": len(self.hub)}
+    def health(self) -> Health:
+        """Whether this endpoint can deliver now: a short fixed reason if not, and the
+        operator's detail (JSON-able; error texts go there, never into the reason)."""
+        detail: Dict[str, Any] = {"sockets": len(self.hub)}
+        if self._closing:
+            return Health(False, SHUTTING_DOWN, {**detail, "closing": True})
+        return Health(True, None, detail)
 
-    def readiness(self) -> Tuple[bool, Dict[str, Any]]:
+    def readiness(self) -> Health:
         """Whether this worker should get traffic now (not while closing), and why not."""
         if self._closing:
-            return False, {"reason": "draining: the server is shutting down"}
-        return True, {}
+            return Health(False, SHUTTING_DOWN, {"closing": True})
+        return Health(True, None, {})
 
     def prepare(self) -> None:
         """Called before each request is handled: start per-process machinery here."""
@@ -369,17 +379,20 @@ class WebSocketEndpoint:
         when this endpoint's setup cannot work; the gunicorn hooks then refuse to start."""
 
     def ready_response(self) -> Response:
-        """200 ``{"status": "ready"}``, or 503 with the ``reason``."""
+        """200 ``{"status": "ok"}``, or 503 ``{"status": "unavailable", "reason": ...}``
+        (with the detail too under ``health_detail``)."""
         self.prepare()
-        ok, body = self.readiness()
-        body = {"status": "ready" if ok else "not ready", **body}
-        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+        answer = self.readiness()
+        self._ready_log.note(answer)
+        return health_answer(answer, detail=self.health_detail)
 
     def health_response(self) -> Response:
+        """200 ``{"status": "ok"}``, or 503 ``{"status": "unavailable", "reason": ...}``
+        (with the detail too under ``health_detail``)."""
         self.prepare()  # a health check alone starts this process's machinery
-        ok, body = self.health()
-        body = {"status": "ok" if ok else "unavailable", **body}
-        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+        answer = self.health()
+        self._health_log.note(answer)
+        return health_answer(answer, detail=self.health_detail)
 
     # ---------------------------------------------------------------- serving
 

@@ -119,7 +119,7 @@ def load_auth(settings: GatewaySettings) -> JwtAuth:
 
 
 def create_gateway_app(settings: GatewaySettings, auth: Optional[JwtAuth] = None, *,
-                       metrics: bool = False) -> JwtGateway:
+                       metrics: bool = False, health_detail: bool = False) -> JwtGateway:
     """The gateway ``pgws-sync serve`` runs: one listener, the endpoint, static files.
 
     Create it in the process that serves it (after any fork).
@@ -130,6 +130,7 @@ def create_gateway_app(settings: GatewaySettings, auth: Optional[JwtAuth] = None
     gateway = JwtGateway(listener, auth or load_auth(settings),
                          listen_channel=settings.listen_channel,
                          meta_channel=settings.meta_channel, pool_size=settings.pool_size,
-                         fallback=fallback, metrics_path="/metrics" if metrics else None)
+                         fallback=fallback, metrics_path="/metrics" if metrics else None,
+                         health_detail=health_detail)
     logger.info("JWT gateway listening to NOTIFY channel %r", settings.listen_channel)
     return gateway

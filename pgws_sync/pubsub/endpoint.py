@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _metrics
 from .._core.connection import Connection
+from .._core.health import LOG_STALLED, LOG_UNAVAILABLE, Health
 from .._core.wire import Frame
 from .._formats import error_frame, format_time, loads, message_frame, new_message_id, utc_now
 from .._listening import ListeningEndpoint, listener_dsn
@@ -425,16 +426,23 @@ class PubSub(ListeningEndpoint):
         if self.streams is not None:
             self.streams.start()
 
-    def health(self) -> Tuple[bool, Dict[str, Any]]:
-        ok, body = super().health()
-        if self.streams is not None:
-            status = self.streams.status()
-            ok = ok and status["connected"] and not status["stalled"]
-            body["log"] = ("stalled" if status["stalled"] else
-                           "connected" if status["connected"] else "disconnected")
-            if status["error"]:
-                body["log_error"] = status["error"]
-        return ok, body
+    def health(self) -> Health:
+        """The sources' health, and on a durable endpoint the log's: readable and moving."""
+        health = super().health()
+        if self.streams is None:
+            return health
+        status = self.streams.status()
+        detail = dict(health.detail)
+        detail["log"] = ("stalled" if status["stalled"] else
+                         "connected" if status["connected"] else "disconnected")
+        if status["error"]:
+            detail["log_error"] = status["error"]
+        reason = health.reason
+        if reason is None and not status["connected"]:
+            reason = LOG_UNAVAILABLE
+        elif reason is None and status["stalled"]:
+            reason = LOG_STALLED
+        return Health(reason is None, reason, detail)
 
     def sample_more(self) -> None:
         if self.streams is not None:

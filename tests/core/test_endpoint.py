@@ -216,11 +216,13 @@ def test_health_reports_listener_state(pg_server, clients):
     """Database down at start-up: the app starts, health says 503, sockets connect;
     once the database is up: 200, and sockets get a resync frame and then messages."""
     pg_server.stop()
-    g = serve(pg_server.dsn).wait_up(healthy=False)
+    g = serve(pg_server.dsn, options={"health_detail": True}).wait_up(healthy=False)
     try:
         status, body = http_get(g.url("/healthz"))
         assert status == 503
-        assert json.loads(body)["listener"] == "disconnected" and json.loads(body)["error"]
+        health = json.loads(body)
+        assert health["reason"] == "database unreachable" and health["listener"] == "disconnected"
+        assert health["error"]
         ws = clients(g.ws_url())
         wait_sockets(g, 1)
         pg_server.start()
@@ -264,7 +266,8 @@ def test_killed_listener_backend_resyncs_and_sockets_stay_open(server, sender, c
 
 
 def test_plain_wsgi_under_gunicorn(pg_dsn, sender):
-    g = Gunicorn("tests.apps.plain:application", env={"PGWS_DB_URI": pg_dsn}).wait_up()
+    g = Gunicorn("tests.apps.plain:application", env={
+        "PGWS_DB_URI": pg_dsn, "PGWS_OPTIONS": '{"health_detail": true}'}).wait_up()
     try:
         ws = Ws(g.ws_url("/any/path"))
         wait_for(lambda: json.loads(http_get(g.url("/healthz"))[1])["sockets"] == 1,

@@ -145,7 +145,7 @@ def ready(server: Any) -> int:
 
 def test_locked_log_tables_make_readiness_fail_then_recover_with_nothing_lost(pg_dsn, channel):
     schema = new_log(pg_dsn)
-    server = serve_durable(pg_dsn, schema, workers=1)
+    server = serve_durable(pg_dsn, schema, {"health_detail": True}, workers=1)
     try:
         client = Client(server)
         client.request(action="subscribe", channel=channel, id="s")
@@ -161,7 +161,8 @@ def test_locked_log_tables_make_readiness_fail_then_recover_with_nothing_lost(pg
         publisher.start()
         wait_for(lambda: ready(server) == 503, timeout=15, message="/readyz 503")
         status, body = http_get(server.url("/healthz"))
-        assert status == 503 and '"log": "stalled"' in body.replace("'", '"'), body
+        health = json.loads(body)
+        assert status == 503 and health["reason"] == "log stalled" and health["log"] == "stalled"
         locker.commit()
         locker.close()
         publisher.join(30)
@@ -198,7 +199,7 @@ def test_a_durable_worker_connects_its_log_from_boot_without_a_request(pg_dsn):
         wait_for(lambda: sessions() == ["sequencer", "sequencer", "streams", "streams"],
                  timeout=30, message="both workers' log reader and sequencer connected")
         status, body = http_get(server.url("/healthz"))
-        assert status == 200 and "connected" in body, body
+        assert (status, body) == (200, '{"status": "ok"}')
     finally:
         admin.close()
         server.stop()

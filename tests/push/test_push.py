@@ -24,7 +24,7 @@ def fresh(prefix: str) -> str:
 def server(request, pg_dsn):
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     # no client_rate: the cycle tests send 1000 frames at once (the limiter has its own tests)
-    g = serve_push(pg_dsn, redis_url, options={"client_rate": None})
+    g = serve_push(pg_dsn, redis_url, options={"client_rate": None, "health_detail": True})
     g.source = request.param
     yield g
     g.stop()
@@ -321,7 +321,7 @@ def test_listener_reconnect_sends_one_resync_naming_the_rooms(pg_dsn, sender, ta
 
 
 def test_redis_restart_mid_stream(pg_dsn, redis_server, tabs):
-    g = serve_push(pg_dsn, redis_server.url)
+    g = serve_push(pg_dsn, redis_server.url, options={"health_detail": True})
     try:
         tab = tabs(g, user="u1")
         tab.join("live")
@@ -331,7 +331,8 @@ def test_redis_restart_mid_stream(pg_dsn, redis_server, tabs):
         redis_server.stop()  # killed: whatever was in flight may be lost, and clients are told
         status, body = http_get(g.url("/healthz"))
         wait_for(lambda: http_get(g.url("/healthz"))[0] == 503, message="unhealthy without Redis")
-        assert json.loads(http_get(g.url("/healthz"))[1])["push_source"] == "disconnected"
+        health = json.loads(http_get(g.url("/healthz"))[1])
+        assert health["reason"] == "redis unreachable" and health["push_source"] == "disconnected"
         redis_server.start()
         before, resync = until_event(tab, "resync")
         assert before == list(range(20)) and resync["channels"] == ["live"], (before, resync)
