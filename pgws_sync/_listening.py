@@ -126,9 +126,10 @@ class ListeningEndpoint(WebSocketEndpoint):
         detail: Dict[str, Any] = {}
         for source, _sink, channels, name in self._feeds:
             status = source.status()
+            listening = status["connected"] and set(channels) <= source.listening
             if reason is None and not status["connected"] and status["error"]:
                 reason = unreachable_reason(source)
-            elif reason is None and not (status["connected"] and set(channels) <= source.listening):
+            elif reason is None and not listening:
                 reason = NOT_LISTENING  # starting: not connected yet, or no LISTEN yet
             detail[name] = "connected" if status["connected"] else "disconnected"
             if status["error"]:

@@ -40,6 +40,17 @@ def program(name: str) -> str:
     return found
 
 
+def unprivileged_group() -> str:
+    """The group of ``nobody``: ``nogroup`` on Debian, ``nobody`` elsewhere."""
+    import grp
+
+    try:
+        grp.getgrnam("nogroup")
+        return "nogroup"
+    except KeyError:
+        return "nobody"
+
+
 def replace_once(text: str, old: str, new: str) -> str:
     """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
     assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the example"
@@ -149,7 +160,7 @@ class Nginx(Proxy):
         temp = "\n".join(f"    {kind}_temp_path {d / kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         # As root, nginx's workers run as an unprivileged user: they only need the temp paths.
-        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+        user = f"user nobody {unprivileged_group()};\n" if os.geteuid() == 0 else ""
         (d / "nginx.conf").write_text(f"""{user}daemon off;
 worker_processes 1;
 pid {d / "nginx.pid"};

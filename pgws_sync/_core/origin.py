@@ -67,7 +67,8 @@ def forwarded_scheme(environ: Mapping[str, object]) -> Optional[str]:
     return None
 
 
-def request_scheme(environ: Mapping[str, object], *, trust_forwarded: bool = False) -> Optional[str]:
+def request_scheme(environ: Mapping[str, object], *,
+                   trust_forwarded: bool = False) -> Optional[str]:
     """The scheme the browser used for this request, where it is known; else None.
 
     With ``trust_forwarded``, what the proxy's header says (:func:`forwarded_scheme`)
