@@ -198,6 +198,8 @@ def test_a_durable_worker_connects_its_log_from_boot_without_a_request(pg_dsn):
     try:
         wait_for(lambda: sessions() == ["sequencer", "sequencer", "streams", "streams"],
                  timeout=30, message="both workers' log reader and sequencer connected")
+        # the first request may come before gunicorn accepts: wait until it answers at all
+        server.wait_up()
         status, body = http_get(server.url("/healthz"))
         assert (status, body) == (200, '{"status": "ok"}')
     finally:
