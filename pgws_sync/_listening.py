@@ -95,7 +95,12 @@ class ListeningEndpoint(WebSocketEndpoint):
         raise NotImplementedError
 
     def on_resync(self, reason: str) -> None:
-        """Called on a source's thread after a reconnect: tell each socket what it may have missed."""
+        """Called on a source's thread after a reconnect: tell each socket what it may have missed.
+
+        Clients get what reconnected (``listener reconnected``), never the driver's words
+        about why (hosts, roles, errors: those are logged by the source).
+        """
+        reason = public_reason(reason)
         frames: Dict[Tuple[str, ...], str] = {}
         sent = 0
         for conn in self.hub.connections():
@@ -185,3 +190,9 @@ class ListeningEndpoint(WebSocketEndpoint):
         if self._canary is not None:
             self.listener.remove_sink(self._canary)
             self._canary.stop()
+
+
+def public_reason(reason: str) -> str:
+    """What a ``resync`` frame may say of a source's reconnect: its first part only
+    (``listener reconnected after: <the driver's error>`` -> ``listener reconnected``)."""
+    return reason.split(" after:", 1)[0]

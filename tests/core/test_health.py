@@ -124,3 +124,14 @@ def test_detail_is_opt_in_on_a_healthy_worker(pg_dsn, path):
         assert found["sockets"] == 0
     finally:
         g.stop()
+
+
+def test_a_resync_frame_tells_clients_what_reconnected_never_the_drivers_words():
+    from pgws_sync._listening import public_reason
+
+    detail = ('listener reconnected after: connection to server at "10.0.0.5", port 5432 '
+              'failed: FATAL:  role "app_user" does not exist')
+    assert public_reason(detail) == "listener reconnected"
+    assert public_reason("redis source reconnected after: Error 111") == \
+        "redis source reconnected"
+    assert public_reason("listener reconnected") == "listener reconnected"
