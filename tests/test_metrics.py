@@ -253,10 +253,11 @@ def test_serve_metrics_flag_serves_metrics_in_both_gateways(pg_dsn):
 
 
 def test_the_durable_log_is_measured_and_replays_are_counted(pg_dsn):
-    from .durable_helpers import new_log, publish_many, serve_durable
+    from .durable_helpers import new_log, number_all, publish_many, serve_durable
 
     schema = new_log(pg_dsn)
-    publish_many(pg_dsn, schema, (("m", n) for n in range(5)))
+    publish_many(pg_dsn, schema, (("m", n) for n in range(5)), numbered=False)
+    number_all(pg_dsn, schema)  # no server of this log runs yet: number them here
     g = serve_durable(pg_dsn, schema, {"metrics_path": "/metrics"})
     try:
         c = Client(g)
