@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with Python 3.9+:
 #   make demo   run the live demo (no database needed)
-#   make test   run the whole test suite
+#   make test   run the whole test suite, after installing the programs it runs (as root, with
+#               apt-get: tools/install-test-programs; PGWS_INSTALL_PROGRAMS=no only checks)
 # and for maintainers:
 #   make lint   mypy --strict and the import-layer contracts (docs/architecture.md)
 #   make docs   the documentation site, into site/
@@ -8,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint docs install bench clean
+.PHONY: demo test programs lint docs install bench clean
 
 $(BIN)/activate: setup.cfg pyproject.toml
 	@echo "make: creating $(VENV) and installing pgws_sync with its test and demo extras (first run: about 20 s)"
@@ -30,7 +31,12 @@ install: $(BIN)/activate
 demo: install
 	$(BIN)/pgws-sync demo
 
-test: install
+# chromium, redis-server, psql, pgbouncer, prometheus (and python3-venv, before .venv exists)
+programs:
+	@PYTHON='$(PYTHON)' tools/install-test-programs
+
+test: programs
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.lint

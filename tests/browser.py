@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
-import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+
+from . import programs
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -16,23 +15,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TIMEOUT_MS = 15_000
 
 
-def find_chromium() -> Optional[str]:
-    """$PGWS_CHROMIUM, else Debian's /usr/bin/chromium, else ``chromium`` on PATH."""
-    configured = os.environ.get("PGWS_CHROMIUM")
-    if configured:
-        return configured
-    if os.path.exists("/usr/bin/chromium"):
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
-
-
 @contextmanager
 def chromium() -> Iterator[Browser]:
-    """A headless Chromium, closed afterwards; skips the test when there is none."""
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no Chromium: install the chromium package (Debian: apt-get install chromium) "
-                    "or point PGWS_CHROMIUM at a Chromium binary")
+    """A headless Chromium ($PGWS_CHROMIUM, else ``chromium`` on PATH), closed afterwards;
+    skips the test when there is none."""
+    executable = programs.require("chromium", "PGWS_CHROMIUM")
     with sync_playwright() as p:
         launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:

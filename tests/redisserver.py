@@ -9,19 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import IO, Optional
 
-import pytest
 import redis
 
+from . import programs
 from .helpers import wait_for
 from .pgserver import free_port
-
-
-def redis_server_binary() -> str:
-    """The redis-server on PATH; skips the test when there is none."""
-    path = shutil.which("redis-server")
-    if path is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-    return path
 
 
 class RedisServer:
@@ -33,7 +25,7 @@ class RedisServer:
     """
 
     def __init__(self, port: Optional[int] = None, *, unix_socket: bool = False) -> None:
-        self.binary = redis_server_binary()
+        self.binary = programs.require("redis-server")
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgws-redis-"))
         self.log_path = self.dir / "redis.log"

@@ -43,7 +43,7 @@ def close_payload(frame_payload):
 
 
 @pytest.fixture(scope="module")
-def strict(pg_dsn):
+def shared_strict(pg_dsn):
     g = serve(pg_dsn, options={"max_queue": 4, "write_timeout": 3.0, "ping_interval": None,
                                "max_message_size": 4096}).wait_up()
     yield g
@@ -51,10 +51,26 @@ def strict(pg_dsn):
 
 
 @pytest.fixture(scope="module")
-def pinging(pg_dsn):
+def shared_pinging(pg_dsn):
     g = serve(pg_dsn, options={"ping_interval": 0.5}).wait_up()
     yield g
     g.stop()
+
+
+# The tests count the sockets of the module's servers: each starts once the sockets of earlier
+# tests (closed as those tests ended) are gone.
+
+
+@pytest.fixture
+def strict(shared_strict):
+    wait_sockets(shared_strict, 0)
+    return shared_strict
+
+
+@pytest.fixture
+def pinging(shared_pinging):
+    wait_sockets(shared_pinging, 0)
+    return shared_pinging
 
 
 def publish_until_dropped(server, sender, healthy, expected_sockets, limit=5000):

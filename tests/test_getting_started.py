@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import venv
 from pathlib import Path
 from typing import Dict
 
-import pytest
-
+from . import programs
 from .helpers import ROOT, Gunicorn, Ws
 from .pgserver import free_port
 
@@ -29,9 +27,8 @@ def test_the_page_has_every_step():
     assert set(steps()) == {"install", "app.py", "run", "send"}
 
 
-@pytest.mark.skipif(not shutil.which("psql") and not os.environ.get("PGWS_PSQL"),
-                    reason="the page's last step uses psql, and none is installed")
 def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
+    programs.require("psql", "PGWS_PSQL")  # the page's last step uses it
     page = steps()
     # 1. a fresh virtual environment, and the install command with ./pgws_sync the checkout
     env_dir = tmp_path / "venv"

@@ -11,7 +11,7 @@ from .helpers import Client, Gunicorn, http_get, pg_notify, raw_upgrade, wait_fo
 
 
 @pytest.fixture(scope="module")
-def server(pg_dsn):
+def shared_server(pg_dsn):
     g = Gunicorn("tests.apps.hooks:app", env={"PGWS_DB_URI": pg_dsn,
                                               "PGWS_OPTIONS": json.dumps({"max_backlog": 4})})
     g.wait_up()
@@ -21,6 +21,15 @@ def server(pg_dsn):
 
 def hooks(server):
     return server.stats()["hooks"]
+
+
+@pytest.fixture
+def server(shared_server):
+    """The module's server, once every socket of earlier tests has ended (asynchronously, after
+    those tests): each test counts hook calls from there."""
+    wait_for(lambda: (h := hooks(shared_server))["connect"] == h["disconnect"],
+             message="the earlier tests' sockets to end")
+    return shared_server
 
 
 def hello(ws, user="anonymous"):
@@ -162,9 +171,7 @@ def test_an_inbound_flood_of_large_frames_is_bounded_in_bytes(pg_dsn, clients):
 
 
 def test_on_disconnect_runs_exactly_once_however_the_socket_ended(server, clients):
-    # the sockets of earlier tests end asynchronously: start once they all have
-    start = wait_for(lambda: (h := hooks(server))["connect"] == h["disconnect"] and h,
-                     message="the earlier tests' sockets to end")
+    start = hooks(server)  # the earlier tests' sockets have all ended (the fixture waits)
     by_client = clients(server.ws_url())
     by_server = clients(server.ws_url())
     hello(by_client)

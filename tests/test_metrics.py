@@ -4,7 +4,6 @@ both workers; failures show up in the metric that counts them."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
+from . import programs
 from .helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for
 from .pgserver import free_port
 from .pubsub_helpers import Client, serve_pubsub
@@ -42,10 +42,7 @@ class Prometheus:
     """A real prometheus server scraping ``target`` every second."""
 
     def __init__(self, target: str) -> None:
-        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-        if not os.path.exists(binary):
-            pytest.skip("no prometheus: install the prometheus package (Debian: apt-get install "
-                        "prometheus)")
+        binary = programs.require("prometheus")
         self.dir = Path(tempfile.mkdtemp(prefix="pgws-prometheus-"))
         self.port = free_port()
         config = self.dir / "prometheus.yml"
@@ -82,16 +79,26 @@ scrape_configs:
 
 
 @pytest.fixture(scope="module")
-def two_workers(pg_dsn: str) -> Iterator[Gunicorn]:
+def shared_two_workers(pg_dsn: str) -> Iterator[Gunicorn]:
     g = serve(pg_dsn, options={"metrics_path": "/metrics"}, workers=2).wait_up()
     yield g
     g.stop()
 
 
+@pytest.fixture
+def two_workers(shared_two_workers: Gunicorn) -> Gunicorn:
+    """The module's two-worker server, once no socket of an earlier test is open on it: every
+    test starts from no socket, whichever tests ran (or were skipped) before it."""
+    wait_for(lambda: value(shared_two_workers, "pgws_sync_sockets_open{") == 0,
+             message="the sockets of earlier tests closed")
+    return shared_two_workers
+
+
 def test_prometheus_sees_the_sum_of_both_workers_sockets(two_workers):
-    sockets = [Ws(two_workers.ws_url()) for _ in range(12)]
-    prometheus = Prometheus(f"127.0.0.1:{two_workers.port}")
+    prometheus = Prometheus(f"127.0.0.1:{two_workers.port}")  # skips without prometheus
+    sockets = []
     try:
+        sockets.extend(Ws(two_workers.ws_url()) for _ in range(12))
         wait_for(lambda: value(two_workers, "pgws_sync_sockets_open{") == 12,
                  message="12 sockets counted by any worker's scrape")
         per_worker = [c.pid for c in psutil_children(two_workers)]
@@ -106,7 +113,7 @@ def test_prometheus_sees_the_sum_of_both_workers_sockets(two_workers):
         assert prometheus.query("max(pgws_sync_socket_queue_depth_max)") == 0  # all read
         check_dashboard(prometheus, scrape(two_workers))
     finally:
-        for ws in sockets[5:]:
+        for ws in sockets:
             ws.close()
         prometheus.stop()
 
@@ -149,19 +156,23 @@ def test_refused_upgrades_are_counted_by_status(two_workers):
 
 def test_a_killed_listener_counts_a_reconnect_and_the_source_is_up_again(two_workers, sender):
     ws = Ws(two_workers.ws_url())
-    wait_for(lambda: value(two_workers, "pgws_sync_sockets_open{") == 1, message="the socket")
-    resyncs = value(two_workers, 'pgws_sync_control_frames_total{endpoint="Pgws",event="resync"}')
-    with sender.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = 'pgws_sync listener'")
-    wait_for(lambda: value(two_workers, 'pgws_sync_source_reconnects_total{source="listener"}') >= 2,
-             message="both workers' listeners counted their reconnect")
-    wait_for(lambda: value(two_workers, 'pgws_sync_source_up{source="listener"}') >= 1,
-             message="the listeners up again")
-    assert ws.recv_json()["event"] == "resync"
-    wait_for(lambda: value(two_workers, 'pgws_sync_control_frames_total{endpoint="Pgws",'
-                           'event="resync"}') == resyncs + 1, message="the resync counted")
-    ws.close()
+    try:
+        wait_for(lambda: value(two_workers, "pgws_sync_sockets_open{") == 1, message="the socket")
+        resyncs = value(two_workers,
+                        'pgws_sync_control_frames_total{endpoint="Pgws",event="resync"}')
+        reconnects = value(two_workers, 'pgws_sync_source_reconnects_total{source="listener"}')
+        with sender.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'pgws_sync listener'")
+        wait_for(lambda: value(two_workers, 'pgws_sync_source_reconnects_total{source="listener"}')
+                 >= reconnects + 2, message="both workers' listeners counted their reconnect")
+        wait_for(lambda: value(two_workers, 'pgws_sync_source_up{source="listener"}') >= 1,
+                 message="the listeners up again")
+        assert ws.recv_json()["event"] == "resync"
+        wait_for(lambda: value(two_workers, 'pgws_sync_control_frames_total{endpoint="Pgws",'
+                               'event="resync"}') == resyncs + 1, message="the resync counted")
+    finally:
+        ws.close()
 
 
 def test_publish_failures_are_counted_by_cause(pg_server):

@@ -382,8 +382,15 @@ def test_readme_snippet_runs(pg_dsn: str, page: Page) -> None:
 LISTEN = "pgws-js-listener"
 
 
+@pytest.fixture
+def jwt_serve(shared_jwt_serve: Serve) -> Serve:
+    """The module's JWT gateway, once the sockets of earlier tests' pages are gone."""
+    shared_jwt_serve.wait_sockets(0)
+    return shared_jwt_serve
+
+
 @pytest.fixture(scope="module")
-def jwt_serve(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+def shared_jwt_serve(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     """``pgws-sync serve`` in JWT mode, with a blank page at / from PGWS_ROOT_PATH."""
     root = tmp_path_factory.mktemp("pgws_js_root")
     (root / "index.html").write_text("<!doctype html><title>jwt test</title>\n")

@@ -23,6 +23,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 
+from . import programs
 from .helpers import ROOT, Gunicorn, Ws, pg_notify, serve, wait_for
 from .pgserver import free_port
 
@@ -32,12 +33,8 @@ GUNICORN = "127.0.0.1:8000"
 
 
 def program(name: str) -> str:
-    """The path of ``name`` (also looked for in /usr/sbin), or the test is skipped saying how
-    to install it."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        pytest.skip(f"no {name}: install the {name} package (Debian: apt-get install {name})")
-    return found
+    """The path of ``name``, or the test is skipped naming it (tests/programs.py)."""
+    return programs.require(name)
 
 
 def unprivileged_group() -> str:

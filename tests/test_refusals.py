@@ -16,6 +16,7 @@ import pytest
 from pgws_sync import ConfigError, Listener, Pgws
 from pgws_sync.sources.canary import check_listening
 
+from . import programs
 from .clirun import no_database_env, run_cli
 from .helpers import Gunicorn, http_get, wait_for
 from .pgserver import SYSTEM_USER, PgServer, free_port
@@ -25,10 +26,7 @@ class PgBouncer:
     """A real pgbouncer in front of ``server``, pool_mode ``mode``, on a free port."""
 
     def __init__(self, server: PgServer, mode: str) -> None:
-        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        if not os.path.exists(binary):
-            pytest.skip("no pgbouncer: install the pgbouncer package (Debian: apt-get install "
-                        "pgbouncer)")
+        binary = programs.require("pgbouncer")
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgws-bouncer-"))
         self.dir.chmod(0o777)

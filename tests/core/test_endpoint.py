@@ -16,10 +16,17 @@ from ..helpers import Gunicorn, Ws, http_get, pg_notify, raw_upgrade, serve, wai
 
 
 @pytest.fixture(scope="module")
-def server(pg_dsn):
+def shared_server(pg_dsn):
     g = serve(pg_dsn, channels=["pgws", "Other Channel"]).wait_up()
     yield g
     g.stop()
+
+
+@pytest.fixture
+def server(shared_server):
+    """The module's server, once the sockets of earlier tests are gone: the tests count them."""
+    wait_sockets(shared_server, 0)
+    return shared_server
 
 
 def kill_listener(server, sender):

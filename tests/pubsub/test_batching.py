@@ -125,9 +125,14 @@ def test_stop_finishes_every_open_batch_and_ends_the_thread():
 # ------------------------------------------------------------ end to end
 
 
+# The module's shared servers publish on NOTIFY channels of their own: the tests that start a
+# server of their own leave batches with a 60 s window open, and every server on the same
+# channel would hold them open too (its workers close a batch a grace after its window).
+
+
 @pytest.fixture(scope="module")
 def server(pg_dsn):
-    g = serve_pubsub(pg_dsn)
+    g = serve_pubsub(pg_dsn, {"pubsub_channel": "pgws_sync_batching_one"})
     yield g
     g.stop()
 
@@ -227,7 +232,7 @@ def post_until_every_worker(server, path, bodies, workers=2):
 
 @pytest.fixture(scope="module")
 def two_workers(pg_dsn):
-    g = serve_pubsub(pg_dsn, workers=2)
+    g = serve_pubsub(pg_dsn, {"pubsub_channel": "pgws_sync_batching_two"}, workers=2)
     yield g
     g.stop()
 

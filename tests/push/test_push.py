@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from ..helpers import http_get, raw_upgrade, wait_for
 from pgws_sync.push.messages import sign_auth_event
 
-from ..push_helpers import AUTH_KEY, Tab, api, push, serve_push, stats, wait_sockets
+from ..helpers import http_get, raw_upgrade, wait_for
+from ..push_helpers import AUTH_KEY, Tab, api, push, serve_push, stats
 
 _names = itertools.count()
 
@@ -21,13 +21,27 @@ def fresh(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["notify", "redis"])
-def server(request, pg_dsn):
+def shared_server(request, pg_dsn):
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     # no client_rate: the cycle tests send 1000 frames at once (the limiter has its own tests)
     g = serve_push(pg_dsn, redis_url, options={"client_rate": None, "health_detail": True})
     g.source = request.param
     yield g
     g.stop()
+
+
+def held(server):
+    """What the server holds for its sockets: sockets, hub keys, kept requests."""
+    s = stats(server)
+    return s["sockets"], s["keys"], s["requests"]
+
+
+@pytest.fixture
+def server(shared_server):
+    """The module's server, once the tabs of earlier tests are gone from it (they close as
+    those tests end): every test starts with nothing held for a socket."""
+    wait_for(lambda: held(shared_server) == (0, 0, 0), message="earlier tests' sockets gone")
+    return shared_server
 
 
 @pytest.fixture
@@ -218,7 +232,7 @@ def test_an_anonymous_socket_is_in_no_user_set(server, tabs):
 
 
 def test_join_leave_cycles_leave_no_residue(server, tabs):
-    before = stats(server)
+    before = held(server)
     tab = tabs(server, user=fresh("user-"))
     room = fresh("room-")
     for burst in range(10):  # 100 at a time: more than 256 unread frames is a policy close
@@ -230,9 +244,7 @@ def test_join_leave_cycles_leave_no_residue(server, tabs):
         assert replies == [{"event": event, "room": name}
                            for name in names for event in ("joined", "left")]
     tab.close()
-    wait_sockets(server, before["sockets"])
-    after = stats(server)
-    assert after["keys"] == before["keys"] and after["requests"] == before["requests"]
+    wait_for(lambda: held(server) == before, message="nothing left of the socket")
 
 
 def test_large_payloads(server, tabs):
