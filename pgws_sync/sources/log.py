@@ -70,7 +70,9 @@ _CREATE = [
 )""",
     """CREATE TABLE {s}.messages (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    channel text NOT NULL,
+    -- the sequencer NOTIFYs each name: a row written around publish() must not hold one
+    -- that a NOTIFY refuses (numbering would stop for every channel)
+    channel text NOT NULL CHECK (channel <> '' AND length(channel) <= 200),
     id text NOT NULL,
     type text NOT NULL CHECK (type IN ('json', 'text')),
     payload text NOT NULL,

@@ -110,6 +110,10 @@ def test_a_row_written_around_the_function_goes_out_without_its_bad_field(durabl
             cur.execute(f"INSERT INTO {schema}.messages (channel, id, type, payload, reply_to) "
                         f"VALUES (%s, %s, 'json', %s, %s)",
                         (channel, f"m{n}", json.dumps({"n": n}), "req-7" if n == 3 else None))
+    conn.autocommit = True
+    with pytest.raises(psycopg2.errors.CheckViolation), conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {schema}.messages (channel, id, type, payload) "  # a name
+                    f"VALUES (%s, 'x', 'json', '1')", ("c" * 9000,))  # no NOTIFY would take
     conn.close()
     got = messages(live, 7)
     assert [f["payload"]["n"] for f in got] == list(range(7))
