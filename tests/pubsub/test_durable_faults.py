@@ -398,8 +398,13 @@ def test_the_sequencer_killed_5_times_and_its_worker_once_loses_nothing(pg_dsn):
             before = publishers.count
             wait_for(lambda: publishers.count > before + 500 or not publishing(), timeout=60,
                      message="publishing goes on")
-            backend, worker = sequencer_backend(admin, schema)
+            backend, worker = wait_for(lambda: sequencer_backend(admin, schema)[0]
+                                       and sequencer_backend(admin, schema), timeout=30,
+                                       message="an elected sequencer")
             if round_ == 3:
+                # never a pid of 0 or of anything but this server's workers: os.kill(0, ...)
+                # would kill this test's whole process group
+                assert worker in server.worker_pids(), (worker, server.worker_pids())
                 os.kill(worker, signal.SIGKILL)
                 kills.append(f"worker {worker}")
             else:
