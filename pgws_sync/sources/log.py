@@ -70,11 +70,12 @@ _CREATE = [
 )""",
     """CREATE TABLE {s}.messages (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    -- the sequencer NOTIFYs each name: a row written around publish() must not hold one
-    -- that a NOTIFY refuses (numbering would stop for every channel)
-    channel text NOT NULL CHECK (channel <> '' AND length(channel) <= 200),
-    id text NOT NULL,
-    type text NOT NULL CHECK (type IN ('json', 'text')),
+    -- no CHECK: publish() checks every field, and a CHECK costs every publishing
+    -- transaction about a seventh of a plain insert's CPU (docs/performance.md); a row
+    -- written around publish() is numbered and framed safely whatever it holds
+    channel text NOT NULL,
+    id text,  -- NULL: the caller gave none; read back as a uuid made of the epoch and seq
+    type text NOT NULL,
     payload text NOT NULL,
     reply_to text,
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -135,6 +136,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     limit_bytes CONSTANT integer := {max_payload};  -- meta.max_payload, set by migrate
     answered jsonb;
+    parsed boolean;
+    xact xid8;
     seq bigint;
 BEGIN
     IF publish.channel IS NULL OR publish.channel = '' OR length(publish.channel) > 200
@@ -155,7 +158,8 @@ BEGIN
             limit_bytes USING ERRCODE = '54000';
     END IF;
     IF publish.type = 'json' THEN
-        PERFORM publish.payload::json;  -- raises on anything that is not JSON
+        -- raises on anything that is not JSON (an assignment, not PERFORM: no query per call)
+        parsed := publish.payload::json IS NULL;
     END IF;
     IF publish.id IS NOT NULL AND (publish.id = '' OR length(publish.id) > 200
             OR publish.id ~ '[[:cntrl:]]') THEN
@@ -177,9 +181,9 @@ BEGIN
     END IF;
     -- the transaction id before the seq: a transaction holding a seq the sequencer cannot
     -- see yet is one its snapshots list as running (see sequence below)
-    PERFORM pg_current_xact_id();
+    xact := pg_current_xact_id();
     INSERT INTO {s}.messages (channel, id, type, payload, reply_to)
-        VALUES (publish.channel, coalesce(publish.id, gen_random_uuid()::text), publish.type,
+        VALUES (publish.channel, publish.id, publish.type,
                 publish.payload, publish.reply_to)
         RETURNING messages.seq INTO seq;
     RETURN seq;
@@ -187,7 +191,9 @@ END
 $fn$""",
     """CREATE OR REPLACE FUNCTION {s}.sequence(batch integer DEFAULT 1000)
     RETURNS TABLE (channel text, head bigint, numbered bigint)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+-- planned once per session, not on every call (a fifth of a call's CPU)
+SET plan_cache_mode = force_generic_plan AS $fn$
 #variable_conflict use_column
 DECLARE
     m {s}.meta;
@@ -219,9 +225,12 @@ BEGIN
         top := fresh[cardinality(fresh)];
         -- the horizon: this transaction's own id, taken after the rows were read; every
         -- transaction holding a gap took its id before its seq (see publish), so before this
-        INSERT INTO {s}.gaps (seq, horizon)
-            SELECT n, pg_current_xact_id()
-            FROM generate_series(m.numbered_upto + 1, top) AS n WHERE n <> ALL(fresh);
+        IF top - m.numbered_upto > cardinality(fresh) THEN  -- some seq is missing
+            INSERT INTO {s}.gaps (seq, horizon)
+                SELECT g.n, pg_current_xact_id()
+                FROM (SELECT generate_series(m.numbered_upto + 1, top) AS n
+                      EXCEPT SELECT unnest(fresh)) g;
+        END IF;
         UPDATE {s}.meta SET numbered_upto = top;
     END IF;
     IF cardinality(fresh) + cardinality(filled) = 0 THEN
@@ -245,8 +254,11 @@ BEGIN
                t.seq
         FROM taken t JOIN counted c ON c.channel = t.channel JOIN bumped b ON b.channel = t.channel
     )
+    -- a name no subscriber can hold (written around publish) wakes nobody: a NOTIFY of
+    -- it could fail and stop numbering for every channel
     SELECT b.channel, b.head, c.n FROM bumped b JOIN counted c ON c.channel = b.channel
-        CROSS JOIN LATERAL pg_notify(m.wake_channel, b.channel) n;
+        CROSS JOIN LATERAL (SELECT CASE WHEN b.channel <> '' AND length(b.channel) <= 200
+            THEN pg_notify(m.wake_channel, b.channel) END) n;
 END
 $fn$""",
     # publishing runs with the log owner's rights: only roles granted EXECUTE may publish
@@ -374,6 +386,7 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                                 (SCHEMA_VERSION,))
                     done.append(f"upgraded the durable log in schema {schema!r} from version 1 "
                                 f"to {SCHEMA_VERSION} (offsets numbered after commit)")
+                done.extend(_relax_messages(cur, schema))
                 if max_payload is not None and max_payload != current:
                     cur.execute(sql.SQL("UPDATE {}.meta SET max_payload = %s").format(ident),
                                 (max_payload,))
@@ -392,6 +405,26 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
     finally:
         conn.autocommit = autocommit
     return done
+
+
+def _relax_messages(cur: Any, schema: str) -> List[str]:
+    """A log made by an earlier version 2 release: drop the CHECKs of ``messages`` and the
+    NOT NULL of its ``id`` (see ``_CREATE``). Only when they are there: the ALTER waits for
+    every open publishing transaction."""
+    table = f"{_quoted(schema)}.messages"
+    cur.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass "
+                "AND contype = 'c' ORDER BY conname", (table,))
+    changes = [sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(name))
+               for (name,) in cur.fetchall()]
+    cur.execute("SELECT attnotnull FROM pg_attribute WHERE attrelid = %s::regclass "
+                "AND attname = 'id'", (table,))
+    if cur.fetchone()[0]:
+        changes.append(sql.SQL("ALTER COLUMN id DROP NOT NULL"))
+    if not changes:
+        return []
+    cur.execute(sql.SQL("ALTER TABLE {}.messages ").format(sql.Identifier(schema))
+                + sql.SQL(", ").join(changes))
+    return [f"relaxed {schema}.messages: no CHECK, id may be NULL (publishing costs less)"]
 
 
 def _quoted(name: str) -> str:
@@ -616,7 +649,9 @@ def read_after(cur: Any, schema: str, positions: Sequence[Tuple[str, int]],
     ``max_bytes``, a channel's messages stop before the first that starts past that many
     payload bytes (the first always comes)."""
     cur.execute(sql.SQL(
-        'SELECT e.epoch, r.channel, r."offset", r.id, r.type, r.payload, r.reply_to, '
+        'SELECT e.epoch, r.channel, r."offset", coalesce(r.id, substr(encode(sha256(convert_to('
+        "e.epoch || '/' || r.seq, 'UTF8')), 'hex'), 1, 32)::uuid::text), r.type, r.payload, "
+        'r.reply_to, '
         "extract(epoch FROM r.published_at)::float8, r.running FROM {s}.meta e "
         "LEFT JOIN LATERAL (SELECT w.* FROM unnest(%s::text[], %s::bigint[]) AS p(channel, after) "
         "CROSS JOIN LATERAL (SELECT k.*, sum(octet_length(k.payload)) OVER (ORDER BY "

@@ -3,7 +3,11 @@
 Every process with a durable endpoint runs a :class:`Sequencer` thread. The
 one whose connection holds the session advisory lock ``<schema>.sequencer``
 is elected: it calls ``<schema>.sequence`` every ``poll_interval`` seconds
-(at once again while batches come back full). The others try to take the
+(at once again while batches come back full). Under load it waits longer, up to
+:data:`MAX_STRETCH` times ``poll_interval``, so that one call numbers about
+:data:`FILL` messages or more: a call costs the database about as much as
+numbering eighty messages (docs/performance.md), so busy logs are numbered in larger, cheaper
+batches, while a quiet one is looked at every ``poll_interval``. The others try to take the
 lock every ``takeover_interval`` seconds, so when the elected process dies
 its session ends, the lock goes with it, and another takes over within about
 that long (a silent network is noticed within the TCP user timeout, on both
@@ -27,6 +31,16 @@ from . import log
 from .postgres import close_quietly, connect
 
 logger = logging.getLogger(__name__)
+
+#: Messages one call should number before the sequencer stops waiting longer under load.
+FILL = 4
+#: The longest wait under load, in ``poll_interval``\ s.
+MAX_STRETCH = 4.0
+
+
+def pause(poll_interval: float, numbered: int) -> float:
+    """Seconds to wait after a call that numbered ``numbered`` messages (see the module)."""
+    return poll_interval * min(MAX_STRETCH, max(1.0, numbered / FILL))
 
 
 class Sequencer:
@@ -103,11 +117,11 @@ class Sequencer:
                         conn = connect(self.dsn,
                                        application_name=f"pgws_sync sequencer {os.getpid()}")
                     if self.elected or self._elect(conn):
-                        full = self._number(conn)
+                        numbered = self._number(conn)
                         failures = 0
-                        if full:
+                        if numbered >= self.batch:
                             continue
-                        self._stop.wait(self.poll_interval)
+                        self._stop.wait(pause(self.poll_interval, numbered))
                     else:
                         self._watch(conn)
                         self._stop.wait(self.takeover_interval)
@@ -143,15 +157,15 @@ class Sequencer:
             self._oldest, self._oldest_since = oldest, now
         self.error = None
 
-    def _number(self, conn: Any) -> bool:
-        """One call of the database's sequencer; True if it came back full."""
+    def _number(self, conn: Any) -> int:
+        """One call of the database's sequencer; how many messages it numbered."""
         moved = log.sequence(conn, self.schema, self.batch)
         self.progress_at = time.monotonic()
         self._oldest = None
         self.error = None
         count = sum(n.numbered for n in moved)
         _metrics.inc("log_sequenced", count, log=self.schema)
-        return count >= self.batch
+        return count
 
     def _lost(self, reason: str) -> None:
         self.error = reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import psycopg2
 import pytest
@@ -40,8 +41,32 @@ def test_migrate_is_idempotent_and_says_what_it_did(pg_dsn):
             f"the durable log in schema {schema!r} is up to date (version 2); nothing to do"]
         assert migrate(conn, schema=schema, max_payload=10) == [
             "set max_payload from 1048576 to 10 bytes"]
+        with conn, conn.cursor() as cur:  # as an earlier 2.x release made it
+            cur.execute(f"ALTER TABLE {schema}.messages ALTER COLUMN id SET NOT NULL, "
+                        f"ADD CHECK (type IN ('json', 'text'))")
+        assert migrate(conn, schema=schema) == [
+            f"relaxed {schema}.messages: no CHECK, id may be NULL (publishing costs less)"]
+        assert migrate(conn, schema=schema)[0].endswith("nothing to do")
     finally:
         conn.close()
+
+
+def test_a_message_published_without_an_id_gets_the_same_uuid_on_every_read(
+        durable, pg_dsn, channel):
+    server, schema = durable
+    live = Client(server)
+    subscribe(live, channel)
+    conn = psycopg2.connect(pg_dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"SELECT {schema}.publish(%s, '1'), {schema}.publish(%s, '2')",
+                    (channel, channel))
+    conn.close()
+    first = [live.recv_json() for _ in range(2)]
+    ids = [f["id"] for f in first]
+    assert len(set(ids)) == 2 and all(str(uuid.UUID(i)) == i for i in ids)
+    again = Client(server)
+    subscribe(again, channel, since=0)
+    assert [again.recv_json()["id"] for _ in range(2)] == ids
 
 
 def test_committed_messages_arrive_once_with_consecutive_offsets_rolled_back_never(
@@ -412,7 +437,10 @@ def test_a_recreated_log_sends_resync_required_with_its_new_epoch(durable, pg_ds
         cur.execute(f"DROP SCHEMA {schema} CASCADE")
     migrate(conn, schema=schema)
     conn.close()
-    publish_many(pg_dsn, schema, [(channel, "new")])  # offset 1 of the new log wakes it up
+    try:
+        publish_many(pg_dsn, schema, [(channel, "new")])  # offset 1 of the new log wakes it up
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nserver log:\n{server.log()[-4000:]}") from None
     frame = client.recv_json(timeout=30)
     assert frame["event"] == "resync_required" and frame["reason"].startswith("epoch")
     assert frame["epoch"] != old_epoch and frame["offset"] == 1  # refetch, then live from 2
