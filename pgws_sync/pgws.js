@@ -155,6 +155,7 @@
     constructor(url, options = {}) {
       super();
       const opts = Object.assign({}, DEFAULTS, options);
+      if (options.maxDelay === undefined && opts.minDelay > opts.maxDelay) opts.maxDelay = opts.minDelay;
       let scope = "";
       if (typeof url === "string") scope = socketUrl(url).href + "|"; // a bad URL fails here
       else if (typeof url !== "function") throw new TypeError("pgws: url must be a string or a function");
