@@ -47,6 +47,8 @@ export interface PgwsOptions {
   storageKey?: string;
   /** ms over which position writes are batched (100; 0: at once). */
   storageDelay?: number;
+  /** ms the previous tab's stream stays subscribed once read to its end (5000). */
+  drainDelay?: number;
 }
 
 export interface SubscribeOptions {

@@ -58,6 +58,7 @@ const PgwsSocket = (function (root) {
     storage: null, // e.g. sessionStorage: durable positions survive a page reload
     storageKey: "pgws:", // prefix of the storage keys (then the endpoint URL and the channel)
     storageDelay: 100, // ms: position writes are batched over this long
+    drainDelay: 5000, // ms the previous tab's stream stays, read to its end, for pushes on their way
   };
 
   /** The n-th Fibonacci number: 1, 1, 2, 3, 5, 8... for n = 1, 2, 3... */
@@ -165,7 +166,7 @@ const PgwsSocket = (function (root) {
       }
       if (!(opts.jitter >= 0 && opts.jitter < 1)) throw new RangeError("pgws: jitter must be in [0, 1)");
       for (const name of ["resetAfter", "heartbeatInterval", "heartbeatTimeout", "connectTimeout",
-        "requestTimeout", "publishTimeout", "storageDelay"]) {
+        "requestTimeout", "publishTimeout", "storageDelay", "drainDelay"]) {
         if (!(opts[name] >= 0)) throw new RangeError(`pgws: ${name} must be 0 or more (ms)`);
       }
       if (opts.heartbeatInterval > 0 && !(opts.heartbeatTimeout > 0)) {
@@ -214,6 +215,7 @@ const PgwsSocket = (function (root) {
       this._flushTimer = null;
       this._tabStream = null; // this tab's durable Push stream
       this._oldTab = null; // the previous tab's, read until drained
+      this._drainTimer = null;
       this._failed = false; // a message handler threw during the current event
       this._listeners = {
         online: () => this._wake(),
@@ -641,7 +643,7 @@ const PgwsSocket = (function (root) {
     }
 
     _clearTimers() {
-      for (const name of ["_timer", "_connectTimer", "_stableTimer", "_beatTimer"]) {
+      for (const name of ["_timer", "_connectTimer", "_stableTimer", "_beatTimer", "_drainTimer"]) {
         if (this[name] !== null) clearTimeout(this[name]);
         this[name] = null;
       }
@@ -931,6 +933,8 @@ const PgwsSocket = (function (root) {
       const previous = this._tabStream;
       if (previous !== null && previous !== tab) {
         if (this._oldTab !== null && this._oldTab !== previous) this._quiet(this.unsubscribe(this._oldTab));
+        if (this._drainTimer !== null) clearTimeout(this._drainTimer);
+        this._drainTimer = null;
         this._oldTab = this._channels.has(previous) ? previous : null;
       }
       this._tabStream = tab;
@@ -939,15 +943,24 @@ const PgwsSocket = (function (root) {
       if (this._oldTab !== null) this._drained(this._oldTab);
     }
 
-    /** Once the previous tab's stream is read up to its head, unsubscribe and forget it. */
+    /**
+     * Once the previous tab's stream is read up to its head and then quiet for drainDelay ms
+     * (a push committed just before the reconnect may not be numbered yet), unsubscribe
+     * and forget it.
+     */
     _drained(channel) {
       if (channel !== this._oldTab) return;
       const entry = this._channels.get(channel);
       if (!entry || !entry.subscribed || !entry.head) return;
       const at = this._positions.get(channel);
       if (at && at.epoch === entry.head.epoch && at.offset < entry.head.offset) return;
-      this._oldTab = null;
-      this._quiet(this.unsubscribe(channel));
+      if (this._drainTimer !== null) clearTimeout(this._drainTimer);
+      this._drainTimer = setTimeout(() => {
+        this._drainTimer = null;
+        if (this._oldTab !== channel || this._closed) return;
+        this._oldTab = null;
+        this._quiet(this.unsubscribe(channel));
+      }, this.options.drainDelay);
     }
 
     _loadTab() {

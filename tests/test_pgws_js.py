@@ -706,6 +706,7 @@ def test_a_dead_connection_is_noticed_by_the_heartbeat_and_resumed_with_nothing_
         print(f"\nthe dead connection was noticed {noticed:.2f} s after the proxy froze "
               f"(heartbeatInterval {interval} ms + heartbeatTimeout {timeout} ms)")
     finally:
+        page.evaluate("window.sock && window.sock.close()")  # no more connects through the proxy
         conn.close()
         proxy.close()
         server.stop()
@@ -778,6 +779,7 @@ def test_tab_streams_across_20_reconnects_one_left_and_every_push_received(pg_ds
             return sorted([m["payload"]["round"], m["payload"]["when"]]
                           for m in events(page, "message") if isinstance(m.get("payload"), dict))
         wait_for(lambda: received() == wanted, timeout=20, message="every push to the tab, once")
+        # The previous tab's stream stays drainDelay (5 s) after it was read to its end.
         page.wait_for_function("sock.channels.filter(c => c.startsWith('pgws:tab:')).length === 1")
         tabs = page.evaluate("sock.channels")
         assert tabs == ["pgws:user:bob", events(page, "streams")[rounds]["tab"]]

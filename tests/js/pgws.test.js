@@ -72,7 +72,7 @@ test("close() with a code browsers refuse throws and changes nothing", async () 
 
 test("after 8 reconnects a connect subscribes to the user's stream, this tab's and at most the previous tab's", async () => {
   const storage = new FakeStorage();
-  const {sock, ws: first} = await connected({storage});
+  const {sock, ws: first} = await connected({storage, drainDelay: 10});
   let ws = first;
   const user = "pgws:user:bob";
   for (let i = 0; i <= 8; i++) {
@@ -97,7 +97,7 @@ test("after 8 reconnects a connect subscribes to the user's stream, this tab's a
     const channels = ws.actions("subscribe").map((a) => a.channel);
     assert.ok(channels.length <= 3, `one connect subscribes to ${channels.length}: ${channels}`);
   }
-  await sleep(150); // the batched storage writes
+  await sleep(150); // the drain delay, and the batched storage writes
   const tabs = sock.channels.filter((c) => c.startsWith("pgws:tab:"));
   assert.deepEqual(tabs, ["pgws:tab:bob:t8"]);
   const keys = storage.keys().filter((k) => k.includes("pgws:tab:") && !k.endsWith("#tab"));
