@@ -427,6 +427,9 @@ class Connection:
     to the writer. Both write under the socket's lock, so frames stay whole.
     """
 
+    #: What :meth:`send` may be told a frame is (``conn.send(frame, kind=Connection.APP_JSON)``).
+    CONTROL, APP_JSON, APP_TEXT = CONTROL, APP_JSON, APP_TEXT
+
     # Thousands live at once: no per-instance dict.
     __slots__ = ("id", "audiences", "metadata", "subprotocol", "envelope", "slow_reason", "label",
                  "_queue",
