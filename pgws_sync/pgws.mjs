@@ -358,7 +358,7 @@ const PgwsSocket = (function (root) {
       if (!(Number.isInteger(offset) && offset >= 0)) {
         throw new RangeError(`pgws: commit needs an offset (an integer, 0 or more), got ${offset}`);
       }
-      if (!this._channels.has(channel)) return false; // no longer followed
+      if (!this._follows(channel)) return false; // no longer followed
       const seen = this._seen.get(channel) || this._positions.get(channel);
       const at = {offset, epoch: epoch !== undefined ? epoch : seen && seen.epoch};
       const now = this._positions.get(channel);
@@ -377,9 +377,10 @@ const PgwsSocket = (function (root) {
       if (fresh) {
         entry = {joined: false, waiters: []};
         this._rooms.set(room, entry);
+        if (!this._positions.has(room)) this._loadPosition(room);
       }
       const promise = this._wait(entry.waiters, true);
-      if (fresh && this._state === OPEN) this._write(JSON.stringify({joinRoom: room}));
+      if (fresh && this._state === OPEN) this._sendJoin(room);
       return promise;
     }
 
@@ -391,6 +392,8 @@ const PgwsSocket = (function (root) {
         this._rooms.delete(room);
         this._settle(entry.waiters, null, failure(`pgws: left room '${room}' before the server answered`));
       }
+      this._seen.delete(room);
+      this._setPosition(room, null);
       if (this._state !== OPEN || this._closed) return Promise.resolve({event: "left", room});
       const waiters = this._leaving.get(room) || [];
       this._leaving.set(room, waiters);
@@ -575,7 +578,7 @@ const PgwsSocket = (function (root) {
       this._lastFrame = Date.now();
       this._beat(false);
       for (const [channel, entry] of this._channels) this._sendSubscribe(channel, entry);
-      for (const room of this._rooms.keys()) ws.send(JSON.stringify({joinRoom: room}));
+      for (const room of this._rooms.keys()) this._sendJoin(room);
       const queued = this._queue;
       this._queue = [];
       for (const {frame, id} of queued) {
@@ -737,7 +740,7 @@ const PgwsSocket = (function (root) {
           this._emit("message", detail);
           return;
         }
-        if (!this._channels.has(channel)) return; // a channel no longer followed
+        if (!this._follows(channel)) return; // a channel (or room) no longer followed
         const at = {offset: frame.offset, epoch: frame.epoch};
         const last = this._seen.get(channel) || this._positions.get(channel);
         if (last && last.epoch === at.epoch && at.offset <= last.offset) return; // had it
@@ -745,7 +748,7 @@ const PgwsSocket = (function (root) {
         detail.offset = at.offset;
         detail.epoch = at.epoch;
         const handled = this._emit("message", detail);
-        if (handled && this.options.commit === "auto" && this._channels.has(channel)) {
+        if (handled && this.options.commit === "auto" && this._follows(channel)) {
           this._setPosition(channel, at);
         }
         this._drained(channel);
@@ -767,7 +770,7 @@ const PgwsSocket = (function (root) {
           return shaped(frame, ["event", "reply_to"]) && typeof frame.reply_to === "string" &&
             frame.reply_to.startsWith(this._ids);
         case "subscribed":
-          return request !== undefined && request.kind === "subscribe" &&
+          return request !== undefined && (request.kind === "subscribe" || request.kind === "joinRoom") &&
             shaped(frame, ["event", "channel", "reply_to"], ["offset", "epoch"]) && this._answered(frame);
         case "unsubscribed":
           return request !== undefined && request.kind === "unsubscribe" &&
@@ -798,13 +801,14 @@ const PgwsSocket = (function (root) {
         case "resync_required": {
           if (!shaped(frame, ["event", "channel", "reason", "epoch", "offset"], ["reply_to"]) ||
               typeof frame.channel !== "string" || !Number.isInteger(frame.offset)) return false;
-          const mine = request !== undefined && request.kind === "subscribe" && request.channel === frame.channel;
-          if (!mine && !this._channels.has(frame.channel)) return false;
+          const mine = request !== undefined && (request.kind === "subscribe" || request.kind === "joinRoom") &&
+            request.channel === frame.channel;
+          if (!mine && !this._follows(frame.channel)) return false;
           const at = {offset: frame.offset, epoch: frame.epoch};
           this._seen.set(frame.channel, at);
           this._emit("resync_required", {channel: frame.channel, reason: frame.reason, offset: frame.offset,
             epoch: frame.epoch, data: frame, text});
-          if (this._channels.has(frame.channel)) this._setPosition(frame.channel, at); // after the handlers
+          if (this._follows(frame.channel)) this._setPosition(frame.channel, at); // after the handlers
           if (mine) this._answered(frame);
           this._drained(frame.channel);
           return true;
@@ -830,6 +834,18 @@ const PgwsSocket = (function (root) {
       this._requests.delete(frame.reply_to);
       clearTimeout(request.timer);
       if (request.kind === "unsubscribe") this._leavingChannels.delete(request.channel);
+      if (request.kind === "joinRoom") { // a durable room rejoined after its position
+        const room = this._rooms.get(request.channel);
+        if (frame.event === "subscribed" && !this._positions.get(request.channel) &&
+            typeof frame.offset === "number" && typeof frame.epoch === "string") {
+          this._setPosition(request.channel, {offset: frame.offset, epoch: frame.epoch});
+        }
+        if (room) {
+          room.joined = true;
+          this._settle(room.waiters, {event: "joined", room: request.channel}, null);
+        }
+        return true;
+      }
       if (request.kind !== "subscribe") {
         request.resolve(frame);
         return true;
@@ -887,6 +903,14 @@ const PgwsSocket = (function (root) {
             }
             this._settle(entry.waiters, null, error);
           }
+        } else if (request.kind === "joinRoom") {
+          detail.room = request.channel;
+          const entry = this._rooms.get(request.channel);
+          if (entry && !temporary) {
+            this._rooms.delete(request.channel); // refused: not rejoined after reconnects
+            this._setPosition(request.channel, null);
+          }
+          if (entry) this._settle(entry.waiters, null, error);
         } else {
           if (request.kind === "unsubscribe") this._leavingChannels.delete(request.channel);
           request.reject(error);
@@ -901,7 +925,7 @@ const PgwsSocket = (function (root) {
         this._rooms.delete(frame.room); // refused: not rejoined after reconnects
         this._settle(entry.waiters, null, error);
       } else if (typeof frame.channel === "string") {
-        if (!this._channels.has(frame.channel)) return false;
+        if (!this._follows(frame.channel)) return false;
         detail.channel = frame.channel;
       } else if (!this._v2 && this.tabWindowId !== null) {
         return false; // a Push socket without pgws.v2: as likely an app's payload
@@ -1004,6 +1028,31 @@ const PgwsSocket = (function (root) {
       if (!target) return;
       const method = add ? "addEventListener" : "removeEventListener";
       if (typeof target[method] === "function") target[method](name, fn);
+    }
+
+    _follows(channel) {
+      return this._channels.has(channel) || this._rooms.has(channel);
+    }
+
+    /**
+     * Join a room: `{"joinRoom": r}`, or on a durable Push endpoint, once a room message gave
+     * it a position, a subscribe with `since` (joining is subscribing), so nothing is missed.
+     */
+    _sendJoin(room) {
+      const position = this._positions.get(room);
+      if (!position) {
+        this._seen.delete(room);
+        this._write(JSON.stringify({joinRoom: room}));
+        return;
+      }
+      const id = this._id();
+      const request = {kind: "joinRoom", channel: room, since: position.offset, socket: this._ws,
+        timer: null, resolve: null, reject: null};
+      this._requests.set(id, request);
+      this._timeout(request, id, this.options.requestTimeout);
+      this._seen.set(room, position);
+      this._write(JSON.stringify({action: "subscribe", channel: room, since: position.offset,
+        epoch: position.epoch, id}));
     }
 
     _sendSubscribe(channel, entry) {

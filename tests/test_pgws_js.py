@@ -606,7 +606,7 @@ def test_a_durable_channel_ends_with_every_message_once_across_a_server_restart(
         server.stop()
 
 
-def test_a_durable_push_page_gets_what_was_pushed_to_its_user_and_tab_while_away(
+def test_a_durable_push_page_gets_what_was_pushed_to_its_user_tab_and_room_while_away(
         pg_dsn: str, page: Page) -> None:
     import psycopg2
 
@@ -624,8 +624,11 @@ def test_a_durable_push_page_gets_what_was_pushed_to_its_user_and_tab_while_away
     streams = events(page, "streams")[0]
     assert streams["user"] == "pgws:user:bob" and streams["tab"].startswith("pgws:tab:bob:")
     page.wait_for_function("sock.channels.length === 2")
-    wait_for(lambda: sum(len(c["subscriptions"]) for c in push_stats(server)["connections"]) == 2,
-             message="the page to subscribe to its streams")
+    page.evaluate("() => within(sock.joinRoom('news'))")
+    wait_for(lambda: sum(len(c["subscriptions"]) for c in push_stats(server)["connections"]) == 3,
+             message="the page to subscribe to its streams and join its room")
+    api(server, {"room": "news", "payload": {"to": "room", "n": 1}})
+    wait_message(page, '"n":1')  # a durable room message: the room has a position now
     port = server.port
     server.stop()
 
@@ -633,14 +636,18 @@ def test_a_durable_push_page_gets_what_was_pushed_to_its_user_and_tab_while_away
     with conn:
         publish_durable(conn, streams["user"], {"to": "user"}, schema=schema)
         publish_durable(conn, streams["tab"], {"to": "tab"}, schema=schema)
+        publish_durable(conn, "news", {"to": "room", "n": 2}, schema=schema)
     conn.close()
     server = serve_push(pg_dsn, options=options, port=port)
     try:
         wait_message(page, '"to":"user"', timeout=30)
         wait_message(page, '"to":"tab"', timeout=30)
-        got = {e["channel"]: (e["offset"], e["payload"]) for e in events(page, "message")
+        wait_message(page, '"n":2', timeout=30)  # the room was rejoined after its position
+        got = {(e["channel"], e["offset"]): e["payload"] for e in events(page, "message")
                if e.get("offset") is not None}
-        assert got == {streams["user"]: (1, {"to": "user"}), streams["tab"]: (1, {"to": "tab"})}
+        assert got == {(streams["user"], 1): {"to": "user"}, (streams["tab"], 1): {"to": "tab"},
+                       ("news", 1): {"to": "room", "n": 1}, ("news", 2): {"to": "room", "n": 2}}
+        assert page.evaluate("sock.rooms") == ["news"]
         assert len(events(page, "streams")) == 2  # the new socket named its new tab's stream
     finally:
         server.stop()

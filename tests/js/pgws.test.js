@@ -332,3 +332,32 @@ test("a publish queued while offline expires after publishTimeout", async () => 
   assert.deepEqual(latest().actions("publish"), []); // not sent late
   sock.close();
 });
+
+test("a durable Push room is rejoined after its position, not from its head", async () => {
+  const {sock, ws, named} = await connected();
+  const joined = sock.joinRoom("lobby");
+  assert.deepEqual(ws.frames().pop(), {joinRoom: "lobby"});
+  ws.receive({event: "joined", room: "lobby"});
+  await joined;
+  ws.receive(durable("lobby", 3));
+  assert.equal(named("message").length, 1);
+  assert.deepEqual(sock.position("lobby"), {offset: 3, epoch: "e1"});
+  ws.finish(1006);
+  await until(() => latest() !== ws, 1000, "a reconnect");
+  const again = latest();
+  again.open();
+  const rejoin = again.frames().pop();
+  assert.equal(rejoin.action, "subscribe");
+  assert.equal(rejoin.channel, "lobby");
+  assert.equal(rejoin.since, 3);
+  assert.equal(rejoin.epoch, "e1");
+  again.receive({event: "subscribed", channel: "lobby", epoch: "e1", offset: 5, reply_to: rejoin.id});
+  again.receive(durable("lobby", 3)); // had it
+  again.receive(durable("lobby", 4));
+  assert.deepEqual(named("message").map((m) => m.offset), [3, 4]);
+  sock.leaveRoom("lobby");
+  again.receive(durable("lobby", 5)); // on its way before the server saw the leave
+  assert.equal(named("message").length, 2);
+  assert.equal(sock.position("lobby"), null);
+  sock.close();
+});
