@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _metrics
-from .._formats import SUBPROTOCOL_V2, envelope, gap_frame
+from .._formats import envelope, gap_frame
 from .simple_ws import ConnectionClosed, LocalProtocolError, inbound, inbound_over_limit
 from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
 
@@ -432,10 +432,8 @@ class Connection:
 
     # Thousands live at once: no per-instance dict.
     __slots__ = ("id", "audiences", "metadata", "subprotocol", "envelope", "slow_reason", "label",
-                 "_queue",
-                 "_close_request",
-                 "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
-                 "closed", "_on_drained", "__weakref__")
+                 "_queue", "_close_request", "_close_at", "_ws", "_sock", "_direct", "_rest",
+                 "_gap_lock", "_missed", "dropped", "closed", "_on_drained", "__weakref__")
 
     def __init__(
         self,
