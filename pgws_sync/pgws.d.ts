@@ -118,6 +118,20 @@ export interface PgwsEventMap {
     room?: string; data?: unknown; cause?: unknown};
 }
 
+/** One channel (or room) of a socket: events about it alone, and the socket's calls for it. */
+export interface PgwsChannel {
+  readonly socket: PgwsSocket;
+  readonly name: string;
+  on<K extends keyof PgwsEventMap>(name: K, fn: (detail: PgwsEventMap[K]) => void): () => void;
+  subscribe(options?: SubscribeOptions): Promise<Record<string, unknown>>;
+  unsubscribe(): Promise<Record<string, unknown>>;
+  publish(payload: unknown): Promise<Record<string, unknown>>;
+  joinRoom(): Promise<{event: "joined"; room: string}>;
+  leaveRoom(): Promise<{event: "left"; room: string}>;
+  position(): Position | null;
+  commit(offset: number, epoch?: string): boolean;
+}
+
 export declare class PgwsSocket extends EventTarget {
   static readonly CONNECTING: 0;
   static readonly OPEN: 1;
@@ -127,6 +141,7 @@ export declare class PgwsSocket extends EventTarget {
   static readonly CLOSE_SERVICE_RESTART: 1012;
   static readonly SUBPROTOCOL: "pgws.v2";
   static readonly DEFAULTS: Readonly<Required<PgwsOptions>>;
+  static readonly Channel: new (sock: PgwsSocket, name: string) => PgwsChannel;
   /** ms before reconnect attempt `attempt` (1, 2, ...). */
   static backoff(attempt: number, random?: () => number,
                  options?: Pick<PgwsOptions, "minDelay" | "maxDelay" | "jitter">): number;
@@ -147,6 +162,8 @@ export declare class PgwsSocket extends EventTarget {
   readonly rooms: string[];
 
   on<K extends keyof PgwsEventMap>(name: K, fn: (detail: PgwsEventMap[K]) => void): () => void;
+  /** A handle on one channel (or room), made once per name. */
+  channel(name: string): PgwsChannel;
   subscribe(channel: string, options?: SubscribeOptions): Promise<Record<string, unknown>>;
   unsubscribe(channel: string): Promise<Record<string, unknown>>;
   publish(channel: string, payload: unknown): Promise<Record<string, unknown>>;

@@ -149,6 +149,52 @@ const PgwsSocket = (function (root) {
     return null;
   }
 
+  /** One channel (or room) of a PgwsSocket: its own events, and the socket's calls for it. */
+  class PgwsChannel {
+    constructor(sock, name) {
+      this.socket = sock;
+      this.name = name;
+    }
+
+    /** Call `fn(detail)` for each `name` event about this channel; returns a function that stops it. */
+    on(name, fn) {
+      const channel = this.name;
+      return this.socket.on(name, (detail) => {
+        const about = detail && (detail.channel === channel || detail.room === channel ||
+          (Array.isArray(detail.channels) && detail.channels.includes(channel)));
+        if (about) fn.call(this, detail);
+      });
+    }
+
+    subscribe(options) {
+      return this.socket.subscribe(this.name, options);
+    }
+
+    unsubscribe() {
+      return this.socket.unsubscribe(this.name);
+    }
+
+    publish(payload) {
+      return this.socket.publish(this.name, payload);
+    }
+
+    joinRoom() {
+      return this.socket.joinRoom(this.name);
+    }
+
+    leaveRoom() {
+      return this.socket.leaveRoom(this.name);
+    }
+
+    position() {
+      return this.socket.position(this.name);
+    }
+
+    commit(offset, epoch) {
+      return this.socket.commit(this.name, offset, epoch);
+    }
+  }
+
   class PgwsSocket extends EventTarget {
     /**
      * `url`: a ws(s):// URL, a path on the page's host ("/ws"), or a function
@@ -210,6 +256,7 @@ const PgwsSocket = (function (root) {
       this._leaving = new Map(); // room -> waiters of leaveRoom()
       this._requests = new Map(); // id -> {kind, channel, socket, resolve, reject, timer}
       this._queue = []; // frames of publish()/send() waiting for a socket: {frame, id}
+      this._handles = new Map(); // name -> PgwsChannel
       this._scope = opts.storageKey + scope;
       this._dirty = new Set(); // channels whose position is not written to storage yet
       this._flushTimer = null;
@@ -285,6 +332,13 @@ const PgwsSocket = (function (root) {
     }
 
     // ------------------------------------------------------------ app actions
+
+    /** A handle on one channel (or room): `sock.channel("chat").on("message", fn)`, `.subscribe()`... */
+    channel(name) {
+      checkName("channel", name);
+      if (!this._handles.has(name)) this._handles.set(name, new PgwsChannel(this, name));
+      return this._handles.get(name);
+    }
 
     /**
      * Subscribe to a PubSub channel, now and after every reconnect. Resolves once subscribed.
@@ -1250,6 +1304,7 @@ const PgwsSocket = (function (root) {
   PgwsSocket.CLOSE_SERVICE_RESTART = CLOSE_SERVICE_RESTART;
   PgwsSocket.SUBPROTOCOL = SUBPROTOCOL;
   PgwsSocket.DEFAULTS = Object.freeze(Object.assign({}, DEFAULTS));
+  PgwsSocket.Channel = PgwsChannel;
 
   return PgwsSocket;
 })(globalThis);

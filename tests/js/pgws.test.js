@@ -361,3 +361,46 @@ test("a durable Push room is rejoined after its position, not from its head", as
   assert.equal(sock.position("lobby"), null);
   sock.close();
 });
+
+test("a channel handle has its own events and the socket's calls", async () => {
+  const {sock, ws, named} = await connected();
+  const chat = sock.channel("chat");
+  assert.equal(sock.channel("chat"), chat);
+  const mine = [];
+  chat.on("message", (m) => mine.push(m.payload));
+  chat.on("resync", (r) => mine.push(r.reason));
+  chat.subscribe();
+  subscribed(ws, "chat");
+  ws.receive({channel: "chat", payload: 1, id: "a"});
+  ws.receive({channel: "other", payload: 2, id: "b"});
+  ws.receive({event: "resync", channels: ["chat"], reason: "r"});
+  assert.deepEqual(mine, [1, "r"]);
+  assert.equal(named("message").length, 2);
+  chat.publish({n: 3});
+  assert.deepEqual(ws.actions("publish")[0].payload, {n: 3});
+  sock.close();
+});
+
+test("a page that becomes visible again reconnects at once", async () => {
+  const listeners = {};
+  global.document = {visibilityState: "hidden",
+    addEventListener: (name, fn) => { listeners[name] = fn; }, removeEventListener: () => {}};
+  try {
+    const {sock, ws} = await connected({minDelay: 5000, maxDelay: 5000});
+    ws.finish(1006);
+    const count = FakeWebSocket.all.length;
+    global.document.visibilityState = "visible";
+    listeners.visibilitychange();
+    await sleep(5);
+    assert.equal(FakeWebSocket.all.length, count + 1);
+    latest().open();
+    global.document.visibilityState = "hidden";
+    listeners.visibilitychange(); // hidden: nothing
+    global.document.visibilityState = "visible";
+    listeners.visibilitychange(); // open: a ping checks the socket at once
+    assert.equal(latest().actions("ping").length, 1);
+    sock.close();
+  } finally {
+    delete global.document;
+  }
+});

@@ -15,6 +15,9 @@ done.catch((e: PgwsError) => console.log(e.code === "timeout", e.temporary));
 const at: Position | null = sock.position("ticks");
 console.log(at?.offset, sock.enveloped, PgwsSocket.backoff(3), PgwsSocket.SUBPROTOCOL);
 sock.joinRoom("lobby").then((r) => console.log(r.room));
+const chat = sock.channel("chat");
+chat.on("message", (m) => console.log(m.payload));
+chat.subscribe().then(() => chat.publish({text: "hi"}));
 sock.close(4000, "bye");
 // @ts-expect-error: no such event
 sock.on("messages", () => {});
