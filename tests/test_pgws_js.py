@@ -705,7 +705,7 @@ def test_a_dead_connection_is_noticed_by_the_heartbeat_and_resumed_with_nothing_
         close = events(page, "close")[0]
         assert close["willReconnect"] is True and close["code"] == 1006
         assert "ping" in close["reason"]
-        assert noticed <= (interval + timeout) / 1000 + 0.5, noticed
+        assert noticed <= (interval + timeout) / 1000 + 1.0, noticed  # timers on a busy machine
         page.wait_for_function(f"{durable}.length >= 20", timeout=15_000)
         got = page.evaluate(f"{durable}.map(e => [e.offset, e.payload.n])")
         assert got == [[n, n] for n in range(1, 21)]  # every message once, in order
