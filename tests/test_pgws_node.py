@@ -1,4 +1,4 @@
-"""pgws.js in Node (``node --test tests/js/``): each defect of issue 26 through a fake WebSocket,
+"""pgws.js in Node (``node --test tests/js/pgws.test.js``): each defect of issue 26 through a fake WebSocket,
 the ES module build, and the classic script loaded with ``require()``."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def run_node(*args: str) -> subprocess.CompletedProcess:  # type: ignore[type-ar
 
 
 def test_pgws_js_in_node_through_a_fake_websocket() -> None:
-    done = run_node("--test", str(JS_TESTS))
+    done = run_node("--test", str(JS_TESTS / "pgws.test.js"))
     summary = dict(re.findall(r"^# (pass|fail|cancelled) (\d+)$", done.stdout, re.M))
     assert done.returncode == 0 and summary.get("fail") == "0", done.stdout[-4000:] + done.stderr
     print(f"\nnode --test: {summary}")
@@ -50,6 +50,7 @@ def test_the_es_module_build_is_pgws_js_and_works_in_node() -> None:
 
 def test_the_classic_script_still_loads_with_require_and_as_a_global() -> None:
     script = """
+        require("./tests/js/fake_websocket.js");  // CustomEvent, where Node lacks it
         const PgwsSocket = require("./pgws_sync/pgws.js");
         const vm = require("node:vm");
         const fs = require("node:fs");

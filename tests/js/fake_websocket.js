@@ -1,6 +1,15 @@
 // A WebSocket stand-in for driving pgws.js in Node: the test plays the server.
 "use strict";
 
+if (typeof CustomEvent === "undefined") { // Node before 19
+  global.CustomEvent = class CustomEvent extends Event {
+    constructor(name, options = {}) {
+      super(name, options);
+      this.detail = options.detail === undefined ? null : options.detail;
+    }
+  };
+}
+
 class FakeWebSocket {
   constructor(url, protocols) {
     this.url = url;

@@ -1,5 +1,5 @@
 // pgws.js in Node through a fake WebSocket, one test per defect of issue 26 (each fails on the
-// pgws.js before it). Run: node --test tests/js/ (PGWS_JS=path tests another copy of the file).
+// pgws.js before it). Run: node --test tests/js/pgws.test.js (PGWS_JS=path tests another copy).
 "use strict";
 
 const test = require("node:test");
