@@ -800,3 +800,24 @@ def test_tab_streams_across_20_reconnects_one_left_and_every_push_received(pg_ds
               f"received once each")
     finally:
         server.stop()
+
+
+def test_the_es_module_build_works_in_chromium(pubsub: Dict[str, Gunicorn], page: Page) -> None:
+    """pgws.mjs, imported as a module (no global), subscribes and receives like pgws.js."""
+    from pgws_sync._core.assets import client_esm
+
+    server = pubsub["server"]
+    page.goto(server.url("/"))
+    page.evaluate(RECORDER, EVENTS)
+    page.evaluate("""async (source) => {
+        const url = URL.createObjectURL(new Blob([source], {type: "text/javascript"}));
+        const module = await import(url);
+        window.noGlobal = typeof window.PgwsSocket === "undefined";
+        const sock = record(new module.default("/ws", {minDelay: 100}));
+        await within(sock.channel("esm").subscribe());
+    }""", client_esm())
+    assert page.evaluate("window.noGlobal") is True
+    post(server, "/debug/publish", {"channel": "esm", "message": {"via": "pgws.mjs"}})
+    message = wait_message(page, "pgws.mjs")
+    assert message["channel"] == "esm" and message["payload"] == {"via": "pgws.mjs"}
+    assert events(page, "open")[0]["protocol"] == "pgws.v2"
