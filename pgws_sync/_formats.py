@@ -306,3 +306,37 @@ def resync_frame(channels: Iterable[str], reason: str) -> str:
 def gap_frame(channel: str, missed: int) -> str:
     """``{"event": "gap", "channel": ..., "missed": N}``: N messages were dropped for this client."""
     return dumps({"event": "gap", "channel": channel, "missed": missed})
+
+
+# ------------------------------------------------- heartbeat and the envelope
+
+#: The subprotocol in which every app frame travels in an envelope (pgws.js offers it).
+SUBPROTOCOL_V2 = "pgws.v2"
+
+
+def parse_ping(text: str) -> Optional[Any]:
+    """The ``id`` of an app-level ping ``{"action": "ping", "id": ...}``, or None for any other
+    frame (the id: a string or a finite number, as a ``reply_to``)."""
+    if '"ping"' not in text:
+        return None
+    try:
+        fields = json_fields(text)
+    except ValueError:
+        return None
+    if set(fields) != {"action", "id"} or fields["action"][0] != "ping":
+        return None
+    ident = fields["id"][0]
+    return None if reply_to_problem(ident) is not None else ident
+
+
+def pong_frame(ping_id: Any) -> str:
+    """``{"event": "pong", "reply_to": id}``: the answer to an app-level ping."""
+    return dumps({"event": "pong", "reply_to": ping_id}, compact=True)
+
+
+def envelope(frame: str, *, json_text: bool = True) -> str:
+    """An app frame as a ``pgws.v2`` socket gets it: ``{"message":<frame>}`` with ``frame``
+    (JSON text) verbatim, or ``{"text":"<frame>"}`` for text that may not be JSON."""
+    if json_text:
+        return '{"message":' + frame + "}"
+    return '{"text":' + dumps(frame) + "}"

@@ -43,7 +43,7 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      "(answered 'rate limited', not acted on)", ("endpoint",), {}),
     ("counter", "sockets_rate_limited", "Sockets closed with 1008 for exceeding client_rate "
      "again and again", ("endpoint",), {}),
-    ("counter", "control_frames", "gap, resync and resync_required frames sent",
+    ("counter", "control_frames", "gap, resync, resync_required and pong frames sent",
      ("endpoint", "event"), {}),
     ("counter", "messages_replayed", "Durable messages paged from the log to sockets that "
      "resumed or fell behind", ("endpoint",), {}),

@@ -1,4 +1,4 @@
-"""The system programs some tests run (chromium, redis-server, psql, pgbouncer, prometheus,
+"""The system programs some tests run (chromium, node, tsc, redis-server, psql, pgbouncer, prometheus,
 nginx, haproxy):
 found on PATH, and a test whose program is missing is skipped with a reason naming it.
 
@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 
 #: The Debian package that provides each program.
-PACKAGES = {"chromium": "chromium", "redis-server": "redis-server", "psql": "postgresql-client",
+PACKAGES = {"chromium": "chromium", "node": "nodejs", "tsc": "node-typescript", "redis-server": "redis-server", "psql": "postgresql-client",
             "pgbouncer": "pgbouncer", "prometheus": "prometheus", "nginx": "nginx",
             "haproxy": "haproxy"}
 #: Searched after PATH: Debian puts daemons such as pgbouncer there, off a user's PATH.

@@ -6,7 +6,15 @@ import random
 import pytest
 
 from pgws_sync import InvalidChannel, InvalidPayload, PayloadTooLarge, PgwsError
-from pgws_sync._formats import check_notify_size, json_fields, name_problem, validate_channel
+from pgws_sync._formats import (
+    check_notify_size,
+    envelope,
+    json_fields,
+    name_problem,
+    parse_ping,
+    pong_frame,
+    validate_channel,
+)
 
 
 @pytest.mark.parametrize("name", ["pgws", "MixedCase", "with-dash", "with space", 'quo"te', "x" * 63,
@@ -126,3 +134,27 @@ def test_control_frames_have_one_builder_and_two_spellings():
     assert json.loads(resync_frame(["a", "\u00e9"], "why")) == \
         {"event": "resync", "channels": ["a", "\u00e9"], "reason": "why"}
     assert json.loads(gap_frame("g", 3)) == {"event": "gap", "channel": "g", "missed": 3}
+
+
+@pytest.mark.parametrize("text, ident", [
+    ('{"action": "ping", "id": "hb-1"}', "hb-1"),
+    ('{"id": 7, "action":"ping"}', 7),
+    ('{"action": "ping"}', None),  # no id
+    ('{"action": "ping", "id": "x", "channel": "c"}', None),  # not exactly a ping
+    ('{"action": "ping", "id": true}', None),
+    ('{"action": "ping", "id": "%s"}' % ("x" * 201), None),
+    ('{"action": "pong", "id": "ping"}', None),
+    ('["ping"]', None),
+    ('not json "ping"', None),
+])
+def test_parse_ping_takes_exactly_a_ping(text: str, ident: object) -> None:
+    assert parse_ping(text) == ident
+
+
+def test_pong_and_envelope_frames() -> None:
+    assert pong_frame("hb-1") == '{"event":"pong","reply_to":"hb-1"}'
+    assert pong_frame(7) == '{"event":"pong","reply_to":7}'
+    frame = '{"channel": "c", "payload": {"n": 123456789012345678901}, "id": "x"}'
+    assert envelope(frame) == '{"message":' + frame + "}"  # verbatim, big numbers included
+    assert json.loads(envelope("not json", json_text=False)) == {"text": "not json"}
+    assert json.loads(envelope('{"é": "\u2028"}', json_text=False)) == {"text": '{"é": "\u2028"}'}

@@ -20,6 +20,9 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Any]
 
 CLIENT_HTML = "client.html"
 CLIENT_JS = "pgws.js"
+CLIENT_ESM = "pgws.mjs"
+#: Where pgws.js's exports start: the ES module build replaces what follows.
+EXPORTS_MARK = "  // ---- exports"
 #: Seconds a browser may reuse pgws.js before asking again (then a 304 if unchanged).
 CLIENT_JS_MAX_AGE = 300
 
@@ -42,6 +45,23 @@ def client_html() -> str:
 def client_js() -> str:
     """The text of pgws.js, the browser client (read once per process)."""
     return _read(CLIENT_JS)
+
+
+def esm_build(classic: str) -> str:
+    """pgws.mjs from pgws.js's text: the same code, ending in ``export`` instead of setting
+    a global or ``module.exports`` (tools/build-pgws-esm writes it; a test checks the file)."""
+    head, mark, _ = classic.partition(EXPORTS_MARK)
+    start = "(function (root) {"
+    if not mark or start not in head:
+        raise ConfigError("pgws.js has no exports block to build pgws.mjs from")
+    return ("// pgws.mjs: built from pgws.js by tools/build-pgws-esm (edit pgws.js, then run it).\n"
+            + head.replace(start, "const PgwsSocket = (function (root) {", 1)
+            + "  return PgwsSocket;\n})(globalThis);\n\nexport default PgwsSocket;\nexport { PgwsSocket };\n")
+
+
+def client_esm() -> str:
+    """The text of pgws.mjs, the ES module build of pgws.js shipped beside it."""
+    return _read(CLIENT_ESM)
 
 
 @functools.lru_cache(maxsize=None)

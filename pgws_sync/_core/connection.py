@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _metrics
-from .._formats import gap_frame
+from .._formats import envelope, gap_frame
 from .simple_ws import ConnectionClosed, LocalProtocolError, inbound, inbound_over_limit
 from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
 
@@ -34,23 +34,33 @@ _WAKE = object()  # a queue item that only wakes the writer up
 FULL, QUEUED, WRITTEN = 0, 1, 2
 
 
+#: What a :class:`Delivery` carries: the protocol's own frames, or the app's (JSON text, or
+#: text that may not be JSON); a ``pgws.v2`` socket gets the app's in an envelope.
+CONTROL, APP_JSON, APP_TEXT = 0, 1, 2
+
+
 class Delivery:
     """What one poll of the listener brings one connection: frames encoded once, shared."""
 
-    __slots__ = ("texts", "wire")
+    __slots__ = ("texts", "wire", "kind", "_parts", "_enveloped")
 
-    def __init__(self, texts: Tuple[Frame, ...], wire: bytes) -> None:
+    def __init__(self, texts: Tuple[Frame, ...], wire: bytes, kind: int = CONTROL,
+                 parts: Optional[Tuple["Delivery", ...]] = None) -> None:
         #: The frames' contents (``str`` text, ``bytes`` binary), for compressing sockets.
         self.texts = texts
         #: The complete WebSocket frames, ready to write to any uncompressed socket.
         self.wire = wire
+        #: :data:`CONTROL`, or the kind of app frames it holds (some of them, when joined).
+        self.kind = kind
+        self._parts = parts
+        self._enveloped: Optional[Delivery] = None
 
     @classmethod
-    def of(cls, data: Frame) -> "Delivery":
+    def of(cls, data: Frame, kind: int = CONTROL) -> "Delivery":
         """One frame (text for ``str``, binary for ``bytes``), encoded here once for every recipient."""
         if isinstance(data, str):
-            return cls((data,), encode_text(data))
-        return cls((bytes(data),), encode_frame(bytes(data), OPCODE_BINARY))
+            return cls((data,), encode_text(data), kind)
+        return cls((bytes(data),), encode_frame(bytes(data), OPCODE_BINARY), kind)
 
     @classmethod
     def raw(cls, wire: bytes) -> "Delivery":
@@ -63,7 +73,25 @@ class Delivery:
         if len(parts) == 1:
             return parts[0]
         texts: Tuple[Frame, ...] = tuple(t for p in parts for t in p.texts)
-        return cls(texts, b"".join(p.wire for p in parts))
+        kind = max(p.kind for p in parts) if parts else CONTROL
+        return cls(texts, b"".join(p.wire for p in parts), kind,
+                   tuple(parts) if kind != CONTROL else None)
+
+    def enveloped(self) -> "Delivery":
+        """This delivery as a ``pgws.v2`` socket gets it: each app text frame in its envelope
+        (made once, on first use, for every such socket; binary frames stay as they are)."""
+        if self.kind == CONTROL:
+            return self
+        wrapped = self._enveloped
+        if wrapped is None:
+            if self._parts is not None:
+                wrapped = Delivery.join([p.enveloped() for p in self._parts])
+            elif len(self.texts) == 1 and isinstance(self.texts[0], str):
+                wrapped = Delivery.of(envelope(self.texts[0], json_text=self.kind == APP_JSON))
+            else:
+                wrapped = self
+            self._enveloped = wrapped  # a race only builds the same frame twice
+        return wrapped
 
 
 class OneWaiter:
@@ -399,11 +427,13 @@ class Connection:
     to the writer. Both write under the socket's lock, so frames stay whole.
     """
 
+    #: What :meth:`send` may be told a frame is (``conn.send(frame, kind=Connection.APP_JSON)``).
+    CONTROL, APP_JSON, APP_TEXT = CONTROL, APP_JSON, APP_TEXT
+
     # Thousands live at once: no per-instance dict.
-    __slots__ = ("id", "audiences", "metadata", "subprotocol", "slow_reason", "label", "_queue",
-                 "_close_request",
-                 "_close_at", "_ws", "_sock", "_direct", "_rest", "_gap_lock", "_missed", "dropped",
-                 "closed", "_on_drained", "__weakref__")
+    __slots__ = ("id", "audiences", "metadata", "subprotocol", "envelope", "slow_reason", "label",
+                 "_queue", "_close_request", "_close_at", "_ws", "_sock", "_direct", "_rest",
+                 "_gap_lock", "_missed", "dropped", "closed", "_on_drained", "__weakref__")
 
     def __init__(
         self,
@@ -419,6 +449,8 @@ class Connection:
         self.metadata: Dict[str, Any] = {}
         #: The Sec-WebSocket-Protocol to answer with (one the client offered), or None.
         self.subprotocol: Optional[str] = None
+        #: App frames go out in their envelope (the client chose ``pgws.v2``).
+        self.envelope = False
         #: The reason of the 1013 close if this client reads too slowly.
         self.slow_reason = SLOW_CLIENT_REASON
         #: The ``endpoint`` label of this connection's metrics.
@@ -457,6 +489,8 @@ class Connection:
         While frames are missing (:meth:`add_missed`), ``item`` is queued behind
         one gap frame per channel, or not at all if the queue has no room.
         """
+        if item.kind and self.envelope:
+            item = item.enveloped()
         if self._missed:
             return QUEUED if self._deliver_after_gap(item) else FULL
         sock = self._sock
@@ -551,13 +585,14 @@ class Connection:
         if not self.deliver(Delivery.raw(wire)):
             self.abort()  # the queue is full: the connection is being dropped anyway
 
-    def send(self, data: Frame) -> bool:
-        """Send one frame to this connection only (text for ``str``, binary for ``bytes``).
+    def send(self, data: Frame, *, kind: int = CONTROL) -> bool:
+        """Send one frame to this connection only (text for ``str``, binary for ``bytes``);
+        ``kind`` :data:`APP_JSON` or :data:`APP_TEXT` for an app frame (see :attr:`envelope`).
 
         Never blocks. Returns False if the queue was full: the connection is
         then closed with 1013 and :attr:`slow_reason`.
         """
-        if self.deliver(Delivery.of(data)):
+        if self.deliver(Delivery.of(data, kind)):
             return True
         self.request_close(CLOSE_TRY_AGAIN_LATER, self.slow_reason)
         return False

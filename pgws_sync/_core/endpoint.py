@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from werkzeug.wrappers import Request, Response
 
 from .. import _metrics
-from .._formats import error_frame
+from .._formats import SUBPROTOCOL_V2, error_frame, parse_ping, pong_frame
 from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
@@ -469,6 +469,8 @@ class WebSocketEndpoint:
                           max_queue_bytes=self.max_queue_bytes)
         conn.slow_reason = self.slow_close_reason
         conn.label = self.label
+        if SUBPROTOCOL_V2 in header_tokens(request.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")):
+            conn.subprotocol = SUBPROTOCOL_V2  # on_connect may answer with another one
         # Registered before the handshake answer goes out: whatever is committed
         # after the client sees its socket open reaches it (queued until served).
         self.hub.add(conn)
@@ -486,6 +488,7 @@ class WebSocketEndpoint:
             self.hub.remove(conn)
             self._forget(conn)
             raise
+        conn.envelope = conn.subprotocol == SUBPROTOCOL_V2
         logger.debug("socket %s open (%d in this worker)", conn.id, len(self.hub))
         _metrics.inc("sockets_opened", endpoint=self.label)
         _metrics.add_gauge("sockets_open", 1, endpoint=self.label)
@@ -505,8 +508,14 @@ class WebSocketEndpoint:
                 logger.exception("on_disconnect failed for connection %s", conn.id)
 
     def _client_frame(self, conn: Connection, bucket: Optional[TokenBucket], data: Frame) -> None:
-        """One client frame: to :meth:`on_message`, unless the client is over its rate."""
+        """One client frame: a ping is answered here, the rest goes to :meth:`on_message`,
+        unless the client is over its rate."""
         if bucket is None or bucket.take():
+            ping = parse_ping(data) if isinstance(data, str) else None
+            if ping is not None:
+                conn.send(pong_frame(ping))
+                _metrics.inc("control_frames", endpoint=self.label, event="pong")
+                return
             self.on_message(conn, data)
             return
         _metrics.inc("frames_rate_limited", endpoint=self.label)

@@ -7,7 +7,7 @@ import threading
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import _metrics
-from .connection import CLOSE_TRY_AGAIN_LATER, QUEUED, WRITTEN, Connection, Delivery
+from .connection import APP_JSON, CLOSE_TRY_AGAIN_LATER, QUEUED, WRITTEN, Connection, Delivery
 from .wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -133,17 +133,18 @@ class Hub:
         with self._lock:
             return len(self._drop_as)
 
-    def fan_out(self, messages: Sequence[Tuple[str, Frame]]) -> None:
+    def fan_out(self, messages: Sequence[Tuple[str, Frame]], *, kind: int = APP_JSON) -> None:
         """Deliver ``(key, frame)`` pairs, in order, as one item per connection.
 
-        A frame is text (``str``) or binary (``bytes``).
+        A frame is text (``str``) or binary (``bytes``), an app frame of ``kind``
+        (``APP_TEXT`` for text that may not be JSON).
 
         Each frame is encoded once; a connection in several of the audiences
         gets the frames meant for any of them, in the order given.
         """
         if not messages:
             return
-        encoded = [(audience, Delivery.of(text)) for audience, text in messages]
+        encoded = [(audience, Delivery.of(text, kind)) for audience, text in messages]
         wanted = {audience for audience, _ in encoded}
         with self._lock:
             members = {a: list(self._by_key.get(a, ())) for a in wanted}
@@ -169,12 +170,12 @@ class Hub:
         item = Delivery.of(text)
         self._deliver(((conn, item) for conn in self.connections()), (), None)
 
-    def send_to(self, conn_id: str, data: Frame) -> bool:
-        """Deliver one frame to the connection ``conn_id``; False if it is not here."""
+    def send_to(self, conn_id: str, data: Frame, *, kind: int = APP_JSON) -> bool:
+        """Deliver one app frame to the connection ``conn_id``; False if it is not here."""
         conn = self.get(conn_id)
         if conn is None:
             return False
-        self._deliver([(conn, Delivery.of(data))], (), None)
+        self._deliver([(conn, Delivery.of(data, kind))], (), None)
         return True
 
     def _deliver(

@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from werkzeug.wrappers import Request
 
 from .._core.assets import StartResponse, WSGIApp, WSGIEnviron, client_js_response
-from .._core.connection import Connection
+from .._core.connection import APP_TEXT, Connection
 from .._core.wire import Frame
 from .._formats import error_frame, validate_channel
 from .._listening import ListeningEndpoint, listener_dsn
@@ -189,7 +189,7 @@ class JwtGateway(ListeningEndpoint):
         for note in batch:  # the listener hands us the listen channel's notifications only
             messages.append((CHANNEL_KEY + target_channel(note.payload, self.listen_channel),
                              note.payload))
-        self.hub.fan_out(messages)
+        self.hub.fan_out(messages, kind=APP_TEXT)
 
     def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
         """A reading socket's channels; None for a socket that may only write."""

@@ -8,7 +8,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _metrics
-from .._core.connection import Connection
+from .._core.connection import APP_JSON, Connection
 from .._core.health import LOG_STALLED, LOG_UNAVAILABLE, Health
 from .._core.wire import Frame
 from .._formats import error_frame, format_time, loads, message_frame, new_message_id, utc_now
@@ -546,7 +546,7 @@ class PubSub(ListeningEndpoint):
         extra: Dict[str, Any] = {"reply_to": action.id} if action.id is not None else {}
         if self.timestamps:
             extra["time"] = utc_now()
-        conn.send(message_frame(action.channel, body, new_message_id(), extra=extra))
+        conn.send(message_frame(action.channel, body, new_message_id(), extra=extra), kind=APP_JSON)
 
     def _not_durable(self, what: str) -> None:
         if self.streams is not None:

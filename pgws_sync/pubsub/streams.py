@@ -30,7 +30,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tu
 import psycopg2
 
 from .. import _metrics
-from .._core.connection import QUEUED, WRITTEN, Connection, Delivery
+from .._core.connection import APP_JSON, QUEUED, WRITTEN, Connection, Delivery
 from .._core.hub import Hub
 from .._core.wire import Frame
 from .._formats import dumps, error_frame
@@ -645,7 +645,7 @@ class Streams:
 
     def _frames(self, rows: List[log.Row]) -> List[Delivery]:
         """Each row's frame, encoded once for every recipient; never raises (see _frame)."""
-        return [Delivery.of(self._frame(row)) for row in rows]
+        return [Delivery.of(self._frame(row), APP_JSON) for row in rows]
 
     def _frame(self, row: log.Row) -> Frame:
         """A row's frame. A row the publish function would have refused (written into the
