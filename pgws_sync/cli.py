@@ -16,6 +16,7 @@ import psycopg2.extensions
 from . import __version__
 from ._core.endpoint import DEFAULT_AUDIENCE
 from ._formats import loads, preview, validate_channel
+from ._dsn import libpq_dsn
 from ._startup import check_bind, check_dsn, wait_until_reachable
 from .errors import CommandFailed, ConfigError, PgwsError, first_line
 from .pgws.messages import format_pgws
@@ -72,7 +73,7 @@ def resolve_dsn(dsn: Optional[str], environ: Mapping[str, str]) -> str:
         else:
             raise ConfigError(NO_DATABASE)
     check_dsn(dsn)
-    return dsn
+    return libpq_dsn(dsn)
 
 
 # --------------------------------------------------------------------- serve
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    dsn_help = "libpq connection string or URI (default: $PGWS_DB_URI, else libpq's environment)"
+    dsn_help = ("libpq connection string or URI, or a SQLAlchemy URL such as "
+                "postgresql+psycopg2://... (default: $PGWS_DB_URI, else libpq's environment)")
 
     serve = commands.add_parser(
         "serve", help="serve /ws, the browser client at / and /healthz under gunicorn",
