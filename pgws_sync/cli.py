@@ -18,7 +18,7 @@ from ._core.endpoint import DEFAULT_AUDIENCE
 from ._formats import loads, preview, validate_channel
 from ._dsn import libpq_dsn
 from ._startup import check_bind, check_dsn, wait_until_reachable
-from .errors import CommandFailed, ConfigError, PgwsError, first_line
+from .errors import CommandFailed, ConfigError, LogUnavailable, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
@@ -192,7 +192,7 @@ def _notify(args: argparse.Namespace) -> int:
     text = format_pgws(args.audience, body, channel=args.channel)  # refuse before connecting
     conn = connect(dsn)
     try:
-        notify(conn, args.channel, body, args.audience)
+        notify(conn, args.channel, body, args.audience, json_text=True)
     finally:
         conn.close()
     print(f"sent to channel {args.channel!r}, audience {args.audience!r} "
@@ -226,6 +226,8 @@ def _migrate(args: argparse.Namespace) -> int:
         for line in migrate(conn, schema=args.schema, max_payload=args.max_payload,
                             grant=args.grant, grant_publish=args.grant_publish):
             print(line)
+    except LogUnavailable as exc:  # a right missing: not a usage error
+        raise CommandFailed(str(exc)) from None
     finally:
         conn.close()
     return EXIT_OK

@@ -43,6 +43,7 @@ from .._formats import (
     text_body,
     validate_name,
 )
+from .._dsn import libpq_dsn
 from .._statement import error_text, login_role, run, sqlstate
 from ..errors import InvalidPayload, LogUnavailable, MessageTooLarge, first_line
 
@@ -324,7 +325,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
             grant_publish: Sequence[str] = ()) -> List[str]:
     """Create or upgrade the durable log (idempotent); returns what it did, one line each.
 
-    ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN. It
+    ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN (a SQLAlchemy
+    URL too). It
     runs in one transaction under an advisory lock, so several workers
     migrating at once do it once. A version 1 log is upgraded in place.
     ``max_payload`` (bytes): set the largest payload; None keeps the current
@@ -337,8 +339,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
     if max_payload is not None and not 1 <= max_payload <= 1_000_000_000:
         raise InvalidPayload(f"max_payload must be between 1 and 1000000000 bytes, "
                              f"got {max_payload!r}")
-    if isinstance(conn, str):
-        own = psycopg2.connect(conn)
+    if isinstance(conn, str) or hasattr(conn, "render_as_string"):
+        own = psycopg2.connect(libpq_dsn(conn))
         try:
             return migrate(own, schema=schema, max_payload=max_payload, grant=grant,
                            grant_publish=grant_publish)
@@ -392,9 +394,22 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                 for grant_stmt in grant_sql(schema, role, publisher_only=publisher_only):
                     cur.execute(grant_stmt)
                     done.append(grant_stmt)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise LogUnavailable(_migrate_rights_message(conn, schema, first_line(exc))) from None
     finally:
         conn.autocommit = autocommit
     return done
+
+
+def _migrate_rights_message(conn: Any, schema: str, said: str) -> str:
+    """One line: who cannot migrate, what PostgreSQL said, and who can (and how to let them)."""
+    role = login_role(conn) or "<role>"
+    database = getattr(getattr(conn, "info", None), "dbname", None) or "<database>"
+    return (f"the role {role} cannot create or upgrade the durable log in schema {schema!r}: "
+            f"{said}. Run 'pgws-sync migrate' as the role that owns the log (for a new log, "
+            f"one with CREATE on the database: GRANT CREATE ON DATABASE {_quoted(database)} TO "
+            f"{_quoted(role)}), then give the app's role its rights: 'pgws-sync migrate "
+            f"--schema {schema} --grant <app role>'")
 
 
 def _quoted(name: str) -> str:

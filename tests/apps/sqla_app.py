@@ -9,7 +9,7 @@ PGWS_APP_NAME      the application_name of the app's pooled connections
 The pool is small on purpose (3 + 2 overflow, 3 s timeout). ``on_connect`` and
 ``can_subscribe`` query ``db.session``; POST /notes inserts a row and publishes it in the
 same transaction (``{"text": ..., "rollback": true}`` rolls both back, ``"json": true``
-publishes JSON text with ``json=True``).
+publishes JSON text with ``json_text=True``).
 """
 
 import os
@@ -73,7 +73,7 @@ def add_note():
     db.session.flush()
     if body.get("json"):
         publish_durable(db.session, "notes", '{"id": %d, "text": "%s"}' % (note.id, note.text),
-                        json=True, schema=SCHEMA)
+                        json_text=True, schema=SCHEMA)
     else:
         publish_durable(db.session, "notes", {"id": note.id, "text": note.text}, schema=SCHEMA)
     if body.get("rollback"):
