@@ -211,3 +211,23 @@ def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
         ws.close()
     finally:
         g.stop()
+
+
+def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(pg_dsn):
+    """examples/test_notes.py, run as its docstring says (the app's SQLAlchemy URL given)."""
+    import subprocess
+    import sys
+
+    from pgws_sync import migrate
+
+    from .helpers import ROOT
+
+    migrate(pg_dsn)
+    url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PG")}
+    env["PGWS_DB_URI"] = url
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "examples/test_notes.py"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
