@@ -135,3 +135,80 @@ def test_a_route_publishes_inside_db_session_commit_once_rollback_never(pg_dsn, 
     assert read_notes(ws) == {"id": second["id"], "text": "second"}
     with pytest.raises(AssertionError, match="no frame"):
         ws.recv(timeout=0.5)  # the rolled-back one never comes, the others came once
+
+
+def test_the_live_rows_recipe_runs_as_written(pg_dsn):
+    """docs/guides/flask.md's trigger: a committed change of a row is a message in the log."""
+    import re
+
+    from pgws_sync import migrate
+
+    from .helpers import ROOT
+
+    page = (ROOT / "docs" / "guides" / "flask.md").read_text()
+    recipe = re.search(r"<!-- recipe: live-rows -->\n```sql\n(.*?)```", page, re.S).group(1)
+    migrate(pg_dsn)
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with conn.cursor() as cur:  # one transaction, rolled back: nothing stays behind
+            cur.execute(recipe)
+            cur.execute("SELECT max(seq) FROM pgws_sync.messages")
+            before = cur.fetchone()[0] or 0
+            cur.execute("INSERT INTO orders (state) VALUES ('new') RETURNING id")
+            order = cur.fetchone()[0]
+            cur.execute("UPDATE orders SET state = 'paid' WHERE id = %s", (order,))
+            cur.execute("DELETE FROM orders WHERE id = %s", (order,))
+            cur.execute("SELECT channel, payload FROM pgws_sync.messages WHERE seq > %s "
+                        "ORDER BY seq", (before,))
+            rows = [(channel, json.loads(payload)) for channel, payload in cur.fetchall()]
+    finally:
+        conn.rollback()
+        conn.close()
+    assert rows == [("orders", {"op": "insert", "row": {"id": order, "state": "new"}}),
+                    ("orders", {"op": "update", "row": {"id": order, "state": "paid"}}),
+                    ("orders", {"op": "delete", "row": {"id": order, "state": "paid"}})]
+
+
+def test_flask_run_serves_the_example_s_sockets(pg_dsn, tmp_path):
+    """`flask --app examples.notes run`: the development server serves sockets too."""
+    import subprocess
+    import sys
+
+    from pgws_sync import migrate
+    from pgws_sync.testing import Client, Server, free_port
+
+    from .helpers import ROOT
+
+    migrate(pg_dsn)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGWS_DB_URI"] = sqla_url(pg_dsn, "psycopg")
+    log = open(tmp_path / "flask.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flask", "--app", "examples.notes", "run",
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        server = Server.__new__(Server)  # the address of the one flask run started
+        server.port = port
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "flask.log").read_text())
+            try:
+                return urllib.request.urlopen(server.url("/healthz"), timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 30, "flask run to answer /healthz")
+        http = server.http()
+        status, body = http.post("/login/dev")
+        channel = json.loads(body)["channel"]
+        with Client(server, cookies=http) as tab:
+            tab.subscribe(channel)
+            status, body = http.post("/notes", {"text": "from flask run"})
+            assert status == 201, body
+            assert tab.next_message(channel)["text"] == "from flask run"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()

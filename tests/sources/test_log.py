@@ -113,3 +113,42 @@ def test_migrate_without_create_names_the_role_the_database_and_the_grant(pg_dsn
     result = run_cli("migrate", "--dsn", dsn, "--schema", f"never_{role}")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and f"the role {role} cannot create" in result.stderr
+
+
+def test_the_dba_block_of_the_durable_guide_runs_and_prints_its_grants(pg_dsn):
+    """docs/guides/durable.md, "For the DBA": the command as written (its address swapped),
+    the GRANTs it prints as shown, and the roles then do what the page says."""
+    import re
+
+    from pgws_sync import publish_durable
+
+    from ..clirun import no_database_env
+    from ..helpers import ROOT
+
+    page = (ROOT / "docs" / "guides" / "durable.md").read_text()
+    command = re.search(r"<!-- recipe: dba -->\n```sh\n(.*?)```", page, re.S).group(1).split()
+    shown = re.search(r"It creates \(or upgrades\) the log and runs, printing each:\n\n```sql\n"
+                      r"(.*?)```", page, re.S).group(1).splitlines()
+    assert command[:2] == ["pgws-sync", "migrate"]
+    args = command[1:]
+    args[args.index("--dsn") + 1] = pg_dsn
+    roles = ("app_web", "app_jobs")
+    grant(pg_dsn, [f"DROP ROLE IF EXISTS {r}" for r in roles]
+          + [f"CREATE ROLE {r} LOGIN" for r in roles])
+    try:
+        result = run_cli(*args, env=no_database_env())
+        assert result.returncode == 0, result.stderr
+        printed = [line for line in result.stdout.splitlines() if line.startswith("GRANT")]
+        assert [p + ";" for p in printed] == shown
+        worker_dsn = psycopg2.extensions.make_dsn(pg_dsn, user="app_web")
+        conn = psycopg2.connect(worker_dsn)
+        with conn.cursor() as cur:
+            log_info(cur)
+            check_rights(cur)
+        conn.close()
+        jobs = psycopg2.connect(psycopg2.extensions.make_dsn(pg_dsn, user="app_jobs"))
+        with jobs:
+            publish_durable(jobs, "dba-recipe", {"ok": True})
+        jobs.close()
+    finally:
+        grant(pg_dsn, [s for r in roles for s in (f"DROP OWNED BY {r}", f"DROP ROLE {r}")])
