@@ -87,7 +87,8 @@ class Push(PubSub):
     ``super().on_connect`` first. Identity comes from the app: by default a
     socket is anonymous until :meth:`get_user` says otherwise.
 
-    :param source: where backend messages come from (default: the listener).
+    :param source: where backend messages come from besides the listener's NOTIFYs on
+        ``push_channel`` (e.g. a :class:`RedisSource`; default: the listener alone).
     :param push_channel: the channel backend messages travel on.
     :param tab_windows: send each socket ``{"tabWindowId": "<token>"}`` first.
     :param user_header: a request header to take the user id from (None: trust no header).
@@ -130,6 +131,9 @@ class Push(PubSub):
             raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
                               "give them different names")
         self.add_source(self.push_source, _PushSink(self), [push_channel], name="push_source")
+        if self.push_source is not listener and push_channel != self.pubsub_channel:
+            # NOTIFYs on the push channel are read too: both sources at once
+            self.add_source(listener, _PushSink(self), [push_channel], name="push_notify")
 
     # ---------------------------------------------------- application hooks
 
