@@ -144,6 +144,7 @@ def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) 
         "post_worker_init": hooks.post_worker_init,
         "on_starting": hooks.on_starting,
         "child_exit": hooks.child_exit,
+        "when_ready": hooks.when_ready,
         "on_exit": hooks.on_exit,
         "preload_app": False,
         "loglevel": args.log_level,
