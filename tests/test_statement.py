@@ -209,3 +209,38 @@ def test_a_str_of_json_given_as_a_value_warns_and_json_text_is_checked(app_conn,
 def test_something_else_than_a_connection_is_refused_clearly(channel):
     with pytest.raises(TypeError, match="SQLAlchemy Connection or Session"):
         publish(object(), channel, {"a": 1})
+
+
+def test_the_pooled_publishers_follow_the_same_rule(pg_dsn, channel):
+    """PubSub.publish, Publisher.publish and Push.push_to_user: a value as JSON, JSON text
+    with json_text=True, a warning for a str holding JSON."""
+    from pgws_sync import Publisher, PubSub, Push
+
+    listener = Listener(pg_dsn, min_reconnect=0.05, max_reconnect=0.5)
+    sink = Recorder()
+    listener.add_sink(sink, [DEFAULT_PUBSUB_CHANNEL, "BackgroundPush"])
+    assert listener.wait_connected(10)
+    publisher = Publisher(pg_dsn)
+    pubsub = PubSub(Listener(pg_dsn))
+    push = Push(Listener(pg_dsn))
+    try:
+        publisher.publish(channel, {"n": 1})
+        publisher.publish(channel, '{"n": 2}', json_text=True)
+        pubsub.publish(channel, '{"n": 3}', json_text=True)
+        push.push_to_user("ann", '{"n": 4}', json_text=True)
+        push.push_to_room("lobby", {"n": 5})
+        with pytest.warns(JsonTextWarning):
+            pubsub.publish(channel, '{"n": 6}')
+        with pytest.warns(JsonTextWarning):
+            push.push_to_user("ann", '{"n": 7}')
+        with pytest.raises(InvalidPayload, match="json_text=True is for json"):
+            pubsub.publish(channel, "words", type="text", json_text=True)
+        wait_for(lambda: len(sink.payloads()) == 7, message="seven messages")
+        payloads = [json.loads(p)["payload"] for p in sink.payloads()]
+        assert payloads == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}, {"n": 5}, '{"n": 6}',
+                            '{"n": 7}']
+    finally:
+        publisher.close()
+        pubsub.publisher.close()
+        push.publisher.close()
+        listener.stop()

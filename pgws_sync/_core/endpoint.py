@@ -124,21 +124,31 @@ class _ServeAfterRequest(Response):
     socket, then ends the request as :class:`_SocketDone` does.
     """
 
+    #: The key of the request's environ that holds it until the request's teardown.
+    ENVIRON_KEY = "pgws_sync.admitted"
+
     def __init__(self, serve: Callable[[], None], drop: Callable[[], None]) -> None:
         super().__init__()
         self._serve: Optional[Callable[[], None]] = serve
         self._drop = drop
+        self._called = False
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        self._called = True
         return _ServingBody(self, environ)
 
     def take(self) -> Optional[Callable[[], None]]:
         serve, self._serve = self._serve, None
         return serve
 
+    def drop_unless_answered(self) -> None:
+        """At the request's teardown: if Flask answered with something else (an
+        ``after_request`` function failed, say), the socket will never be served; end it."""
+        if not self._called and self.take() is not None:
+            self._drop()
+
     def __del__(self) -> None:
-        if self._serve is not None:  # never served (another answer replaced it): clean up
-            self._serve = None
+        if self.take() is not None:  # dropped by a middleware after Flask: end it still
             self._drop()
 
 
@@ -155,6 +165,15 @@ class _ServingBody:
             serve()
         _SocketDone()(self._environ, _no_start_response)
         return iter(())
+
+
+def _drop_unanswered(exc: Optional[BaseException]) -> None:
+    """Flask ``teardown_request``: end an admitted socket Flask did not answer with."""
+    import flask
+
+    pending = flask.request.environ.pop(_ServeAfterRequest.ENVIRON_KEY, None)
+    if isinstance(pending, _ServeAfterRequest):
+        pending.drop_unless_answered()
 
 
 def _no_start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], Any]:
@@ -443,7 +462,14 @@ class WebSocketEndpoint:
 
         def upgrade() -> Response:
             request = flask.request._get_current_object()  # type: ignore[attr-defined]
-            return _app_response(self.handle(request, app=None if hold_request else app), app)
+            response = self.handle(request, app=None if hold_request else app)
+            if isinstance(response, _ServeAfterRequest):
+                request.environ[_ServeAfterRequest.ENVIRON_KEY] = response
+            return _app_response(response, app)
+
+        if "pgws_sync" not in app.extensions:
+            app.extensions["pgws_sync"] = True
+            app.teardown_request(_drop_unanswered)
 
         name = f"pgws_sync_ws_{id(self):x}"
         app.add_url_rule(path, endpoint=name, view_func=upgrade, websocket=True)
