@@ -93,3 +93,23 @@ def test_the_cli_takes_every_form_in_dsn_and_in_the_environment(pg_dsn, form):
     result = run_cli("notify", "pgws", '{"a": 1}', env=no_database_env(PGWS_DB_URI=dsn))
     assert result.returncode == 0, result.stderr
     assert "sent to channel 'pgws'" in result.stdout
+
+
+@pytest.mark.parametrize("jwt", [False, True], ids=["pgws", "jwt-gateway"])
+def test_pgws_sync_serve_takes_a_sqlalchemy_url_and_says_where_it_listens(pg_dsn, sender, jwt):
+    from .clirun import Serve
+    from .helpers import Ws, pg_notify
+
+    url = as_form(pg_dsn, "postgresql+psycopg2://")
+    extra = {"PGWS_JWT_SECRET": "s" * 32, "PGWS_DB_URI": url} if jwt else {}
+    server = Serve([] if jwt else ["--dsn", url], env=no_database_env(**extra)).wait_up()
+    try:
+        assert f"serving on http://127.0.0.1:{server.port}" in server.log()
+        if not jwt:
+            ws = Ws(server.ws_url("/ws"))
+            server.wait_sockets(1)
+            pg_notify(sender, "pgws", 'default,{"via": "sqlalchemy url"}')
+            assert ws.recv_json()["payload"] == {"via": "sqlalchemy url"}
+            ws.close()
+    finally:
+        server.stop()

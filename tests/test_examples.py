@@ -213,8 +213,10 @@ def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
         g.stop()
 
 
-def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(pg_dsn):
-    """examples/test_notes.py, run as its docstring says (the app's SQLAlchemy URL given)."""
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(pg_dsn, driver):
+    """examples/test_notes.py, run as its docstring says (the app's SQLAlchemy URL given, on
+    psycopg 3 and on psycopg2)."""
     import subprocess
     import sys
 
@@ -223,7 +225,7 @@ def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(p
     from .helpers import ROOT
 
     migrate(pg_dsn)
-    url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    url = pg_dsn.replace("postgresql://", f"postgresql+{driver}://", 1)
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PG")}
     env["PGWS_DB_URI"] = url
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
