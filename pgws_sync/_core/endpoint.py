@@ -149,7 +149,10 @@ class _ServeAfterRequest(Response):
 
     def __del__(self) -> None:
         if self.take() is not None:  # dropped by a middleware after Flask: end it still
-            self._drop()
+            try:
+                self._drop()
+            except Exception:  # noqa: BLE001 (a finaliser must not raise; at exit, say)
+                pass
 
 
 class _ServingBody:
