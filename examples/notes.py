@@ -5,11 +5,13 @@ A note a user saves reaches every open tab of that user once, even a tab that wa
 transaction, or neither does. The socket's hooks use current_user and db.session like any
 view, and hold no database connection while the socket is open.
 
-Run:  export PGWS_DB_URI=postgresql+psycopg://localhost/postgres   # the app's SQLAlchemy URL
-      pgws-sync migrate && gunicorn -c python:pgws_sync.gunicorn --threads 100 examples.notes:app
+Run:  PGWS_DB_URI=postgresql+psycopg://localhost/postgres pgws-sync migrate && \
+      PGWS_DB_URI=postgresql+psycopg://localhost/postgres \
+      gunicorn -c python:pgws_sync.gunicorn --threads 100 examples.notes:app
+      (PGWS_DB_URI is the app's SQLAlchemy URL, as it has it)
 Use:  curl -c jar -X POST localhost:8000/login/ann
       curl -b jar -X POST localhost:8000/notes -H 'Content-Type: application/json' -d '{"text": "hi"}'
-      (a page: new PgwsSocket("/ws").subscribe("notes.1", ...), see docs/guides/flask.md)
+      then open localhost:8000/ with that session (its page lists notes as they are saved)
 Test: PGWS_DB_URI=... pytest examples/test_notes.py
 """
 
@@ -68,6 +70,25 @@ notes.init_app(app, "/ws")
 
 with app.app_context():
     db.create_all()
+
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>notes</title><ul id="notes"></ul>
+<script src="/pgws.js"></script>
+<script>
+  const sock = new PgwsSocket("/ws", {storage: sessionStorage});  // resumes across reloads
+  sock.on("message", (m) => {
+    const li = document.createElement("li");
+    li.textContent = m.payload.text;
+    document.getElementById("notes").append(li);
+  });
+  sock.subscribe("__CHANNEL__");
+</script>"""
+
+
+@app.get("/")
+@login_required
+def index():
+    return PAGE.replace("__CHANNEL__", channel_of(current_user.id))  # notes.<int>: no escaping
 
 
 @app.post("/login/<name>")

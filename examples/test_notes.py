@@ -68,3 +68,10 @@ def test_after_logout_a_new_socket_is_refused(server, pgws_client):
     ann.post("/logout")
     with pytest.raises(UpgradeRefused):
         pgws_client(server, cookies=ann)
+
+
+def test_the_page_subscribes_to_its_user_s_channel(server):
+    ann, channel = log_in(server, "ann")
+    status, body = ann.get("/")
+    assert status == 200 and f'sock.subscribe("{channel}")' in body
+    assert server.http().get("/")[0] == 401  # not logged in

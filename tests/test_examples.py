@@ -131,8 +131,10 @@ def run_as_documented(module: str, pg_dsn: str):
     from .helpers import ROOT
     from .pgserver import free_port
 
+    sqlalchemy_url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
     command = run_line(module).replace("PGWS_DB_URI=postgresql://localhost/postgres",
-                                       f"PGWS_DB_URI='{pg_dsn}'")
+                                       f"PGWS_DB_URI='{pg_dsn}'").replace(
+        "PGWS_DB_URI=postgresql+psycopg://localhost/postgres", f"PGWS_DB_URI='{sqlalchemy_url}'")
     port = free_port()
     env = dict(os.environ, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -146,7 +148,7 @@ def run_as_documented(module: str, pg_dsn: str):
 
 
 @pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway",
-                                    "durable"])
+                                    "durable", "notes"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:
@@ -232,4 +234,4 @@ def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(p
                              "examples/test_notes.py"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "4 passed" in result.stdout, result.stdout[-2000:]
+    assert "5 passed" in result.stdout, result.stdout[-2000:]
