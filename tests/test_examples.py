@@ -148,7 +148,7 @@ def run_as_documented(module: str, pg_dsn: str):
 
 
 @pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway",
-                                    "durable", "notes"])
+                                    "durable", "notes", "chat"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:
@@ -215,10 +215,12 @@ def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
         g.stop()
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(pg_dsn, driver):
-    """examples/test_notes.py, run as its docstring says (the app's SQLAlchemy URL given, on
-    psycopg 3 and on psycopg2)."""
+@pytest.mark.parametrize("module, tests, driver", [
+    ("notes", 5, "psycopg"), ("notes", 5, "psycopg2"), ("chat", 3, "psycopg")])
+def test_examples_pass_their_own_tests_written_with_pgws_sync_testing(pg_dsn, module, tests,
+                                                                      driver):
+    """examples/test_<module>.py, run as its docstring says (the app's SQLAlchemy URL given,
+    on psycopg 3 and on psycopg2)."""
     import subprocess
     import sys
 
@@ -231,7 +233,7 @@ def test_the_notes_example_passes_its_own_tests_written_with_pgws_sync_testing(p
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PG")}
     env["PGWS_DB_URI"] = url
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "examples/test_notes.py"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=170)
+                             f"examples/test_{module}.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "5 passed" in result.stdout, result.stdout[-2000:]
+    assert f"{tests} passed" in result.stdout, result.stdout[-2000:]
