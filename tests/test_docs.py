@@ -30,12 +30,13 @@ def test_licence_changelog_and_metadata():
 
 
 def test_each_guide_s_first_snippet_is_a_complete_app(monkeypatch):
-    """The first Python block of the product guides runs as written: imports, app and all
-    (it builds the endpoint; nothing connects until a request)."""
+    """The first Python block of the product guides and use cases runs as written: imports,
+    app and all (it builds the endpoint; nothing connects until a request)."""
     monkeypatch.setenv("SECRET_KEY", "s" * 32)
-    for page in ("pubsub.md", "durable.md", "push.md"):
-        text = (ROOT / "docs" / "guides" / page).read_text()
+    for page in ("guides/pubsub.md", "guides/durable.md", "guides/push.md",
+                 "use-cases/live-rows.md", "use-cases/public-feed.md"):
+        text = (ROOT / "docs" / page).read_text()
         code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-        namespace = {"__name__": f"snippet_{page[:-3]}"}
+        namespace = {"__name__": "snippet_" + page[:-3].replace("/", "_").replace("-", "_")}
         exec(compile(code, page, "exec"), namespace)
         assert "app" in namespace and namespace["app"].url_map, page

@@ -138,14 +138,14 @@ def test_a_route_publishes_inside_db_session_commit_once_rollback_never(pg_dsn, 
 
 
 def test_the_live_rows_recipe_runs_as_written(pg_dsn):
-    """docs/guides/flask.md's trigger: a committed change of a row is a message in the log."""
+    """docs/use-cases/live-rows.md's trigger, as written: each committed change, a message."""
     import re
 
     from pgws_sync import migrate
 
     from .helpers import ROOT
 
-    page = (ROOT / "docs" / "guides" / "flask.md").read_text()
+    page = (ROOT / "docs" / "use-cases" / "live-rows.md").read_text()
     recipe = re.search(r"<!-- recipe: live-rows -->\n```sql\n(.*?)```", page, re.S).group(1)
     migrate(pg_dsn)
     conn = psycopg2.connect(pg_dsn)
