@@ -70,6 +70,17 @@ def _get(url: str, timeout: float) -> Tuple[int, str]:
         return int(exc.code), exc.read().decode()
 
 
+def _quiet_gunicorn_args() -> List[str]:
+    """No control socket where gunicorn has one (27 and later): every server of a test run
+    would share its one path."""
+    try:
+        from gunicorn.config import KNOWN_SETTINGS  # type: ignore[import-untyped]
+    except ImportError:
+        return []
+    names = {setting.name for setting in KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
+
+
 class Server:
     """The WSGI app ``app`` (``"module:app"``) served by a real gunicorn on a free port.
 
@@ -93,7 +104,7 @@ class Server:
         full_env["PYTHONPATH"] = str(self.cwd) + os.pathsep + full_env.get("PYTHONPATH", "")
         self._cmd = [sys.executable, "-m", "gunicorn", "-c", "python:pgws_sync.gunicorn",
                      "-b", f"127.0.0.1:{self.port}", "-w", str(workers),
-                     "--threads", str(threads), *args, app]
+                     "--threads", str(threads), *_quiet_gunicorn_args(), *args, app]
         self._env = full_env
         self.proc: Optional["subprocess.Popen[bytes]"] = None
 
