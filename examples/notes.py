@@ -81,7 +81,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>notes</title><ul id="notes
     li.textContent = m.payload.text;
     document.getElementById("notes").append(li);
   });
-  sock.subscribe("__CHANNEL__");
+  sock.subscribe("__CHANNEL__").then(() => { document.body.dataset.live = "yes"; });
 </script>"""
 
 

@@ -237,3 +237,28 @@ def test_examples_pass_their_own_tests_written_with_pgws_sync_testing(pg_dsn, mo
                             capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert f"{tests} passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_notes_example_page_in_chromium(pg_dsn, page):
+    """The notes page, logged in by the browser itself: a saved note appears live, and one
+    saved while the page was closed appears after a reload (sessionStorage resumes it)."""
+    from pgws_sync import migrate
+
+    migrate(pg_dsn)
+    url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    g = Gunicorn("examples.notes:app", env={"PGWS_DB_URI": url}).wait_up()
+    try:
+        page.goto(g.url("/healthz"))
+        page.evaluate("fetch('/login/chromium', {method: 'POST'})")
+        page.goto(g.url("/"))
+        save = ("text => fetch('/notes', {method: 'POST', headers: {'Content-Type': "
+                "'application/json'}, body: JSON.stringify({text})})")
+        page.wait_for_function("document.body.dataset.live === 'yes'")  # subscribed
+        page.evaluate(save, "first note")
+        page.wait_for_function("document.getElementById('notes').textContent.includes('first note')")
+        page.goto(g.url("/healthz"))  # the page is gone
+        page.evaluate(save, "while away")
+        page.goto(g.url("/"))
+        page.wait_for_function("document.getElementById('notes').textContent.includes('while away')")
+    finally:
+        g.stop()
