@@ -12,6 +12,7 @@ from .errors import (
     DatabaseUnreachable,
     InvalidChannel,
     InvalidPayload,
+    JsonTextWarning,
     ListenerStopped,
     LogUnavailable,
     MessageTooLarge,
@@ -97,6 +98,8 @@ __all__ = [
     "BatcherStopped",
     "DatabaseUnreachable",
     "CommandFailed",
+    # warnings
+    "JsonTextWarning",
     # the name before 0.2, an alias of Pgws
     "PGWS",
 ]

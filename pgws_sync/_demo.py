@@ -115,6 +115,10 @@ def create_app() -> Any:
     def index() -> Response:
         return Response(page, mimetype="text/html")
 
+    @app.route("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status=204)  # none: a browser asks for it, and a 404 would be logged
+
     @app.route("/rows")
     def rows() -> Response:
         return jsonify([{"symbol": s, "price": float(p), "updated_at": u.isoformat()}

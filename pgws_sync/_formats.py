@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import sys
 import uuid
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
-from .errors import InvalidChannel, InvalidPayload, PayloadTooLarge
+from .errors import InvalidChannel, InvalidPayload, JsonTextWarning, PayloadTooLarge
 
 #: PostgreSQL refuses NOTIFY payloads of this many UTF-8 bytes or more.
 NOTIFY_PAYLOAD_LIMIT = 8000
@@ -46,8 +48,60 @@ def dumps(value: Any, *, compact: bool = False) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
+class Raw(str):
+    """JSON text to send as written, byte for byte (``json_text=True``, or what a client sent)."""
+
+
+def json_message(message: Any, json_text: bool) -> Any:
+    """What a publishing function sends, by the one rule every one of them follows: a Python
+    value is serialised to JSON; with ``json_text=True``, ``message`` is JSON text (a ``str``)
+    sent as written once checked."""
+    if not json_text:
+        return message
+    if not isinstance(message, str):
+        raise InvalidPayload(f"json_text=True takes JSON text (a str), not "
+                             f"{type(message).__name__}: pass the value itself without it")
+    return Raw(message)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that names the first caller outside pgws_sync."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("pgws_sync"):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def warn_json_text(message: str) -> None:
+    """Warn (:class:`JsonTextWarning`) when ``message``, published as a value, is the text of
+    a JSON object or array: it would arrive as a string, which is rarely what was meant."""
+    start = message.lstrip(_WHITESPACE)[:1]
+    if start not in ("{", "["):
+        return
+    try:
+        value = DECODER.decode(message.strip(_WHITESPACE))
+    except ValueError:
+        return
+    if isinstance(value, (dict, list)):
+        warnings.warn(
+            f"a str holding JSON ({message[:40]!r}{'...' if len(message) > 40 else ''}) is "
+            f"published as a JSON string, not as the {type(value).__name__} it holds: pass the "
+            f"value itself, or json_text=True to send the text as JSON",
+            JsonTextWarning, stacklevel=_caller_stacklevel())
+
+
 def json_body(message: Any) -> str:
-    """``message`` as compact strict JSON text: what a ``json`` message is sent as."""
+    """``message`` as compact strict JSON text: what a ``json`` message is sent as
+    (:class:`Raw` text as written, once checked)."""
+    if isinstance(message, Raw):
+        try:
+            return check_json(message)
+        except ValueError as exc:
+            raise InvalidPayload(f"json_text=True, but the text is not JSON: {exc}") from None
+    if isinstance(message, str):
+        warn_json_text(message)
     try:
         return dumps(message, compact=True)
     except (TypeError, ValueError) as exc:

@@ -6,6 +6,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _metrics
+from ._dsn import Dsn, libpq_dsn
 from ._core.connection import Connection
 from ._core.endpoint import WebSocketEndpoint
 from ._core.health import (
@@ -28,10 +29,10 @@ from .sources.redis import RedisSource
 SAMPLE_EVERY = 5.0
 
 
-def listener_dsn(listener: Source, dsn: Optional[str], who: str) -> str:
+def listener_dsn(listener: Source, dsn: Optional[Dsn], who: str) -> str:
     """``dsn``, else the listener's: the database an endpoint sends its own NOTIFYs to."""
     if dsn is not None:
-        return dsn
+        return libpq_dsn(dsn)
     found = getattr(listener, "dsn", None)
     if not isinstance(found, str):
         raise ConfigError(f"{who} sends NOTIFYs: give dsn=... when its first argument is not "

@@ -10,6 +10,7 @@ from typing import Tuple
 import psycopg2
 import psycopg2.extensions
 
+from ._dsn import libpq_dsn
 from .errors import CommandFailed, ConfigError, DatabaseUnreachable, first_line
 from .sources.postgres import wait_for_database
 
@@ -21,10 +22,12 @@ DSN_EXAMPLES = "'postgresql://user@localhost:5432/app' or 'host=localhost dbname
 
 def check_dsn(dsn: str) -> None:
     """Raise :class:`ConfigError` saying what is wrong with ``dsn`` and what a valid one is."""
-    scheme, sep, _ = dsn.partition("://")
+    scheme, sep, _ = libpq_dsn(dsn).partition("://")
     if sep and scheme.lower() not in ("postgresql", "postgres"):
         raise ConfigError(f"the database address starts with {scheme + '://'!r}, but pgws_sync "
-                          f"needs PostgreSQL: for example {DSN_EXAMPLES}")
+                          f"needs PostgreSQL: for example {DSN_EXAMPLES} (SQLAlchemy's "
+                          f"'postgresql+psycopg2://...' and 'postgresql+psycopg://...' work too)")
+    dsn = libpq_dsn(dsn)
     try:
         psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:

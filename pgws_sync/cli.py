@@ -16,8 +16,9 @@ import psycopg2.extensions
 from . import __version__
 from ._core.endpoint import DEFAULT_AUDIENCE
 from ._formats import loads, preview, validate_channel
+from ._dsn import libpq_dsn
 from ._startup import check_bind, check_dsn, wait_until_reachable
-from .errors import CommandFailed, ConfigError, PgwsError, first_line
+from .errors import CommandFailed, ConfigError, LogUnavailable, PgwsError, first_line
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
@@ -72,7 +73,7 @@ def resolve_dsn(dsn: Optional[str], environ: Mapping[str, str]) -> str:
         else:
             raise ConfigError(NO_DATABASE)
     check_dsn(dsn)
-    return dsn
+    return libpq_dsn(dsn)
 
 
 # --------------------------------------------------------------------- serve
@@ -143,6 +144,7 @@ def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) 
         "post_worker_init": hooks.post_worker_init,
         "on_starting": hooks.on_starting,
         "child_exit": hooks.child_exit,
+        "when_ready": hooks.when_ready,
         "on_exit": hooks.on_exit,
         "preload_app": False,
         "loglevel": args.log_level,
@@ -191,7 +193,7 @@ def _notify(args: argparse.Namespace) -> int:
     text = format_pgws(args.audience, body, channel=args.channel)  # refuse before connecting
     conn = connect(dsn)
     try:
-        notify(conn, args.channel, body, args.audience)
+        notify(conn, args.channel, body, args.audience, json_text=True)
     finally:
         conn.close()
     print(f"sent to channel {args.channel!r}, audience {args.audience!r} "
@@ -225,6 +227,8 @@ def _migrate(args: argparse.Namespace) -> int:
         for line in migrate(conn, schema=args.schema, max_payload=args.max_payload,
                             grant=args.grant, grant_publish=args.grant_publish):
             print(line)
+    except LogUnavailable as exc:  # a right missing: not a usage error
+        raise CommandFailed(str(exc)) from None
     finally:
         conn.close()
     return EXIT_OK
@@ -267,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    dsn_help = "libpq connection string or URI (default: $PGWS_DB_URI, else libpq's environment)"
+    dsn_help = ("libpq connection string or URI, or a SQLAlchemy URL such as "
+                "postgresql+psycopg2://... (default: $PGWS_DB_URI, else libpq's environment)")
 
     serve = commands.add_parser(
         "serve", help="serve /ws, the browser client at / and /healthz under gunicorn",

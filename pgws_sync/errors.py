@@ -11,6 +11,11 @@ def first_line(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(exc).__name__
 
 
+class JsonTextWarning(UserWarning):
+    """A ``str`` holding a JSON object or array was published as a value: it arrives as a JSON
+    string, not as the object. Pass the object itself, or the text with ``json_text=True``."""
+
+
 class PgwsError(Exception):
     """Root of every error pgws_sync raises on purpose."""
 

@@ -67,6 +67,21 @@ def on_starting(server: Any) -> None:
         _made_dirs.append(os.environ[METRICS_DIR_ENV])
 
 
+def when_ready(server: Any) -> None:
+    """gunicorn hook (master): say where the server listens. With ``reuse_port`` each worker
+    binds the address itself, so gunicorn's own line ("Listening at:") names none."""
+    addresses = []
+    for address in server.cfg.address:
+        if isinstance(address, tuple):
+            host, port = address[0], address[1]
+            host = f"[{host}]" if ":" in str(host) else host
+            addresses.append(f"http://{host}:{port}")
+        else:
+            addresses.append(f"unix:{address}")
+    server.log.info("serving on %s%s", ", ".join(addresses),
+                    " (each worker binds it: reuse_port)" if server.cfg.reuse_port else "")
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """gunicorn hook (master): a worker that ended no longer counts in live gauges."""
     if os.environ.get(METRICS_DIR_ENV):

@@ -6,6 +6,7 @@ from pgws_sync.gunicorn import (  # noqa: F401  (gunicorn reads them)
     on_starting,
     post_worker_init,
     reuse_port,
+    when_ready,
 )
 
 worker_class = "gthread"

@@ -373,3 +373,9 @@ def test_demo_page_shows_rows_changing_live_in_chromium(tmp_path: Path, page) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_demo_page_answers_the_browser_s_favicon_request_without_a_404() -> None:
+    from pgws_sync._demo import create_app
+
+    assert create_app().test_client().get("/favicon.ico").status_code == 204

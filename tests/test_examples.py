@@ -131,8 +131,10 @@ def run_as_documented(module: str, pg_dsn: str):
     from .helpers import ROOT
     from .pgserver import free_port
 
+    sqlalchemy_url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
     command = run_line(module).replace("PGWS_DB_URI=postgresql://localhost/postgres",
-                                       f"PGWS_DB_URI='{pg_dsn}'")
+                                       f"PGWS_DB_URI='{pg_dsn}'").replace(
+        "PGWS_DB_URI=postgresql+psycopg://localhost/postgres", f"PGWS_DB_URI='{sqlalchemy_url}'")
     port = free_port()
     env = dict(os.environ, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -146,7 +148,7 @@ def run_as_documented(module: str, pg_dsn: str):
 
 
 @pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway",
-                                    "durable"])
+                                    "durable", "notes", "chat"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:
@@ -209,5 +211,54 @@ def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
         assert ws.recv_json()["event"] == "subscribed"
         assert ws.recv_json()["payload"] == {"id": 7, "state": "paid"}
         ws.close()
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("module, tests, driver", [
+    ("notes", 5, "psycopg"), ("notes", 5, "psycopg2"), ("chat", 3, "psycopg")])
+def test_examples_pass_their_own_tests_written_with_pgws_sync_testing(pg_dsn, module, tests,
+                                                                      driver):
+    """examples/test_<module>.py, run as its docstring says (the app's SQLAlchemy URL given,
+    on psycopg 3 and on psycopg2)."""
+    import subprocess
+    import sys
+
+    from pgws_sync import migrate
+
+    from .helpers import ROOT
+
+    migrate(pg_dsn)
+    url = pg_dsn.replace("postgresql://", f"postgresql+{driver}://", 1)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PG")}
+    env["PGWS_DB_URI"] = url
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"examples/test_{module}.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{tests} passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_notes_example_page_in_chromium(pg_dsn, page):
+    """The notes page, logged in by the browser itself: a saved note appears live, and one
+    saved while the page was closed appears after a reload (sessionStorage resumes it)."""
+    from pgws_sync import migrate
+
+    migrate(pg_dsn)
+    url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    g = Gunicorn("examples.notes:app", env={"PGWS_DB_URI": url}).wait_up()
+    try:
+        page.goto(g.url("/healthz"))
+        page.evaluate("fetch('/login/chromium', {method: 'POST'})")
+        page.goto(g.url("/"))
+        save = ("text => fetch('/notes', {method: 'POST', headers: {'Content-Type': "
+                "'application/json'}, body: JSON.stringify({text})})")
+        page.wait_for_function("document.body.dataset.live === 'yes'")  # subscribed
+        page.evaluate(save, "first note")
+        page.wait_for_function("document.getElementById('notes').textContent.includes('first note')")
+        page.goto(g.url("/healthz"))  # the page is gone
+        page.evaluate(save, "while away")
+        page.goto(g.url("/"))
+        page.wait_for_function("document.getElementById('notes').textContent.includes('while away')")
     finally:
         g.stop()

@@ -24,7 +24,7 @@ def steps() -> Dict[str, str]:
 
 
 def test_the_page_has_every_step():
-    assert set(steps()) == {"install", "app.py", "run", "send"}
+    assert set(steps()) == {"install", "migrate", "app.py", "run", "send"}
 
 
 def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
@@ -47,6 +47,10 @@ def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
                             "import pgws_sync, redis; print(pgws_sync.__file__)"],
                            cwd=tmp_path / "venv", env=env, capture_output=True, text=True)
     assert check.returncode == 0 and "site-packages" in check.stdout, check.stderr
+    # 2. the log's tables, with the venv's pgws-sync, as written
+    done = subprocess.run(["bash", "-c", page["migrate"].strip()], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
     # 3. the app, as written
     (tmp_path / "app.py").write_text(page["app.py"])
     # 4. its gunicorn command, as written (the port: a free one, through gunicorn's own variable)
@@ -60,8 +64,9 @@ def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
     try:
         server.wait_up(timeout=60)
         ws = Ws(server.ws_url("/ws"))
-        # registered before its handshake's answer; the health answer is the public one
-        assert _health(server) == '{"status": "ok"}'
+        assert _health(server) == '{"status": "ok"}'  # the public answer
+        ws.client.send('{"action": "subscribe", "channel": "updates", "id": "s"}')
+        assert ws.recv_until(lambda f: f.get("reply_to") == "s")["event"] == "subscribed"
         # 5. the page's psql command, as written
         psql_env = dict(env)
         if os.environ.get("PGWS_PSQL"):
@@ -69,7 +74,7 @@ def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
         sent = subprocess.run(["bash", "-c", page["send"].strip()], env=psql_env,
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
-        frame = ws.recv_json()
+        frame = ws.recv_until(lambda f: "offset" in f and "event" not in f)
         assert frame["payload"] == {"hello": "world"} and frame["channel"] == "updates"
         ws.close()
     finally:

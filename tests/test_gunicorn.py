@@ -350,3 +350,13 @@ def test_init_app_serves_sockets_with_or_without_a_flask_request(pg_dsn, sender,
         for ws in socks:
             ws.close()
         g.stop()
+
+
+def test_the_server_says_where_it_listens(pg_dsn):
+    """gunicorn's own line names no address under reuse_port; the hook's line does."""
+    g = serve(pg_dsn).wait_up()
+    try:
+        assert f"serving on http://127.0.0.1:{g.port} (each worker binds it: reuse_port)" \
+            in g.log()
+    finally:
+        g.stop()

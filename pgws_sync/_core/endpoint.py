@@ -7,7 +7,9 @@ import random
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from contextlib import nullcontext
+from typing import (Any, Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Sequence, Tuple, Union)
 
 from werkzeug.wrappers import Request, Response
 
@@ -112,8 +114,111 @@ class _SocketDone(Response):
         return []
 
 
+class _ServeAfterRequest(Response):
+    """Returned by the Flask route for an admitted socket: the socket is served once Flask has
+    ended the request (its ``teardown_request`` and ``teardown_appcontext`` functions have run,
+    so e.g. Flask-SQLAlchemy's session is removed and its connection back in the pool).
+
+    Flask calls a response inside the request's context and pops the context afterwards; the
+    body it returns is iterated by the web server after that. Iterating this one serves the
+    socket, then ends the request as :class:`_SocketDone` does.
+    """
+
+    #: The key of the request's environ that holds it until the request's teardown.
+    ENVIRON_KEY = "pgws_sync.admitted"
+
+    def __init__(self, serve: Callable[[], None], drop: Callable[[], None]) -> None:
+        super().__init__()
+        self._serve: Optional[Callable[[], None]] = serve
+        self._drop = drop
+        self._called = False
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
+        self._called = True
+        return _ServingBody(self, environ)
+
+    def take(self) -> Optional[Callable[[], None]]:
+        serve, self._serve = self._serve, None
+        return serve
+
+    def drop_unless_answered(self) -> None:
+        """At the request's teardown: if Flask answered with something else (an
+        ``after_request`` function failed, say), the socket will never be served; end it."""
+        if not self._called and self.take() is not None:
+            self._drop()
+
+    def __del__(self) -> None:
+        if self.take() is not None:  # dropped by a middleware after Flask: end it still
+            try:
+                self._drop()
+            except Exception:  # noqa: BLE001 (a finaliser must not raise; at exit, say)
+                pass
+
+
+class _ServingBody:
+    """The body of :class:`_ServeAfterRequest`: serving happens when the server iterates it."""
+
+    def __init__(self, response: _ServeAfterRequest, environ: WSGIEnviron) -> None:
+        self._response = response
+        self._environ = environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        serve = self._response.take()
+        if serve is not None:
+            serve()
+        _SocketDone()(self._environ, _no_start_response)
+        return iter(())
+
+
+def _drop_unanswered(exc: Optional[BaseException]) -> None:
+    """Flask ``teardown_request``: end an admitted socket Flask did not answer with."""
+    import flask
+
+    pending = flask.request.environ.pop(_ServeAfterRequest.ENVIRON_KEY, None)
+    if isinstance(pending, _ServeAfterRequest):
+        pending.drop_unless_answered()
+
+
+def _no_start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], Any]:
+    raise RuntimeError("a used-up WebSocket gets no HTTP response")
+
+
+def _app_response(response: Response, app: Any) -> Response:
+    """``response`` as an instance of the Flask app's response class, keeping what it does when
+    called: Flask would otherwise convert a socket's ending into a plain response (``force_type``)
+    that writes an HTTP answer into the used-up socket."""
+    base = app.response_class
+    if isinstance(response, base) or not isinstance(response, (_SocketDone, _ServeAfterRequest)):
+        return response
+    kind = type(response)
+    key = (kind, base)
+    cls = _app_response_classes.get(key)
+    if cls is None:
+        cls = _app_response_classes.setdefault(key, type(kind.__name__, (kind, base), {}))
+    response.__class__ = cls
+    return response
+
+
+_app_response_classes: Dict[Tuple[type, type], type] = {}
+
+
 def _text_response(status: int, text: str, headers: Optional[Dict[str, str]] = None) -> Response:
     return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
+
+
+def _hook_context(app: Any) -> ContextManager[Any]:
+    """A fresh application context of the Flask ``app`` for one hook call (None: none)."""
+    return nullcontext() if app is None else app.app_context()
+
+
+class _Admitted(NamedTuple):
+    """A socket past :meth:`WebSocketEndpoint.on_connect`, not served yet."""
+
+    conn: Connection
+    environ: WSGIEnviron
+    key: str
+    raw: Any
+    address: str
 
 
 class UpgradeRoute:
@@ -327,28 +432,52 @@ class WebSocketEndpoint:
         return None
 
     def init_app(self, app: Any, path: str = "/ws", client_path: Optional[str] = "/pgws.js", *,
-                 flask_request: bool = True) -> None:
+                 flask_request: bool = True, hold_request: bool = False) -> None:
         """Register the WebSocket route at ``path`` on a Flask app, and the shared routes.
 
         The shared routes, registered once per app: health on ``health_path``
         and the browser client pgws.js on ``client_path`` (``None``: not served).
 
+        The upgrade is a Flask request: ``before_request`` functions run, and
+        :meth:`on_connect` sees ``flask.request``, ``g``, the session and
+        ``current_user``. Once it has run, Flask ends that request as it ends any
+        other (``teardown_request`` and ``teardown_appcontext`` run, so a
+        Flask-SQLAlchemy session is removed and its connection goes back to the
+        pool): an open socket holds none of the app's resources. Every later hook
+        (``on_open``, ``on_message``, ``can_subscribe``, ``on_client_message``,
+        ``on_disconnect``...) runs in a fresh application context, torn down after
+        the call: ``current_app`` and ``db.session`` work, ``flask.request`` does not
+        (keep what a hook needs in ``conn.metadata``).
+
+        ``hold_request=True`` keeps the upgrade's request context for the socket's
+        whole life instead (and whatever it holds, such as a database connection).
+
         ``flask_request=False`` serves the upgrades on ``path`` below Flask
         (:class:`UpgradeRoute` around ``app.wsgi_app``): the hooks get a werkzeug
-        ``Request``, and no Flask request context exists for the socket (no
-        ``before_request``, ``g``, session or ``flask.request``). A socket then costs
-        about a fifth less CPU to open and 2 KB less memory while open.
+        ``Request``, and no Flask context exists for the socket (no
+        ``before_request``, ``g``, session, ``flask.request`` or ``current_app``). A
+        socket then costs less CPU to open and less memory while open.
         """
         import flask
 
         if not flask_request:
             app.wsgi_app = UpgradeRoute(app.wsgi_app, path, self)
 
+        def upgrade() -> Response:
+            request = flask.request._get_current_object()  # type: ignore[attr-defined]
+            response = self.handle(request, app=None if hold_request else app)
+            if isinstance(response, _ServeAfterRequest):
+                request.environ[_ServeAfterRequest.ENVIRON_KEY] = response
+            return _app_response(response, app)
+
+        if "pgws_sync" not in app.extensions:
+            app.extensions["pgws_sync"] = True
+            app.teardown_request(_drop_unanswered)
+
         name = f"pgws_sync_ws_{id(self):x}"
-        app.add_url_rule(path, endpoint=name, view_func=lambda: self.handle(flask.request),
-                         websocket=True)
+        app.add_url_rule(path, endpoint=name, view_func=upgrade, websocket=True)
         # Plain HTTP on the same path: say what the URL is for, instead of a bare 400.
-        app.add_url_rule(path, endpoint=name + "_http", view_func=lambda: self.handle(flask.request))
+        app.add_url_rule(path, endpoint=name + "_http", view_func=upgrade)
         if self.health_path is not None and "pgws_sync_health" not in app.view_functions:
             app.add_url_rule(self.health_path, endpoint="pgws_sync_health",
                              view_func=self.health_response)
@@ -432,8 +561,14 @@ class WebSocketEndpoint:
             logger.exception("check_origin failed; refused the socket")
             return False
 
-    def handle(self, request: Request) -> Response:
-        """Check, upgrade and serve one WebSocket request; returns when the socket is over."""
+    def handle(self, request: Request, *, app: Any = None) -> Response:
+        """Check, upgrade and serve one WebSocket request.
+
+        Without ``app``: returns when the socket is over. With a Flask ``app`` (the route
+        :meth:`init_app` registers): returns once :meth:`on_connect` has run, with a response
+        that serves the socket after Flask has ended the request, and each later hook runs in
+        a fresh application context of ``app``, torn down after the call.
+        """
         refusal = self._check_upgrade(request)
         if refusal is not None:
             _metrics.inc("sockets_refused", endpoint=self.label, status=str(refusal.status_code))
@@ -445,9 +580,18 @@ class WebSocketEndpoint:
             return _text_response(503, "too many sockets in this worker; try again later",
                                   {"Retry-After": "5"})
         try:
-            return self._upgrade(request)
-        finally:
+            admitted = self._admit(request, address)
+        except BaseException:
             _sockets.give_back(address)
+            raise
+        if isinstance(admitted, Response):
+            _sockets.give_back(address)
+            return admitted
+        if app is None:
+            self._run(admitted, None)
+            return _SocketDone()
+        return _ServeAfterRequest(lambda: self._run(admitted, app),
+                                  lambda: self._end(admitted, app))
 
     def socket_cap(self) -> Optional[int]:
         """The most sockets this worker serves at once for this endpoint (None: no cap)."""
@@ -456,7 +600,8 @@ class WebSocketEndpoint:
             return None if threads is None else auto_socket_cap(threads)
         return None if self.max_sockets is None else int(self.max_sockets)
 
-    def _upgrade(self, request: Request) -> Response:
+    def _admit(self, request: Request, address: str) -> Union[Response, _Admitted]:
+        """Run :meth:`on_connect`: the refusing answer, or the socket to serve."""
         environ = request.environ
         key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
         raw = environ.get(key)
@@ -492,9 +637,19 @@ class WebSocketEndpoint:
         logger.debug("socket %s open (%d in this worker)", conn.id, len(self.hub))
         _metrics.inc("sockets_opened", endpoint=self.label)
         _metrics.add_gauge("sockets_open", 1, endpoint=self.label)
+        return _Admitted(conn, environ, key, raw, address)
+
+    def _run(self, admitted: _Admitted, app: Any) -> None:
+        """Serve an admitted socket until it is over, then end it."""
         try:
-            return self._serve(conn, environ, key, raw)
+            self._serve(admitted.conn, admitted.environ, admitted.key, admitted.raw, app)
         finally:
+            self._end(admitted, app)
+
+    def _end(self, admitted: _Admitted, app: Any) -> None:
+        """The socket is over (or was never served): count it, forget it, ``on_disconnect``."""
+        conn = admitted.conn
+        try:
             logger.debug("socket %s closed", conn.id)
             _metrics.add_gauge("sockets_open", -1, endpoint=self.label)
             code = conn.close_code
@@ -503,9 +658,12 @@ class WebSocketEndpoint:
             self.hub.remove(conn)
             self._forget(conn)
             try:
-                self.on_disconnect(conn)
+                with _hook_context(app):
+                    self.on_disconnect(conn)
             except Exception:  # an application hook: log it
                 logger.exception("on_disconnect failed for connection %s", conn.id)
+        finally:
+            _sockets.give_back(admitted.address)
 
     def _client_frame(self, conn: Connection, bucket: Optional[TokenBucket], data: Frame) -> None:
         """One client frame: a ping is answered here, the rest goes to :meth:`on_message`,
@@ -526,7 +684,8 @@ class WebSocketEndpoint:
             return
         conn.send(error_frame("rate limited"))
 
-    def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any) -> Response:
+    def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any,
+               app: Any) -> None:
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
@@ -547,24 +706,28 @@ class WebSocketEndpoint:
         except (HandshakeFailed, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
-            return _SocketDone()
+            return
         limit_inbound(ws, self.max_backlog, max(self.max_backlog_bytes, self.max_message_size or 0))
         conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:
                 conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
             else:
-                self.on_open(conn)
+                with _hook_context(app):
+                    self.on_open(conn)
             bucket = (None if self.client_rate is None
                       else TokenBucket(self.client_rate, self.client_burst))
-            conn.serve(close_timeout=self.close_timeout,
-                       on_message=lambda data: self._client_frame(conn, bucket, data),
+
+            def on_message(data: Frame) -> None:
+                with _hook_context(app):
+                    self._client_frame(conn, bucket, data)
+
+            conn.serve(close_timeout=self.close_timeout, on_message=on_message,
                        max_backlog=self.max_backlog)
         finally:
             self.hub.remove(conn)
             guarded.abort()
             ws.thread.join(self.close_timeout + 1.0)
-        return _SocketDone()
 
     # --------------------------------------------------------------- shutdown
 

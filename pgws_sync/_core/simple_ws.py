@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from simple_websocket import ConnectionClosed, Server  # type: ignore[import-untyped]
+from simple_websocket import Client as _Client  # type: ignore[import-untyped]
+from simple_websocket import ConnectionClosed, Server
 from simple_websocket import ConnectionError as HandshakeFailed
 from wsproto import ConnectionType
 from wsproto.connection import Connection as FrameConnection
@@ -14,7 +15,8 @@ from wsproto.utilities import LocalProtocolError
 from .wire import Frame, switching_protocols
 
 __all__ = [
-    "ConnectionClosed", "Frame", "HandshakeFailed", "LocalProtocolError", "PlainServer", "accept",
+    "ConnectionClosed", "Frame", "HandshakeFailed", "LocalProtocolError", "PlainServer",
+    "WsClient", "accept",
     "feed", "inbound", "owner_of", "pong_missing", "receive_size", "send_ping",
 ]
 
@@ -127,3 +129,20 @@ def send_ping(ws: Any) -> None:
     """Send a ping on ``ws``'s socket and expect its pong."""
     ws.pong_received = False
     ws.sock.send(ws.ws.send(Ping()))
+
+
+class WsClient(_Client):  # type: ignore[misc]
+    """simple-websocket's client (for :mod:`pgws_sync.testing`), minus two bugs: frames that
+    arrive in the same read as the handshake's answer waited for the next read, and the Host
+    header left out a port other than the scheme's default (browsers send it)."""
+
+    def handshake(self) -> None:
+        if self.port not in (80, 443):  # connected already: the name is used for Host only
+            self.host = f"{getattr(self, 'host')}:{self.port}"
+        super().handshake()
+        self.connected = self._handle_events()
+
+    def waiting(self) -> List[Frame]:
+        """The frames received and not read yet."""
+        buffer: List[Frame] = self.input_buffer
+        return buffer

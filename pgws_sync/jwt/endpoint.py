@@ -9,6 +9,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from werkzeug.wrappers import Request
 
+from .._dsn import Dsn
 from .._core.assets import StartResponse, WSGIApp, WSGIEnviron, client_js_response
 from .._core.connection import APP_TEXT, Connection
 from .._core.wire import Frame
@@ -60,7 +61,7 @@ class JwtGateway(ListeningEndpoint):
     defaults to any origin, since tokens, not cookies, authorise sockets.
     """
 
-    def __init__(self, listener: Source, auth: JwtAuth, *, dsn: Optional[str] = None,
+    def __init__(self, listener: Source, auth: JwtAuth, *, dsn: Optional[Dsn] = None,
                  listen_channel: str = DEFAULT_LISTEN_CHANNEL,
                  meta_channel: Optional[str] = None, pool_size: int = 10,
                  fallback: Optional[WSGIApp] = None,

@@ -7,11 +7,13 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .._dsn import Dsn
 from .. import _metrics
 from .._core.connection import APP_JSON, Connection
 from .._core.health import LOG_STALLED, LOG_UNAVAILABLE, Health
 from .._core.wire import Frame
-from .._formats import error_frame, format_time, loads, message_frame, new_message_id, utc_now
+from .._formats import (Raw, error_frame, format_time, json_message, loads, message_frame,
+                       new_message_id, utc_now)
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
@@ -25,7 +27,7 @@ from ..errors import (
 )
 from ..sources import log
 from ..sources.base import Notification, Source
-from ..sources.log import Raw, Row
+from ..sources.log import Row
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE
 from .batching import Batcher, Finished
 from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
@@ -92,7 +94,7 @@ class PubSub(ListeningEndpoint):
         self,
         listener: Source,
         *,
-        dsn: Optional[str] = None,
+        dsn: Optional[Dsn] = None,
         pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
         backpressure: str = "close",
         max_subscriptions: int = 100,
@@ -189,17 +191,21 @@ class PubSub(ListeningEndpoint):
     # ---------------------------------------------------- server-side API
 
     def publish(self, channel: str, message: Any, *, type: str = "json",
-                message_id: Optional[str] = None, reply_to: Any = None) -> str:
+                json_text: bool = False, message_id: Optional[str] = None,
+                reply_to: Any = None) -> str:
         """Send ``message`` to every subscriber of ``channel`` in every worker; returns its id.
 
-        ``type``: ``json`` (any JSON value), ``text`` (a str), or ``binary``
-        (bytes, sent as a binary frame). ``message_id`` (default: a fresh one) is
+        ``type``: ``json`` (a Python value, sent as JSON; JSON text as written with
+        ``json_text=True``), ``text`` (a str), or ``binary`` (bytes, sent as a binary frame). ``message_id`` (default: a fresh one) is
         the id every recipient sees; ``reply_to`` (a client's message id) comes
         with it. Raises :class:`PayloadTooLarge` for messages whose NOTIFY would
         reach 8000 bytes, :class:`InvalidPayload` or :class:`InvalidChannel` for
         bad input, :class:`PublishFailed` when the database does not take it.
         """
         message_type(type)
+        if json_text and type != "json":
+            raise InvalidPayload(f"json_text=True is for json messages, not {type!r} ones")
+        message = json_message(message, json_text)
         if self.streams is not None:
             message_id = message_id or new_message_id()
             self._append(channel, message, type=type, message_id=message_id, reply_to=reply_to)

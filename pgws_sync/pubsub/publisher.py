@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .._formats import new_message_id, utc_now, validate_channel
-from ..errors import PublishFailed
+from .._dsn import Dsn, libpq_dsn
+from .._formats import json_message, new_message_id, utc_now, validate_channel
+from .._statement import run
+from ..errors import InvalidPayload, PublishFailed
 from ..sources import log
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE, NotifyPool
 from .publication import DEFAULT_PUBSUB_CHANNEL, format_publication, message_body
@@ -16,13 +18,17 @@ def build_publication(
     message: Any,
     *,
     type: str = "json",
+    json_text: bool = False,
     to: Optional[str] = None,
     message_id: Optional[str] = None,
     reply_to: Any = None,
 ) -> str:
     """The NOTIFY payload publishing ``message`` would send (checks type and size), stamped
     with the time of publishing."""
-    return format_publication(channel, message_body(message, type), type=type, target=to,
+    if json_text and type != "json":
+        raise InvalidPayload(f"json_text=True is for json messages, not {type!r} ones")
+    return format_publication(channel, message_body(json_message(message, json_text), type),
+                              type=type, target=to,
                               message_id=message_id or new_message_id(), reply_to=reply_to,
                               time=utc_now())
 
@@ -33,6 +39,7 @@ def publish(
     message: Any,
     *,
     type: str = "json",
+    json_text: bool = False,
     to: Optional[str] = None,
     pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
     message_id: Optional[str] = None,
@@ -41,8 +48,10 @@ def publish(
     """Publish ``message`` to ``channel``'s subscribers in every process, inside ``conn``'s
     transaction (it leaves at commit; at once in autocommit). Returns the message id.
 
-    ``type`` is ``json`` (any JSON value), ``text`` (a str) or ``binary``
-    (bytes). With ``to`` (a connection id) and ``channel`` None it reaches only
+    ``conn`` is a psycopg2 or psycopg 3 connection, or a SQLAlchemy ``Connection`` or
+    ``Session`` (``db.session``: its current transaction). ``type`` ``json``: ``message``
+    is a Python value, sent as JSON (a ``str`` is a JSON string; JSON text is sent as
+    written with ``json_text=True``); ``text``: a str; ``binary``: bytes. With ``to`` (a connection id) and ``channel`` None it reaches only
     that connection, wherever it is connected. Raises
     :class:`~pgws_sync.PayloadTooLarge` before sending anything PostgreSQL would
     refuse and :class:`~pgws_sync.InvalidPayload` for a message that does not
@@ -51,10 +60,9 @@ def publish(
     """
     validate_channel(pubsub_channel)
     message_id = message_id or new_message_id()
-    text = build_publication(channel, message, type=type, to=to, message_id=message_id,
-                             reply_to=reply_to)
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_notify(%s, %s)", (pubsub_channel, text))
+    text = build_publication(channel, message, type=type, json_text=json_text, to=to,
+                             message_id=message_id, reply_to=reply_to)
+    run(conn, "SELECT pg_notify(%s, %s)", (pubsub_channel, text))
     return message_id
 
 
@@ -71,7 +79,7 @@ class Publisher:
 
     def __init__(
         self,
-        dsn: str = "",
+        dsn: Dsn = "",
         *,
         pubsub_channel: str = DEFAULT_PUBSUB_CHANNEL,
         pool_size: int = 4,
@@ -79,27 +87,27 @@ class Publisher:
         application_name: str = "pgws_sync publisher",
         max_queue_usage: Optional[float] = DEFAULT_MAX_QUEUE_USAGE,
     ) -> None:
-        self._pool = NotifyPool(dsn or "", size=pool_size, wait_timeout=timeout,
+        self._pool = NotifyPool(libpq_dsn(dsn or ""), size=pool_size, wait_timeout=timeout,
                                 connect_timeout=timeout, application_name=application_name,
                                 size_name="pool_size", error=PublishFailed, kind="publish",
                                 max_queue_usage=max_queue_usage)
-        self.dsn = dsn or ""
+        self.dsn = libpq_dsn(dsn or "")
         self.pubsub_channel = validate_channel(pubsub_channel)
         self.pool_size = pool_size
         self.timeout = timeout
         self.application_name = application_name
 
     def publish(self, channel: Optional[str], message: Any, *, type: str = "json",
-                to: Optional[str] = None, message_id: Optional[str] = None,
-                reply_to: Any = None) -> str:
+                json_text: bool = False, to: Optional[str] = None,
+                message_id: Optional[str] = None, reply_to: Any = None) -> str:
         """Publish ``message`` (see :func:`publish`) at once; returns the message id.
 
         Raises :class:`PublishFailed` when the database cannot be reached or
         refuses the NOTIFY (after one retry on a fresh connection).
         """
         message_id = message_id or new_message_id()
-        self.notify(build_publication(channel, message, type=type, to=to, message_id=message_id,
-                                      reply_to=reply_to))
+        self.notify(build_publication(channel, message, type=type, json_text=json_text, to=to,
+                                      message_id=message_id, reply_to=reply_to))
         return message_id
 
     def append(self, schema: str, args: Sequence[Any]) -> int:

@@ -11,7 +11,7 @@ from werkzeug.wrappers import Request
 
 from .._core.connection import Connection
 from .._core.wire import Frame
-from .._formats import check_notify_size, dumps, name_problem, preview
+from .._formats import check_notify_size, dumps, json_message, name_problem, preview
 from ..errors import ConfigError, InvalidPayload, ProtocolError, Refused
 from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
 from ..pubsub.publication import message_body
@@ -87,7 +87,8 @@ class Push(PubSub):
     ``super().on_connect`` first. Identity comes from the app: by default a
     socket is anonymous until :meth:`get_user` says otherwise.
 
-    :param source: where backend messages come from (default: the listener).
+    :param source: where backend messages come from besides the listener's NOTIFYs on
+        ``push_channel`` (e.g. a :class:`RedisSource`; default: the listener alone).
     :param push_channel: the channel backend messages travel on.
     :param tab_windows: send each socket ``{"tabWindowId": "<token>"}`` first.
     :param user_header: a request header to take the user id from (None: trust no header).
@@ -130,6 +131,9 @@ class Push(PubSub):
             raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
                               "give them different names")
         self.add_source(self.push_source, _PushSink(self), [push_channel], name="push_source")
+        if self.push_source is not listener and push_channel != self.pubsub_channel:
+            # NOTIFYs on the push channel are read too: both sources at once
+            self.add_source(listener, _PushSink(self), [push_channel], name="push_notify")
 
     # ---------------------------------------------------- application hooks
 
@@ -173,26 +177,29 @@ class Push(PubSub):
     # ---------------------------------------------------- server-side API
 
     def push_to_user(self, user: str, payload: Any, *,
-                     tab_window_id: Optional[str] = None) -> None:
-        """Send ``payload`` (any JSON value) to every socket of ``user``, or one tab, in every
-        worker. On a durable endpoint it goes into the user's (or the tab's) stream in the log,
-        so a tab that reconnects gets it too."""
+                     tab_window_id: Optional[str] = None, json_text: bool = False) -> None:
+        """Send ``payload`` (a Python value, sent as JSON; JSON text as written with
+        ``json_text=True``) to every socket of ``user``, or one tab, in every worker. On a
+        durable endpoint it goes into the user's (or the tab's) stream in the log, so a tab
+        that reconnects gets it too."""
         if self.streams is not None:
             channel = (user_stream(user) if tab_window_id is None
                        else tab_stream(user, tab_window_id))
             if channel is None:
                 raise InvalidPayload("the user id is too long for a tab's durable stream")
-            self.publish(channel, payload)
+            self.publish(channel, payload, json_text=json_text)
             return
-        self.send_backend_message(ToUser(user, str(message_body(payload)), tab_window_id))
+        body = str(message_body(json_message(payload, json_text)))
+        self.send_backend_message(ToUser(user, body, tab_window_id))
 
-    def push_to_room(self, room: str, payload: Any) -> None:
-        """Send ``payload`` (any JSON value) to every socket in ``room``, in every worker (on a
-        durable endpoint through the log: subscribers resume it)."""
+    def push_to_room(self, room: str, payload: Any, *, json_text: bool = False) -> None:
+        """Send ``payload`` (as :meth:`push_to_user` takes it) to every socket in ``room``, in
+        every worker (on a durable endpoint through the log: subscribers resume it)."""
         if self.streams is not None:
-            self.publish(room, payload)
+            self.publish(room, payload, json_text=json_text)
             return
-        self.send_backend_message(ToRoom(room, str(message_body(payload))))
+        self.send_backend_message(ToRoom(room, str(message_body(json_message(payload,
+                                                                             json_text)))))
 
     def authenticate(self, guest: str, user: str) -> None:
         """Move guest ``guest``'s sockets to user ``user``, in every worker (a signed

@@ -31,9 +31,11 @@ import psycopg2
 from psycopg2 import sql
 
 from .._formats import (
+    Raw,
     check_json,
     dumps,
     json_body,
+    json_message,
     message_id_problem,
     name_problem,
     new_message_id,
@@ -41,6 +43,8 @@ from .._formats import (
     text_body,
     validate_name,
 )
+from .._dsn import libpq_dsn
+from .._statement import error_text, login_role, run, sqlstate
 from ..errors import InvalidPayload, LogUnavailable, MessageTooLarge, first_line
 
 logger = logging.getLogger(__name__)
@@ -333,7 +337,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
             grant_publish: Sequence[str] = ()) -> List[str]:
     """Create or upgrade the durable log (idempotent); returns what it did, one line each.
 
-    ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN. It
+    ``conn`` is a psycopg2 connection (not inside a transaction) or a DSN (a SQLAlchemy
+    URL too). It
     runs in one transaction under an advisory lock, so several workers
     migrating at once do it once. A version 1 log is upgraded in place.
     ``max_payload`` (bytes): set the largest payload; None keeps the current
@@ -346,8 +351,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
     if max_payload is not None and not 1 <= max_payload <= 1_000_000_000:
         raise InvalidPayload(f"max_payload must be between 1 and 1000000000 bytes, "
                              f"got {max_payload!r}")
-    if isinstance(conn, str):
-        own = psycopg2.connect(conn)
+    if isinstance(conn, str) or hasattr(conn, "render_as_string"):
+        own = psycopg2.connect(libpq_dsn(conn))
         try:
             return migrate(own, schema=schema, max_payload=max_payload, grant=grant,
                            grant_publish=grant_publish)
@@ -402,6 +407,8 @@ def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,
                 for grant_stmt in grant_sql(schema, role, publisher_only=publisher_only):
                     cur.execute(grant_stmt)
                     done.append(grant_stmt)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise LogUnavailable(_migrate_rights_message(conn, schema, first_line(exc))) from None
     finally:
         conn.autocommit = autocommit
     return done
@@ -427,6 +434,17 @@ def _relax_messages(cur: Any, schema: str) -> List[str]:
     return [f"relaxed {schema}.messages: no CHECK, id may be NULL (publishing costs less)"]
 
 
+def _migrate_rights_message(conn: Any, schema: str, said: str) -> str:
+    """One line: who cannot migrate, what PostgreSQL said, and who can (and how to let them)."""
+    role = login_role(conn) or "<role>"
+    database = getattr(getattr(conn, "info", None), "dbname", None) or "<database>"
+    return (f"the role {role} cannot create or upgrade the durable log in schema {schema!r}: "
+            f"{said}. Run 'pgws-sync migrate' as the role that owns the log (for a new log, "
+            f"one with CREATE on the database: GRANT CREATE ON DATABASE {_quoted(database)} TO "
+            f"{_quoted(role)}), then give the app's role its rights: 'pgws-sync migrate "
+            f"--schema {schema} --grant <app role>'")
+
+
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -450,16 +468,17 @@ def _check_schema_name(schema: str) -> None:
 
 def log_info(cur: Any, schema: str = DEFAULT_SCHEMA) -> LogInfo:
     """Read the log's ``meta`` row, or raise :class:`LogUnavailable` saying how to fix it."""
-    cur.execute("SELECT to_regclass(%s)", (f"{_quoted(schema)}.meta",))
-    if cur.fetchone()[0] is None:
-        raise LogUnavailable(
-            f"the durable log is missing: no table {schema}.meta in this database. Create it "
-            f"once with 'pgws-sync migrate --dsn <DSN>' (or pgws_sync.migrate(conn))")
     try:
+        cur.execute("SELECT to_regclass(%s)", (f"{_quoted(schema)}.meta",))
+        if cur.fetchone()[0] is None:
+            raise LogUnavailable(
+                f"the durable log is missing: no table {schema}.meta in this database. Create "
+                f"it once with 'pgws-sync migrate --dsn <DSN>' (or pgws_sync.migrate(conn))")
         cur.execute(sql.SQL("SELECT version, epoch, max_payload, wake_channel FROM {}.meta")
                     .format(sql.Identifier(schema)))
     except psycopg2.errors.InsufficientPrivilege as exc:
-        raise LogUnavailable(_rights_message(schema, first_line(exc))) from None
+        raise LogUnavailable(_rights_message(schema, first_line(exc),
+                                             login_role(cur.connection) or "<role>")) from None
     row = cur.fetchone()
     if row is None:
         raise LogUnavailable(f"the durable log's {schema}.meta row is missing: run "
@@ -474,10 +493,14 @@ def log_info(cur: Any, schema: str = DEFAULT_SCHEMA) -> LogInfo:
     return LogInfo(schema, version, epoch, max_payload, wake)
 
 
-def _rights_message(schema: str, missing: str, role: str = "<role>") -> str:
-    return (f"this database role cannot use the durable log in schema {schema!r}: {missing}. "
-            f"Have the log's owner grant it: pgws-sync migrate --schema {schema} --grant "
-            f"{role} (it prints the GRANTs: {'; '.join(grant_sql(schema, role))})")
+def _rights_message(schema: str, missing: str, role: str = "<role>", *,
+                    publisher_only: bool = False) -> str:
+    """One line: the role, what it lacks, and the command and GRANTs that give it the rights."""
+    option = "--grant-publish" if publisher_only else "--grant"
+    return (f"the role {role} cannot {'publish to' if publisher_only else 'use'} the durable "
+            f"log in schema {schema!r}: {missing}. Have the log's owner run 'pgws-sync migrate "
+            f"--schema {schema} {option} {role}', or these GRANTs: "
+            f"{'; '.join(grant_sql(schema, role, publisher_only=publisher_only))}")
 
 
 #: What a worker does with each table: read, publish, number and prune.
@@ -509,10 +532,6 @@ def check_rights(cur: Any, schema: str = DEFAULT_SCHEMA) -> None:
 
 
 # ------------------------------------------------------------------ publishing
-
-
-class Raw(str):
-    """JSON text to publish as written, byte for byte (e.g. what a client sent)."""
 
 
 def log_payload(message: Any, type: str) -> str:
@@ -564,32 +583,43 @@ def publish_args(channel: str, message: Any, *, type: str, message_id: Optional[
 
 
 def publish(conn: Any, channel: str, message: Any, *, type: str = "json",
-            message_id: Optional[str] = None, reply_to: Any = None,
+            json_text: bool = False, message_id: Optional[str] = None, reply_to: Any = None,
             schema: str = DEFAULT_SCHEMA, max_payload: Optional[int] = None) -> int:
     """Append ``message`` to ``channel``'s durable stream inside ``conn``'s transaction.
 
-    It reaches subscribers when the transaction commits (at once in
-    autocommit) and never if it rolls back; it takes no lock another
-    transaction waits for. Its offset is numbered after commit, so this
-    returns the message's ``seq`` in the log's intake instead (increasing,
-    not per channel). ``type`` is ``json`` (any JSON value; a ``str`` is a
-    JSON string) or ``text`` (a str). Raises :class:`MessageTooLarge` above
-    the log's ``max_payload`` (checked here first when ``max_payload`` is
-    given), and :class:`InvalidPayload` / :class:`InvalidChannel` for bad input.
+    ``conn`` is a psycopg2 or psycopg 3 connection, or a SQLAlchemy ``Connection`` or
+    ``Session`` (``db.session``: its current transaction). The message reaches
+    subscribers when the transaction commits (at once in autocommit) and never if it rolls
+    back; it takes no lock another transaction waits for. Its offset is numbered after
+    commit, so this returns the message's ``seq`` in the log's intake instead (increasing,
+    not per channel). ``type`` ``json``: ``message`` is a Python value, sent as JSON (a
+    ``str`` is a JSON string); with ``json_text=True`` it is JSON text, sent as written.
+    ``type`` ``text``: a str. Raises :class:`MessageTooLarge` above the log's
+    ``max_payload`` (checked here first when ``max_payload`` is given),
+    :class:`InvalidPayload` / :class:`InvalidChannel` for bad input, and
+    :class:`LogUnavailable` naming the role and the GRANT when the role lacks a right.
     """
-    args = publish_args(channel, message, type=type, message_id=message_id, reply_to=reply_to,
-                        max_payload=max_payload)
-    with conn.cursor() as cur:
-        try:
-            cur.execute(sql.SQL("SELECT ") + publish_call(schema), args)
-        except psycopg2.Error as exc:
-            if getattr(exc, "pgcode", None) == "54000":  # the log's own max_payload
-                limit = _limit_in(first_line(exc))
-                if limit is not None:
-                    raise MessageTooLarge(len(args[1].encode("utf-8", "surrogatepass")), limit,
-                                          channel) from None
-            raise
-        return int(cur.fetchone()[0])
+    if json_text and type != "json":
+        raise InvalidPayload(f"json_text=True is for json messages, not {type!r} ones")
+    args = publish_args(channel, json_message(message, json_text), type=type,
+                        message_id=message_id, reply_to=reply_to, max_payload=max_payload)
+    try:
+        row = run(conn, f"SELECT {_quoted(schema)}.publish(%s, %s, %s, %s, %s)", args)
+    except Exception as exc:
+        code = sqlstate(exc)
+        if code == "54000":  # the log's own max_payload
+            limit = _limit_in(error_text(exc))
+            if limit is not None:
+                raise MessageTooLarge(len(args[1].encode("utf-8", "surrogatepass")), limit,
+                                      channel) from None
+        if code == "42501":  # insufficient_privilege
+            raise LogUnavailable(_rights_message(schema, error_text(exc),
+                                                 login_role(conn) or "<role>",
+                                                 publisher_only=True)) from None
+        raise
+    if row is None:
+        raise LogUnavailable(f"{schema}.publish returned nothing: is {schema!r} a pgws_sync log?")
+    return int(row[0])
 
 
 def _limit_in(error: str) -> Optional[int]:

@@ -13,6 +13,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.sql
 
+from .._dsn import Dsn
 from .. import _metrics
 from ..errors import ConfigError, NotifyFailed, first_line
 from .postgres import STATEMENT_TIMEOUT, close_quietly, open_session, session_params
@@ -40,7 +41,7 @@ class NotifyPool:
 
     def __init__(
         self,
-        dsn: str = "",
+        dsn: Dsn = "",
         *,
         size: int = 4,
         wait_timeout: float = 10.0,

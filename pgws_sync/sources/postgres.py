@@ -13,6 +13,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from .._dsn import Dsn, libpq_dsn
 from .._formats import validate_channel
 from ..errors import DatabaseUnreachable, first_line
 from .base import NoAnswer, Notification, SourceThread, Stopping
@@ -33,7 +34,8 @@ class Listener(SourceThread):
     in each process. Notifications arriving faster than one per ``coalesce``
     seconds are handed on together, at most once per ``coalesce``.
 
-    :param dsn: libpq connection string or URI ("": libpq's environment).
+    :param dsn: libpq connection string or URI ("": libpq's environment), or the app's
+        SQLAlchemy URL (``postgresql+psycopg2://``, ``postgresql+psycopg://``, a ``URL``).
     :param application_name: what ``pg_stat_activity`` shows for the connection.
 
     The reconnecting and heartbeat options are :class:`SourceThread`'s.
@@ -48,7 +50,7 @@ class Listener(SourceThread):
 
     def __init__(
         self,
-        dsn: str = "",
+        dsn: Dsn = "",
         *,
         min_reconnect: float = 10.0,
         max_reconnect: float = 60.0,
@@ -60,7 +62,7 @@ class Listener(SourceThread):
         super().__init__(min_reconnect=min_reconnect, max_reconnect=max_reconnect,
                          heartbeat_interval=heartbeat_interval,
                          connect_timeout=connect_timeout, coalesce=coalesce)
-        self.dsn = dsn or ""
+        self.dsn = libpq_dsn(dsn or "")
         self.application_name = application_name
         self._backend_pid: Optional[int] = None
 
@@ -224,7 +226,7 @@ def close_quietly(conn: Any) -> None:
             pass
 
 
-def notification_queue_usage(dsn: str) -> Optional[float]:
+def notification_queue_usage(dsn: Dsn) -> Optional[float]:
     """``pg_notification_queue_usage()`` of the database (0 to 1), or None if it cannot be asked."""
     try:
         conn = connect(dsn, connect_timeout=2)
@@ -251,7 +253,7 @@ _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                "keepalives_count": 3}
 
 
-def session_params(dsn: str, *, application_name: Optional[str] = None,
+def session_params(dsn: Dsn, *, application_name: Optional[str] = None,
                    connect_timeout: Optional[float] = 10.0,
                    statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
                    lock_timeout: Optional[float] = LOCK_TIMEOUT,
@@ -261,6 +263,7 @@ def session_params(dsn: str, *, application_name: Optional[str] = None,
     user timeout on both ends, statement and lock timeouts, a bounded connect (seconds;
     None: not set). Whatever the DSN (or ``PGCONNECT_TIMEOUT``) sets wins, except
     ``application_name``."""
+    dsn = libpq_dsn(dsn)
     params: Dict[str, Any] = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
     options = [params.pop("options", "")]
     settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout,
@@ -299,7 +302,7 @@ def open_session(params: Dict[str, Any]) -> Any:
     return psycopg2.connect(**{k: v for k, v in params.items() if k != "options"})
 
 
-def connect(dsn: str, *, connect_timeout: int = 10,
+def connect(dsn: Dsn, *, connect_timeout: int = 10,
             application_name: Optional[str] = None,
             statement_timeout: Optional[float] = STATEMENT_TIMEOUT,
             lock_timeout: Optional[float] = LOCK_TIMEOUT) -> Any:
@@ -313,7 +316,7 @@ def connect(dsn: str, *, connect_timeout: int = 10,
     return conn
 
 
-def wait_for_database(dsn: str, retries: int, *, first_delay: float = 1.0,
+def wait_for_database(dsn: Dsn, retries: int, *, first_delay: float = 1.0,
                       max_delay: float = 32.0, connect_timeout: int = 10,
                       stop: Optional[threading.Event] = None,
                       on_retry: Optional[Callable[[int, str, float], None]] = None,
@@ -326,6 +329,7 @@ def wait_for_database(dsn: str, retries: int, *, first_delay: float = 1.0,
     ``setting`` names where ``retries`` came from, in the error.
     """
     stop = stop or threading.Event()
+    dsn = libpq_dsn(dsn)
     params: Dict[str, Any] = {}
     if "connect_timeout" not in (psycopg2.extensions.parse_dsn(dsn) if dsn else {}):
         params["connect_timeout"] = connect_timeout

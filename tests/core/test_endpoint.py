@@ -312,3 +312,41 @@ def test_plain_wsgi_under_werkzeug_dev_server(pg_dsn, sender):
     finally:
         httpd.shutdown()
         listener.stop()
+
+
+def test_a_socket_flask_answers_otherwise_after_on_connect_is_forgotten(pg_dsn):
+    """An after_request function that raises makes Flask answer 500 instead of serving the
+    socket: the admitted connection leaves the hub, on_disconnect runs once, nothing leaks."""
+    from flask import Flask
+
+    from pgws_sync._core import endpoint as endpoint_module
+
+    app = Flask(__name__)
+    ended = []
+
+    class Hooked(Pgws):
+        def on_disconnect(self, conn):
+            ended.append(conn.id)
+
+    listener = Listener(pg_dsn)
+    hooked = Hooked(listener, "pgws")
+    hooked.init_app(app, "/ws")
+
+    @app.after_request
+    def fail(response):
+        raise RuntimeError("an after_request function failed on purpose")
+
+    ours, theirs = socket.socketpair()
+    open_before = endpoint_module._sockets.open
+    try:
+        answer = app.test_client().get("/ws", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+            environ_overrides={"werkzeug.socket": ours})
+        assert answer.status_code == 500  # ended at the request's teardown, not by the GC
+        assert len(hooked.hub) == 0 and len(ended) == 1
+        assert endpoint_module._sockets.open == open_before
+    finally:
+        ours.close()
+        theirs.close()
+        listener.stop()

@@ -20,7 +20,8 @@ def received(pg_dsn, channel):
 
 def test_dict_and_text_payloads(sender, channel, received):
     notify(sender, channel, {"message": "hello", "n": 1, "u": "\u2603"})
-    notify(sender, channel, ' {"b": 2,  "a": 12345678901234567890123}\n', audience="noosa")
+    notify(sender, channel, ' {"b": 2,  "a": 12345678901234567890123}\n', audience="noosa",
+           json_text=True)
     wait_for(lambda: len(received.payloads()) == 2, message="two notifications")
     assert received.payloads() == [
         'default,{"message":"hello","n":1,"u":"\u2603"}',
@@ -49,9 +50,9 @@ def test_refusals_happen_before_anything_is_sent(sender, channel, received):
         notify(sender, channel, {"pad": "x" * 8000})
     assert isinstance(info.value, PgwsError) and info.value.limit == 8000
     with pytest.raises(PayloadTooLarge):  # 2,720 characters, but 8,120 UTF-8 bytes
-        notify(sender, channel, '{"pad": "' + "\u2603" * 2700 + '"}')
+        notify(sender, channel, '{"pad": "' + "\u2603" * 2700 + '"}', json_text=True)
     with pytest.raises(InvalidPayload):
-        notify(sender, channel, "[1, 2, 3]")
+        notify(sender, channel, "[1, 2, 3]", json_text=True)
     with pytest.raises(InvalidPayload):
         notify(sender, channel, {"a": 1}, audience="x,{y")
     with pytest.raises(InvalidPayload):
@@ -59,7 +60,7 @@ def test_refusals_happen_before_anything_is_sent(sender, channel, received):
     with pytest.raises(InvalidChannel):
         notify(sender, "", {"a": 1})
     biggest = '{"pad": "' + "x" * (7999 - len('default,{"pad": ""}')) + '"}'
-    notify(sender, channel, biggest)  # exactly 7999 bytes: accepted by PostgreSQL
+    notify(sender, channel, biggest, json_text=True)  # exactly 7999 bytes: accepted by PostgreSQL
     wait_for(lambda: received.payloads(), message="the largest allowed payload")
     assert received.payloads() == ["default," + biggest]
     assert len(received.payloads()[0].encode()) == 7999

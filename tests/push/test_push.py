@@ -116,6 +116,21 @@ def test_push_to_room_reaches_members_until_they_leave(server, tabs):
     sentinel(server, [a, b, outside])
 
 
+def test_a_notify_on_the_push_channel_arrives_whichever_the_source(server, tabs, sender):
+    """With a Redis source, NOTIFYs on BackgroundPush are read too: both sources at once."""
+    from ..helpers import pg_notify
+
+    room = fresh("both-")
+    member = tabs(server)
+    member.join(room)
+    pg_notify(sender, "BackgroundPush", json.dumps({"pushToRoom": room, "payload": {"via": "sql"}}))
+    assert member.recv_json() == {"via": "sql"}
+    push(server, {"pushToRoom": room, "payload": {"via": server.source}})
+    assert member.recv_json() == {"via": server.source}
+    health = json.loads(http_get(server.url("/healthz"))[1])
+    assert ("push_notify" in health) is (server.source == "redis"), health
+
+
 def test_rooms_are_subscriptions(server, tabs):
     """A pub/sub subscriber of channel r is in room r, and a room member gets publications."""
     room = fresh("room-")
