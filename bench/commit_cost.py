@@ -23,9 +23,11 @@ import statistics
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import psutil
 import psycopg2
 
 SCHEMA = "bench_log"
@@ -106,6 +108,41 @@ def sequencing(dsn: str) -> Iterator[None]:
         sequencer.stop()
 
 
+def server_cpu(dsn: str) -> Callable[[], float]:
+    """A function giving the CPU seconds used so far by the server's processes (those that
+    ended included), or 0.0 for a server on another machine."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid(), inet_server_addr() IS NULL "
+                        "OR inet_server_addr() = inet_client_addr()")
+            pid, local = cur.fetchone()
+    finally:
+        conn.close()
+    try:
+        postmaster = psutil.Process(pid).parent() if local else None
+    except psutil.Error:
+        postmaster = None
+
+    def total() -> float:
+        if postmaster is None:
+            return 0.0
+        times = postmaster.cpu_times()
+        used = times.user + times.system + times.children_user + times.children_system
+        for child in postmaster.children():
+            with contextlib.suppress(psutil.Error):
+                used += sum(child.cpu_times()[:2])
+        return used
+    return total
+
+
+def wait_numbered(dsn: str, timeout: float = 60.0) -> None:
+    """Until the sequencer has numbered what the last run published."""
+    deadline = time.monotonic() + timeout
+    while intake_left(dsn) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def intake_left(dsn: str) -> int:
     from pgws_sync.sources import log
 
@@ -153,16 +190,30 @@ def report(dsn: str, workdir: Path, seconds: float, rounds: int) -> None:
     """Run every variant and print the table (medians of ``rounds``, variants interleaved)."""
     print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
           f"publish ({seconds:g} s each, median of {rounds} interleaved rounds)")
+    print("cpu: microseconds of the database's CPU (every server process, the sequencer's "
+          "included) per commit, and insert's over publish's (a figure other load on the "
+          "machine disturbs less than commits/s)")
     print(f"{'channels':>8} {'clients':>7} {'insert':>9} {'notify':>9} {'publish':>9} "
-          f"{'publish/insert':>15} {'notify/insert':>14}")
+          f"{'publish/insert':>15} {'notify/insert':>14} {'cpu ins':>7} {'cpu pub':>7} "
+          f"{'cpu ratio':>9}")
+    cpu_of = server_cpu(dsn)
     for channels in (1, 32):
         for clients in (1, 8, 32):
-            tps = {name: run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
-                                     clients, seconds, workdir)
-                   for name, then in VARIANTS.items()}
+            runs: Dict[str, List[Tuple[float, float]]] = {name: [] for name in VARIANTS}
+            for _ in range(rounds):
+                for name, then in VARIANTS.items():
+                    before = cpu_of()
+                    tps = run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
+                                      clients, seconds, workdir)
+                    wait_numbered(dsn)  # the sequencer's work counts for the publisher
+                    runs[name].append((tps, (cpu_of() - before) / (tps * seconds)))
+            tps = {name: statistics.median(t for t, _ in got) for name, got in runs.items()}
+            cpu = {name: statistics.median(c for _, c in got) for name, got in runs.items()}
             print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
                   f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
-                  f"{tps['notify'] / tps['insert']:>14.2f}", flush=True)
+                  f"{tps['notify'] / tps['insert']:>14.2f} {cpu['insert'] * 1e6:>7.0f} "
+                  f"{cpu['publish'] * 1e6:>7.0f} {cpu['insert'] / cpu['publish']:>9.2f}",
+                  flush=True)
     sides = [side_by_side(dsn, seconds, workdir) for _ in range(rounds)]
     plain = (statistics.median(b["insert"][0] for b in sides),
              statistics.median(b["insert"][1] for b in sides))
