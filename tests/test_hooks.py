@@ -158,8 +158,8 @@ def test_an_inbound_flood_of_large_frames_is_bounded_in_bytes(pg_dsn, clients):
         echoes = 0
         with pytest.raises(simple_websocket.ConnectionClosed) as closed:
             while True:
-                frame = ws.client.receive(timeout=10)
-                assert frame is not None, "no close within 10 s"
+                frame = ws.client.receive(timeout=30)  # 10 MiB echoed on a busy machine
+                assert frame is not None, "no close within 30 s"
                 echoes += 1
         assert (closed.value.reason, closed.value.message) == (1008, "too many messages")
         sender.join(10)

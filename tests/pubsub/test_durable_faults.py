@@ -278,8 +278,8 @@ def test_a_client_that_stops_reading_loses_nothing_and_is_paged_from_the_log(pg_
     try:
         sock = stalled_client(server, "slow")
         n = publish_16_mb(pg_dsn, schema, "slow")
-        wait_for(lambda: stats(server)["connections"][0]["queue_depth"] > 0,
-                 message="its queue holds frames")
+        wait_for(lambda: stats(server)["connections"][0]["queue_depth"] > 0, timeout=30,
+                 message="its queue holds frames")  # 16 MB numbered and read on a busy machine
         frames = read_messages(sock, n)
         assert [f["offset"] for f in frames] == list(range(1, n + 1))
         assert stats(server)["sockets"] == 1  # never closed with 1013
