@@ -421,8 +421,8 @@ def _relax_messages(cur: Any, schema: str) -> List[str]:
     table = f"{_quoted(schema)}.messages"
     cur.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass "
                 "AND contype = 'c' ORDER BY conname", (table,))
-    changes = [sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(name))
-               for (name,) in cur.fetchall()]
+    changes: List[sql.Composable] = [sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(name))
+                                     for (name,) in cur.fetchall()]
     cur.execute("SELECT attnotnull FROM pg_attribute WHERE attrelid = %s::regclass "
                 "AND attname = 'id'", (table,))
     if cur.fetchone()[0]:
