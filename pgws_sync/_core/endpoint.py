@@ -25,8 +25,8 @@ from .connection import (
     SLOW_CLIENT_REASON,
     Connection,
     GuardedSocket,
-    WakingEvent,
 )
+from .._threads import WakingEvent
 from .health import SHUTTING_DOWN, Health, HealthLog, health_answer
 from .hub import Hub
 from .limits import TokenBucket

@@ -32,6 +32,7 @@ import psycopg2
 from .. import _metrics
 from .._core.connection import APP_JSON, QUEUED, WRITTEN, Connection, Delivery
 from .._core.hub import Hub
+from .._threads import gather
 from .._core.wire import Frame
 from .._formats import dumps, error_frame
 from ..errors import LogUnavailable, first_line
@@ -204,12 +205,7 @@ class Streams:
         self._stop_pruning.set()
         self.sequencer.stop(timeout)
         if self._pid == os.getpid():
-            for thread in self._threads:
-                if thread is not threading.current_thread():
-                    thread.join(timeout)
-                    if thread.is_alive():
-                        logger.warning("thread %s did not stop within %.1fs", thread.name,
-                                       timeout)
+            gather(self._threads, timeout)
 
     def subscribe(self, conn: Connection, channel: str, *, since: Optional[int] = None,
                   epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True,

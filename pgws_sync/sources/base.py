@@ -28,6 +28,7 @@ from typing import (
 )
 
 from .. import _metrics
+from .._threads import gather
 from ..errors import ConfigError, ListenerStopped, first_line
 
 _S = TypeVar("_S", bound="SourceThread")
@@ -217,11 +218,7 @@ class SourceThread:
         self._on_stop()
         thread = self._thread if self._pid == os.getpid() else None
         self._wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                self._log.warning("%s thread %s did not stop within %.1fs",
-                                  self._what, thread.name, timeout)
+        gather([thread], timeout)
 
     @property
     def connected(self) -> bool:
