@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import select
@@ -16,23 +17,32 @@ from .._formats import envelope, gap_frame
 from .._threads import CountingQueue, Latch
 from .ids import new_connection_id
 from .simple_ws import ConnectionClosed, LocalProtocolError, inbound, inbound_over_limit
-from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
+from .wire import OPCODE_BINARY, CloseCode, Frame, encode_frame, encode_text
 
 logger = logging.getLogger(__name__)
 
-#: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
-CLOSE_GOING_AWAY = 1001
-#: A drain: the server restarts; the reason says when to reconnect.
-CLOSE_SERVICE_RESTART = 1012
+#: The close codes by their former names (:class:`CloseCode`).
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
+CLOSE_POLICY_VIOLATION = CloseCode.POLICY_VIOLATION
+CLOSE_TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
 #: The reason of the 1013 close a client that reads too slowly gets, unless the endpoint says.
 SLOW_CLIENT_REASON = "send queue full"
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 
 _WAKE = object()  # a queue item that only wakes the writer up
 
-#: What :meth:`Connection.deliver` did (FULL is false, the others true).
-FULL, QUEUED, WRITTEN = 0, 1, 2
+class Delivered(enum.IntEnum):
+    """What :meth:`Connection.deliver` did: FULL is false, the others true."""
+
+    #: The queue had no room; nothing was sent.
+    FULL = 0
+    #: Queued for the connection's writer.
+    QUEUED = 1
+    #: Written to the socket at once.
+    WRITTEN = 2
+
+
+FULL, QUEUED, WRITTEN = Delivered.FULL, Delivered.QUEUED, Delivered.WRITTEN
 
 
 #: What a :class:`Delivery` carries: the protocol's own frames, or the app's (JSON text, or
@@ -287,9 +297,9 @@ class Connection:
         request = self._close_request
         return None if request is None else request[0]
 
-    def deliver(self, item: Delivery) -> int:
-        """Hand ``item`` to the socket without blocking: :data:`WRITTEN` (written at once),
-        :data:`QUEUED` (for the writer), or :data:`FULL` (0: the queue has no room).
+    def deliver(self, item: Delivery) -> Delivered:
+        """Hand ``item`` to the socket without blocking: ``Delivered.WRITTEN`` (written at
+        once), ``QUEUED`` (for the writer), or ``FULL`` (false: the queue has no room).
 
         While frames are missing (:meth:`add_missed`), ``item`` is queued behind
         one gap frame per channel, or not at all if the queue has no room.
@@ -399,7 +409,7 @@ class Connection:
         """
         if self.deliver(Delivery.of(data, kind)):
             return True
-        self.request_close(CLOSE_TRY_AGAIN_LATER, self.slow_reason)
+        self.request_close(CloseCode.TRY_AGAIN_LATER, self.slow_reason)
         return False
 
     def request_close(self, code: int, reason: str) -> None:
@@ -408,7 +418,7 @@ class Connection:
             self._close_request = (code, reason)
         self.wake()
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the socket with ``code`` and ``reason`` after the frames already queued.
 
         (A connection dropped for overflow, 1013, closes without writing its backlog.)
@@ -471,7 +481,7 @@ class Connection:
                     first = _WAKE
                 else:
                     request = self._close_request
-                    if request is None or request[0] != CLOSE_TRY_AGAIN_LATER:
+                    if request is None or request[0] != CloseCode.TRY_AGAIN_LATER:
                         self._write(ws, sock, first)
                 if self._close_at is not None and time.time() >= self._close_at[0]:
                     self.request_close(self._close_at[1], self._close_at[2])
@@ -557,7 +567,7 @@ class Connection:
         while buffer:
             if len(buffer) > max_backlog or inbound_over_limit(ws):
                 buffer.clear()
-                self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
+                self.request_close(CloseCode.POLICY_VIOLATION, "too many messages")
                 return
             data = buffer.pop(0)
             if on_message is None:
@@ -568,7 +578,7 @@ class Connection:
                 logger.exception("on_message failed for connection %s", self.id)
 
     def _send_close(self, ws: Any, sock: GuardedSocket, close_timeout: float) -> None:
-        code, reason = self._close_request or (CLOSE_GOING_AWAY, "")
+        code, reason = self._close_request or (CloseCode.GOING_AWAY, "")
         try:
             self._finish_frame(sock)  # a close frame must not land inside a data frame
             ws.close(code, reason)

@@ -13,7 +13,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._threads import Latch, gather
-from .connection import CLOSE_POLICY_VIOLATION, forbid_blocking_writes
+from .connection import forbid_blocking_writes
+from .wire import CloseCode
 from .simple_ws import (
     LocalProtocolError,
     feed,
@@ -208,7 +209,7 @@ class SharedReader:
             ws = sock.ws
             try:
                 if pong_missing(ws):
-                    ws.close(reason=CLOSE_POLICY_VIOLATION, message="Ping/Pong timeout")
+                    ws.close(reason=CloseCode.POLICY_VIOLATION, message="Ping/Pong timeout")
                     self._finish(sock)
                     continue
                 send_ping(ws)

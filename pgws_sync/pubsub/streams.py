@@ -25,12 +25,12 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import psycopg2
 
 from .. import _metrics
-from .._core.connection import APP_JSON, QUEUED, WRITTEN, Connection, Delivery
+from .._core.connection import APP_JSON, Connection, Delivered, Delivery
 from .._core.hub import Hub
 from .._threads import gather
 from .._core.wire import Frame
@@ -91,6 +91,15 @@ class Request:
         self.reply = reply
         #: How many times the streams thread began it.
         self.attempts = 0
+
+
+class Head(NamedTuple):
+    """Where a channel stands in the log."""
+
+    #: The newest numbered offset.
+    offset: int
+    #: The oldest offset still kept (``offset + 1`` when nothing is kept).
+    low: int
 
 
 #: (channel, row, epoch) -> the frame a subscriber receives.
@@ -433,8 +442,8 @@ class Streams:
                     and r.channel is not None}
         found = self._heads(sorted(fresh | resuming)) if fresh or resuming else {}
         for channel in fresh:
-            self._positions[channel] = found[channel][0]
-        return {channel: found[channel][1] for channel in resuming}
+            self._positions[channel] = found[channel].offset
+        return {channel: found[channel].low for channel in resuming}
 
     def _handle(self, request: Request, lows: Dict[str, int]) -> None:
         """Do one request; a failure other than the database's fails it alone."""
@@ -475,7 +484,7 @@ class Streams:
         """Subscribe as ``request`` asks, at the position :meth:`_prepare_subscribes` found."""
         conn = request.conn
         if channel not in self._positions:  # an earlier request of this batch dropped it
-            self._positions[channel] = self._heads([channel])[channel][0]
+            self._positions[channel] = self._heads([channel])[channel].offset
         if conn.closed.is_set():
             self._drop_position_if_unused(channel)
             return False
@@ -494,7 +503,7 @@ class Streams:
                 self._drop_position_if_unused(channel)
                 return False
             else:
-                low = lows[channel] if channel in lows else self._heads([channel])[channel][1]
+                low = lows[channel] if channel in lows else self._heads([channel])[channel].low
                 used = self._replayed.get(conn, 0)
                 if since < low - 1:
                     reply = self._resync_required(
@@ -557,7 +566,7 @@ class Streams:
         self._recent_bytes = 0
         heads = self._heads(list(self._subs))
         for channel, subs in self._subs.items():
-            head = heads[channel][0]
+            head = heads[channel].offset
             self._positions[channel] = head
             frame = dumps(self._resync_required(channel, "epoch: the log was recreated", head))
             for sub in subs.values():
@@ -566,9 +575,10 @@ class Streams:
 
     # ------------------------------------------------------------ delivery
 
-    def _heads(self, channels: List[str]) -> Dict[str, Tuple[int, int]]:
+    def _heads(self, channels: List[str]) -> Dict[str, Head]:
         with self._conn.cursor() as cur:
-            return log.heads(cur, self.schema, channels)
+            found = log.heads(cur, self.schema, channels)
+        return {channel: Head(*head) for channel, head in found.items()}
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
         """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
@@ -622,20 +632,23 @@ class Streams:
         self._positions[channel] = rows[-1].offset
         self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
         item = Delivery.join(parts)
-        how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
+        queued = written = 0
         for sub in list(subs.values()):
             if sub.cursor is not None:
                 continue  # being paged: it reads these from the log in turn
             done = sub.conn.deliver(item)
-            how[done] += 1
-            if not done:  # its queue is full: page it from the log instead of dropping it
+            if done is Delivered.WRITTEN:
+                written += 1
+            elif done is Delivered.QUEUED:
+                queued += 1
+            else:  # its queue is full: page it from the log instead of dropping it
                 sub.cursor = rows[0].offset - 1
                 self._wait_for_room(sub)
         if _metrics.enabled():
-            _metrics.inc("messages_delivered", (how[QUEUED] + how[WRITTEN]) * len(rows),
+            _metrics.inc("messages_delivered", (queued + written) * len(rows),
                          endpoint=self.label)
-            _metrics.inc("socket_writes", how[QUEUED], endpoint=self.label, how="queued")
-            _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
+            _metrics.inc("socket_writes", queued, endpoint=self.label, how="queued")
+            _metrics.inc("socket_writes", written, endpoint=self.label, how="direct")
             lag = max(0.0, time.time() - rows[-1].published)
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
 
