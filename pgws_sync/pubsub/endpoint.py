@@ -27,11 +27,12 @@ from ..sources import log
 from ..sources.base import Notification, Source
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE
 from .batching import Batcher, Finished
-from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
+from .protocol import BACKPRESSURE_POLICIES, Action, parse_action, reply_frame
 from .publication import (
     DEFAULT_PUBSUB_CHANNEL,
     BatchField,
     Publication,
+    channel_name,
     format_marker,
     format_publication,
     message_body,
@@ -224,8 +225,9 @@ class PubSub(ListeningEndpoint):
         the database at once and every worker batches what it receives the same way,
         so a batch is one message whichever workers or hosts publish into it. On
         shutdown a worker hands its open batches to its own sockets before closing them.
+        Raises :class:`InvalidChannel` for a bad channel name.
         """
-        check_channel(channel)
+        channel_name(channel)
         self.channels.refuse_batches("publish_batched")
         if not isinstance(key, str) or not isinstance(name, str):
             raise InvalidPayload("a batch's key and name must be strings")
@@ -247,8 +249,8 @@ class PubSub(ListeningEndpoint):
 
     def cancel_batch(self, channel: str, key: str) -> bool:
         """Discard the open batch of ``(channel, key)`` in every worker; False if none was
-        open in this one."""
-        check_channel(channel)
+        open in this one. Raises :class:`InvalidChannel` for a bad channel name."""
+        channel_name(channel)
         self.channels.refuse_batches("cancel_batch")
         was_open = self.batcher.kind(channel, key) is not None
         self.publisher.notify(format_marker(channel, BatchField(key, cancel=True)))
@@ -261,9 +263,10 @@ class PubSub(ListeningEndpoint):
         ``backpressure`` overrides the endpoint's policy for this channel.
         No hook is asked and no limit applies. On a durable endpoint the socket
         gets a ``subscribed`` frame naming the epoch and offset, unless ``reply``
-        is False.
+        is False. Raises :class:`InvalidChannel` for a bad channel name,
+        :class:`LogUnavailable` when the durable log cannot take it now.
         """
-        check_channel(channel)
+        channel_name(channel)
         policy = self._policy(backpressure)
         return self.channels.join(conn, channel, policy=policy, reply=reply)
 
