@@ -7,15 +7,9 @@ import psycopg2
 import pytest
 import sqlalchemy
 
-from pgws_sync import (
-    DEFAULT_PUBSUB_CHANNEL,
-    JwtAuth,
-    JwtGateway,
-    Listener,
-    Publisher,
-    PubSub,
-    migrate,
-)
+from pgws_sync import JwtAuth, JwtGateway, Listener, PubSub, migrate
+from pgws_sync.pubsub.publication import DEFAULT_PUBSUB_CHANNEL
+from pgws_sync.pubsub.publisher import Publisher
 from pgws_sync._dsn import libpq_dsn
 from pgws_sync._startup import check_dsn
 from pgws_sync.pgws.gateway import create_app

@@ -10,7 +10,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from pgws_sync import InvalidChannel, Listener, Pgws, PgwsError, origin_allowed
+from pgws_sync import InvalidChannel, Listener, Pgws, PgwsError
+from pgws_sync._core.origin import origin_allowed
 
 from ..helpers import Gunicorn, Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
 

@@ -236,7 +236,7 @@ def test_channel_flag_is_refused_with_a_jwt_secret() -> None:
 
 
 def test_wait_for_database_counts_attempts(pg_dsn: str) -> None:
-    from pgws_sync import DatabaseUnreachable
+    from pgws_sync.errors import DatabaseUnreachable
     from pgws_sync.sources.postgres import wait_for_database
 
     assert wait_for_database(pg_dsn, 3) == 1

@@ -8,7 +8,8 @@ import uuid
 import psycopg2
 import pytest
 
-from pgws_sync import InvalidPayload, MessageTooLarge, migrate, publish_durable
+from pgws_sync import InvalidPayload, migrate, publish_durable
+from pgws_sync.errors import MessageTooLarge
 
 from ..durable_helpers import (
     Resumer,

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgws_sync import LogUnavailable, MessageTooLarge, migrate, publish_durable
+from pgws_sync import LogUnavailable, migrate, publish_durable
+from pgws_sync.errors import MessageTooLarge
 from pgws_sync.sources.log import migration_sql
 
 from ..durable_helpers import new_log, publish_many, serve_durable, wait_numbered

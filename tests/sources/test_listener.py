@@ -5,7 +5,8 @@ import logging
 import psycopg2
 import pytest
 
-from pgws_sync import ConfigError, Listener, ListenerStopped
+from pgws_sync import ConfigError, Listener
+from pgws_sync.errors import ListenerStopped
 
 from ..helpers import Recorder, pg_notify, proxied, wait_for
 from ..pgserver import free_port
