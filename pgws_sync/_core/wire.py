@@ -85,7 +85,7 @@ def switching_protocols(key: str, subprotocol: Optional[str] = None) -> bytes:
 
 def warm_up() -> None:
     """Run the handshake's SHA-1 once: OpenSSL's first use in a process touches
-    about 1 MB of library code, better paid at start than by the first socket.
+    much of its library code, better paid at start than by the first socket.
     (After a fork the child maps those pages again, so workers call it too.)"""
     accept_key("dGhlIHNhbXBsZSBub25jZQ==")
 
