@@ -187,6 +187,9 @@ class DurableChannels(Channels):
     A subscription is counted when the client asks (:meth:`Streams.claimed`), so the
     limit holds for a burst of requests the streams thread has not answered yet.
 
+    :param hub: the endpoint's hub.
+    :param publisher: the endpoint's publisher.
+    :param max_subscriptions: subscriptions a client may ask for per connection.
     :param settings: the log's options.
     :param label: the ``endpoint`` label of the metrics.
     :param max_queue: the sockets' queue bound in frames.

@@ -59,6 +59,7 @@ class PubSub(ListeningEndpoint):
     every worker, and SQL can publish too. Override :meth:`can_subscribe`
     (default: allow) and :meth:`can_publish` (default: refuse).
 
+    :param listener: the source of publications (a :class:`Listener`, or another source).
     :param dsn: database for publishing (default: the listener's).
     :param pubsub_channel: the NOTIFY channel publications travel on.
     :param backpressure: ``"close"`` (a full queue closes with 1013) or ``"drop"`` (a ``gap`` frame).
@@ -84,8 +85,7 @@ class PubSub(ListeningEndpoint):
         back gets ``resync_required``.
     :param replay_budget: the most messages one connection may have replayed in all; past
         it, a resume gets ``resync_required``.
-
-    Other keyword options are those of :class:`WebSocketEndpoint`.
+    :param **options: those of :class:`WebSocketEndpoint`.
     """
 
     def __init__(

@@ -114,11 +114,11 @@ class Streams:
     :param hub: the endpoint's hub (subscriptions are also joined there as ``key(channel)``).
     :param key: a channel's hub key.
     :param make_frame: builds a message frame from a row and the epoch.
-    :param check_interval: seconds between two safety-net checks of every channel's head.
-    :param prune_every: seconds between two pruning passes (None: never prune here).
     :param label: the ``endpoint`` label of the metrics.
     :param retention_seconds: how long messages are kept.
     :param retention_messages: how many of a channel's newest messages are kept.
+    :param prune_every: seconds between two pruning passes (None: never prune here).
+    :param check_interval: seconds between two safety-net checks of every channel's head.
     :param max_queue: the sockets' queue bound in frames (a page fills at most half of it).
     :param max_queue_bytes: the same in bytes.
     :param sequencer_poll: seconds between two looks at the log's intake while this process
@@ -605,7 +605,7 @@ class Streams:
             channels = full
 
     def _deliver_live_alone(self, channel: str, rows: List[log.Row]) -> None:
-        """:meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these
+        """Run :meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these
         messages, with a ``resync_required``, and nobody else anything."""
         try:
             self._deliver_live(channel, rows)
@@ -724,7 +724,7 @@ class Streams:
         sub.conn.when_room(ready)
 
     def _page_alone(self, sub: Subscriber) -> None:
-        """:meth:`_page`; a failure other than the database's drops this subscription only."""
+        """Run :meth:`_page`; a failure other than the database's drops this subscription only."""
         try:
             self._page(sub)
         except psycopg2.Error:

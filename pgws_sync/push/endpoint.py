@@ -87,6 +87,8 @@ class Push(PubSub):
     ``super().on_connect`` first. Identity comes from the app: by default a
     socket is anonymous until :meth:`get_user` says otherwise.
 
+    :param listener: the source of publications, and of backend messages unless ``source``
+        says otherwise.
     :param source: where backend messages come from besides the listener's NOTIFYs on
         ``push_channel`` (e.g. a :class:`RedisSource`; default: the listener alone).
     :param push_channel: the channel backend messages travel on.
@@ -98,8 +100,7 @@ class Push(PubSub):
     :param auth_key: the secret that signs guest-to-user AuthEvents (``sig``, see
         :func:`sign_auth_event`); without it no AuthEvent is acted on, since any database
         role could send one.
-
-    Other keyword options are those of :class:`PubSub`.
+    :param **options: those of :class:`PubSub`.
     """
 
     def __init__(
