@@ -190,6 +190,7 @@ class PubSub(ListeningEndpoint):
         reach 8000 bytes, :class:`InvalidPayload` or :class:`InvalidChannel` for
         bad input, :class:`PublishFailed` when the database does not take it.
         """
+        channel_name(channel)  # the pub/sub rule in both modes (the log's own is looser)
         message_type(type)
         if json_text and type != "json":
             raise InvalidPayload(f"json_text=True is for json messages, not {type!r} ones")
