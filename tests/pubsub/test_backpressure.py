@@ -10,6 +10,7 @@ import pytest
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import TextMessage
+import psycopg2
 
 from pgws_sync import Connection
 from pgws_sync._core.hub import Hub
@@ -156,8 +157,6 @@ class SlowReader:
 
 def publish_firehose(dsn, stop_at):
     """Publish RATE messages per second from SQL, 10 per statement, until stop_at; return the count."""
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     sent = 0
@@ -259,8 +258,6 @@ def test_slow_readers_under_a_firehose(pg_dsn, endpoint_policy):
 
 
 def publish_firehose_one(dsn):
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
