@@ -297,6 +297,12 @@ class Connection:
         request = self._close_request
         return None if request is None else request[0]
 
+    @property
+    def close_reason(self) -> Optional[str]:
+        """The reason of the close the server asked for, or None (as :attr:`close_code`)."""
+        request = self._close_request
+        return None if request is None else request[1]
+
     def deliver(self, item: Delivery) -> Delivered:
         """Hand ``item`` to the socket without blocking: ``Delivered.WRITTEN`` (written at
         once), ``QUEUED`` (for the writer), or ``FULL`` (false: the queue has no room).

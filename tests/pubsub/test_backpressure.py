@@ -36,7 +36,7 @@ def test_drop_policy_counts_and_puts_the_gap_before_the_next_frame():
     hub.join(conn, "sub:g", drop_as="g")
     for i in range(5):
         hub.fan_out([("sub:g", str(i))])
-    assert len(hub) == 1 and conn._close_request is None
+    assert len(hub) == 1 and conn.close_code is None
     assert conn.missed == {"g": 2} and conn.dropped == {"g": 2}
     hub.fan_out([("sub:g", "5"), ("sub:g", "6")])  # one poll, two frames: both lost
     assert conn.missed == {"g": 4}
@@ -72,7 +72,7 @@ def test_close_policy_and_mixed_frames_close_with_1013():
     hub.fan_out([("sub:g", "g1")])  # dropped: g has the drop policy
     assert len(hub) == 1 and mixed.missed == {"g": 1}
     hub.fan_out([("sub:g", "g2"), ("sub:h", "h0")])  # the lost item holds an h frame: close
-    assert len(hub) == 0 and mixed._close_request == (1013, "send queue full")
+    assert len(hub) == 0 and (mixed.close_code, mixed.close_reason) == (1013, "send queue full")
 
 
 def test_replies_and_broadcasts_are_never_dropped_silently():
@@ -82,7 +82,7 @@ def test_replies_and_broadcasts_are_never_dropped_silently():
     hub.join(conn, "sub:g", drop_as="g")
     hub.fan_out([("sub:g", "0")])
     assert hub.send_to(conn.id, "to you")  # the queue is full and this is not droppable
-    assert len(hub) == 0 and conn._close_request == (1013, "send queue full")
+    assert len(hub) == 0 and (conn.close_code, conn.close_reason) == (1013, "send queue full")
 
 
 def test_joining_again_changes_the_policy_and_leaving_forgets_it():
