@@ -19,7 +19,7 @@ $(BIN)/activate: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	touch $(BIN)/activate
 
-$(VENV)/.lint: $(BIN)/activate
+$(VENV)/.lint: $(BIN)/activate setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[lint]'
 	touch $(VENV)/.lint
 
