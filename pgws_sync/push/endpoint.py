@@ -404,8 +404,8 @@ class _DurablePushes(_Pushes):
                 json_text: bool) -> None:
         channel = (user_stream(user) if tab_window_id is None
                    else tab_stream(user, tab_window_id))
-        if channel is None:
-            raise InvalidPayload("the user id is too long for a tab's durable stream")
+        if channel is None or name_problem(channel) is not None:
+            raise InvalidPayload("the user id is too long for a durable stream")
         self.endpoint.publish(channel, payload, json_text=json_text)
 
     def to_room(self, room: str, payload: Any, *, json_text: bool) -> None:
