@@ -154,6 +154,7 @@ class SourceThread:
         self.connect_timeout = float(connect_timeout)
         self.coalesce = float(coalesce)
 
+        # Lock order: _lock, then _pipe_lock (start() takes both); never the other way round.
         self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
         self._pipe_lock = threading.Lock()  # guards the wake-up pipe's descriptors
         self._changed = threading.Condition(self._lock)
