@@ -28,6 +28,8 @@ from .errors import (
     WriteFailed,
 )
 from .jwt.auth import Grant, JwtAuth
+from .live.load import LiveLoad, load_live
+from .live.watch import unwatch_table, watch_table
 from .jwt.endpoint import JwtGateway
 from .pgws.endpoint import PGWS, Pgws
 from .pgws.notify import notify
@@ -65,6 +67,11 @@ __all__ = [
     "Publisher",
     "publish_durable",
     "migrate",
+    # live tables
+    "watch_table",
+    "unwatch_table",
+    "load_live",
+    "LiveLoad",
     "DEFAULT_MAX_PAYLOAD",
     "Batcher",
     "DEFAULT_PUBSUB_CHANNEL",
