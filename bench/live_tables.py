@@ -3,7 +3,9 @@
 The same write with and without the live-table trigger (``pgws_sync.watch_table``): a
 one-row UPDATE per transaction at 1 and 8 clients (commits per second, and the database's
 CPU per commit, the sequencer's numbering included), then one statement touching 100,000
-rows (INSERT, UPDATE, DELETE) and how long the sequencer takes to number what it published.
+rows (INSERT, UPDATE, DELETE) and how long the sequencer takes to number what it published;
+then the time from commit to delivery at 200 changes/s (gunicorn serving the test suite's
+live-table app, one WebSocket client).
 
     python -m bench.live_tables [--dsn DSN] [--seconds 5] [--rounds 3]
 
@@ -161,17 +163,85 @@ def big_statements(dsn: str) -> None:
               f"{numbering[name]:.1f} |")
 
 
+def latency(dsn: str, rate: float, seconds: float) -> None:
+    """Commit to delivery at ``rate`` changes/s: gunicorn (two workers) serving a durable
+    endpoint, one WebSocket client following the watched table's channel."""
+    import json
+    import threading
+
+    from tests.helpers import Gunicorn, Ws
+
+    from pgws_sync import watch_table
+
+    watch_table(dsn, "items", log_schema=SCHEMA, channel="items")
+    server = Gunicorn("tests.apps.live_app:app", workers=2, threads=16,
+                      env={"PGWS_DB_URI": dsn, "PGWS_LOG_SCHEMA": SCHEMA}).wait_up()
+    committed: Dict[int, float] = {}
+    received: Dict[int, float] = {}
+    stop = threading.Event()
+    try:
+        ws = Ws(server.ws_url())
+        ws.client.send(json.dumps({"action": "subscribe", "channel": "items", "id": "s"}))
+        ws.recv_until(lambda f: f.get("reply_to") == "s")
+
+        def read() -> None:
+            while not stop.is_set():
+                text = ws.client.receive(timeout=0.5)
+                if text is not None:
+                    frame = json.loads(text)
+                    if "offset" in frame:
+                        received[frame["payload"]["xid"]] = time.monotonic()
+
+        reader = threading.Thread(target=read, name="reader", daemon=True)
+        reader.start()
+        conn = psycopg2.connect(dsn)
+        n = 0
+        started = time.monotonic()
+        with conn.cursor() as cur:
+            while time.monotonic() - started < seconds:
+                n += 1
+                cur.execute("UPDATE items SET price = price + 1 WHERE id = %s", (n % ROWS + 1,))
+                cur.execute("SELECT pg_current_xact_id()::text::bigint")
+                xid = cur.fetchone()[0]
+                conn.commit()
+                committed[xid] = time.monotonic()
+                time.sleep(max(0.0, started + n / rate - time.monotonic()))
+        conn.close()
+        deadline = time.monotonic() + 10
+        while len(received) < len(committed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        reader.join(2)
+        ws.close()
+    finally:
+        server.stop()
+    delays = sorted((received[x] - t) * 1000 for x, t in committed.items() if x in received)
+    if not delays:
+        print("\nno change was delivered")
+        return
+    def pct(p: float) -> float:
+        return delays[min(len(delays) - 1, int(p * len(delays)))]
+    print(f"\ncommit to delivery at {len(committed) / seconds:.0f} changes/s for {seconds:g} s "
+          f"(one client, gunicorn with two workers; ms):")
+    print("| delivered | p50 | p95 | p99 | max |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {len(delays)} of {len(committed)} | {pct(0.5):.1f} | {pct(0.95):.1f} | "
+          f"{pct(0.99):.1f} | {delays[-1]:.1f} |")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.live_tables", description=__doc__)
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=200.0, help="changes/s in the latency run")
     args = parser.parse_args(argv)
     with durable_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         prepare(dsn)
         with sequencing(dsn):
             one_row_writes(dsn, args.seconds, args.rounds, Path(tmp))
             big_statements(dsn)
+        latency(dsn, args.rate, max(args.seconds * 2, 5.0))
     return 0
 
 
