@@ -84,3 +84,63 @@ def test_a_page_follows_a_table_across_a_server_restart(pg_dsn: str, page: Page)
         stop.set()
         server.stop()
         db.close()
+
+
+def test_the_demo_page_follows_its_table_across_a_server_restart(tmp_path: Any,
+                                                                 page: Page) -> None:
+    """``pgws-sync demo``'s page: the table's rows through live(), across a restart of the
+    server, equal to the table's (a row changes every second: they meet between changes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ..clirun import COMMAND, no_database_env
+    from ..helpers import ROOT
+    from ..pgserver import free_port
+    from ..test_cli import Lines
+
+    port = free_port()
+    env = no_database_env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.Popen([*COMMAND, "demo", "--bind", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = Lines(proc.stdout)  # type: ignore[arg-type]
+        dsn = lines.value("database", timeout=40)
+        page.goto(lines.value("page", timeout=40))
+        page.wait_for_function("document.querySelectorAll('#rows tr').length === 5")
+        page.wait_for_function("Number(document.getElementById('updates').textContent) >= 2")
+        db = psycopg2.connect(dsn)
+        db.autocommit = True
+
+        def equal() -> bool:
+            with db.cursor() as cur:
+                cur.execute("SELECT symbol, price::text FROM demo_prices ORDER BY symbol")
+                table = [[s, p] for s, p in cur.fetchall()]
+            shown = page.eval_on_selector_all(
+                "#rows tr", "trs => trs.map(tr => [tr.children[0].textContent, "
+                "tr.children[1].textContent])")
+            return sorted(shown) == table
+
+        page.click("#restart")
+        page.wait_for_function("document.getElementById('state').textContent === 'reconnecting'")
+        page.wait_for_function("document.getElementById('state').textContent === 'live'",
+                               timeout=30_000)
+        before = int(page.text_content("#updates") or 0)
+        page.wait_for_function(f"Number(document.getElementById('updates').textContent) > "
+                               f"{before + 1}", timeout=30_000)
+        deadline = time.monotonic() + 15
+        while not equal():
+            assert time.monotonic() < deadline, "the page's rows never equalled the table's"
+            time.sleep(0.1)
+        assert page.evaluate("prices.size") == 5
+        db.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
