@@ -54,8 +54,8 @@ def load_live(conn: Any, query: str, channel: str, params: Sequence[Any] = (), *
     ``conn``: a psycopg2 or psycopg 3 connection or a SQLAlchemy ``Connection`` or
     ``Session``, in a transaction that has not written to the watched table. Rows come
     as PostgreSQL's ``to_jsonb`` writes them, as the watched table's changes do.
-    ``key``: the result's columns holding the table's primary key, in key order (default:
-    found from the query's table when its rows come from one table).
+    ``key``: the result's columns holding the table's primary key, in key order (default,
+    on psycopg2 only: found from the query's table when its rows come from one table).
     """
     if key is None:
         key = _key_of(conn, query, params)

@@ -311,3 +311,27 @@ def test_a_customers_page_follows_its_rows_only(pg_dsn: str, db: Any) -> None:
         ws.close()
     finally:
         server.stop()
+
+
+def test_psycopg3_and_sqlalchemy_connections(pg_dsn: str, db: Any) -> None:
+    import psycopg
+    import sqlalchemy
+    from sqlalchemy.orm import Session
+
+    log = new_log(pg_dsn)
+    table = new_table(db, "id int PRIMARY KEY, v int")
+    watch_table(pg_dsn, table, log_schema=log, channel="t")
+    with db.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1, 5)")
+    number_all(pg_dsn, log)
+    with psycopg.connect(pg_dsn) as conn:
+        got = load_live(conn, f"SELECT * FROM {table} WHERE v > %s", "t", (1,), key=["id"],
+                        log_schema=log)
+        assert got.rows == [{"id": 1, "v": 5}] and got.position["offset"] == 1
+        with pytest.raises(ConfigError, match="needs key="):
+            load_live(conn, f"SELECT * FROM {table}", "t", log_schema=log)
+    engine = sqlalchemy.create_engine(pg_dsn.replace("postgresql://", "postgresql+psycopg2://"))
+    with Session(engine) as session:
+        got = load_live(session, f"SELECT * FROM {table}", "t", key=["id"], log_schema=log)
+        assert got.rows == [{"id": 1, "v": 5}] and got.position["key"] == ["id"]
+    engine.dispose()
