@@ -111,19 +111,25 @@ def trigger_function(table: Watched, *, log_schema: str, max_payload: int,
         body = (f"json_build_object('op', {_lit(op)}, 'table', {_lit(table.qualified)}, "
                 f"'key', {key}, 'row', {row}, 'xid', xact)::text")
         if row == "NULL":
-            return f"    PERFORM {_q(log_schema)}.publish({chan}, {body});\n"
-        too_large = (
-            f"        payload := json_build_object('op', {_lit(op)}, 'table', "
-            f"{_lit(table.qualified)}, 'key', {key}, 'row', NULL, 'xid', xact, "
-            f"'too_large', true)::text;\n"
-            if oversize == "key-only" else
-            f"        RAISE EXCEPTION 'pgws_sync live table %: the % of the row with key % is % "
-            f"bytes; the durable log takes at most % (watch fewer columns, or publish the key "
-            f"only: pgws-sync watch --oversize key-only)', {_lit(table.qualified)}, {_lit(op)}, "
-            f"{key}, octet_length(payload), {max_payload} USING ERRCODE = '54000';\n")
-        return (f"    payload := {body};\n"
-                f"    IF octet_length(payload) > {max_payload} THEN\n{too_large}    END IF;\n"
-                f"    PERFORM {_q(log_schema)}.publish({chan}, payload);\n")
+            code = f"    PERFORM {_q(log_schema)}.publish({chan}, {body});\n"
+        else:
+            too_large = (
+                f"        payload := json_build_object('op', {_lit(op)}, 'table', "
+                f"{_lit(table.qualified)}, 'key', {key}, 'row', NULL, 'xid', xact, "
+                f"'too_large', true)::text;\n"
+                if oversize == "key-only" else
+                f"        RAISE EXCEPTION 'pgws_sync live table %: the % of the row with key % "
+                f"is % bytes; the durable log takes at most % (watch fewer columns, or publish "
+                f"the key only: pgws-sync watch --oversize key-only)', "
+                f"{_lit(table.qualified)}, {_lit(op)}, {key}, octet_length(payload), "
+                f"{max_payload} USING ERRCODE = '54000';\n")
+            code = (f"    payload := {body};\n"
+                    f"    IF octet_length(payload) > {max_payload} THEN\n{too_large}    END IF;\n"
+                    f"    PERFORM {_q(log_schema)}.publish({chan}, payload);\n")
+        if channel_expr is None:
+            return code
+        # a row whose channel expression is NULL belongs to no channel: published nowhere
+        return f"    IF {chan} IS NOT NULL THEN\n{code}    END IF;\n"
 
     old_key_changed = " OR ".join(f"OLD.{_q(c)} IS DISTINCT FROM NEW.{_q(c)}" for c in table.key)
     moved = f"old_channel IS DISTINCT FROM new_channel OR {old_key_changed}"
@@ -170,7 +176,8 @@ def watch_table(conn: Any, table: str, *, channel: Optional[str] = None,
     ``conn``: a psycopg2 connection (not inside a transaction) or a DSN. ``channel``: the
     channel of every change (default ``schema.table``); ``channel_expr``: instead, a SQL
     expression over the row's columns giving each row's channel (``'orders:' ||
-    customer_id``). ``columns``: the columns a change carries (default all).
+    customer_id``; a row for which it is NULL is published nowhere). ``columns``: the
+    columns a change carries (default all).
     ``oversize``: a change above the log's ``max_payload`` fails the writing statement
     (``"fail"``) or is published with its key only (``"key-only"``). Watching again
     replaces the trigger (run it again after ``migrate --max-payload``).
@@ -225,7 +232,7 @@ def watch_table(conn: Any, table: str, *, channel: Optional[str] = None,
             if existing is not None and existing[0] == body:
                 return [f"{found.qualified} is already watched so; nothing to do"]
             _drop(cur, found.oid)
-            cur.execute(sql.SQL("CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql "
+            cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql "
                                 "SET search_path = pg_catalog, pg_temp AS {}")
                         .format(function, sql.Literal(body)))
             cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {}.{} "

@@ -109,6 +109,13 @@ def test_columns_and_channel_expression_move_rows(pg_dsn: str, db: Any, log: str
         ("orders:8", "delete", {"id": 2}, None),
         ("orders:8", "insert", {"id": 5}, {"id": 5, "name": "b"}),
     ]
+    # a row whose channel is NULL belongs to none: written freely, published nowhere
+    run(db, f"INSERT INTO {table} VALUES (9, NULL, 'nobody', NULL)")
+    run(db, f"UPDATE {table} SET name = 'still nobody' WHERE id = 9")
+    run(db, f"UPDATE {table} SET customer = 7 WHERE id = 9")  # enters orders:7
+    run(db, f"UPDATE {table} SET customer = NULL WHERE id = 5")  # leaves orders:8
+    got = [(c, m["op"], m["key"]) for c, m in messages(db, log)]
+    assert got == [("orders:7", "insert", {"id": 9}), ("orders:8", "delete", {"id": 5})]
 
 
 def test_composite_keys_keep_their_order(pg_dsn: str, db: Any, log: str) -> None:
