@@ -493,3 +493,23 @@ test("live() refuses a load that is not {rows, position}, says so and tries agai
   live.close();
   sock.close();
 });
+
+test("live() loads again when a change came with its key only (too_large)", async () => {
+  const {sock, ws} = await connected();
+  let version = 0;
+  const {load, calls} = loader(() => [{id: 1, v: version}]);
+  const live = sock.live("items", {load});
+  await until(() => ws.actions("subscribe").length === 1, 1000, "a subscribe");
+  subscribed(ws, "items", 3);
+  await live.ready;
+  version = 5;
+  ws.receive(durable("items", 4, {op: "update", table: "public.items", key: {id: 1}, row: null,
+    xid: 300, too_large: true}));
+  await until(() => ws.actions("unsubscribe").length === 1, 1000, "an unsubscribe");
+  ws.receive({event: "unsubscribed", channel: "items", reply_to: ws.actions("unsubscribe")[0].id});
+  await until(() => ws.actions("subscribe").length === 2, 1000, "a subscribe after the reload");
+  assert.equal(calls.length, 2);
+  assert.deepEqual(live.rows(), [{id: 1, v: 5}]);
+  live.close();
+  sock.close();
+});
