@@ -3,7 +3,8 @@
 #   make test   run the whole test suite, after installing the programs it runs (as root, with
 #               apt-get: tools/install-test-programs; PGWS_INSTALL_PROGRAMS=no only checks)
 # and for maintainers:
-#   make lint   mypy --strict and the import-layer contracts (docs/architecture.md)
+#   make lint   mypy --strict, the import-layer contracts (docs/architecture.md) and the
+#               docstrings' :param: lists (pydoclint)
 #   make docs   the documentation site, into site/
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ $(BIN)/activate: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	touch $(BIN)/activate
 
-$(VENV)/.lint: $(BIN)/activate
+$(VENV)/.lint: $(BIN)/activate setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[lint]'
 	touch $(VENV)/.lint
 
@@ -42,6 +43,7 @@ test: programs
 lint: $(VENV)/.lint
 	$(BIN)/mypy --strict pgws_sync
 	$(BIN)/lint-imports
+	$(BIN)/pydoclint --config=pyproject.toml pgws_sync
 
 # the documentation site, built with warnings as errors into site/
 docs: $(VENV)/.docs

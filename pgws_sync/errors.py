@@ -1,4 +1,4 @@
-"""Every error pgws_sync raises: one tree under :class:`PgwsError`, each class exported."""
+"""Every error pgws_sync raises: one tree under :class:`PgwsError`, each class importable here."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ class CommandFailed(PgwsError):
     """A command could not do its job for a reason outside the configuration (exit code 1)."""
 
 
-#: Every class above, as ``pgws_sync.<Name>`` (the documented place to import and catch them).
+#: Every class above; each is importable from here (``pgws_sync.errors``).
 ERRORS = (
     PgwsError, ConfigError, ListenerStopped, InvalidChannel, InvalidPayload, PayloadTooLarge,
     PublicationTooLarge, MessageTooLarge, ProtocolError, Refused, TokenRefused, NotifyFailed,
@@ -207,6 +207,13 @@ ERRORS = (
     DatabaseUnreachable, CommandFailed,
 )
 
+#: The errors of the front door (``pgws_sync.<Name>``): the root, and those users raise or
+#: catch in ordinary work. The others are named ``pgws_sync.errors.<Name>``.
+FRONT_DOOR_ERRORS = (
+    PgwsError, ConfigError, InvalidChannel, InvalidPayload, PayloadTooLarge, ProtocolError,
+    Refused, PublishFailed, LogUnavailable,
+)
+
 for _cls in ERRORS:
-    _cls.__module__ = "pgws_sync"
+    _cls.__module__ = "pgws_sync" if _cls in FRONT_DOOR_ERRORS else "pgws_sync.errors"
 del _cls

@@ -8,6 +8,7 @@ from typing import List
 
 from ._core.endpoint import WebSocketEndpoint, live_endpoints
 from ._core.reader import stop_reader
+from ._threads import gather
 from .sources.base import SourceThread, live_sources
 
 __all__ = ["hurry", "live_endpoints", "live_sources", "prepare_endpoints", "shutdown",
@@ -53,10 +54,7 @@ def shutdown(timeout: float = 5.0, *, drain: float = 0.0) -> None:
                for i, endpoint in enumerate(endpoints)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(drain + timeout + 1.0)
-        if thread.is_alive():
-            logger.warning("%s did not finish closing its endpoint", thread.name)
+    gather(threads, drain + timeout + 1.0)
     for source in live_sources():
         source.stop(timeout)
     stop_reader(timeout)

@@ -84,6 +84,7 @@ def _quiet_gunicorn_args() -> List[str]:
 class Server:
     """The WSGI app ``app`` (``"module:app"``) served by a real gunicorn on a free port.
 
+    :param app: the app to serve, as gunicorn names it (``"module:app"``).
     :param env: environment variables added for the server (the database, say).
     :param threads: gunicorn threads (each open socket holds one).
     :param workers: gunicorn worker processes.

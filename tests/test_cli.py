@@ -14,13 +14,15 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import IO, Dict, Iterator, List, Optional
+import socket
 
 import psutil
 import psycopg2.extensions
 import pytest
 import simple_websocket
 
-from pgws_sync import gunicorn as hooks
+from pgws_sync import __version__, gunicorn as hooks
+from pgws_sync._demo import create_app
 
 from .clirun import COMMAND, Serve, no_database_env, run_cli
 from .helpers import ROOT, Ws, http_get
@@ -108,8 +110,6 @@ def test_notify_invalid_json_speaks_of_what_was_typed(pg_dsn: str, payload: str,
 
 
 def test_version() -> None:
-    from pgws_sync import __version__
-
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"pgws-sync {__version__}"
 
@@ -127,8 +127,6 @@ def test_bad_bind_addresses_exit_2_with_one_line(pg_dsn: str, bind: str, says: s
 
 
 def test_a_busy_port_is_one_clear_line(pg_dsn: str) -> None:
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -376,6 +374,4 @@ def test_demo_page_shows_rows_changing_live_in_chromium(tmp_path: Path, page) ->
 
 
 def test_the_demo_page_answers_the_browser_s_favicon_request_without_a_404() -> None:
-    from pgws_sync._demo import create_app
-
     assert create_app().test_client().get("/favicon.ico").status_code == 204

@@ -7,21 +7,15 @@ import psycopg2
 import pytest
 import sqlalchemy
 
-from pgws_sync import (
-    DEFAULT_PUBSUB_CHANNEL,
-    JwtAuth,
-    JwtGateway,
-    Listener,
-    Publisher,
-    PubSub,
-    migrate,
-)
+from pgws_sync import JwtAuth, JwtGateway, Listener, PubSub, migrate
+from pgws_sync.pubsub.publication import DEFAULT_PUBSUB_CHANNEL
+from pgws_sync.pubsub.publisher import Publisher
 from pgws_sync._dsn import libpq_dsn
 from pgws_sync._startup import check_dsn
 from pgws_sync.pgws.gateway import create_app
 
-from .clirun import no_database_env, run_cli
-from .helpers import Recorder, wait_for
+from .clirun import Serve, no_database_env, run_cli
+from .helpers import Recorder, Ws, pg_notify, wait_for
 
 FORMS = ["postgresql+psycopg2://", "postgresql+psycopg://", "postgres://", "postgresql://"]
 
@@ -97,9 +91,6 @@ def test_the_cli_takes_every_form_in_dsn_and_in_the_environment(pg_dsn, form):
 
 @pytest.mark.parametrize("jwt", [False, True], ids=["pgws", "jwt-gateway"])
 def test_pgws_sync_serve_takes_a_sqlalchemy_url_and_says_where_it_listens(pg_dsn, sender, jwt):
-    from .clirun import Serve
-    from .helpers import Ws, pg_notify
-
     url = as_form(pg_dsn, "postgresql+psycopg2://")
     extra = {"PGWS_JWT_SECRET": "s" * 32, "PGWS_DB_URI": url} if jwt else {}
     server = Serve([] if jwt else ["--dsn", url], env=no_database_env(**extra)).wait_up()

@@ -1,8 +1,18 @@
 """The examples run under gunicorn exactly as their docstrings say, and deliver."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from .helpers import Gunicorn, Ws, pg_notify, wait_for
+from pgws_sync import migrate
+
+from .helpers import Gunicorn, ROOT, Ws, http_get, pg_notify, wait_for
+from .pgserver import free_port
 
 
 def run_example(module, pg_dsn):
@@ -40,15 +50,11 @@ def test_audiences_example(pg_dsn, sender):
 
 def _public_health(g):
     """The example's health answer is the public one: no detail without health_detail."""
-    from .helpers import http_get
-
     return http_get(g.url("/healthz")) == (200, '{"status": "ok"}')
 
 
 @pytest.mark.parametrize("module", ["minimal", "audiences", "push"])
 def test_examples_document_how_to_run(module):
-    from pathlib import Path
-
     text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
     assert "gunicorn -c python:pgws_sync.gunicorn" in text and f"examples.{module}:app" in text
 
@@ -109,9 +115,6 @@ def test_push_example_page_in_chromium(pg_dsn, sender, page):
 
 def run_line(module: str) -> str:
     """The shell command an example's docstring gives under "Run:", continuation lines joined."""
-    import re
-    from pathlib import Path
-
     text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
     match = re.search(r"^Run:\s+(.*?)(?=^\S|^\s+\(|\Z)", text.split('"""')[1], re.S | re.M)
     assert match, f"examples/{module}.py has no Run: line"
@@ -123,14 +126,6 @@ def run_as_documented(module: str, pg_dsn: str):
     """Start the example with its documented command, word for word, in a shell: only the
     database (the documented localhost one becomes this test's) and, through gunicorn's own
     GUNICORN_CMD_ARGS, the port (8000 may be taken) differ."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .helpers import ROOT
-    from .pgserver import free_port
-
     sqlalchemy_url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
     command = run_line(module).replace("PGWS_DB_URI=postgresql://localhost/postgres",
                                        f"PGWS_DB_URI='{pg_dsn}'").replace(
@@ -161,7 +156,6 @@ def test_each_example_starts_with_its_documented_command(module, pg_dsn):
 def test_push_logins_hold_in_every_worker_when_run_as_documented(pg_dsn):
     """The documented push example runs two workers: a login made in one is known to both."""
     import http.cookiejar
-    import re
     import urllib.request
 
     g = run_as_documented("push", pg_dsn)
@@ -185,7 +179,6 @@ def test_push_logins_hold_in_every_worker_when_run_as_documented(pg_dsn):
 def test_durable_example_resumes_a_tab_that_was_away(pg_dsn):
     """Run as documented (migrate, then two workers): a POSTed state reaches a subscriber with
     an offset, and one posted while it was away comes when it resumes with since."""
-    import json
     import urllib.request
 
     def post_state(g, order_id, state):
@@ -221,13 +214,6 @@ def test_examples_pass_their_own_tests_written_with_pgws_sync_testing(pg_dsn, mo
                                                                       driver):
     """examples/test_<module>.py, run as its docstring says (the app's SQLAlchemy URL given,
     on psycopg 3 and on psycopg2)."""
-    import subprocess
-    import sys
-
-    from pgws_sync import migrate
-
-    from .helpers import ROOT
-
     migrate(pg_dsn)
     url = pg_dsn.replace("postgresql://", f"postgresql+{driver}://", 1)
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PG")}
@@ -242,8 +228,6 @@ def test_examples_pass_their_own_tests_written_with_pgws_sync_testing(pg_dsn, mo
 def test_notes_example_page_in_chromium(pg_dsn, page):
     """The notes page, logged in by the browser itself: a saved note appears live, and one
     saved while the page was closed appears after a reload (sessionStorage resumes it)."""
-    from pgws_sync import migrate
-
     migrate(pg_dsn)
     url = pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
     g = Gunicorn("examples.notes:app", env={"PGWS_DB_URI": url}).wait_up()

@@ -10,12 +10,18 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Dict, Iterator, List
+import re
+import subprocess
+import sys
 
 import psycopg2
 import pytest
 
+from pgws_sync import migrate
+from pgws_sync.testing import Client, Server, free_port
+
 from .durable_helpers import new_log
-from .helpers import Gunicorn, Ws, wait_for
+from .helpers import Gunicorn, ROOT, Ws, wait_for
 
 APP = "tests.apps.sqla_app:app"
 
@@ -139,12 +145,6 @@ def test_a_route_publishes_inside_db_session_commit_once_rollback_never(pg_dsn, 
 
 def test_the_live_rows_recipe_runs_as_written(pg_dsn):
     """docs/use-cases/live-rows.md's trigger, as written: each committed change, a message."""
-    import re
-
-    from pgws_sync import migrate
-
-    from .helpers import ROOT
-
     page = (ROOT / "docs" / "use-cases" / "live-rows.md").read_text()
     recipe = re.search(r"<!-- recipe: live-rows -->\n```sql\n(.*?)```", page, re.S).group(1)
     migrate(pg_dsn)
@@ -171,14 +171,6 @@ def test_the_live_rows_recipe_runs_as_written(pg_dsn):
 
 def test_flask_run_serves_the_example_s_sockets(pg_dsn, tmp_path):
     """`flask --app examples.notes run`: the development server serves sockets too."""
-    import subprocess
-    import sys
-
-    from pgws_sync import migrate
-    from pgws_sync.testing import Client, Server, free_port
-
-    from .helpers import ROOT
-
     migrate(pg_dsn)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}

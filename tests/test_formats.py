@@ -9,10 +9,13 @@ from pgws_sync import InvalidChannel, InvalidPayload, PayloadTooLarge, PgwsError
 from pgws_sync._formats import (
     check_notify_size,
     envelope,
+    error_frame,
+    gap_frame,
     json_fields,
     name_problem,
     parse_ping,
     pong_frame,
+    resync_frame,
     validate_channel,
 )
 
@@ -39,9 +42,6 @@ def test_invalid_names_are_refused_with_a_reason(name, why):
 
 
 def test_a_lone_surrogate_is_a_clear_invalid_channel():
-    from pgws_sync import InvalidChannel
-    from pgws_sync._formats import validate_channel
-
     with pytest.raises(InvalidChannel, match="encodable as UTF-8"):
         validate_channel("bad\ud800")
 
@@ -126,8 +126,6 @@ def test_notify_size_is_counted_in_utf8_bytes():
 
 
 def test_control_frames_have_one_builder_and_two_spellings():
-    from pgws_sync._formats import error_frame, gap_frame, resync_frame
-
     assert error_frame("no", reply_to=1) == '{"event": "error", "error": "no", "reply_to": 1}'
     assert error_frame("no", compact=True, room="r") == '{"event":"error","error":"no","room":"r"}'
     assert error_frame("no", reply_to=None) == '{"event": "error", "error": "no"}'

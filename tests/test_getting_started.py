@@ -10,8 +10,10 @@ import venv
 from pathlib import Path
 from typing import Dict
 
+from pgws_sync import __version__
+
 from . import programs
-from .helpers import ROOT, Gunicorn, Ws
+from .helpers import Gunicorn, ROOT, Ws, http_get
 from .pgserver import free_port
 
 PAGE = ROOT / "docs" / "getting-started.md"
@@ -82,13 +84,9 @@ def test_getting_started_as_written(pg_dsn: str, tmp_path: Path) -> None:
 
 
 def _health(server: Gunicorn) -> str:
-    from .helpers import http_get
-
     return http_get(server.url("/healthz"))[1]
 
 
 def test_the_wheel_command_names_the_version_it_builds():
-    from pgws_sync import __version__
-
     wheels = set(re.findall(r"pgws_sync-([\w.]+)-py3-none-any\.whl", PAGE.read_text()))
     assert wheels == {__version__}  # the page names the wheel this checkout builds

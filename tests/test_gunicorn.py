@@ -4,11 +4,22 @@ import json
 import os
 import signal
 import uuid
+import platform
+import re
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
-from .helpers import Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
+from pgws_sync.gunicorn import drain_setting, prestart_setting, prestart_threads
+import simple_websocket
+
+from .helpers import Gunicorn, Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
+from .pubsub_helpers import Client, serve_pubsub
 
 
 def listener_count(sender, name):
@@ -90,8 +101,6 @@ def test_endpoint_close_sends_1001_refuses_new_sockets_and_reports_unhealthy(pg_
 def test_without_the_hook_a_health_check_starts_the_listener(pg_dsn, sender):
     """Plain gunicorn (no pgws_sync hook), preloaded: the first request of a worker,
     even a health check, starts that worker's listener."""
-    from .helpers import Gunicorn
-
     name = f"pgws test {uuid.uuid4().hex[:8]}"
     g = Gunicorn(env={"PGWS_DB_URI": pg_dsn,
                       "PGWS_LISTENER_OPTIONS": json.dumps({"application_name": name})},
@@ -127,10 +136,6 @@ def test_immediate_stop_still_sends_1001(pg_dsn, sig):
 
 
 def test_malloc_arena_cap_applies_on_glibc_unless_the_environment_sets_it():
-    import platform
-    import subprocess
-    import sys
-
     code = ("from pgws_sync.gunicorn import limit_malloc_arenas as f; "
             "import sys; sys.exit(0 if f(2) else 3)")
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
@@ -202,8 +207,6 @@ def test_a_bad_prestart_setting_stops_gunicorn_with_a_clear_message(pg_dsn):
 
 @pytest.mark.parametrize("value, expected", [("all", None), (" ALL ", None), ("0", 0), (" 12 ", 12)])
 def test_prestart_setting_reads_the_environment(value, expected):
-    from pgws_sync.gunicorn import prestart_setting
-
     assert prestart_setting({"PGWS_PRESTART_THREADS": value}) == expected
     assert prestart_setting({}) is None
 
@@ -211,19 +214,12 @@ def test_prestart_setting_reads_the_environment(value, expected):
 @pytest.mark.parametrize("value", ["-1", "many", "", "1.5"])
 def test_prestart_setting_refuses_anything_else(value):
     from pgws_sync.errors import ConfigError
-    from pgws_sync.gunicorn import prestart_setting
 
     with pytest.raises(ConfigError, match="PGWS_PRESTART_THREADS must be a whole number"):
         prestart_setting({"PGWS_PRESTART_THREADS": value})
 
 
 def test_prestart_threads_fills_a_thread_pool_and_leaves_other_workers_alone():
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
-
-    from pgws_sync.gunicorn import prestart_threads
-
     pool = ThreadPoolExecutor(max_workers=8)
     try:
         worker = SimpleNamespace(tpool=pool, cfg=SimpleNamespace(threads=8), pid=os.getpid())
@@ -249,8 +245,6 @@ def _listening(pid: int, port: int) -> bool:
 def test_each_worker_listens_on_its_own_socket_and_sockets_spread(pg_dsn):
     """With one shared listening socket the worker that wakes first takes nearly every socket;
     the shipped settings (reuse_port) give each worker its own and the kernel spreads them."""
-    from .pubsub_helpers import Client, serve_pubsub
-
     g = serve_pubsub(pg_dsn, workers=2)
     clients = []
     try:
@@ -268,8 +262,6 @@ def test_each_worker_listens_on_its_own_socket_and_sockets_spread(pg_dsn):
 
 def test_library_logs_go_through_gunicorns_error_log(pg_dsn):
     """A bare gunicorn run shows the library's lines in gunicorn's own format, at its level."""
-    import re
-
     g = serve(pg_dsn, args=["--log-level", "debug"])
     try:
         g.wait_up()
@@ -294,8 +286,6 @@ def test_library_logs_go_through_gunicorns_error_log(pg_dsn):
 def test_sigterm_drains_sockets_in_batches_with_1012_and_a_time_to_come_back(pg_dsn):
     """PGWS_DRAIN_SECONDS: every socket is closed with 1012 and a reason saying when to
     reconnect (bench/drain.py measures how the closes spread over the window)."""
-    import simple_websocket
-
     g = serve(pg_dsn, extra_env={"PGWS_DRAIN_SECONDS": "2"}).wait_up()
     sockets = [Ws(g.ws_url()) for _ in range(30)]
     try:
@@ -318,7 +308,6 @@ def test_sigterm_drains_sockets_in_batches_with_1012_and_a_time_to_come_back(pg_
 @pytest.mark.parametrize("value", ["-1", "soon", "99"])
 def test_a_bad_drain_setting_stops_the_worker_naming_the_variable(value):
     from pgws_sync import ConfigError
-    from pgws_sync.gunicorn import drain_setting
 
     with pytest.raises(ConfigError, match="PGWS_DRAIN_SECONDS must be seconds from 0 to 5"):
         drain_setting({"PGWS_DRAIN_SECONDS": value})

@@ -16,10 +16,16 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
+from pgws_sync import Connection, _metrics
+from pgws_sync._core.hub import Hub
+from pgws_sync.jwt.settings import create_gateway_app, settings_from_environ
+from pgws_sync.pgws.gateway import create_app
+
 from . import programs
-from .helpers import Gunicorn, Ws, http_get, raw_upgrade, serve, wait_for
+from .helpers import Gunicorn, ROOT, Ws, http_get, raw_upgrade, serve, wait_for
 from .pgserver import free_port
 from .pubsub_helpers import Client, serve_pubsub
+from .durable_helpers import new_log, publish_many, serve_durable
 
 
 def scrape(server: Gunicorn) -> Dict[str, float]:
@@ -123,7 +129,6 @@ def check_dashboard(prometheus: Prometheus, scraped: Dict[str, float]) -> None:
     every metric it names is one the library exports."""
     from pgws_sync._metrics import DEFINITIONS
 
-    from .helpers import ROOT
 
     known = {f"pgws_sync_{name}" for _, name, _, _, _ in DEFINITIONS}
     dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
@@ -198,8 +203,6 @@ def test_slow_clients_dropped_frames_gaps_and_resyncs_are_counted():
     """In this process, with real Connection objects: each failure moves its counter."""
     from prometheus_client import REGISTRY
 
-    from pgws_sync import Connection, _metrics
-    from pgws_sync._core.hub import Hub
 
     _metrics.enable()
 
@@ -233,9 +236,6 @@ def test_slow_clients_dropped_frames_gaps_and_resyncs_are_counted():
 
 def test_serve_metrics_flag_serves_metrics_in_both_gateways(pg_dsn):
     """``pgws-sync serve --metrics`` builds its apps with /metrics (plain and JWT mode)."""
-    from pgws_sync.jwt.settings import create_gateway_app, settings_from_environ
-    from pgws_sync.pgws.gateway import create_app
-
     plain = create_app(pg_dsn, ["pgws"], metrics=True)
     assert plain.test_client().get("/metrics").status_code == 200
     assert create_app(pg_dsn, ["pgws"]).test_client().get("/metrics").status_code == 404
@@ -253,8 +253,6 @@ def test_serve_metrics_flag_serves_metrics_in_both_gateways(pg_dsn):
 
 
 def test_the_durable_log_is_measured_and_replays_are_counted(pg_dsn):
-    from .durable_helpers import new_log, publish_many, serve_durable
-
     schema = new_log(pg_dsn)
     g = serve_durable(pg_dsn, schema, {"metrics_path": "/metrics"})
     try:

@@ -15,20 +15,23 @@ import urllib.error
 import urllib.request
 import uuid
 from typing import Any, Dict, Iterator, List, Optional
+import threading
 
 import pytest
 from flask import Flask
 from playwright.sync_api import Page
+import psycopg2
 
-from pgws_sync import Listener, Pgws
-from pgws_sync._core.assets import client_js
+from pgws_sync import Listener, Pgws, publish_durable
+from pgws_sync._core.assets import client_esm, client_js
 
 from .clirun import Serve, no_database_env
-from .helpers import ROOT, Gunicorn, http_get, pg_notify, wait_for
+from .helpers import Gunicorn, ROOT, TcpProxy, http_get, pg_notify, wait_for
 from .jwt_helpers import SECRET, make_token
 from .pubsub_helpers import post, serve_pubsub, stats
 from .push_helpers import api, push, serve_push
 from .push_helpers import stats as push_stats
+from .durable_helpers import new_log, serve_durable
 
 EVENTS = ["open", "close", "message", "resync", "gap", "tabwindow", "error", "reconnecting"]
 
@@ -549,14 +552,6 @@ def test_a_drain_is_honoured_the_client_comes_back_after_the_hint(pg_dsn: str, p
 
 def test_a_durable_channel_ends_with_every_message_once_across_a_server_restart(
         pg_dsn: str, page: Page) -> None:
-    import threading
-
-    import psycopg2
-
-    from pgws_sync import publish_durable
-
-    from .durable_helpers import new_log, serve_durable
-
     schema = new_log(pg_dsn)
     server = serve_durable(pg_dsn, schema, workers=2)
     load_client(page, server)
@@ -608,12 +603,6 @@ def test_a_durable_channel_ends_with_every_message_once_across_a_server_restart(
 
 def test_a_durable_push_page_gets_what_was_pushed_to_its_user_tab_and_room_while_away(
         pg_dsn: str, page: Page) -> None:
-    import psycopg2
-
-    from pgws_sync import publish_durable
-
-    from .durable_helpers import new_log
-
     schema = new_log(pg_dsn)
     options = {"durable": True, "log_schema": schema}
     server = serve_push(pg_dsn, options=options)
@@ -661,13 +650,6 @@ def test_a_dead_connection_is_noticed_by_the_heartbeat_and_resumed_with_nothing_
     """A proxy between page and server stops forwarding (a half-open connection: no close, no
     error). The page notices within heartbeatInterval + heartbeatTimeout, reconnects through
     the proxy, and resumes its durable channel: every message once, in order."""
-    import psycopg2
-
-    from pgws_sync import publish_durable
-
-    from .durable_helpers import new_log, serve_durable
-    from .helpers import TcpProxy
-
     schema = new_log(pg_dsn)
     server = serve_durable(pg_dsn, schema)
     proxy = TcpProxy(server.port)
@@ -753,8 +735,6 @@ def test_tab_streams_across_20_reconnects_one_left_and_every_push_received(pg_ds
                                                                            page: Page) -> None:
     """Each round: a push to this tab while connected; the socket breaks; a push to that tab
     while away; back online. The old tab's stream is read to its end, then dropped."""
-    from .durable_helpers import new_log
-
     schema = new_log(pg_dsn)
     server = serve_push(pg_dsn, options={"durable": True, "log_schema": schema})
     rounds = 20
@@ -804,8 +784,6 @@ def test_tab_streams_across_20_reconnects_one_left_and_every_push_received(pg_ds
 
 def test_the_es_module_build_works_in_chromium(pubsub: Dict[str, Gunicorn], page: Page) -> None:
     """pgws.mjs, imported as a module (no global), subscribes and receives like pgws.js."""
-    from pgws_sync._core.assets import client_esm
-
     server = pubsub["server"]
     page.goto(server.url("/"))
     page.evaluate(RECORDER, EVENTS)

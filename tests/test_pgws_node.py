@@ -7,6 +7,9 @@ import json
 import re
 import subprocess
 
+import pgws_sync
+from pgws_sync._core.assets import client_esm, client_js, esm_build
+
 from . import programs
 from .helpers import ROOT
 
@@ -27,8 +30,6 @@ def test_pgws_js_in_node_through_a_fake_websocket() -> None:
 
 
 def test_the_es_module_build_is_pgws_js_and_works_in_node() -> None:
-    from pgws_sync._core.assets import client_esm, client_js, esm_build
-
     assert client_esm() == esm_build(client_js()), "run tools/build-pgws-esm after editing pgws.js"
     script = """
         import PgwsSocket, {PgwsSocket as Named} from "./pgws_sync/pgws.mjs";
@@ -88,8 +89,6 @@ def test_the_type_declarations_name_every_option_event_and_method() -> None:
 
 
 def test_package_json_ships_the_three_files_at_the_library_version() -> None:
-    import pgws_sync
-
     package = json.loads((ROOT / "pgws_sync" / "package.json").read_text())
     assert package["version"] == pgws_sync.__version__
     for name in package["files"]:

@@ -10,8 +10,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
+import json
 
 import pytest
+import psycopg2
 
 from pgws_sync import ConfigError, Listener, Pgws
 from pgws_sync.sources.canary import check_listening
@@ -20,6 +22,7 @@ from . import programs
 from .clirun import no_database_env, run_cli
 from .helpers import Gunicorn, http_get, wait_for
 from .pgserver import SYSTEM_USER, PgServer, free_port
+from .durable_helpers import new_log
 
 
 class PgBouncer:
@@ -56,8 +59,6 @@ pidfile = {self.dir / "pgbouncer.pid"}
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _answers(self) -> bool:
-        import psycopg2
-
         if self.proc.poll() is not None:
             log = self.dir / "pgbouncer.log"
             raise AssertionError(f"pgbouncer exited: {log.read_text() if log.exists() else ''}")
@@ -155,8 +156,6 @@ def test_readyz_needs_a_canary_back_and_says_why_not(primary):
 
 
 def durable_app(dsn: str, schema: str) -> Gunicorn:
-    import json
-
     return Gunicorn("tests.apps.pubsub_app:app", env={
         "PGWS_DB_URI": dsn, "PGWS_OPTIONS": json.dumps({"durable": True, "log_schema": schema})})
 
@@ -176,7 +175,6 @@ def test_a_durable_endpoint_without_its_log_refuses_to_boot_and_says_how_to_fix_
 def test_a_role_without_rights_on_the_log_is_refused_naming_the_right(pg_dsn):
     import psycopg2.extensions
 
-    from .durable_helpers import new_log
 
     schema = new_log(pg_dsn)
     admin = psycopg2.connect(pg_dsn)

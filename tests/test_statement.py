@@ -19,13 +19,16 @@ from pgws_sync import (
     InvalidPayload,
     Listener,
     LogUnavailable,
-    MessageTooLarge,
+    PubSub,
+    Push,
     notify,
     publish,
     publish_durable,
 )
+from pgws_sync.errors import MessageTooLarge
 from pgws_sync.errors import JsonTextWarning
 from pgws_sync.pubsub.publication import DEFAULT_PUBSUB_CHANNEL
+from pgws_sync.pubsub.publisher import Publisher
 
 from .durable_helpers import new_log
 from .helpers import Recorder, wait_for
@@ -214,8 +217,6 @@ def test_something_else_than_a_connection_is_refused_clearly(channel):
 def test_the_pooled_publishers_follow_the_same_rule(pg_dsn, channel):
     """PubSub.publish, Publisher.publish and Push.push_to_user: a value as JSON, JSON text
     with json_text=True, a warning for a str holding JSON."""
-    from pgws_sync import Publisher, PubSub, Push
-
     listener = Listener(pg_dsn, min_reconnect=0.05, max_reconnect=0.5)
     sink = Recorder()
     listener.add_sink(sink, [DEFAULT_PUBSUB_CHANNEL, "BackgroundPush"])

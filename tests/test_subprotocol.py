@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from pgws_sync._core.connection import APP_JSON, APP_TEXT, Connection, Delivery
+
 from .clirun import Serve
 from .helpers import Gunicorn, Ws, pg_notify
 from .jwt_helpers import SECRET, make_token
@@ -156,8 +158,6 @@ def test_push_payloads_shaped_like_control_frames_are_enveloped(pushing: Gunicor
 
 
 def test_frames_of_one_fan_out_are_enveloped_once_for_every_v2_socket() -> None:
-    from pgws_sync._core.connection import APP_JSON, APP_TEXT, Connection, Delivery
-
     item = Delivery.join([Delivery.of('{"a":1}', APP_JSON), Delivery.of(b"\x00", APP_JSON),
                           Delivery.of("not json", APP_TEXT)])
     wrapped = item.enveloped()

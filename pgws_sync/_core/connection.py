@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import enum
 import logging
-import os
 import queue
 import select
 import socket
@@ -14,24 +14,35 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _metrics
 from .._formats import envelope, gap_frame
+from .._threads import CountingQueue, Latch
+from .ids import new_connection_id
 from .simple_ws import ConnectionClosed, LocalProtocolError, inbound, inbound_over_limit
-from .wire import OPCODE_BINARY, Frame, encode_frame, encode_text
+from .wire import OPCODE_BINARY, CloseCode, Frame, encode_frame, encode_text
 
 logger = logging.getLogger(__name__)
 
-#: Close codes used by the library (RFC 6455 section 7.4 and the IANA registry).
-CLOSE_GOING_AWAY = 1001
-#: A drain: the server restarts; the reason says when to reconnect.
-CLOSE_SERVICE_RESTART = 1012
+#: The close codes by their former names (:class:`CloseCode`).
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
+CLOSE_POLICY_VIOLATION = CloseCode.POLICY_VIOLATION
+CLOSE_TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
 #: The reason of the 1013 close a client that reads too slowly gets, unless the endpoint says.
 SLOW_CLIENT_REASON = "send queue full"
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 
 _WAKE = object()  # a queue item that only wakes the writer up
 
-#: What :meth:`Connection.deliver` did (FULL is false, the others true).
-FULL, QUEUED, WRITTEN = 0, 1, 2
+class Delivered(enum.IntEnum):
+    """What :meth:`Connection.deliver` did: FULL is false, the others true."""
+
+    #: The queue had no room; nothing was sent.
+    FULL = 0
+    #: Queued for the connection's writer.
+    QUEUED = 1
+    #: Written to the socket at once.
+    WRITTEN = 2
+
+
+FULL, QUEUED, WRITTEN = Delivered.FULL, Delivered.QUEUED, Delivered.WRITTEN
 
 
 #: What a :class:`Delivery` carries: the protocol's own frames, or the app's (JSON text, or
@@ -94,150 +105,26 @@ class Delivery:
         return wrapped
 
 
-class OneWaiter:
-    """``threading.Condition`` for a lock that at most one thread at a time waits on.
-
-    :class:`FrameQueue` uses it: only the connection's writer waits. A Condition
-    costs an instance dict and a deque (about 1.3 KB) per socket; this costs
-    two slots, and a lock per wait, as a Condition does.
-    """
-
-    __slots__ = ("_lock", "_waiter")
-
-    def __init__(self, lock: Any) -> None:
-        self._lock = lock
-        self._waiter: Optional[Any] = None
-
-    def __enter__(self) -> bool:
-        return bool(self._lock.acquire())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Release the lock until :meth:`notify` or ``timeout``; call with the lock held.
-
-        A second thread waiting at the same time (a blocking ``put`` or ``join`` on
-        the queue) raises RuntimeError: it would never be woken.
-        """
-        if self._waiter is not None:
-            raise RuntimeError("OneWaiter: another thread is already waiting (only the "
-                               "connection's writer may block on its queue)")
-        waiter = threading.Lock()
-        waiter.acquire()
-        self._waiter = waiter
-        self._lock.release()
-        try:
-            return waiter.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
-        finally:
-            self._lock.acquire()
-            if self._waiter is waiter:
-                self._waiter = None
-
-    def notify(self, n: int = 1) -> None:
-        """Wake the waiting thread, if any; call with the lock held."""
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.release()
-
-    def notify_all(self) -> None:
-        self.notify()
-
-
 #: Bytes of frames queued per connection before it counts as full, unless the endpoint says.
 DEFAULT_MAX_QUEUE_BYTES = 4 << 20
 
 
-class FrameQueue(queue.Queue):  # type: ignore[type-arg]
-    """A ``queue.Queue`` whose size, and so its bound, counts frames, not items, and which
-    also holds at most ``maxbytes`` bytes of them.
+class FrameQueue(CountingQueue):
+    """A socket's send queue: counts frames, not items, and holds at most ``maxbytes``
+    bytes of them.
 
     An item (a :class:`Delivery`) carries the frames of one hand-on from a
     source; anything else (a wake-up marker) counts as one frame of no bytes.
-    An item goes in only if all its frames and bytes fit, except that an empty
-    queue takes any item (a client that has read everything is not slow).
-    Puts never wait.
     """
 
     def __init__(self, maxsize: int, maxbytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
-        # queue.Queue.__init__'s attributes, but with one condition instead of three:
-        # only the writer ever waits, puts never wait and nobody joins.
-        # (tests/core/test_connection.py checks no attribute of Queue is missing.)
-        self.maxsize = maxsize
-        self.maxbytes = maxbytes
-        self._init(maxsize)
-        self.mutex = threading.Lock()
-        self.not_empty = self.not_full = self.all_tasks_done = OneWaiter(self.mutex)  # type: ignore[assignment]
-        self.unfinished_tasks = 0
-        self.is_shutdown = False  # Python 3.13's Queue.shutdown()
+        super().__init__(maxsize, maxbytes)
 
-    def _init(self, maxsize: int) -> None:
-        # A list, not a deque: an empty deque holds a 0.5 KB block, per socket.
-        self.queue: List[Any] = []
-        self.frames = 0
-        self.bytes = 0
-
-    def _qsize(self) -> int:
-        return self.frames
-
-    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-        """Queue ``item``, or raise ``queue.Full`` if its frames do not all fit."""
-        count = _frame_count(item)
-        size = _byte_count(item)
-        with self.mutex:
-            if self.frames and (self.frames + count > self.maxsize
-                                or self.bytes + size > self.maxbytes):
-                raise queue.Full
-            self._put(item)
-            self.frames += count
-            self.bytes += size
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
-
-    def _get(self) -> Any:
-        item = self.queue.pop(0)
-        self.frames -= _frame_count(item)
-        self.bytes -= _byte_count(item)
-        return item
-
-    def has_room(self) -> bool:
-        """At most half full, in frames and in bytes."""
-        return self.frames <= self.maxsize // 2 and self.bytes <= self.maxbytes // 2
-
-
-def _frame_count(item: Any) -> int:
-    return max(1, len(item.texts)) if isinstance(item, Delivery) else 1
-
-
-def _byte_count(item: Any) -> int:
-    return len(item.wire) if isinstance(item, Delivery) else 0
-
-
-class Latch:
-    """A one-way flag threads can wait on: a ``threading.Event`` that is never cleared,
-    built on one lock (an Event costs a condition and a deque per socket)."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def set(self) -> None:
-        try:
-            self._lock.release()
-        except RuntimeError:
-            pass  # set already
-
-    def is_set(self) -> bool:
-        return not self._lock.locked()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """True once set; False if ``timeout`` seconds passed first."""
-        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._lock.release()
-            return True
-        return False
+    @staticmethod
+    def measure(item: Any) -> Tuple[int, int]:
+        if isinstance(item, Delivery):
+            return max(1, len(item.texts)), len(item.wire)
+        return 1, 0
 
 
 #: Threads that must never wait on a socket. Not a threading.local: reading one gives
@@ -339,80 +226,6 @@ class GuardedSocket:
         self._on_close()
 
 
-class WakingEvent:
-    """simple-websocket's "something arrived" event: it wakes the connection's writer.
-
-    Nobody waits on it (the writer waits on its queue), so it is a flag, not
-    a ``threading.Event`` with its own condition.
-    """
-
-    __slots__ = ("_flag", "_wake")
-
-    def __init__(self, wake: Callable[[], None]) -> None:
-        self._flag = False
-        self._wake = wake
-
-    def set(self) -> None:
-        self._flag = True
-        self._wake()
-
-    def clear(self) -> None:
-        self._flag = False
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        raise RuntimeError("pgws_sync delivers inbound messages to on_message; nothing waits here")
-
-
-class _RandomIds:
-    """Random (version 4) UUID strings, drawn from random bytes fetched 64 ids at a time.
-
-    ``uuid.uuid4()`` asks the kernel on every call and lets go of the GIL:
-    a thread switch per socket while many connect. The ids are as
-    unguessable as uuid4's; a forked child starts with none of its parent's.
-    """
-
-    _BATCH = 64
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bytes = b""
-        self._offset = 0
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._bytes = b""
-        self._offset = 0
-
-    def next(self) -> str:
-        while True:
-            with self._lock:
-                start = self._offset
-                if start < len(self._bytes):
-                    self._offset = start + 16
-                    return _uuid4_string(self._bytes, start)
-            fresh = os.urandom(16 * self._BATCH)  # outside the lock
-            with self._lock:
-                if self._offset >= len(self._bytes):  # no other thread refilled meanwhile
-                    self._bytes, self._offset = fresh, 0
-
-
-def _uuid4_string(data: bytes, start: int) -> str:
-    """``str(uuid.UUID(bytes=data[start:start + 16], version=4))``, in a third of the time."""
-    raw = bytearray(data[start:start + 16])
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_ids = _RandomIds()
-
-
 #: ``on_message(data)``: called by the writer for each inbound message, in order.
 MessageHandler = Callable[[Frame], None]
 
@@ -442,7 +255,7 @@ class Connection:
         max_queue: int = 1024,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
-        self.id = _ids.next()
+        self.id = new_connection_id()
         #: The audiences the connection was opened with (the hub keeps the live set).
         self.audiences: Tuple[str, ...] = tuple(dict.fromkeys(audiences))
         #: Free for the application: filled in ``on_connect``, read anywhere.
@@ -463,6 +276,8 @@ class Connection:
         self._direct = False
         #: The end of a frame a direct write left half-written; the writer sends it first.
         self._rest: Optional[bytes] = None
+        # Lock order: the socket's write lock (GuardedSocket.lock), then _gap_lock, then
+        # the queue's mutex; never the other way round.
         self._gap_lock = threading.Lock()  # guards _missed and dropped
         #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
         self._missed: Dict[str, int] = {}
@@ -482,9 +297,15 @@ class Connection:
         request = self._close_request
         return None if request is None else request[0]
 
-    def deliver(self, item: Delivery) -> int:
-        """Hand ``item`` to the socket without blocking: :data:`WRITTEN` (written at once),
-        :data:`QUEUED` (for the writer), or :data:`FULL` (0: the queue has no room).
+    @property
+    def close_reason(self) -> Optional[str]:
+        """The reason of the close the server asked for, or None (as :attr:`close_code`)."""
+        request = self._close_request
+        return None if request is None else request[1]
+
+    def deliver(self, item: Delivery) -> Delivered:
+        """Hand ``item`` to the socket without blocking: ``Delivered.WRITTEN`` (written at
+        once), ``QUEUED`` (for the writer), or ``FULL`` (false: the queue has no room).
 
         While frames are missing (:meth:`add_missed`), ``item`` is queued behind
         one gap frame per channel, or not at all if the queue has no room.
@@ -594,7 +415,7 @@ class Connection:
         """
         if self.deliver(Delivery.of(data, kind)):
             return True
-        self.request_close(CLOSE_TRY_AGAIN_LATER, self.slow_reason)
+        self.request_close(CloseCode.TRY_AGAIN_LATER, self.slow_reason)
         return False
 
     def request_close(self, code: int, reason: str) -> None:
@@ -603,7 +424,7 @@ class Connection:
             self._close_request = (code, reason)
         self.wake()
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the socket with ``code`` and ``reason`` after the frames already queued.
 
         (A connection dropped for overflow, 1013, closes without writing its backlog.)
@@ -666,7 +487,7 @@ class Connection:
                     first = _WAKE
                 else:
                     request = self._close_request
-                    if request is None or request[0] != CLOSE_TRY_AGAIN_LATER:
+                    if request is None or request[0] != CloseCode.TRY_AGAIN_LATER:
                         self._write(ws, sock, first)
                 if self._close_at is not None and time.time() >= self._close_at[0]:
                     self.request_close(self._close_at[1], self._close_at[2])
@@ -752,7 +573,7 @@ class Connection:
         while buffer:
             if len(buffer) > max_backlog or inbound_over_limit(ws):
                 buffer.clear()
-                self.request_close(CLOSE_POLICY_VIOLATION, "too many messages")
+                self.request_close(CloseCode.POLICY_VIOLATION, "too many messages")
                 return
             data = buffer.pop(0)
             if on_message is None:
@@ -763,7 +584,7 @@ class Connection:
                 logger.exception("on_message failed for connection %s", self.id)
 
     def _send_close(self, ws: Any, sock: GuardedSocket, close_timeout: float) -> None:
-        code, reason = self._close_request or (CLOSE_GOING_AWAY, "")
+        code, reason = self._close_request or (CloseCode.GOING_AWAY, "")
         try:
             self._finish_frame(sock)  # a close frame must not land inside a data frame
             ws.close(code, reason)

@@ -18,15 +18,12 @@ from .._formats import SUBPROTOCOL_V2, error_frame, parse_ping, pong_frame
 from ..errors import ConfigError, Refused
 from .assets import StartResponse, WSGIEnviron, client_js_response
 from .connection import (
-    CLOSE_GOING_AWAY,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_SERVICE_RESTART,
     DEFAULT_MAX_QUEUE_BYTES,
     SLOW_CLIENT_REASON,
     Connection,
     GuardedSocket,
-    WakingEvent,
 )
+from .._threads import WakingEvent
 from .health import SHUTTING_DOWN, Health, HealthLog, health_answer
 from .hub import Hub
 from .limits import TokenBucket
@@ -40,7 +37,7 @@ from .simple_ws import (
     header_tokens,
     limit_inbound,
 )
-from .wire import Frame, valid_key
+from .wire import CloseCode, Frame, valid_key
 
 logger = logging.getLogger(__name__)
 
@@ -680,7 +677,7 @@ class WebSocketEndpoint:
         if bucket.exhausted:
             if conn.close_code is None:
                 _metrics.inc("sockets_rate_limited", endpoint=self.label)
-            conn.request_close(CLOSE_POLICY_VIOLATION, "rate limited")
+            conn.request_close(CloseCode.POLICY_VIOLATION, "rate limited")
             return
         conn.send(error_frame("rate limited"))
 
@@ -711,7 +708,7 @@ class WebSocketEndpoint:
         conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:
-                conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+                conn.request_close(CloseCode.GOING_AWAY, "server shutdown")
             else:
                 with _hook_context(app):
                     self.on_open(conn)
@@ -745,7 +742,7 @@ class WebSocketEndpoint:
             if wait > 0 and not self._hurry.is_set():
                 self._hurry.wait(wait)  # set by hurry(): the rest go at once
             for conn in conns[i::batches]:
-                conn.request_close(CLOSE_SERVICE_RESTART, RESTART_REASON)
+                conn.request_close(CloseCode.SERVICE_RESTART, RESTART_REASON)
 
     def hurry(self) -> None:
         """Close what a drain has not closed yet at once (a second signal, say)."""
@@ -773,7 +770,7 @@ class WebSocketEndpoint:
             self._drain(conns, drain)
         else:
             for conn in conns:
-                conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+                conn.request_close(CloseCode.GOING_AWAY, "server shutdown")
         deadline = time.monotonic() + timeout
         late: List[Connection] = []
         for conn in conns:

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from .. import _metrics
-from .connection import APP_JSON, CLOSE_TRY_AGAIN_LATER, QUEUED, WRITTEN, Connection, Delivery
+from .connection import APP_JSON, Connection, Delivered, Delivery
+from .wire import CloseCode
 from .wire import Frame
 
 logger = logging.getLogger(__name__)
+
+
+class Memberships(NamedTuple):
+    """Which keys each connection of a fan-out to several keys is reached by."""
+
+    #: Per connection, the keys it is in (of those fanned out to).
+    keys_of: Dict[Connection, List[str]]
+    #: The key of each frame, in order.
+    frame_keys: List[str]
 
 
 class Hub:
@@ -163,7 +173,7 @@ class Hub:
             if key not in cache:
                 cache[key] = Delivery.join([d for a, d in encoded if a in key])
             pairs.append((conn, cache[key]))
-        self._deliver(pairs, None, (memberships, [a for a, _ in encoded]))
+        self._deliver(pairs, None, Memberships(memberships, [a for a, _ in encoded]))
 
     def broadcast(self, text: str) -> None:
         """Deliver one frame to every connection, whatever its keys."""
@@ -182,33 +192,35 @@ class Hub:
         self,
         pairs: Iterable[Tuple[Connection, Delivery]],
         keys: Optional[Sequence[str]],
-        several: Optional[Tuple[Dict[Connection, List[str]], List[str]]],
+        several: Optional[Memberships],
     ) -> None:
         """Hand each connection its item; deal with those whose queue is full.
 
         The keys an overflowing connection's item was for are ``keys``, or its
-        entry in ``several[0]`` (``several[1]`` lists the key of each frame).
+        entry in ``several.keys_of`` (``several.frame_keys`` lists the key of each frame).
         """
         if _metrics.enabled():
             overflowed: List[Connection] = []
-            delivered = 0
-            how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
+            delivered = queued = written = 0
             for conn, item in pairs:
                 done = conn.deliver(item)
-                how[done] += 1
-                if done:
-                    delivered += len(item.texts) or 1
-                else:
+                if done is Delivered.FULL:
                     overflowed.append(conn)
+                    continue
+                delivered += len(item.texts) or 1
+                if done is Delivered.WRITTEN:
+                    written += 1
+                else:
+                    queued += 1
             _metrics.inc("messages_delivered", delivered, endpoint=self.label)
-            _metrics.inc("socket_writes", how[QUEUED], endpoint=self.label, how="queued")
-            _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
+            _metrics.inc("socket_writes", queued, endpoint=self.label, how="queued")
+            _metrics.inc("socket_writes", written, endpoint=self.label, how="direct")
         else:
             overflowed = [conn for conn, item in pairs if not conn.deliver(item)]
         for conn in overflowed:
             if several is not None:
-                mine = set(several[0][conn])
-                frame_keys: Sequence[str] = [k for k in several[1] if k in mine]
+                mine = set(several.keys_of[conn])
+                frame_keys: Sequence[str] = [k for k in several.frame_keys if k in mine]
             else:
                 frame_keys = keys or ()
             missed = self._droppable(conn, frame_keys)
@@ -218,7 +230,7 @@ class Hub:
                 continue
             if self.remove(conn):
                 _metrics.inc("slow_clients_dropped", endpoint=self.label)
-                conn.request_close(CLOSE_TRY_AGAIN_LATER, conn.slow_reason)
+                conn.request_close(CloseCode.TRY_AGAIN_LATER, conn.slow_reason)
                 logger.warning(
                     "dropped connection %s: its send queue is full (the client reads too slowly)",
                     conn.id,

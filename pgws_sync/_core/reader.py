@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .connection import CLOSE_POLICY_VIOLATION, Latch, forbid_blocking_writes
+from .._threads import Latch, gather
+from .connection import forbid_blocking_writes
+from .wire import CloseCode
 from .simple_ws import (
     LocalProtocolError,
     feed,
@@ -113,9 +115,7 @@ class SharedReader:
         """Stop the thread; sockets still open are no longer read."""
         self._stop.set()
         self._wake()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.warning("the shared reader thread did not stop within %.1fs", timeout)
+        gather([self._thread], timeout)
 
     def _wake(self) -> None:
         try:
@@ -209,7 +209,7 @@ class SharedReader:
             ws = sock.ws
             try:
                 if pong_missing(ws):
-                    ws.close(reason=CLOSE_POLICY_VIOLATION, message="Ping/Pong timeout")
+                    ws.close(reason=CloseCode.POLICY_VIOLATION, message="Ping/Pong timeout")
                     self._finish(sock)
                     continue
                 send_ping(ws)

@@ -50,8 +50,8 @@ class PlainServer(Server):  # type: ignore[misc]
 
 
 class EventList(List[Any]):
-    """wsproto's queue of received events, as a list: an empty deque holds a 0.5 KB block
-    per socket, and this queue rarely holds more than one event."""
+    """wsproto's queue of received events, as a list: an empty deque holds a block of its
+    own per socket, and this queue rarely holds more than one event (docs/performance.md)."""
 
     __slots__ = ()
 

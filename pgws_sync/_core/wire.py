@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import struct
 from typing import Optional, Union
@@ -13,6 +14,22 @@ OPCODE_BINARY = 0x2
 
 #: A frame's content: ``str`` for a text frame, ``bytes`` for a binary frame.
 Frame = Union[str, bytes]
+
+
+class CloseCode(enum.IntEnum):
+    """The close codes the server sends (RFC 6455 section 7.4 and the IANA registry)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    #: Too many messages, rate limited, or no pong in time.
+    POLICY_VIOLATION = 1008
+    #: A drain: the server restarts; the reason says when to reconnect.
+    SERVICE_RESTART = 1012
+    #: The client reads too slowly (its send queue is full).
+    TRY_AGAIN_LATER = 1013
+
+    def __str__(self) -> str:
+        return str(self.value)  # "1001" in logs, on every Python
 
 
 def encode_frame(data: bytes, opcode: int = OPCODE_TEXT) -> bytes:
@@ -68,7 +85,7 @@ def switching_protocols(key: str, subprotocol: Optional[str] = None) -> bytes:
 
 def warm_up() -> None:
     """Run the handshake's SHA-1 once: OpenSSL's first use in a process touches
-    about 1 MB of library code, better paid at start than by the first socket.
+    much of its library code, better paid at start than by the first socket.
     (After a fork the child maps those pages again, so workers call it too.)"""
     accept_key("dGhlIHNhbXBsZSBub25jZQ==")
 

@@ -50,15 +50,16 @@ class JwtGateway(ListeningEndpoint):
     ``listen_channel``. Each text frame from a writer becomes one NOTIFY per
     channel. Other requests go to ``fallback``.
 
+    :param listener: the source of the NOTIFYs on ``listen_channel``.
+    :param auth: decides each socket's channels and mode from its token.
     :param dsn: database for writes (default: the listener's).
     :param listen_channel: the NOTIFY channel read and written.
     :param meta_channel: channel for ``ConnectionOpen``/``ConnectionClose`` events (None: none).
     :param pool_size: connections per process for writes.
     :param fallback: WSGI app for other requests (e.g. :func:`static_files`).
     :param client_path: where pgws.js is served (None: not served).
-
-    Other keyword options are those of :class:`WebSocketEndpoint`; ``allowed_origins``
-    defaults to any origin, since tokens, not cookies, authorise sockets.
+    :param **options: those of :class:`WebSocketEndpoint`; ``allowed_origins`` defaults to
+        any origin, since tokens, not cookies, authorise sockets.
     """
 
     def __init__(self, listener: Source, auth: JwtAuth, *, dsn: Optional[Dsn] = None,

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .._formats import dumps, loads
+from .._threads import gather
 from .publication import BatchField, Publication
 
 logger = logging.getLogger(__name__)
@@ -160,10 +161,7 @@ class Batcher:
             self._wakeup.notify_all()
             thread = self._thread if self._pid == os.getpid() else None
             batches, self._open = list(self._open.items()), {}
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.warning("batcher thread %s did not stop within %.1fs", thread.name, timeout)
+        gather([thread], timeout)
         return [batch.finish(channel) for (channel, _key), batch in batches]
 
     # --------------------------------------------------------------- the timer

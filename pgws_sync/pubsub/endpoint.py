@@ -10,31 +10,29 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .._dsn import Dsn
 from .. import _metrics
 from .._core.connection import APP_JSON, Connection
-from .._core.health import LOG_STALLED, LOG_UNAVAILABLE, Health
+from .._core.health import Health
 from .._core.wire import Frame
-from .._formats import (Raw, error_frame, format_time, json_message, loads, message_frame,
-                       new_message_id, utc_now)
+from .._formats import error_frame, json_message, message_frame, new_message_id, utc_now
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
     ConfigError,
     InvalidPayload,
     MessageTooLarge,
-    LogUnavailable,
     PayloadTooLarge,
     ProtocolError,
     PublishFailed,
 )
 from ..sources import log
 from ..sources.base import Notification, Source
-from ..sources.log import Row
 from ..sources.notify_pool import DEFAULT_MAX_QUEUE_USAGE
 from .batching import Batcher, Finished
-from .protocol import BACKPRESSURE_POLICIES, Action, check_channel, parse_action, reply_frame
+from .protocol import BACKPRESSURE_POLICIES, Action, parse_action, reply_frame
 from .publication import (
     DEFAULT_PUBSUB_CHANNEL,
     BatchField,
     Publication,
+    channel_name,
     format_marker,
     format_publication,
     message_body,
@@ -43,12 +41,12 @@ from .publication import (
     publication_frame,
 )
 from .publisher import Publisher
-from .streams import Streams
+from .channels import (SUBSCRIPTION_PREFIX, Channels, DurableChannels, DurableSettings,
+                       NotifyChannels)
 
 logger = logging.getLogger(__name__)
 
-#: Hub keys of subscriptions start with this, apart from audiences.
-SUBSCRIPTION_PREFIX = "sub:"
+__all__ = ["PubSub", "SUBSCRIPTION_PREFIX"]
 
 
 class PubSub(ListeningEndpoint):
@@ -61,6 +59,7 @@ class PubSub(ListeningEndpoint):
     every worker, and SQL can publish too. Override :meth:`can_subscribe`
     (default: allow) and :meth:`can_publish` (default: refuse).
 
+    :param listener: the source of publications (a :class:`Listener`, or another source).
     :param dsn: database for publishing (default: the listener's).
     :param pubsub_channel: the NOTIFY channel publications travel on.
     :param backpressure: ``"close"`` (a full queue closes with 1013) or ``"drop"`` (a ``gap`` frame).
@@ -86,8 +85,7 @@ class PubSub(ListeningEndpoint):
         back gets ``resync_required``.
     :param replay_budget: the most messages one connection may have replayed in all; past
         it, a resume gets ``resync_required``.
-
-    Other keyword options are those of :class:`WebSocketEndpoint`.
+    :param **options: those of :class:`WebSocketEndpoint`.
     """
 
     def __init__(
@@ -127,37 +125,27 @@ class PubSub(ListeningEndpoint):
                                    max_queue_usage=max_queue_usage)
         self.pubsub_channel = self.publisher.pubsub_channel
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
-        channels = [self.pubsub_channel]
-        self.streams: Optional[Streams] = None
+        # The one choice of delivery: every method below asks self.channels.
+        settings: Optional[DurableSettings] = None
         if durable:
-            if not (retention_seconds > 0 and retention_messages >= 1):
-                raise ConfigError("retention_seconds must be above 0 and retention_messages at "
-                                  "least 1")
             if not public and not self._decides_subscriptions():
                 raise ConfigError(
                     f"a durable {type(self).__name__} replays history to whoever subscribes: "
                     f"override {self.SUBSCRIPTION_HOOK} to say who may read which channel, or "
                     f"pass public=True if anyone may read every channel")
-            if max_replay < 1 or replay_budget < 1:
-                raise ConfigError("max_replay and replay_budget must be at least 1 message")
-            if not 0 < sequencer_poll <= 10:
-                raise ConfigError(f"sequencer_poll must be above 0 and at most 10 seconds, got "
-                                  f"{sequencer_poll!r}")
-            if prune_interval is not None and not prune_interval > 0:
-                raise ConfigError(f"prune_interval must be above 0 seconds (or None), got "
-                                  f"{prune_interval!r}")
-            self.wake_channel = log.wake_channel_for(log_schema)
-            channels.append(self.wake_channel)
-        super().__init__(listener, channels, **options)
-        if durable:
-            self.streams = Streams(
-                self.publisher.dsn, schema=log_schema, hub=self.hub,
-                key=lambda channel: SUBSCRIPTION_PREFIX + channel, make_frame=self._log_frame,
-                label=self.label, retention_seconds=retention_seconds,
-                retention_messages=retention_messages, prune_every=prune_interval,
-                max_queue=self.max_queue, max_queue_bytes=self.max_queue_bytes,
+            settings = DurableSettings(
+                schema=log_schema, retention_seconds=retention_seconds,
+                retention_messages=retention_messages, prune_interval=prune_interval,
                 sequencer_poll=sequencer_poll, max_replay=max_replay,
                 replay_budget=replay_budget)
+        super().__init__(listener, [self.pubsub_channel] + (
+            [settings.wake_channel] if settings is not None else []), **options)
+        self.channels: Channels = (
+            NotifyChannels(self.hub, self.publisher, max_subscriptions=max_subscriptions)
+            if settings is None else
+            DurableChannels(self.hub, self.publisher, max_subscriptions=max_subscriptions,
+                            settings=settings, label=self.label, max_queue=self.max_queue,
+                            max_queue_bytes=self.max_queue_bytes, timestamps=timestamps))
 
     # ---------------------------------------------------- application hooks
 
@@ -202,30 +190,17 @@ class PubSub(ListeningEndpoint):
         reach 8000 bytes, :class:`InvalidPayload` or :class:`InvalidChannel` for
         bad input, :class:`PublishFailed` when the database does not take it.
         """
+        channel_name(channel)  # the pub/sub rule in both modes (the log's own is looser)
         message_type(type)
         if json_text and type != "json":
             raise InvalidPayload(f"json_text=True is for json messages, not {type!r} ones")
-        message = json_message(message, json_text)
-        if self.streams is not None:
-            message_id = message_id or new_message_id()
-            self._append(channel, message, type=type, message_id=message_id, reply_to=reply_to)
-            return message_id
-        return self.publisher.publish(channel, message, type=type, message_id=message_id,
-                                      reply_to=reply_to)
+        return self.channels.publish(channel, json_message(message, json_text), type=type,
+                                     message_id=message_id, reply_to=reply_to)
 
     def prune(self) -> Optional[int]:
         """Prune the durable log now (one pass, on this thread): messages deleted, or None
         if another process is pruning it."""
-        if self.streams is None:
-            raise ConfigError("prune() needs a durable endpoint (durable=True)")
-        return self.streams.prune()
-
-    def _append(self, channel: str, message: Any, *, type: str, message_id: str,
-                reply_to: Any) -> int:
-        assert self.streams is not None
-        args = log.publish_args(channel, message, type=type, message_id=message_id,
-                                reply_to=reply_to, max_payload=self.streams.max_payload)
-        return self.publisher.append(self.streams.schema, args)
+        return self.channels.prune()
 
     def send_to(self, connection_id: str, message: Any, *, type: str = "json",
                 channel: Optional[str] = None, message_id: Optional[str] = None,
@@ -251,9 +226,10 @@ class PubSub(ListeningEndpoint):
         the database at once and every worker batches what it receives the same way,
         so a batch is one message whichever workers or hosts publish into it. On
         shutdown a worker hands its open batches to its own sockets before closing them.
+        Raises :class:`InvalidChannel` for a bad channel name.
         """
-        check_channel(channel)
-        self._not_durable("publish_batched")
+        channel_name(channel)
+        self.channels.refuse_batches("publish_batched")
         if not isinstance(key, str) or not isinstance(name, str):
             raise InvalidPayload("a batch's key and name must be strings")
         if not (isinstance(window, (int, float)) and 0 <= window < float("inf")):
@@ -274,9 +250,9 @@ class PubSub(ListeningEndpoint):
 
     def cancel_batch(self, channel: str, key: str) -> bool:
         """Discard the open batch of ``(channel, key)`` in every worker; False if none was
-        open in this one."""
-        check_channel(channel)
-        self._not_durable("cancel_batch")
+        open in this one. Raises :class:`InvalidChannel` for a bad channel name."""
+        channel_name(channel)
+        self.channels.refuse_batches("cancel_batch")
         was_open = self.batcher.kind(channel, key) is not None
         self.publisher.notify(format_marker(channel, BatchField(key, cancel=True)))
         return was_open
@@ -288,34 +264,20 @@ class PubSub(ListeningEndpoint):
         ``backpressure`` overrides the endpoint's policy for this channel.
         No hook is asked and no limit applies. On a durable endpoint the socket
         gets a ``subscribed`` frame naming the epoch and offset, unless ``reply``
-        is False.
+        is False. Raises :class:`InvalidChannel` for a bad channel name,
+        :class:`LogUnavailable` when the durable log cannot take it now.
         """
-        check_channel(channel)
-        policy = backpressure or self.backpressure
-        if policy not in BACKPRESSURE_POLICIES:
-            raise ConfigError(f"backpressure must be 'close' or 'drop', got {policy!r}")
-        if self.streams is not None:  # live from the channel's head; the reply says which
-            if self.hub.get(conn.id) is None:
-                return False
-            refused = self.streams.subscribe(conn, channel, reply=reply)
-            if refused is not None:
-                raise LogUnavailable(refused)
-            return True
-        return self.hub.join(conn, SUBSCRIPTION_PREFIX + channel,
-                             drop_as=channel if policy == "drop" else None)
+        channel_name(channel)
+        policy = self._policy(backpressure)
+        return self.channels.join(conn, channel, policy=policy, reply=reply)
 
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
         """End ``conn``'s subscription to ``channel``; False if it had none."""
-        if self.streams is not None:
-            had = SUBSCRIPTION_PREFIX + channel in self.hub.keys_of(conn)
-            self.streams.unsubscribe(conn, channel)
-            return had
-        return self.hub.leave(conn, SUBSCRIPTION_PREFIX + channel)
+        return self.channels.unsubscribe(conn, channel)
 
     def subscriptions(self, conn: Connection) -> List[str]:
         """The channels ``conn`` is subscribed to, sorted."""
-        n = len(SUBSCRIPTION_PREFIX)
-        return sorted(k[n:] for k in self.hub.keys_of(conn) if k.startswith(SUBSCRIPTION_PREFIX))
+        return self.channels.subscriptions(conn)
 
     # ---------------------------------------------------- monitoring
 
@@ -344,7 +306,7 @@ class PubSub(ListeningEndpoint):
     def on_message(self, conn: Connection, data: Frame) -> None:
         """Handle one client action; every problem is answered with an error frame."""
         try:
-            action = parse_action(data, durable=self.streams is not None)
+            action = parse_action(data, durable=self.channels.durable)
         except ProtocolError as exc:
             conn.send(error_frame(exc.reason, reply_to=exc.reply_to))
             return
@@ -375,8 +337,7 @@ class PubSub(ListeningEndpoint):
 
     def on_closed(self) -> None:
         super().on_closed()
-        if self.streams is not None:
-            self.streams.stop()
+        self.channels.stop()
         self.publisher.close()
 
     # ---------------------------------------------------- listener sink
@@ -384,12 +345,7 @@ class PubSub(ListeningEndpoint):
     def on_notifications(self, batch: Sequence[Notification]) -> None:
         """Turn each publication into its frame and hand it to its subscribers, in order."""
         pending: List[Tuple[str, Frame]] = []
-        if self.streams is not None:
-            woken = [n.payload for n in batch if n.channel == self.wake_channel]
-            if woken:
-                self.streams.wake(woken)
-                batch = [n for n in batch if n.channel != self.wake_channel]
-        for note in batch:
+        for note in self.channels.deliver(batch):
             try:
                 pub = parse_publication(note.payload)
             except InvalidPayload as exc:
@@ -418,10 +374,7 @@ class PubSub(ListeningEndpoint):
 
     def on_resync(self, reason: str) -> None:
         """Durable channels read what they missed from the log; the others get ``resync``."""
-        if self.streams is not None:
-            self.streams.wake_all()
-            return
-        super().on_resync(reason)
+        self.channels.resync(reason, super().on_resync)
 
     def resync_channels(self, conn: Connection) -> Optional[Sequence[str]]:
         """A resync frame names the socket's own subscriptions."""
@@ -429,42 +382,24 @@ class PubSub(ListeningEndpoint):
 
     def prepare(self) -> None:
         super().prepare()
-        if self.streams is not None:
-            self.streams.start()
+        self.channels.start()
 
     def health(self) -> Health:
         """The sources' health, and on a durable endpoint the log's: readable and moving."""
-        health = super().health()
-        if self.streams is None:
-            return health
-        status = self.streams.status()
-        detail = dict(health.detail)
-        detail["log"] = ("stalled" if status["stalled"] else
-                         "connected" if status["connected"] else "disconnected")
-        if status["error"]:
-            detail["log_error"] = status["error"]
-        reason = health.reason
-        if reason is None and not status["connected"]:
-            reason = LOG_UNAVAILABLE
-        elif reason is None and status["stalled"]:
-            reason = LOG_STALLED
-        return Health(reason is None, reason, detail)
+        return self.channels.health(super().health())
 
     def sample_more(self) -> None:
-        if self.streams is not None:
-            self.streams.sample()
+        self.channels.sample()
 
     def check_setup(self) -> None:
         """A durable endpoint refuses a log that is missing, of another version, or that this
         role lacks rights on (:class:`LogUnavailable`)."""
         super().check_setup()
-        if self.streams is not None:
-            self.streams.check()
+        self.channels.check()
 
     def _forget(self, conn: Connection) -> None:
         super()._forget(conn)
-        if self.streams is not None:
-            self.streams.forget(conn)
+        self.channels.forget(conn)
 
     # ---------------------------------------------------- internals
 
@@ -473,23 +408,14 @@ class PubSub(ListeningEndpoint):
         if problem is not None:
             conn.send(error_frame(problem, reply_to=action.id))
             return
-        if self.streams is not None:  # the streams thread replies; the limit counts here
-            refused = self.streams.subscribe(conn, channel, since=action.since,
-                                             epoch=action.epoch, reply_to=action.id,
-                                             limit=self.max_subscriptions)
-            if refused is not None:
-                conn.send(error_frame(refused, reply_to=action.id))
-            return
-        self.subscribe(conn, channel, backpressure=action.backpressure)
-        conn.send(reply_frame("subscribed", channel, action.id))
+        self.channels.request(conn, channel, action, self._policy(action.backpressure))
 
     def _subscribe_problem(self, conn: Connection, channel: str,
                            verb: str = "subscribe to") -> Optional[str]:
         """Why a client may not subscribe ``conn`` to ``channel`` now, or None if it may."""
-        subscribed = (self.subscriptions(conn) if self.streams is None
-                      else self.streams.claimed(conn))
-        if channel not in subscribed and len(subscribed) >= self.max_subscriptions:
-            return f"too many subscriptions: at most {self.max_subscriptions} per connection"
+        problem = self.channels.too_many(conn, channel)
+        if problem is not None:
+            return problem
         if not self._ask(self.can_subscribe, conn, channel):
             return f"not allowed to {verb} {channel!r}"
         return None
@@ -500,13 +426,7 @@ class PubSub(ListeningEndpoint):
             return
         message_id = new_message_id()
         try:
-            if self.streams is not None:
-                body = Raw(action.payload or "null")
-                self._append(channel, body, type="json", message_id=message_id, reply_to=None)
-            else:
-                text = format_publication(channel, action.payload or "null",
-                                          message_id=message_id)
-                self.publisher.notify(text)
+            self.channels.publish_from_client(channel, action.payload or "null", message_id)
         except MessageTooLarge as exc:
             conn.send(error_frame(f"payload too large: the message is {exc.size} bytes; the "
                                   f"log takes at most {exc.limit}", reply_to=action.id))
@@ -554,19 +474,12 @@ class PubSub(ListeningEndpoint):
             extra["time"] = utc_now()
         conn.send(message_frame(action.channel, body, new_message_id(), extra=extra), kind=APP_JSON)
 
-    def _not_durable(self, what: str) -> None:
-        if self.streams is not None:
-            raise ConfigError(f"{what}() is not available on a durable endpoint: batches travel "
-                              f"as NOTIFYs and are not kept in the log")
-
-    def _log_frame(self, row: Row, epoch: str) -> Frame:
-        """The frame of a durable message: ``offset`` and ``epoch`` after its id."""
-        extra: Dict[str, Any] = {"offset": row.offset, "epoch": epoch}
-        if row.reply_to is not None:
-            extra["reply_to"] = loads(row.reply_to)
-        if self.timestamps:
-            extra["time"] = format_time(row.published)
-        return message_type(row.type).frame(row.channel, row.payload, row.id, extra)
+    def _policy(self, backpressure: Optional[str]) -> str:
+        """``backpressure``, else the endpoint's policy; :class:`ConfigError` for another."""
+        policy = backpressure or self.backpressure
+        if policy not in BACKPRESSURE_POLICIES:
+            raise ConfigError(f"backpressure must be 'close' or 'drop', got {policy!r}")
+        return policy
 
     def _send_marker(self, channel: str, marker: BatchField) -> None:
         self.publisher.notify(format_marker(channel, marker))

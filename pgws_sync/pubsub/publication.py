@@ -175,6 +175,15 @@ def message_body(message: Any, type: str = "json") -> Body:
     return message_type(type).body(message)
 
 
+def channel_name(channel: Any) -> str:
+    """``channel`` if it may name a pub/sub channel, else raise :class:`InvalidChannel` (the
+    server-side check; a client's frame gets :func:`~.protocol.check_channel`'s error)."""
+    problem = name_problem(channel)
+    if problem is not None:
+        raise InvalidChannel(channel, problem)
+    return channel  # type: ignore[no-any-return]
+
+
 def format_publication(
     channel: Optional[str],
     body: Body,
@@ -196,9 +205,7 @@ def format_publication(
     if channel is None and target is None:
         raise InvalidPayload("a message needs a channel or a target connection")
     if channel is not None:
-        problem = name_problem(channel)
-        if problem is not None:
-            raise InvalidChannel(channel, problem)
+        channel_name(channel)
     raw = message_type(type).payload(body)
     head: Dict[str, Any] = {}
     if channel is not None:

@@ -25,13 +25,14 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import psycopg2
 
 from .. import _metrics
-from .._core.connection import APP_JSON, QUEUED, WRITTEN, Connection, Delivery
+from .._core.connection import APP_JSON, Connection, Delivered, Delivery
 from .._core.hub import Hub
+from .._threads import gather
 from .._core.wire import Frame
 from .._formats import dumps, error_frame
 from ..errors import LogUnavailable, first_line
@@ -92,6 +93,15 @@ class Request:
         self.attempts = 0
 
 
+class Head(NamedTuple):
+    """Where a channel stands in the log."""
+
+    #: The newest numbered offset.
+    offset: int
+    #: The oldest offset still kept (``offset + 1`` when nothing is kept).
+    low: int
+
+
 #: (channel, row, epoch) -> the frame a subscriber receives.
 FrameMaker = Callable[[log.Row, str], Frame]
 
@@ -104,11 +114,11 @@ class Streams:
     :param hub: the endpoint's hub (subscriptions are also joined there as ``key(channel)``).
     :param key: a channel's hub key.
     :param make_frame: builds a message frame from a row and the epoch.
-    :param check_interval: seconds between two safety-net checks of every channel's head.
-    :param prune_every: seconds between two pruning passes (None: never prune here).
     :param label: the ``endpoint`` label of the metrics.
     :param retention_seconds: how long messages are kept.
     :param retention_messages: how many of a channel's newest messages are kept.
+    :param prune_every: seconds between two pruning passes (None: never prune here).
+    :param check_interval: seconds between two safety-net checks of every channel's head.
     :param max_queue: the sockets' queue bound in frames (a page fills at most half of it).
     :param max_queue_bytes: the same in bytes.
     :param sequencer_poll: seconds between two looks at the log's intake while this process
@@ -204,12 +214,7 @@ class Streams:
         self._stop_pruning.set()
         self.sequencer.stop(timeout)
         if self._pid == os.getpid():
-            for thread in self._threads:
-                if thread is not threading.current_thread():
-                    thread.join(timeout)
-                    if thread.is_alive():
-                        logger.warning("thread %s did not stop within %.1fs", thread.name,
-                                       timeout)
+            gather(self._threads, timeout)
 
     def subscribe(self, conn: Connection, channel: str, *, since: Optional[int] = None,
                   epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True,
@@ -437,8 +442,8 @@ class Streams:
                     and r.channel is not None}
         found = self._heads(sorted(fresh | resuming)) if fresh or resuming else {}
         for channel in fresh:
-            self._positions[channel] = found[channel][0]
-        return {channel: found[channel][1] for channel in resuming}
+            self._positions[channel] = found[channel].offset
+        return {channel: found[channel].low for channel in resuming}
 
     def _handle(self, request: Request, lows: Dict[str, int]) -> None:
         """Do one request; a failure other than the database's fails it alone."""
@@ -479,7 +484,7 @@ class Streams:
         """Subscribe as ``request`` asks, at the position :meth:`_prepare_subscribes` found."""
         conn = request.conn
         if channel not in self._positions:  # an earlier request of this batch dropped it
-            self._positions[channel] = self._heads([channel])[channel][0]
+            self._positions[channel] = self._heads([channel])[channel].offset
         if conn.closed.is_set():
             self._drop_position_if_unused(channel)
             return False
@@ -498,7 +503,7 @@ class Streams:
                 self._drop_position_if_unused(channel)
                 return False
             else:
-                low = lows[channel] if channel in lows else self._heads([channel])[channel][1]
+                low = lows[channel] if channel in lows else self._heads([channel])[channel].low
                 used = self._replayed.get(conn, 0)
                 if since < low - 1:
                     reply = self._resync_required(
@@ -561,7 +566,7 @@ class Streams:
         self._recent_bytes = 0
         heads = self._heads(list(self._subs))
         for channel, subs in self._subs.items():
-            head = heads[channel][0]
+            head = heads[channel].offset
             self._positions[channel] = head
             frame = dumps(self._resync_required(channel, "epoch: the log was recreated", head))
             for sub in subs.values():
@@ -570,9 +575,10 @@ class Streams:
 
     # ------------------------------------------------------------ delivery
 
-    def _heads(self, channels: List[str]) -> Dict[str, Tuple[int, int]]:
+    def _heads(self, channels: List[str]) -> Dict[str, Head]:
         with self._conn.cursor() as cur:
-            return log.heads(cur, self.schema, channels)
+            found = log.heads(cur, self.schema, channels)
+        return {channel: Head(*head) for channel, head in found.items()}
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
         """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
@@ -599,7 +605,7 @@ class Streams:
             channels = full
 
     def _deliver_live_alone(self, channel: str, rows: List[log.Row]) -> None:
-        """:meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these
+        """Run :meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these
         messages, with a ``resync_required``, and nobody else anything."""
         try:
             self._deliver_live(channel, rows)
@@ -626,20 +632,23 @@ class Streams:
         self._positions[channel] = rows[-1].offset
         self._remember(channel, rows[0].offset, parts, continues=rows[0].offset == before + 1)
         item = Delivery.join(parts)
-        how = [0, 0, 0]  # by deliver()'s answer: full, queued, written
+        queued = written = 0
         for sub in list(subs.values()):
             if sub.cursor is not None:
                 continue  # being paged: it reads these from the log in turn
             done = sub.conn.deliver(item)
-            how[done] += 1
-            if not done:  # its queue is full: page it from the log instead of dropping it
+            if done is Delivered.WRITTEN:
+                written += 1
+            elif done is Delivered.QUEUED:
+                queued += 1
+            else:  # its queue is full: page it from the log instead of dropping it
                 sub.cursor = rows[0].offset - 1
                 self._wait_for_room(sub)
         if _metrics.enabled():
-            _metrics.inc("messages_delivered", (how[QUEUED] + how[WRITTEN]) * len(rows),
+            _metrics.inc("messages_delivered", (queued + written) * len(rows),
                          endpoint=self.label)
-            _metrics.inc("socket_writes", how[QUEUED], endpoint=self.label, how="queued")
-            _metrics.inc("socket_writes", how[WRITTEN], endpoint=self.label, how="direct")
+            _metrics.inc("socket_writes", queued, endpoint=self.label, how="queued")
+            _metrics.inc("socket_writes", written, endpoint=self.label, how="direct")
             lag = max(0.0, time.time() - rows[-1].published)
             _metrics.observe("delivery_lag_seconds", lag, endpoint=self.label)
 
@@ -715,7 +724,7 @@ class Streams:
         sub.conn.when_room(ready)
 
     def _page_alone(self, sub: Subscriber) -> None:
-        """:meth:`_page`; a failure other than the database's drops this subscription only."""
+        """Run :meth:`_page`; a failure other than the database's drops this subscription only."""
         try:
             self._page(sub)
         except psycopg2.Error:

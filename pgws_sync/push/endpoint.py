@@ -87,6 +87,8 @@ class Push(PubSub):
     ``super().on_connect`` first. Identity comes from the app: by default a
     socket is anonymous until :meth:`get_user` says otherwise.
 
+    :param listener: the source of publications, and of backend messages unless ``source``
+        says otherwise.
     :param source: where backend messages come from besides the listener's NOTIFYs on
         ``push_channel`` (e.g. a :class:`RedisSource`; default: the listener alone).
     :param push_channel: the channel backend messages travel on.
@@ -98,8 +100,7 @@ class Push(PubSub):
     :param auth_key: the secret that signs guest-to-user AuthEvents (``sig``, see
         :func:`sign_auth_event`); without it no AuthEvent is acted on, since any database
         role could send one.
-
-    Other keyword options are those of :class:`PubSub`.
+    :param **options: those of :class:`PubSub`.
     """
 
     def __init__(
@@ -127,6 +128,8 @@ class Push(PubSub):
         self._requests: Dict[Connection, Request] = {}
         self._requests_lock = threading.Lock()  # guards _requests
         super().__init__(listener, **options)
+        self._pushes: _Pushes = (_DurablePushes(self) if self.channels.durable
+                                 else _NotifyPushes(self))
         if self.push_source is listener and push_channel == self.pubsub_channel:
             raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
                               "give them different names")
@@ -182,24 +185,12 @@ class Push(PubSub):
         ``json_text=True``) to every socket of ``user``, or one tab, in every worker. On a
         durable endpoint it goes into the user's (or the tab's) stream in the log, so a tab
         that reconnects gets it too."""
-        if self.streams is not None:
-            channel = (user_stream(user) if tab_window_id is None
-                       else tab_stream(user, tab_window_id))
-            if channel is None:
-                raise InvalidPayload("the user id is too long for a tab's durable stream")
-            self.publish(channel, payload, json_text=json_text)
-            return
-        body = str(message_body(json_message(payload, json_text)))
-        self.send_backend_message(ToUser(user, body, tab_window_id))
+        self._pushes.to_user(user, payload, tab_window_id=tab_window_id, json_text=json_text)
 
     def push_to_room(self, room: str, payload: Any, *, json_text: bool = False) -> None:
         """Send ``payload`` (as :meth:`push_to_user` takes it) to every socket in ``room``, in
         every worker (on a durable endpoint through the log: subscribers resume it)."""
-        if self.streams is not None:
-            self.publish(room, payload, json_text=json_text)
-            return
-        self.send_backend_message(ToRoom(room, str(message_body(json_message(payload,
-                                                                             json_text)))))
+        self._pushes.to_room(room, payload, json_text=json_text)
 
     def authenticate(self, guest: str, user: str) -> None:
         """Move guest ``guest``'s sockets to user ``user``, in every worker (a signed
@@ -254,8 +245,7 @@ class Push(PubSub):
         if user is not None:
             conn.metadata["user"] = user
             self.hub.join(conn, USER_PREFIX + user)
-            if self.streams is not None:
-                conn.send(self._streams_frame(conn, user))
+            self._pushes.identified(conn, user)
         else:
             guest = self._identify(request, self.get_guest, "guest")
             if guest is not None:
@@ -288,22 +278,10 @@ class Push(PubSub):
             with self._requests_lock:
                 self._requests.pop(conn, None)
 
-    def _streams_frame(self, conn: Connection, user: str) -> str:
-        """``{"event": "streams", "user": ..., "tab": ...}``: the durable channels of this
-        socket's user and tab, for the client to subscribe to (and resume)."""
-        frame = {"event": "streams", "user": user_stream(user)}
-        tab = conn.metadata.get("tabWindowId")
-        if tab is not None and tab_stream(user, tab) is not None:
-            frame["tab"] = str(tab_stream(user, tab))
-        return dumps(frame)
-
     def can_subscribe(self, conn: Connection, channel: str) -> bool:
-        if channel.startswith(STREAM_PREFIX) and self.streams is not None:
-            user = conn.metadata.get("user")  # its own streams only, its old tabs' included
-            if user is None:
-                return False
-            tab = parse_tab_stream(channel)
-            return channel == user_stream(user) or (tab is not None and tab[0] == user)
+        own = self._pushes.may_read(conn, channel)
+        if own is not None:
+            return own
         with self._requests_lock:
             request = self._requests.get(conn)
         return self.permit_join(conn.metadata.get("user"), channel, request)  # type: ignore[arg-type]
@@ -374,8 +352,7 @@ class Push(PubSub):
                 conn.metadata.pop("guest", None)
                 conn.metadata["user"] = event.user
                 moved += 1
-                if self.streams is not None:  # the client subscribes to the user's streams
-                    conn.send(self._streams_frame(conn, event.user))
+                self._pushes.identified(conn, event.user)
         logger.info("guest %r logged in as %r: %d sockets moved", event.guest, event.user, moved)
 
 
@@ -391,3 +368,64 @@ class _PushSink:
     def on_resync(self, reason: str) -> None:
         if self.endpoint.push_source is not self.endpoint.listener:  # else PubSub said it
             self.endpoint.on_resync(reason)
+
+
+class _Pushes:
+    """How a :class:`Push` reaches users and rooms: backend messages (NOTIFY), chosen once."""
+
+    def __init__(self, endpoint: Push) -> None:
+        self.endpoint = endpoint
+
+    def to_user(self, user: str, payload: Any, *, tab_window_id: Optional[str],
+                json_text: bool) -> None:
+        body = str(message_body(json_message(payload, json_text)))
+        self.endpoint.send_backend_message(ToUser(user, body, tab_window_id))
+
+    def to_room(self, room: str, payload: Any, *, json_text: bool) -> None:
+        body = str(message_body(json_message(payload, json_text)))
+        self.endpoint.send_backend_message(ToRoom(room, body))
+
+    def identified(self, conn: Connection, user: str) -> None:
+        """``conn`` belongs to ``user`` now (it connected, or its guest logged in)."""
+
+    def may_read(self, conn: Connection, channel: str) -> Optional[bool]:
+        """Whether ``conn`` may subscribe to ``channel``, if this delivery decides it (else
+        None: :meth:`Push.permit_join` does)."""
+        return None
+
+
+_NotifyPushes = _Pushes
+
+
+class _DurablePushes(_Pushes):
+    """Pushes through the log: each user and each tab has its own durable channel."""
+
+    def to_user(self, user: str, payload: Any, *, tab_window_id: Optional[str],
+                json_text: bool) -> None:
+        channel = (user_stream(user) if tab_window_id is None
+                   else tab_stream(user, tab_window_id))
+        if channel is None or name_problem(channel) is not None:
+            raise InvalidPayload("the user id is too long for a durable stream")
+        self.endpoint.publish(channel, payload, json_text=json_text)
+
+    def to_room(self, room: str, payload: Any, *, json_text: bool) -> None:
+        self.endpoint.publish(room, payload, json_text=json_text)
+
+    def identified(self, conn: Connection, user: str) -> None:
+        """Send ``{"event": "streams", "user": ..., "tab": ...}``: the durable channels of
+        this socket's user and tab, for the client to subscribe to (and resume)."""
+        frame = {"event": "streams", "user": user_stream(user)}
+        tab = conn.metadata.get("tabWindowId")
+        if tab is not None and tab_stream(user, tab) is not None:
+            frame["tab"] = str(tab_stream(user, tab))
+        conn.send(dumps(frame))
+
+    def may_read(self, conn: Connection, channel: str) -> Optional[bool]:
+        """A user's streams are its own (its old tabs' included); other channels are rooms."""
+        if not channel.startswith(STREAM_PREFIX):
+            return None
+        user = conn.metadata.get("user")
+        if user is None:
+            return False
+        tab = parse_tab_stream(channel)
+        return channel == user_stream(user) or (tab is not None and tab[0] == user)

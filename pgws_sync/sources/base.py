@@ -28,6 +28,7 @@ from typing import (
 )
 
 from .. import _metrics
+from .._threads import gather
 from ..errors import ConfigError, ListenerStopped, first_line
 
 _S = TypeVar("_S", bound="SourceThread")
@@ -153,6 +154,7 @@ class SourceThread:
         self.connect_timeout = float(connect_timeout)
         self.coalesce = float(coalesce)
 
+        # Lock order: _lock, then _pipe_lock (start() takes both); never the other way round.
         self._lock = threading.Lock()  # guards _sinks, _stopped and the state below
         self._pipe_lock = threading.Lock()  # guards the wake-up pipe's descriptors
         self._changed = threading.Condition(self._lock)
@@ -217,11 +219,7 @@ class SourceThread:
         self._on_stop()
         thread = self._thread if self._pid == os.getpid() else None
         self._wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                self._log.warning("%s thread %s did not stop within %.1fs",
-                                  self._what, thread.name, timeout)
+        gather([thread], timeout)
 
     @property
     def connected(self) -> bool:

@@ -14,6 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from ..errors import ConfigError, first_line
+from .._threads import gather
 from .base import Notification
 from .postgres import close_quietly, connect
 
@@ -135,10 +136,7 @@ class Canary:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         thread = self._thread if self._pid == os.getpid() else None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.warning("canary thread %s did not stop within %.1fs", thread.name, timeout)
+        gather([thread], timeout)
 
     def _run(self) -> None:
         conn: Any = None

@@ -36,9 +36,12 @@ class Listener(SourceThread):
 
     :param dsn: libpq connection string or URI ("": libpq's environment), or the app's
         SQLAlchemy URL (``postgresql+psycopg2://``, ``postgresql+psycopg://``, a ``URL``).
+    :param min_reconnect: first delay, in seconds, before reconnecting.
+    :param max_reconnect: longest delay, in seconds, between reconnection attempts.
+    :param heartbeat_interval: seconds within which a silently dead connection is noticed.
+    :param connect_timeout: seconds connecting (and subscribing) may take.
+    :param coalesce: seconds over which a stream of messages is gathered (0: none).
     :param application_name: what ``pg_stat_activity`` shows for the connection.
-
-    The reconnecting and heartbeat options are :class:`SourceThread`'s.
     """
 
     _thread_prefix = "pgws-listener"

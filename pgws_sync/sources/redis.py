@@ -66,9 +66,12 @@ class RedisSource(SourceThread):
     SUBSCRIBE is literal: ``*`` and ``?`` in a channel name are not patterns.
 
     :param url: ``redis://``, ``rediss://`` or ``unix://`` URL of the server.
-
-    The reconnecting and heartbeat options are :class:`SourceThread`'s
-    (``connect_timeout`` also bounds :meth:`publish`).
+    :param min_reconnect: first delay, in seconds, before reconnecting.
+    :param max_reconnect: longest delay, in seconds, between reconnection attempts.
+    :param heartbeat_interval: seconds within which a silently dead connection is noticed.
+    :param connect_timeout: seconds connecting (and subscribing) may take; also bounds
+        :meth:`publish`.
+    :param coalesce: seconds over which a stream of messages is gathered (0: none).
     """
 
     _thread_prefix = "pgws-redis"

@@ -27,6 +27,7 @@ import psycopg2
 
 from .. import _metrics
 from ..errors import first_line
+from .._threads import gather
 from . import log
 from .postgres import close_quietly, connect
 
@@ -87,12 +88,8 @@ class Sequencer:
         """Stop the thread (its session, and with it the election, ends)."""
         self._stop.set()
         thread = self._thread
-        if thread is not None and self._pid == os.getpid() \
-                and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.warning("sequencer thread %s did not stop within %.1fs", thread.name,
-                               timeout)
+        if self._pid == os.getpid():
+            gather([thread], timeout)
 
     def stalled_for(self) -> float:
         """Seconds the log's numbering may have been stuck: since this thread's last answer

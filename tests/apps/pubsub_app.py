@@ -95,7 +95,7 @@ def stats():
         disconnects=gone,
         batches=endpoint.batcher.pending(),
         listener=listener.status(),
-        streams=endpoint.streams.status() if endpoint.streams is not None else None,
+        streams=endpoint.channels.streams.status() if endpoint.channels.durable else None,
         rss_kb=_rss_kb(),
     )
 

@@ -1,18 +1,21 @@
 """One connection: its frame-bounded queue, its ids, its guarded socket and its writer."""
 
+import os
+import queue
 import socket
 import threading
+import uuid
 
 import pytest
 
 from pgws_sync import Connection
-from pgws_sync._core.connection import Delivery, GuardedSocket, Latch
+from pgws_sync._core.connection import Delivery, FrameQueue, GuardedSocket
+from pgws_sync._core.ids import uuid4_string
+
+from ..helpers import wait_for
 
 
 def test_connection_ids_are_random_uuid4_strings_and_unique_across_threads():
-    import threading
-    import uuid
-
     ids = []
     lock = threading.Lock()
 
@@ -33,24 +36,14 @@ def test_connection_ids_are_random_uuid4_strings_and_unique_across_threads():
 
 
 def test_ids_are_formatted_exactly_as_the_uuid_module_does():
-    import os
-    import uuid
-
-    from pgws_sync._core.connection import _uuid4_string
-
     data = os.urandom(16 * 256) + bytes(16) + b"\xff" * 16
     for start in range(0, len(data), 16):
-        assert _uuid4_string(data, start) == str(uuid.UUID(bytes=data[start:start + 16], version=4))
+        assert uuid4_string(data, start) == str(uuid.UUID(bytes=data[start:start + 16], version=4))
 
 
 def test_a_frame_queue_has_every_attribute_of_a_queue():
     """FrameQueue sets Queue's attributes itself (one condition instead of three):
     a Python that adds one to queue.Queue.__init__ fails here, not in production."""
-    import queue
-    import threading
-
-    from pgws_sync._core.connection import FrameQueue
-
     frames = FrameQueue(4)
     assert set(vars(queue.Queue(4))) <= set(vars(frames))
     got = []
@@ -65,12 +58,6 @@ def test_a_frame_queue_has_every_attribute_of_a_queue():
 def test_a_frame_queue_wakes_its_waiting_writer_times_out_and_keeps_order():
     """The one-waiter condition: a get that is already waiting is woken by a put; a get
     with nothing to take times out with queue.Empty; items come out in order."""
-    import queue
-
-    from pgws_sync._core.connection import FrameQueue
-
-    from ..helpers import wait_for
-
     frames = FrameQueue(4)
     with pytest.raises(queue.Empty):
         frames.get(timeout=0.01)
@@ -85,34 +72,7 @@ def test_a_frame_queue_wakes_its_waiting_writer_times_out_and_keeps_order():
     assert got == ["a", "b", "c"] and frames.qsize() == 0
 
 
-def test_the_one_waiter_condition_refuses_a_second_waiter_instead_of_leaving_it_asleep():
-    """A second thread waiting while one already does raises at once (a blocking put
-    or join on a FrameQueue would); the first is still woken by notify."""
-    from pgws_sync._core.connection import OneWaiter
-
-    from ..helpers import wait_for
-
-    cond = OneWaiter(threading.Lock())
-    woken = []
-
-    def first():
-        with cond:
-            woken.append(cond.wait(timeout=30))
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    wait_for(lambda: cond._waiter is not None, message="the first thread waiting")
-    with cond:
-        with pytest.raises(RuntimeError, match="already waiting"):
-            cond.wait(timeout=5)
-        cond.notify()
-    thread.join(10)
-    assert woken == [True] and cond._waiter is None
-
-
 def test_a_forked_child_draws_ids_of_its_own():
-    import os
-
     Connection(["a"])  # the parent now holds unused random bytes
     read, write = os.pipe()
     pid = os.fork()
@@ -128,17 +88,6 @@ def test_a_forked_child_draws_ids_of_its_own():
 
 
 # ------------------------------------------------------------ latch, delivery
-
-
-def test_a_latch_is_a_one_way_flag():
-    latch = Latch()
-    assert not latch.is_set() and latch.wait(0.01) is False
-    waiter = threading.Thread(target=latch.wait, args=(10,))
-    waiter.start()
-    latch.set()
-    latch.set()  # setting twice is harmless
-    waiter.join(10)
-    assert not waiter.is_alive() and latch.is_set() and latch.wait(0)
 
 
 def test_deliveries_encode_once_and_join_in_order():

@@ -3,14 +3,19 @@
 import json
 import socket
 import uuid
+import threading
 
 import psycopg2
 import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
+from flask import Flask
+from werkzeug.serving import make_server
 
-from pgws_sync import InvalidChannel, Listener, Pgws, PgwsError, origin_allowed
+from pgws_sync import InvalidChannel, Listener, Pgws, PgwsError
+from pgws_sync._core.origin import origin_allowed
+from pgws_sync._core import endpoint as endpoint_module
 
 from ..helpers import Gunicorn, Ws, http_get, pg_notify, raw_upgrade, serve, wait_for, wait_sockets
 
@@ -290,10 +295,6 @@ def test_plain_wsgi_under_gunicorn(pg_dsn, sender):
 
 def test_plain_wsgi_under_werkzeug_dev_server(pg_dsn, sender):
     """What `flask run` users get: Werkzeug's threaded development server."""
-    import threading
-
-    from werkzeug.serving import make_server
-
     listener = Listener(pg_dsn, min_reconnect=0.2, max_reconnect=2.0)
     endpoint = Pgws(listener, "pgws")
     httpd = make_server("127.0.0.1", 0, endpoint, threaded=True)
@@ -317,10 +318,6 @@ def test_plain_wsgi_under_werkzeug_dev_server(pg_dsn, sender):
 def test_a_socket_flask_answers_otherwise_after_on_connect_is_forgotten(pg_dsn):
     """An after_request function that raises makes Flask answer 500 instead of serving the
     socket: the admitted connection leaves the hub, on_disconnect runs once, nothing leaks."""
-    from flask import Flask
-
-    from pgws_sync._core import endpoint as endpoint_module
-
     app = Flask(__name__)
     ended = []
 

@@ -10,6 +10,7 @@ import psycopg2.extensions
 import pytest
 
 from pgws_sync._core.health import REASONS, Health, HealthLog, health_body
+from pgws_sync._listening import public_reason
 
 from ..helpers import http_get, serve, wait_for
 
@@ -127,8 +128,6 @@ def test_detail_is_opt_in_on_a_healthy_worker(pg_dsn, path):
 
 
 def test_a_resync_frame_tells_clients_what_reconnected_never_the_drivers_words():
-    from pgws_sync._listening import public_reason
-
     detail = ('listener reconnected after: connection to server at "10.0.0.5", port 5432 '
               'failed: FATAL:  role "app_user" does not exist')
     assert public_reason(detail) == "listener reconnected"

@@ -50,7 +50,7 @@ def test_overflow_unregisters_and_asks_for_1013_without_blocking():
     for i in range(5):
         hub.fan_out([("default", str(i))])
     assert len(hub) == 1 and hub.connections() == [fast]
-    assert slow._close_request == (1013, "send queue full")
+    assert (slow.close_code, slow.close_reason) == (1013, "send queue full")
     assert texts(fast) == ["0", "1", "2", "3", "4"]
 
 
@@ -76,5 +76,5 @@ def test_the_bound_counts_frames_not_polls():
     hub.fan_out([("default", "4")])
     assert conn.queue_depth == 5 and len(hub) == 1
     hub.fan_out([("default", "5")])  # the sixth frame overflows
-    assert len(hub) == 0 and conn._close_request == (1013, "send queue full")
+    assert len(hub) == 0 and (conn.close_code, conn.close_reason) == (1013, "send queue full")
     assert texts(conn) == ["0", "1", "2", "3", "4"]

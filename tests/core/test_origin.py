@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgws_sync import origin_allowed
+from pgws_sync._core.origin import origin_allowed
 from pgws_sync._core.origin import forwarded_scheme, request_scheme
 
 from ..helpers import Gunicorn, raw_upgrade, serve

@@ -14,7 +14,8 @@ from wsproto.connection import Connection as FrameConnection
 from wsproto.events import CloseConnection, Ping, TextMessage
 
 from pgws_sync._core import simple_ws
-from pgws_sync._core.connection import GuardedSocket, WakingEvent
+from pgws_sync._core.connection import GuardedSocket
+from pgws_sync._threads import WakingEvent
 from pgws_sync._core.reader import reading_thread
 
 from ..helpers import wait_for

@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pgws_sync import ConfigError, JwtAuth, PgwsError, TokenRefused
+from pgws_sync import ConfigError, JwtAuth, PgwsError
+from pgws_sync.errors import TokenRefused
 from pgws_sync.errors import Refused
 from pgws_sync.jwt.auth import (
     MISSING_MODE,

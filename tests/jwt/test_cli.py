@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
-from pgws_sync.errors import ConfigError
+from pgws_sync.errors import ConfigError, DatabaseUnreachable
+from pgws_sync.sources.postgres import wait_for_database
 
 from ..clirun import COMMAND, no_database_env, run_cli
 from ..helpers import ROOT, Gunicorn, Ws, http_get, pg_notify, wait_for
@@ -236,9 +237,6 @@ def test_channel_flag_is_refused_with_a_jwt_secret() -> None:
 
 
 def test_wait_for_database_counts_attempts(pg_dsn: str) -> None:
-    from pgws_sync import DatabaseUnreachable
-    from pgws_sync.sources.postgres import wait_for_database
-
     assert wait_for_database(pg_dsn, 3) == 1
     calls = []
     with pytest.raises(DatabaseUnreachable, match="after 3 attempts"):

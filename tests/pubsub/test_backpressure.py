@@ -10,6 +10,7 @@ import pytest
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import TextMessage
+import psycopg2
 
 from pgws_sync import Connection
 from pgws_sync._core.hub import Hub
@@ -35,7 +36,7 @@ def test_drop_policy_counts_and_puts_the_gap_before_the_next_frame():
     hub.join(conn, "sub:g", drop_as="g")
     for i in range(5):
         hub.fan_out([("sub:g", str(i))])
-    assert len(hub) == 1 and conn._close_request is None
+    assert len(hub) == 1 and conn.close_code is None
     assert conn.missed == {"g": 2} and conn.dropped == {"g": 2}
     hub.fan_out([("sub:g", "5"), ("sub:g", "6")])  # one poll, two frames: both lost
     assert conn.missed == {"g": 4}
@@ -71,7 +72,7 @@ def test_close_policy_and_mixed_frames_close_with_1013():
     hub.fan_out([("sub:g", "g1")])  # dropped: g has the drop policy
     assert len(hub) == 1 and mixed.missed == {"g": 1}
     hub.fan_out([("sub:g", "g2"), ("sub:h", "h0")])  # the lost item holds an h frame: close
-    assert len(hub) == 0 and mixed._close_request == (1013, "send queue full")
+    assert len(hub) == 0 and (mixed.close_code, mixed.close_reason) == (1013, "send queue full")
 
 
 def test_replies_and_broadcasts_are_never_dropped_silently():
@@ -81,7 +82,7 @@ def test_replies_and_broadcasts_are_never_dropped_silently():
     hub.join(conn, "sub:g", drop_as="g")
     hub.fan_out([("sub:g", "0")])
     assert hub.send_to(conn.id, "to you")  # the queue is full and this is not droppable
-    assert len(hub) == 0 and conn._close_request == (1013, "send queue full")
+    assert len(hub) == 0 and (conn.close_code, conn.close_reason) == (1013, "send queue full")
 
 
 def test_joining_again_changes_the_policy_and_leaving_forgets_it():
@@ -156,8 +157,6 @@ class SlowReader:
 
 def publish_firehose(dsn, stop_at):
     """Publish RATE messages per second from SQL, 10 per statement, until stop_at; return the count."""
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     sent = 0
@@ -259,8 +258,6 @@ def test_slow_readers_under_a_firehose(pg_dsn, endpoint_policy):
 
 
 def publish_firehose_one(dsn):
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     with conn.cursor() as cur:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pgws_sync import Batcher
+from pgws_sync.pubsub.batching import Batcher
 from pgws_sync.pubsub.publication import BatchField, Publication
 
 from ..helpers import http_get, raw_upgrade, wait_for

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
+import random
+import threading
+import time
 
 import psycopg2
 import pytest
 
-from pgws_sync import InvalidPayload, MessageTooLarge, migrate, publish_durable
+from pgws_sync import InvalidPayload, migrate, publish_durable
+from pgws_sync.errors import MessageTooLarge
+from pgws_sync.sources.log import heads, prune, sequence
 
 from ..durable_helpers import (
     Resumer,
@@ -279,8 +284,6 @@ def test_a_publisher_never_waits_for_another_transaction_of_the_same_channel(
 
 
 def test_offsets_keep_growing_after_everything_was_pruned(pg_dsn, channel):
-    from pgws_sync.sources.log import heads, prune
-
     schema = new_log(pg_dsn)
     publish_many(pg_dsn, schema, ((channel, n) for n in range(3)), numbered=False)
     assert number_all(pg_dsn, schema) == 3
@@ -324,8 +327,6 @@ def test_publishers_at_any_isolation_level_both_succeed_with_consecutive_offsets
 
 def test_transactions_publishing_to_two_channels_in_opposite_orders_never_deadlock(
         pg_dsn, channel):
-    import threading
-
     schema = new_log(pg_dsn)
     x, y = channel + "-x", channel + "-y"
     a, b = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
@@ -455,12 +456,6 @@ def test_every_committed_message_is_numbered_once_whatever_the_commit_order(pg_d
     numbering every few milliseconds: transactions commit out of seq order all the time.
     Every committed message gets exactly one offset, offsets 1..N per channel, nothing of a
     rolled-back transaction is numbered, and no gap is left behind."""
-    import random
-    import threading
-    import time
-
-    from pgws_sync.sources.log import sequence
-
     schema = new_log(pg_dsn)
     committed, lock, done = set(), threading.Lock(), threading.Event()
 

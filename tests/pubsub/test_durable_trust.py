@@ -6,18 +6,29 @@ from __future__ import annotations
 import json
 import threading
 from typing import Any, Iterator, List, Optional, Tuple
+import json as json_module
 
 import psycopg2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgws_sync import LogUnavailable, MessageTooLarge, migrate, publish_durable
+from pgws_sync import (
+    ConfigError,
+    InvalidPayload,
+    Listener,
+    LogUnavailable,
+    PubSub,
+    Push,
+    migrate,
+    publish_durable,
+)
+from pgws_sync.errors import MessageTooLarge
 from pgws_sync.sources.log import migration_sql
 
 from ..durable_helpers import new_log, publish_many, serve_durable, wait_numbered
-from ..helpers import http_get, raw_upgrade, read_frame, wait_for
-from ..pubsub_helpers import Client, stats
+from ..helpers import Gunicorn, http_get, raw_upgrade, read_frame, wait_for
+from ..pubsub_helpers import APP, Client, post, stats
 from ..test_faults import masked_frame
 
 #: (reply_to, id, type, payload) a publisher may pass: each raises or arrives.
@@ -182,11 +193,6 @@ def test_locked_log_tables_make_readiness_fail_then_recover_with_nothing_lost(pg
 def test_a_durable_worker_connects_its_log_from_boot_without_a_request(pg_dsn):
     """Under the gunicorn hook the log reader and the sequencer start with the worker: they
     show in pg_stat_activity before anything asks the server (so /healthz is right at once)."""
-    import json as json_module
-
-    from ..helpers import Gunicorn
-    from ..pubsub_helpers import APP
-
     schema = new_log(pg_dsn)
     env = {"PGWS_DB_URI": pg_dsn,
            "PGWS_OPTIONS": json_module.dumps({"durable": True, "log_schema": schema})}
@@ -271,8 +277,6 @@ def test_publish_durable_honours_the_logs_own_max_payload(pg_dsn, channel):
     ("", "empty"),
 ])
 def test_schema_names_are_checked_before_anything_is_created(pg_dsn, schema, problem):
-    from pgws_sync import InvalidPayload
-
     with pytest.raises(InvalidPayload, match=problem):
         migrate(pg_dsn, schema=schema)
     with pytest.raises(InvalidPayload, match=problem):
@@ -348,8 +352,6 @@ def test_fuzz_every_committed_sql_publish_reaches_a_live_subscriber(
 def test_a_pooled_publisher_whose_connection_died_idle_publishes_once(pg_dsn, channel):
     """The endpoint's pool: its idle connection's backend is terminated; the next publish
     notices before sending, uses a fresh connection, and the message is in the log once."""
-    from ..pubsub_helpers import post
-
     schema = new_log(pg_dsn)
     server = serve_durable(pg_dsn, schema, workers=1)
     try:
@@ -382,8 +384,6 @@ def _publishers(admin: Any) -> int:
 
 
 def test_a_durable_endpoint_that_never_decides_who_reads_history_refuses_to_build(pg_dsn):
-    from pgws_sync import ConfigError, Listener, PubSub, Push
-
     listener = Listener(pg_dsn)
     with pytest.raises(ConfigError, match="override can_subscribe .* or pass public=True"):
         PubSub(listener, durable=True)

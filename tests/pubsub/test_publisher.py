@@ -6,7 +6,8 @@ import threading
 import psycopg2
 import pytest
 
-from pgws_sync import Listener, PublishFailed, Publisher
+from pgws_sync import Listener, PublishFailed
+from pgws_sync.pubsub.publisher import Publisher
 from pgws_sync.pubsub.publication import parse_publication
 
 from ..helpers import Recorder, wait_for

@@ -4,15 +4,17 @@ import base64
 import json
 import urllib.request
 import uuid
+import re
+import threading
 
 import psycopg2
 import pytest
 import simple_websocket
 
-from pgws_sync import PubSub, publish
+from pgws_sync import InvalidChannel, Listener, PayloadTooLarge, PubSub, publish
 from pgws_sync._formats import MAX_NAME_CHARS as MAX_TOPIC_CHARS
 
-from ..helpers import http_get, raw_upgrade, wait_for
+from ..helpers import Gunicorn, ROOT, Ws, http_get, raw_upgrade, wait_for
 from ..pubsub_helpers import Client, post, serve_pubsub, sql_publish, stats, until_event, wait_sockets
 
 
@@ -220,8 +222,6 @@ def test_oversized_client_frames(server, connect):
 
 
 def test_server_side_publish_errors_are_clear(pg_dsn):
-    from pgws_sync import InvalidChannel, Listener, PayloadTooLarge
-
     endpoint = PubSub(Listener(pg_dsn))
     try:
         with pytest.raises(PayloadTooLarge) as info:
@@ -238,8 +238,6 @@ def test_server_side_publish_errors_are_clear(pg_dsn):
 
 
 def test_ten_concurrent_clients(server, connect):
-    import threading
-
     clients = [connect() for _ in range(10)]
     for c in clients:
         c.subscribe("ten")
@@ -401,8 +399,6 @@ def test_closed_client_socket_runs_on_disconnect_once(server, connect):
 
 
 def test_pubsub_example_runs_as_its_docstring_says(pg_dsn, sender):
-    from ..helpers import ROOT, Gunicorn, Ws
-
     text = (ROOT / "examples" / "pubsub.py").read_text()
     assert "gunicorn -c python:pgws_sync.gunicorn" in text and "examples.pubsub:app" in text
     g = Gunicorn("examples.pubsub:app", env={"PGWS_DB_URI": pg_dsn}).wait_up()
@@ -439,10 +435,6 @@ def test_pubsub_example_runs_as_its_docstring_says(pg_dsn, sender):
 
 
 def test_readme_pubsub_snippet_is_the_example():
-    import re
-
-    from ..helpers import ROOT
-
     section = (ROOT / "docs" / "guides" / "pubsub.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     example = (ROOT / "examples" / "pubsub.py").read_text()

@@ -87,7 +87,7 @@ def test_the_slow_client_close_reason_is_configurable():
     hub.join(conn, "k")
     hub.fan_out([("k", "1")])
     hub.fan_out([("k", "2")])  # does not fit
-    assert conn._close_request == (1013, "going away: backpressure")
+    assert (conn.close_code, conn.close_reason) == (1013, "going away: backpressure")
     listener = Listener("")
     with pytest.raises(ConfigError, match="123"):
         PubSub(listener, slow_close_reason="x" * 124)

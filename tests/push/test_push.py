@@ -8,8 +8,9 @@ import re
 import pytest
 
 from pgws_sync.push.messages import sign_auth_event
+from pgws_sync import InvalidPayload, Listener, Push
 
-from ..helpers import http_get, raw_upgrade, wait_for
+from ..helpers import http_get, pg_notify, raw_upgrade, wait_for
 from ..push_helpers import AUTH_KEY, Tab, api, push, serve_push, stats
 
 _names = itertools.count()
@@ -118,8 +119,6 @@ def test_push_to_room_reaches_members_until_they_leave(server, tabs):
 
 def test_a_notify_on_the_push_channel_arrives_whichever_the_source(server, tabs, sender):
     """With a Redis source, NOTIFYs on BackgroundPush are read too: both sources at once."""
-    from ..helpers import pg_notify
-
     room = fresh("both-")
     member = tabs(server)
     member.join(room)
@@ -375,8 +374,6 @@ def test_redis_restart_mid_stream(pg_dsn, redis_server, tabs):
 
 
 def test_server_side_api_refuses_names_receivers_would_drop(pg_dsn):
-    from pgws_sync import InvalidPayload, Listener, Push
-
     endpoint = Push(Listener(pg_dsn))
     try:
         for bad in ("", "x" * 201, "tab\n"):

@@ -14,7 +14,8 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 import pytest
 
-from pgws_sync import ListenerStopped, Notification
+from pgws_sync.errors import ListenerStopped
+from pgws_sync.sources.base import Notification
 from pgws_sync.sources.base import MAX_BATCH, NoAnswer, SourceThread, Stopping, live_sources
 
 from ..helpers import wait_for

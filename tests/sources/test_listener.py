@@ -5,10 +5,12 @@ import logging
 import psycopg2
 import pytest
 
-from pgws_sync import ConfigError, Listener, ListenerStopped
+from pgws_sync import ConfigError, Listener
+from pgws_sync.errors import ListenerStopped
+from pgws_sync.sources.base import MAX_BATCH
 
 from ..helpers import Recorder, pg_notify, proxied, wait_for
-from ..pgserver import free_port
+from ..pgserver import PgServer, free_port
 
 
 @pytest.fixture
@@ -160,8 +162,6 @@ def test_killed_backend_reconnects_relistens_and_resyncs(pg_dsn, sender, channel
 
 
 def test_database_down_at_start_then_up(tmp_path, make_listener, caplog):
-    from ..pgserver import PgServer
-
     server = PgServer(tmp_path / "pg", port=free_port())
     listener = make_listener(server.dsn, min_reconnect=0.05, max_reconnect=0.4)
     sink = Recorder()
@@ -226,8 +226,6 @@ def test_silent_death_is_noticed_within_a_heartbeat(pg_dsn, sender, make_listene
 
 def test_what_arrives_together_is_handed_on_in_slices_of_max_batch(pg_dsn, sender, channel,
                                                                    make_listener):
-    from pgws_sync.sources.base import MAX_BATCH
-
     class Sizes(Recorder):
         def __init__(self):
             super().__init__()

@@ -4,16 +4,18 @@ and the GRANTs that fix it (a worker's check, publishing, and migrate)."""
 from __future__ import annotations
 
 from typing import Any, Iterator, List
+import re
 
 import psycopg2
 import psycopg2.extensions
 import pytest
 
-from pgws_sync import LogUnavailable, migrate
+from pgws_sync import LogUnavailable, migrate, publish_durable
 from pgws_sync.sources.log import check_rights, log_info
 
-from ..clirun import run_cli
+from ..clirun import no_database_env, run_cli
 from ..durable_helpers import new_log
+from ..helpers import ROOT
 
 ROLE = "pgws_rights"
 
@@ -118,13 +120,6 @@ def test_migrate_without_create_names_the_role_the_database_and_the_grant(pg_dsn
 def test_the_dba_block_of_the_durable_guide_runs_and_prints_its_grants(pg_dsn):
     """docs/guides/durable.md, "For the DBA": the command as written (its address swapped),
     the GRANTs it prints as shown, and the roles then do what the page says."""
-    import re
-
-    from pgws_sync import publish_durable
-
-    from ..clirun import no_database_env
-    from ..helpers import ROOT
-
     page = (ROOT / "docs" / "guides" / "durable.md").read_text()
     command = re.search(r"<!-- recipe: dba -->\n```sh\n(.*?)```", page, re.S).group(1).split()
     shown = re.search(r"It creates \(or upgrades\) the log and runs, printing each:\n\n```sql\n"

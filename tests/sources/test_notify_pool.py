@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from pgws_sync import Listener
-from pgws_sync import NotifyFailed
+from pgws_sync.errors import NotifyFailed
 from pgws_sync.sources.notify_pool import NotifyPool
 
 from ..helpers import Recorder, proxied, wait_for

@@ -6,7 +6,8 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from pgws_sync import PublishFailed, Publisher
+from pgws_sync import PublishFailed
+from pgws_sync.pubsub.publisher import Publisher
 
 from ..helpers import wait_for
 from ..pgserver import PgServer

@@ -8,7 +8,8 @@ import threading
 import pytest
 import redis
 
-from pgws_sync import ConfigError, InvalidChannel, ListenerStopped, RedisPublishFailed, RedisSource
+from pgws_sync import ConfigError, InvalidChannel, RedisSource
+from pgws_sync.errors import ListenerStopped, RedisPublishFailed
 from pgws_sync.sources import redis as redis_source
 from pgws_sync.sources.redis import CLIENT_NAME, redact_url
 
