@@ -214,3 +214,28 @@ def test_the_cli(pg_dsn: str, db: Any, log: str) -> None:
     assert len(refused.stderr.splitlines()) == 1
     assert run_cli("unwatch", table, env=env).stdout.startswith("stopped watching")
     assert run_cli("unwatch", table, env=env).stdout.endswith("was not watched; nothing to do\n")
+
+
+def test_a_writer_with_only_the_right_to_publish(pg_dsn: str, db: Any, log: str) -> None:
+    """The trigger runs as the writer: its table rights and --grant-publish are enough."""
+    from pgws_sync import migrate
+
+    table = new_table(db)
+    watch_table(pg_dsn, table, log_schema=log)
+    role = f"live_writer_{os.getpid()}"
+    with db.cursor() as cur:
+        cur.execute(f"DROP ROLE IF EXISTS {role}")
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+        cur.execute(f"GRANT INSERT, UPDATE, SELECT ON {table} TO {role}")
+    try:
+        migrate(pg_dsn, schema=log, grant_publish=[role])
+        writer = psycopg2.connect(pg_dsn.replace("postgres@", f"{role}@"))
+        with writer, writer.cursor() as cur:
+            cur.execute(f"INSERT INTO {table} VALUES (1, 7, 'a', NULL)")
+            cur.execute(f"UPDATE {table} SET name = 'b' WHERE id = 1")
+        writer.close()
+        assert [m["op"] for _, m in messages(db, log)] == ["insert", "update"]
+    finally:
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
