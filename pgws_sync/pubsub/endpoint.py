@@ -12,11 +12,13 @@ from .. import _metrics
 from .._core.connection import APP_JSON, Connection
 from .._core.health import Health
 from .._core.wire import Frame
-from .._formats import error_frame, json_message, message_frame, new_message_id, utc_now
+from .._formats import (error_frame, json_message, message_frame, new_message_id, utc_now,
+                        validate_channel)
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
     ConfigError,
+    InvalidChannel,
     InvalidPayload,
     MessageTooLarge,
     PayloadTooLarge,
@@ -42,7 +44,8 @@ from .publication import (
 )
 from .publisher import Publisher
 from .channels import (SUBSCRIPTION_PREFIX, Channels, DurableChannels, DurableSettings,
-                       NotifyChannels)
+                       NotifyChannels, subscription_key)
+from .control import CONTROL_SUFFIX, Control, format_control, matches, parse_control
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ class PubSub(ListeningEndpoint):
         back gets ``resync_required``.
     :param replay_budget: the most messages one connection may have replayed in all; past
         it, a resume gets ``resync_required``.
+    :param control_channel: the NOTIFY channel of :meth:`disconnect`, :meth:`subscribe_matching`
+        and :meth:`unsubscribe_matching` (default: ``pubsub_channel`` + ``":control"``).
     :param **options: those of :class:`WebSocketEndpoint`.
     """
 
@@ -109,6 +114,7 @@ class PubSub(ListeningEndpoint):
         public: bool = False,
         max_replay: int = 10_000,
         replay_budget: int = 100_000,
+        control_channel: Optional[str] = None,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -124,6 +130,15 @@ class PubSub(ListeningEndpoint):
                                    pubsub_channel=pubsub_channel, pool_size=pool_size,
                                    max_queue_usage=max_queue_usage)
         self.pubsub_channel = self.publisher.pubsub_channel
+        try:
+            self.control_channel = validate_channel(
+                self.pubsub_channel + CONTROL_SUFFIX if control_channel is None
+                else control_channel)
+        except InvalidChannel as exc:
+            raise ConfigError(f"control_channel: {exc} (give control_channel=<a shorter "
+                              f"name>)") from None
+        if self.control_channel == self.pubsub_channel:
+            raise ConfigError("control_channel and pubsub_channel must differ")
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
         # The one choice of delivery: every method below asks self.channels.
         settings: Optional[DurableSettings] = None
@@ -138,7 +153,7 @@ class PubSub(ListeningEndpoint):
                 retention_messages=retention_messages, prune_interval=prune_interval,
                 sequencer_poll=sequencer_poll, max_replay=max_replay,
                 replay_budget=replay_budget)
-        super().__init__(listener, [self.pubsub_channel] + (
+        super().__init__(listener, [self.pubsub_channel, self.control_channel] + (
             [settings.wake_channel] if settings is not None else []), **options)
         self.channels: Channels = (
             NotifyChannels(self.hub, self.publisher, max_subscriptions=max_subscriptions)
@@ -279,6 +294,43 @@ class PubSub(ListeningEndpoint):
         """The channels ``conn`` is subscribed to, sorted."""
         return self.channels.subscriptions(conn)
 
+    # ---------------------------------------------------- cluster-wide control
+
+    def disconnect(self, code: int = 4000, reason: str = "", **metadata: Any) -> None:
+        """Close, in every worker and host, every socket of this endpoint whose
+        ``conn.metadata`` holds all of ``metadata`` (none given: every socket), with ``code``
+        (1000 or 3000-4999; 4400-4499 tell pgws.js not to come back) and ``reason``.
+
+        Returns once the control NOTIFY is sent; each worker closes its matching sockets
+        when its listener reads it. Raises :class:`InvalidPayload` for a bad code, reason
+        or metadata (JSON values only), :class:`PublishFailed` when the database does not
+        take it.
+        """
+        self._control(format_control("disconnect", metadata, code=code, reason=reason,
+                                     notify_channel=self.control_channel))
+
+    def subscribe_matching(self, channel: str, **metadata: Any) -> None:
+        """Subscribe, in every worker and host, every socket whose ``conn.metadata`` holds all
+        of ``metadata`` to ``channel`` (no hook is asked, no limit applies). Each gets
+        ``{"event": "subscribed", "channel": ..., "server": true}`` (on a durable endpoint
+        the ``subscribed`` frame naming the epoch and offset). Raises as :meth:`disconnect`,
+        and :class:`InvalidChannel`."""
+        channel_name(channel)
+        self._control(format_control("subscribe", metadata, channel=channel,
+                                     notify_channel=self.control_channel))
+
+    def unsubscribe_matching(self, channel: str, **metadata: Any) -> None:
+        """End, in every worker and host, the subscription to ``channel`` of every socket whose
+        ``conn.metadata`` holds all of ``metadata``; each that had one gets
+        ``{"event": "unsubscribed", "channel": ..., "server": true}``. Raises as
+        :meth:`subscribe_matching`."""
+        channel_name(channel)
+        self._control(format_control("unsubscribe", metadata, channel=channel,
+                                     notify_channel=self.control_channel))
+
+    def _control(self, text: str) -> None:
+        self.publisher.notify(text, channel=self.control_channel)
+
     # ---------------------------------------------------- monitoring
 
     @property
@@ -343,7 +395,16 @@ class PubSub(ListeningEndpoint):
     # ---------------------------------------------------- listener sink
 
     def on_notifications(self, batch: Sequence[Notification]) -> None:
-        """Turn each publication into its frame and hand it to its subscribers, in order."""
+        """Turn each publication into its frame and hand it to its subscribers, in order;
+        then act on the control messages."""
+        controls = [n for n in batch if n.channel == self.control_channel]
+        if controls:
+            batch = [n for n in batch if n.channel != self.control_channel]
+        self._deliver(batch)
+        for note in controls:
+            self._act(note)
+
+    def _deliver(self, batch: Sequence[Notification]) -> None:
         pending: List[Tuple[str, Frame]] = []
         for note in self.channels.deliver(batch):
             try:
@@ -402,6 +463,43 @@ class PubSub(ListeningEndpoint):
         self.channels.forget(conn)
 
     # ---------------------------------------------------- internals
+
+    def _act(self, note: Notification) -> None:
+        """One control message: act on this process's matching sockets (each alone)."""
+        try:
+            control = parse_control(note.payload)
+        except InvalidPayload as exc:
+            logger.warning("dropped a control message on channel %r: %s", note.channel, exc)
+            return
+        acted = 0
+        for conn in self.hub.connections():
+            if not matches(conn.metadata, control.match):
+                continue
+            try:
+                acted += self._act_on(conn, control)
+            except Exception:  # one socket's failure stays with it
+                logger.exception("control %r failed for connection %s", control.op, conn.id)
+        logger.info("control %s %s: %d sockets of this worker matched %r", control.op,
+                    control.channel or control.code, acted, control.match)
+
+    def _act_on(self, conn: Connection, control: Control) -> int:
+        if control.op == "disconnect":
+            conn.request_close(control.code, control.reason)
+            return 1
+        channel = str(control.channel)
+        if control.op == "unsubscribe":
+            if not self.channels.unsubscribe(conn, channel):
+                return 0
+            conn.send(reply_frame("unsubscribed", channel, None, server=True))
+            return 1
+        if subscription_key(channel) in self.hub.keys_of(conn):
+            return 0
+        if self.channels.durable:  # the streams thread sends the subscribed frame
+            return int(self.channels.join(conn, channel, policy=self.backpressure, reply=True))
+        if not self.channels.join(conn, channel, policy=self.backpressure, reply=False):
+            return 0
+        conn.send(reply_frame("subscribed", channel, None, server=True))
+        return 1
 
     def _client_subscribe(self, conn: Connection, channel: str, action: Action) -> None:
         problem = self._subscribe_problem(conn, channel)
