@@ -149,3 +149,17 @@ def prune():
 def close():
     endpoint.close(timeout=5.0)
     return jsonify(closed=True)
+
+
+@app.route("/debug/control", methods=["POST"])
+def control():
+    """disconnect / subscribe_matching / unsubscribe_matching, cluster-wide."""
+    body = request.get_json()
+    match = body.get("match", {})
+    if body["op"] == "disconnect":
+        endpoint.disconnect(code=body.get("code", 4000), reason=body.get("reason", ""), **match)
+    elif body["op"] == "subscribe":
+        endpoint.subscribe_matching(body["channel"], **match)
+    else:
+        endpoint.unsubscribe_matching(body["channel"], **match)
+    return jsonify(pid=os.getpid())
