@@ -7,12 +7,16 @@ worker (on every host) that listens there acts on its own sockets:
 ``{"op": "subscribe" | "unsubscribe", "match": {...}, "channel": "..."}``
 
 ``match`` holds metadata key/values a socket's ``conn.metadata`` must all hold.
+Presence changes travel on the same channel (written by ``sources/presence.py``):
+
+``{"op": "presence", "channel": "...", "joins": [member...], "leaves": [member...],
+"count": N}`` where a member is ``{"client": "<connection id>", "info": {...}}``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .._formats import check_notify_size, dumps, loads, name_problem, strict_problem
 from ..errors import InvalidChannel, InvalidPayload
@@ -21,8 +25,8 @@ from ..errors import InvalidChannel, InvalidPayload
 #: name with this after it.
 CONTROL_SUFFIX = ":control"
 
-#: The operations a control message may carry.
-OPS = ("disconnect", "subscribe", "unsubscribe")
+#: The operations a control message may carry (``presence``: written by the presence store).
+OPS = ("disconnect", "subscribe", "unsubscribe", "presence")
 
 #: Close codes an app may send: 1000 (normal) and 3000-4999 (registered and private use).
 #: 4400-4499 tell pgws.js not to reconnect.
@@ -38,8 +42,12 @@ class Control(NamedTuple):
     #: ``disconnect``: the close code and reason.
     code: int = 1000
     reason: str = ""
-    #: ``subscribe`` / ``unsubscribe``: the channel.
+    #: ``subscribe`` / ``unsubscribe`` / ``presence``: the channel.
     channel: Optional[str] = None
+    #: ``presence``: the members who joined and who left, and the count after.
+    joins: Tuple[Dict[str, Any], ...] = ()
+    leaves: Tuple[Dict[str, Any], ...] = ()
+    total: int = 0
 
 
 def close_code(code: Any) -> int:
@@ -78,7 +86,7 @@ def format_control(op: str, metadata: Mapping[str, Any], *, code: int = 1000, re
                    channel: Optional[str] = None, notify_channel: Optional[str] = None) -> str:
     """The NOTIFY payload of one control message; raises :class:`InvalidPayload` (bad code,
     reason or metadata), :class:`InvalidChannel` or :class:`PayloadTooLarge`."""
-    if op not in OPS:
+    if op not in OPS or op == "presence":
         raise InvalidPayload(f"unknown control operation {op!r}")
     body: Dict[str, Any] = {"op": op, "match": _match(metadata)}
     if op == "disconnect":
@@ -113,7 +121,58 @@ def parse_control(text: str) -> Control:
     problem = name_problem(channel)
     if problem is not None:
         raise InvalidPayload(f"a control message's channel is invalid: {problem}")
-    return Control(op, match, channel=channel)
+    if op != "presence":
+        return Control(op, match, channel=channel)
+    total = body.get("count")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise InvalidPayload("a presence change's count must be a whole number")
+    return Control(op, {}, channel=channel, joins=_members(body.get("joins", [])),
+                   leaves=_members(body.get("leaves", [])), total=total)
+
+
+def _members(value: Any) -> Tuple[Dict[str, Any], ...]:
+    if not isinstance(value, list):
+        raise InvalidPayload("a presence change's joins and leaves must be lists")
+    for member in value:
+        if not (isinstance(member, dict) and set(member) == {"client", "info"}
+                and isinstance(member["client"], str) and isinstance(member["info"], dict)):
+            raise InvalidPayload("a presence member is {\"client\": id, \"info\": {...}}")
+    return tuple(value)
+
+
+# ------------------------------------------------------------ presence frames
+
+
+def member_frame(event: str, channel: str, member: Mapping[str, Any]) -> str:
+    """``{"event": "join" | "leave", "channel": ..., "member": {"client": ..., "info": ...}}``."""
+    return dumps({"event": event, "channel": channel, "member": dict(member)})
+
+
+def count_frame(channel: str, count: int) -> str:
+    """``{"event": "presence_count", "channel": ..., "count": N}``: a large channel's change."""
+    return dumps({"event": "presence_count", "channel": channel, "count": count})
+
+
+def presence_frame(channel: str, reply_to: Any, count: int,
+                   members: Sequence[Mapping[str, Any]]) -> str:
+    """The answer to ``{"action": "presence"}``: the exact count, members up to the limit."""
+    frame: Dict[str, Any] = {"event": "presence", "channel": channel}
+    if reply_to is not None:
+        frame["reply_to"] = reply_to
+    frame["count"] = count
+    frame["members"] = [dict(m) for m in members]
+    return dumps(frame)
+
+
+def change_frames(control: Control, *, counts_above: int) -> List[Tuple[Optional[str], str]]:
+    """The frames a presence change becomes for the channel's subscribers: (the client the
+    frame is about, which does not get it; the frame). Above ``counts_above`` members, one
+    ``presence_count`` frame for everyone instead."""
+    channel = str(control.channel)
+    if control.total > counts_above:
+        return [(None, count_frame(channel, control.total))]
+    return ([(m["client"], member_frame("join", channel, m)) for m in control.joins]
+            + [(m["client"], member_frame("leave", channel, m)) for m in control.leaves])
 
 
 def matches(metadata: Mapping[str, Any], match: Mapping[str, Any]) -> bool:

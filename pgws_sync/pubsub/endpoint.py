@@ -45,7 +45,9 @@ from .publication import (
 from .publisher import Publisher
 from .channels import (SUBSCRIPTION_PREFIX, Channels, DurableChannels, DurableSettings,
                        NotifyChannels, subscription_key)
-from .control import CONTROL_SUFFIX, Control, format_control, matches, parse_control
+from .control import (CONTROL_SUFFIX, Control, change_frames, format_control, matches,
+                      parse_control, presence_frame)
+from ..sources.presence import Answer, PresenceStore, info_value
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,17 @@ class PubSub(ListeningEndpoint):
     :param replay_budget: the most messages one connection may have replayed in all; past
         it, a resume gets ``resync_required``.
     :param control_channel: the NOTIFY channel of :meth:`disconnect`, :meth:`subscribe_matching`
-        and :meth:`unsubscribe_matching` (default: ``pubsub_channel`` + ``":control"``).
+        and :meth:`unsubscribe_matching`, and of presence changes (default:
+        ``pubsub_channel`` + ``":control"``).
+    :param presence: keep who is subscribed to each channel in the database (every worker
+        and host): clients may ask ``{"action": "presence"}`` and subscribers get ``join``
+        and ``leave`` frames (docs/guides/presence.md).
+    :param presence_timeout: seconds after which the members of a worker that stopped
+        beating (killed, its host lost) leave; heartbeats go every third of it.
+    :param max_presence_members: the most members a ``presence`` reply lists (its ``count``
+        is exact).
+    :param presence_events_max: above this many members a channel's subscribers get
+        ``presence_count`` frames instead of ``join`` / ``leave``.
     :param **options: those of :class:`WebSocketEndpoint`.
     """
 
@@ -115,6 +127,10 @@ class PubSub(ListeningEndpoint):
         max_replay: int = 10_000,
         replay_budget: int = 100_000,
         control_channel: Optional[str] = None,
+        presence: bool = False,
+        presence_timeout: float = 30.0,
+        max_presence_members: int = 1000,
+        presence_events_max: int = 100,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -139,6 +155,16 @@ class PubSub(ListeningEndpoint):
                               f"name>)") from None
         if self.control_channel == self.pubsub_channel:
             raise ConfigError("control_channel and pubsub_channel must differ")
+        if not (presence_timeout >= 1.0 and max_presence_members >= 0
+                and presence_events_max >= 0):
+            raise ConfigError("presence_timeout must be at least 1 second, "
+                              "max_presence_members and presence_events_max 0 or more")
+        self.max_presence_members = max_presence_members
+        self.presence_events_max = presence_events_max
+        #: The presence store of this process (None: presence is off).
+        self.presence: Optional[PresenceStore] = (
+            PresenceStore(self.publisher.dsn, schema=log_schema, scope=self.control_channel,
+                          timeout=presence_timeout) if presence else None)
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
         # The one choice of delivery: every method below asks self.channels.
         settings: Optional[DurableSettings] = None
@@ -190,6 +216,12 @@ class PubSub(ListeningEndpoint):
     def can_publish(self, conn: Connection, channel: str) -> bool:
         """Whether ``conn`` may publish to ``channel`` (default: no)."""
         return False
+
+    def presence_info(self, conn: Connection) -> Dict[str, Any]:
+        """The public info of ``conn`` as a member of a channel (JSON, at most 1 KiB): what
+        ``presence`` replies and ``join`` / ``leave`` frames show beside its id (default
+        ``{}``)."""
+        return {}
 
     # ---------------------------------------------------- server-side API
 
@@ -284,11 +316,17 @@ class PubSub(ListeningEndpoint):
         """
         channel_name(channel)
         policy = self._policy(backpressure)
-        return self.channels.join(conn, channel, policy=policy, reply=reply)
+        joined = self.channels.join(conn, channel, policy=policy, reply=reply)
+        if joined:
+            self._present(conn, channel)
+        return joined
 
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
         """End ``conn``'s subscription to ``channel``; False if it had none."""
-        return self.channels.unsubscribe(conn, channel)
+        had = self.channels.unsubscribe(conn, channel)
+        if had and self.presence is not None:
+            self.presence.leave(channel, conn.id)
+        return had
 
     def subscriptions(self, conn: Connection) -> List[str]:
         """The channels ``conn`` is subscribed to, sorted."""
@@ -372,6 +410,8 @@ class PubSub(ListeningEndpoint):
         elif action.action == "unsubscribe":
             self.unsubscribe(conn, channel)
             conn.send(reply_frame("unsubscribed", channel, action.id))
+        elif action.action == "presence":
+            self._client_presence(conn, channel, action)
         else:
             self._client_publish(conn, channel, action)
 
@@ -388,6 +428,8 @@ class PubSub(ListeningEndpoint):
         super().close(timeout, drain=drain)
 
     def on_closed(self) -> None:
+        if self.presence is not None:  # its leaves go out while the listener still reads
+            self.presence.stop()
         super().on_closed()
         self.channels.stop()
         self.publisher.close()
@@ -444,6 +486,8 @@ class PubSub(ListeningEndpoint):
     def prepare(self) -> None:
         super().prepare()
         self.channels.start()
+        if self.presence is not None:
+            self.presence.start()
 
     def health(self) -> Health:
         """The sources' health, and on a durable endpoint the log's: readable and moving."""
@@ -461,6 +505,8 @@ class PubSub(ListeningEndpoint):
     def _forget(self, conn: Connection) -> None:
         super()._forget(conn)
         self.channels.forget(conn)
+        if self.presence is not None:
+            self.presence.gone(conn.id)
 
     # ---------------------------------------------------- internals
 
@@ -470,6 +516,9 @@ class PubSub(ListeningEndpoint):
             control = parse_control(note.payload)
         except InvalidPayload as exc:
             logger.warning("dropped a control message on channel %r: %s", note.channel, exc)
+            return
+        if control.op == "presence":
+            self._presence_change(control)
             return
         acted = 0
         for conn in self.hub.connections():
@@ -482,21 +531,33 @@ class PubSub(ListeningEndpoint):
         logger.info("control %s %s: %d sockets of this worker matched %r", control.op,
                     control.channel or control.code, acted, control.match)
 
+    def _presence_change(self, control: Control) -> None:
+        """A presence change: its frames to this process's subscribers of the channel."""
+        if self.presence is None:
+            return
+        members = self.hub.members(subscription_key(str(control.channel)))
+        if not members:
+            return
+        for about, frame in change_frames(control, counts_above=self.presence_events_max):
+            for conn in members:
+                if conn.id != about:
+                    conn.send(frame)
+
     def _act_on(self, conn: Connection, control: Control) -> int:
         if control.op == "disconnect":
             conn.request_close(control.code, control.reason)
             return 1
         channel = str(control.channel)
         if control.op == "unsubscribe":
-            if not self.channels.unsubscribe(conn, channel):
+            if not self.unsubscribe(conn, channel):
                 return 0
             conn.send(reply_frame("unsubscribed", channel, None, server=True))
             return 1
         if subscription_key(channel) in self.hub.keys_of(conn):
             return 0
         if self.channels.durable:  # the streams thread sends the subscribed frame
-            return int(self.channels.join(conn, channel, policy=self.backpressure, reply=True))
-        if not self.channels.join(conn, channel, policy=self.backpressure, reply=False):
+            return int(self.subscribe(conn, channel, reply=True))
+        if not self.subscribe(conn, channel, reply=False):
             return 0
         conn.send(reply_frame("subscribed", channel, None, server=True))
         return 1
@@ -507,6 +568,39 @@ class PubSub(ListeningEndpoint):
             conn.send(error_frame(problem, reply_to=action.id))
             return
         self.channels.request(conn, channel, action, self._policy(action.backpressure))
+        self._present(conn, channel)
+
+    def _present(self, conn: Connection, channel: str) -> None:
+        """``conn`` is (being) subscribed to ``channel``: it is a member there now."""
+        if self.presence is None:
+            return
+        try:
+            info = info_value(self.presence_info(conn))
+        except Exception:  # an application hook: log, and the member has no info
+            logger.exception("presence_info failed for connection %s", conn.id)
+            info = {}
+        self.presence.join(channel, conn.id, info)
+
+    def _client_presence(self, conn: Connection, channel: str, action: Action) -> None:
+        """``{"action": "presence"}``: answered by the presence thread, never this one."""
+        store = self.presence
+        if store is None:
+            conn.send(error_frame("presence is not enabled on this endpoint",
+                                  reply_to=action.id))
+            return
+        if not self._ask(self.can_subscribe, conn, channel):
+            conn.send(error_frame(f"not allowed to see who is in {channel!r}",
+                                  reply_to=action.id))
+            return
+
+        def answer(found: Optional[Answer]) -> None:
+            if found is None:
+                conn.send(error_frame("presence unavailable, try again", reply_to=action.id))
+                return
+            conn.send(presence_frame(channel, action.id, found.total,
+                                     [m.frame_value() for m in found.members]))
+
+        store.query(channel, self.max_presence_members, answer)
 
     def _subscribe_problem(self, conn: Connection, channel: str,
                            verb: str = "subscribe to") -> Optional[str]:

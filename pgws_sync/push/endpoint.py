@@ -178,6 +178,12 @@ class Push(PubSub):
         """
         return True
 
+    def presence_info(self, conn: Connection) -> Dict[str, Any]:
+        """A room member's public info: ``{"user": <id>}`` when the socket has a user, else
+        ``{}``."""
+        user = conn.metadata.get("user")
+        return {} if user is None else {"user": user}
+
     # ---------------------------------------------------- server-side API
 
     def push_to_user(self, user: str, payload: Any, *,
