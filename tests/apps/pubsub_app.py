@@ -45,6 +45,9 @@ class App(PubSub):
             raise RuntimeError("the hook failed on purpose")
         return not channel.startswith("forbidden")
 
+    def presence_info(self, conn):
+        return {"user": conn.metadata["user"]}
+
     def can_publish(self, conn, channel):
         return conn.metadata["user"] != "anonymous" and not channel.startswith("readonly")
 
@@ -96,6 +99,7 @@ def stats():
         batches=endpoint.batcher.pending(),
         listener=listener.status(),
         streams=endpoint.channels.streams.status() if endpoint.channels.durable else None,
+        presence=endpoint.presence.status() if endpoint.presence is not None else None,
         rss_kb=_rss_kb(),
     )
 

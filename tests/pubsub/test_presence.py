@@ -1,0 +1,165 @@
+"""Presence across two workers (and a second server as another host): the presence reply,
+join and leave, a SIGKILLed worker's members leaving, a drained deploy, counts only above
+presence_events_max."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, List
+
+import psycopg2
+import pytest
+
+from ..helpers import wait_for
+from ..pubsub_helpers import Client, serve_pubsub
+
+TIMEOUT = 3.0  # presence_timeout of these servers: heartbeats every second
+OPTIONS = {"presence": True, "presence_timeout": TIMEOUT, "presence_events_max": 20}
+
+
+@pytest.fixture(scope="module")
+def server(pg_dsn):
+    g = serve_pubsub(pg_dsn, OPTIONS, workers=2)
+    yield g
+    g.stop()
+
+
+def in_both_workers(server, user: str, at_least: int = 2) -> List[Client]:
+    clients: List[Client] = []
+    while len({c.pid for c in clients}) < 2 or len(clients) < at_least:
+        assert len(clients) < 40, "the second worker took no socket"
+        clients.append(Client(server, headers={"X-User": user}))
+    return clients
+
+
+def ask(client: Client, channel: str, rid: str = "p1") -> Dict[str, Any]:
+    client.send(action="presence", channel=channel, id=rid)
+    return client.ws.recv_until(lambda f: f.get("reply_to") == rid, 10.0)
+
+
+def subscribe(client: Client, channel: str) -> None:
+    client.send(action="subscribe", channel=channel, id="s-" + channel)
+    client.ws.recv_until(lambda f: f.get("reply_to") == "s-" + channel, 10.0)
+
+
+def events(client: Client, kind: str, n: int, timeout: float = 10.0) -> List[Dict[str, Any]]:
+    """The next ``n`` frames of event ``kind`` (others skipped)."""
+    got: List[Dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        got.append(client.ws.recv_until(lambda f: f.get("event") == kind,
+                                        max(0.1, deadline - time.monotonic())))
+    return got
+
+
+def rows(pg_dsn: str, channel: str) -> List[tuple]:
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT client, worker FROM pgws_sync.presence WHERE channel = %s",
+                        (channel,))
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def joined(client: Client, wanted: set, timeout: float = 10.0) -> set:
+    """The clients ``client`` saw join until it saw all of ``wanted``."""
+    seen: set = set()
+    while not wanted <= seen:
+        frame = client.ws.recv_until(lambda f: f.get("event") == "join", timeout)
+        seen.add(frame["member"]["client"])
+    return seen
+
+
+def test_presence_lists_every_worker_s_members_and_join_and_leave_cross_workers(
+        server, pg_dsn, channel) -> None:
+    watchers = in_both_workers(server, "watcher")
+    members = in_both_workers(server, "member", at_least=4)
+    try:
+        for w in watchers:
+            subscribe(w, channel)
+        wait_for(lambda: ask(watchers[0], channel, f"w{time.monotonic()}")["count"] == len(watchers), 5.0)
+        for m in members:
+            subscribe(m, channel)
+        expected = {c.id for c in watchers + members}
+        for w in watchers:  # each watcher sees every member join, whichever worker it is in
+            seen = joined(w, {m.id for m in members})
+            assert seen <= expected - {w.id}
+        reply = ask(members[0], channel)
+        assert reply["event"] == "presence" and reply["channel"] == channel
+        assert reply["count"] == len(expected)
+        assert {m["client"] for m in reply["members"]} == expected
+        assert {m["client"]: m["info"] for m in reply["members"]}[members[0].id] == \
+            {"user": "member"}
+        # a leave by unsubscribe, and one by close, reach watchers in both workers
+        members[0].send(action="unsubscribe", channel=channel, id="u")
+        gone = members.pop(1)
+        gone.close()
+        for w in watchers:
+            left = {e["member"]["client"] for e in events(w, "leave", 2, timeout=5.0)}
+            assert left == {members[0].id, gone.id}
+        assert ask(watchers[0], channel, "p2")["count"] == len(expected) - 2
+    finally:
+        for c in watchers + members:
+            c.close()
+    wait_for(lambda: not rows(pg_dsn, channel), 5.0, "no rows left")
+
+
+def test_a_sigkilled_worker_s_members_leave_within_the_timeout(server, pg_dsn, channel) -> None:
+    clients = in_both_workers(server, "k", at_least=4)
+    try:
+        for c in clients:
+            subscribe(c, channel)
+        victim = clients[0].pid
+        doomed = [c for c in clients if c.pid == victim]
+        alive = [c for c in clients if c.pid != victim]
+        watcher = alive[0]
+        wait_for(lambda: len(rows(pg_dsn, channel)) == len(clients), 5.0, "every member written")
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        left = set()
+        while left != {c.id for c in doomed}:
+            frame = watcher.ws.recv_until(lambda f: f.get("event") == "leave",
+                                          TIMEOUT + 5.0)
+            left.add(frame["member"]["client"])
+        took = time.monotonic() - killed
+        assert took < TIMEOUT + 5.0
+        assert ask(watcher, channel)["count"] == len(alive)
+        assert {r[0] for r in rows(pg_dsn, channel)} == {c.id for c in alive}
+        print(f"SIGKILL: {len(doomed)} members left everywhere {took:.1f}s after the kill")
+    finally:
+        for c in clients:
+            c.close()
+    wait_for(lambda: not rows(pg_dsn, channel), 5.0, "no rows left")
+    wait_for(lambda: len(server.worker_pids()) == 2, 20.0, "gunicorn to replace the worker")
+
+
+def test_a_large_channel_sends_counts_only(server, channel) -> None:
+    watcher = Client(server, headers={"X-User": "big"})
+    clients: List[Client] = []
+    try:
+        subscribe(watcher, channel)
+        for _ in range(OPTIONS["presence_events_max"] + 3):
+            c = Client(server, headers={"X-User": "crowd"})
+            subscribe(c, channel)
+            clients.append(c)
+        frame = watcher.ws.recv_until(lambda f: f.get("event") == "presence_count", 10.0)
+        assert set(frame) == {"event", "channel", "count"} and frame["count"] > 20
+        wait_for(lambda: ask(watcher, channel, f"p{time.monotonic()}")["count"] == 24, 5.0)
+    finally:
+        for c in clients + [watcher]:
+            c.close()
+
+
+def test_presence_is_answered_only_to_who_may_subscribe(server) -> None:
+    c = Client(server)
+    try:
+        reply = ask(c, "forbidden-room")
+        assert reply == {"event": "error", "error": "not allowed to see who is in "
+                         "'forbidden-room'", "reply_to": "p1"}
+    finally:
+        c.close()
