@@ -55,6 +55,19 @@ def events(client: Client, kind: str, n: int, timeout: float = 10.0) -> List[Dic
     return got
 
 
+def close_code(client: Client, timeout: float = 10.0) -> int:
+    """Read (and skip) frames until the server closes; the close code."""
+    import simple_websocket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.ws.client.receive(timeout=max(0.1, deadline - time.monotonic())) is None:
+                raise AssertionError(f"no close within {timeout}s")
+        except simple_websocket.ConnectionClosed as exc:
+            return int(exc.reason)
+
+
 def rows(pg_dsn: str, channel: str) -> List[tuple]:
     conn = psycopg2.connect(pg_dsn)
     try:
@@ -163,3 +176,49 @@ def test_presence_is_answered_only_to_who_may_subscribe(server) -> None:
                          "'forbidden-room'", "reply_to": "p1"}
     finally:
         c.close()
+
+
+def test_a_drained_deploy_leaves_no_ghosts(pg_dsn, channel) -> None:
+    """Host A drains (SIGTERM, 1012 closes spread over a second); its clients come back on
+    host B. Afterwards every member is listed once and nobody who is gone is listed."""
+    old = serve_pubsub(pg_dsn, OPTIONS, workers=2, extra_env={"PGWS_DRAIN_SECONDS": "1"})
+    new = serve_pubsub(pg_dsn, OPTIONS, workers=2)
+    watcher = Client(new, headers={"X-User": "watcher"})
+    observer = Client(new, headers={"X-User": "observer"})  # reads frames, asks nothing
+    clients = [Client(old, headers={"X-User": f"u{i}"}) for i in range(10)]
+    back: List[Client] = []
+    try:
+        subscribe(watcher, channel)
+        subscribe(observer, channel)
+        for c in clients:
+            subscribe(c, channel)
+        joined(observer, {c.id for c in clients})
+        old.proc.send_signal(signal.SIGTERM)
+        for c in clients:  # each comes back on the new host as soon as it is closed
+            assert close_code(c) == 1012
+            again = Client(new, headers={"X-User": "again"})
+            subscribe(again, channel)
+            back.append(again)
+        assert old.proc.wait(20) is not None
+        expected = {c.id for c in back} | {watcher.id, observer.id}
+        wait_for(lambda: {m["client"] for m in ask(watcher, channel, f"d{time.monotonic()}")
+                          ["members"]} == expected, 5.0, "the members to settle")
+        reply = ask(watcher, channel, "final")
+        assert reply["count"] == len(expected) == len(reply["members"])
+        assert {r[0] for r in rows(pg_dsn, channel)} == expected
+        seen = {"join": 0, "leave": 0}
+        while True:  # everything the observer got since the deploy began, until 1 s of quiet
+            frame = observer.ws.client.receive(timeout=1.0)
+            if frame is None:
+                break
+            event = json.loads(frame).get("event")
+            if event in seen:
+                seen[event] += 1
+        print(f"drained deploy of {len(clients)} members: the observer saw {seen['leave']} "
+              f"leaves and {seen['join']} joins")
+        assert seen == {"join": len(clients), "leave": len(clients)}
+    finally:
+        for c in clients + back + [watcher, observer]:
+            c.close()
+        old.stop()
+        new.stop()
