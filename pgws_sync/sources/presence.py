@@ -89,8 +89,13 @@ def _quoted(name: str) -> str:
 
 
 def setup(conn: Any, schema: str) -> None:
-    """Create the presence tables if they are missing (one process at a time)."""
+    """Create the presence tables if they are missing (one process at a time; a role without
+    the right to create them is fine once ``pgws-sync migrate`` has)."""
     with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+                    (f"{_quoted(schema)}.presence", f"{_quoted(schema)}.presence_workers"))
+        if cur.fetchone()[0]:
+            return
         cur.execute("BEGIN")
         try:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema + ".presence",))
@@ -98,8 +103,15 @@ def setup(conn: Any, schema: str) -> None:
                 cur.execute(statement)
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(conn)
             raise
+
+
+def grant_presence_sql(schema: str, role: str) -> List[str]:
+    """What ``role`` needs to keep presence (an app's role, beside the log's grants)."""
+    s = _quoted(schema)
+    return [f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.presence, {s}.presence_workers "
+            f"TO {_quoted(role)}"]
 
 
 def info_value(info: Any) -> Dict[str, Any]:
