@@ -201,3 +201,21 @@ def test_a_forged_control_message_is_dropped_and_the_worker_goes_on(server, pg_d
     finally:
         conn.close()
         client.close()
+
+
+def test_disconnect_reaches_another_host(server, pg_dsn) -> None:
+    """A third gunicorn instance on the same database plays another host."""
+    other = serve_pubsub(pg_dsn, workers=1)
+    here = in_both_workers(server, "frank-h")
+    there = [Client(other, headers={"X-User": "frank-h"}),
+             Client(other, headers={"X-User": "grace-h"})]
+    try:
+        post(server, "/debug/control", {"op": "disconnect", "code": 4403,
+                                        "reason": "logged out", "match": {"user": "frank-h"}})
+        for client in here + there[:1]:
+            assert closed_with(client, 5.0) == (4403, "logged out")
+        there[1].subscribe("still-here")
+    finally:
+        for client in here + there:
+            client.close()
+        other.stop()
