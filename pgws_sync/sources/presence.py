@@ -201,10 +201,12 @@ class PresenceStore:
         self._pid: Optional[int] = None
         self._lock = threading.Lock()  # guards _thread and _pid
         self.worker = ""
-        #: This process's members: (channel, client) -> info (re-written after a reconnect or
-        #: after another worker expired this one while it was stalled).
-        self._mine: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        #: This process's members: client -> channel -> info (written again after a reconnect,
+        #: or after another worker expired this one while it was stalled).
+        self._mine: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self._conn: Any = None
+        #: Writes that failed, done again before the next ones.
+        self._pending: List[_Op] = []
         self._beat_at = 0.0
         self.error: Optional[str] = None
         self._t = _tables(schema)
@@ -280,7 +282,9 @@ class PresenceStore:
         return ops
 
     def _work(self, ops: List[_Op]) -> None:
-        writes = [op for op in ops if op.kind != "query"]
+        # writes that failed go again first (each is idempotent), so no leave is lost
+        writes = self._pending + [op for op in ops if op.kind != "query"]
+        self._pending = []
         queries = [op for op in ops if op.kind == "query"]
         try:
             conn = self._connection()
@@ -293,13 +297,16 @@ class PresenceStore:
                 self._answer(conn, op)
             self.error = None
         except psycopg2.Error as exc:
-            self.error = str(exc).strip()
-            logger.warning("presence: the database failed (%s); retrying", self.error)
+            error = str(exc).strip()
+            (logger.warning if error != self.error else logger.debug)(
+                "presence: the database failed (%s); retrying", error)
+            self.error = error
             close_quietly(self._conn)
             self._conn = None
+            self._pending = writes[-self._queue.maxsize:]
             for op in queries:
                 self._call(op, None)
-            self._stop.wait(0.5)  # the writes' effect is in _mine: re-written on reconnect
+            self._stop.wait(1.0)
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
@@ -312,23 +319,20 @@ class PresenceStore:
 
     def _write(self, conn: Any, ops: Sequence[_Op], *, beat: bool) -> None:
         """One transaction: the heartbeat, the joins and leaves, their announcements."""
-        joins: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        joins: Dict[str, Dict[str, Dict[str, Any]]] = {}  # client -> channel -> info
         leaves: List[Tuple[str, str]] = []
         gone: List[str] = []
         for op in ops:
-            key = (op.channel, op.client)
             if op.kind == "join":
-                self._mine[key] = op.info
-                joins[key] = op.info
+                self._mine.setdefault(op.client, {})[op.channel] = op.info
+                joins.setdefault(op.client, {})[op.channel] = op.info
             elif op.kind == "leave":
-                self._mine.pop(key, None)
-                joins.pop(key, None)
-                leaves.append(key)
+                _discard(self._mine, op.client, op.channel)
+                _discard(joins, op.client, op.channel)
+                leaves.append((op.channel, op.client))
             else:
-                for mine in [k for k in self._mine if k[1] == op.client]:
-                    self._mine.pop(mine, None)
-                for k in [k for k in joins if k[1] == op.client]:
-                    joins.pop(k)
+                self._mine.pop(op.client, None)
+                joins.pop(op.client, None)
                 gone.append(op.client)
         with conn.cursor() as cur:
             cur.execute("BEGIN")
@@ -337,9 +341,8 @@ class PresenceStore:
                 if beat:
                     cur.execute(self._t["beat"], (self.worker,))
                     rewrite = bool(cur.fetchone()[0])  # expired by another worker meanwhile
-                joined = self._insert(cur, joins)
                 left: List[Tuple[str, str, Dict[str, Any]]] = []
-                if leaves:
+                if leaves:  # deletes first: a leave then a join of one key ends joined
                     cur.execute(self._t["leave"], ([c for c, _ in leaves],
                                                    [k for _, k in leaves], self.scope,
                                                    self.worker))
@@ -347,6 +350,7 @@ class PresenceStore:
                 if gone:
                     cur.execute(self._t["gone"], (self.scope, self.worker, gone))
                     left += cur.fetchall()
+                joined = self._insert(cur, joins)
                 self._announce(cur, self.scope, joined, left)
                 cur.execute("COMMIT")
             except BaseException:
@@ -359,13 +363,14 @@ class PresenceStore:
                                "longer than %.0fs?); writing them again", self.timeout)
                 self._rewrite(conn)
 
-    def _insert(self, cur: Any, joins: Dict[Tuple[str, str], Dict[str, Any]]
+    def _insert(self, cur: Any, joins: Dict[str, Dict[str, Dict[str, Any]]]
                 ) -> List[Tuple[str, str, Dict[str, Any]]]:
-        if not joins:
+        rows = [(channel, client, dumps(info)) for client, channels in joins.items()
+                for channel, info in channels.items()]
+        if not rows:
             return []
-        keys = list(joins)
-        cur.execute(self._t["join"], (self.scope, self.worker, [c for c, _ in keys],
-                                      [k for _, k in keys], [dumps(joins[k]) for k in keys]))
+        cur.execute(self._t["join"], (self.scope, self.worker, [r[0] for r in rows],
+                                      [r[1] for r in rows], [r[2] for r in rows]))
         return list(cur.fetchall())
 
     def _rewrite(self, conn: Any) -> None:
@@ -374,7 +379,7 @@ class PresenceStore:
             cur.execute("BEGIN")
             try:
                 cur.execute(self._t["beat"], (self.worker,))
-                joined = self._insert(cur, dict(self._mine))
+                joined = self._insert(cur, self._mine)
                 self._announce(cur, self.scope, joined, [])
                 cur.execute("COMMIT")
             except BaseException:
@@ -455,8 +460,17 @@ class PresenceStore:
     def status(self) -> Dict[str, Any]:
         with self._lock:
             alive = self._thread is not None and self._thread.is_alive()
-        return {"running": alive, "members": len(self._mine), "error": self.error,
+        return {"running": alive, "members": sum(len(c) for c in list(self._mine.values())),
+                "error": self.error,
                 "queued": self._queue.qsize()}
+
+
+def _discard(members: Dict[str, Dict[str, Dict[str, Any]]], client: str, channel: str) -> None:
+    channels = members.get(client)
+    if channels is not None:
+        channels.pop(channel, None)
+        if not channels:
+            members.pop(client, None)
 
 
 def _rollback(conn: Any) -> None:

@@ -126,3 +126,22 @@ def test_migrate_creates_the_presence_tables(pg_dsn: str) -> None:
                               "--schema", schema], cwd=ROOT, capture_output=True, text=True,
                              timeout=60)
     assert f'CREATE TABLE IF NOT EXISTS "{schema}".presence (' in printed.stdout
+
+
+def test_a_leave_written_while_the_connection_is_lost_is_written_after_it(pg_dsn: str) -> None:
+    scope = f"scope-{uuid.uuid4().hex[:8]}"
+    store = PresenceStore(pg_dsn, schema="pgws_sync", scope=scope, timeout=3.0)
+    store.start()
+    rows = "SELECT count(*) FROM pgws_sync.presence WHERE scope = %s"
+    try:
+        store.join("room", "c1", {})
+        store.join("room", "c2", {})
+        wait_for(lambda: count(pg_dsn, rows, scope) == 2, 5.0, "both written")
+        assert count(pg_dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                     "WHERE application_name = 'pgws_sync presence'") >= 1
+        store.gone("c1")  # its first attempt meets the dead connection
+        wait_for(lambda: count(pg_dsn, rows, scope) == 1, 10.0, "c1's leave written")
+        assert store.status()["members"] == 1 and store.status()["error"] is None
+    finally:
+        store.stop()
+    assert count(pg_dsn, rows, scope) == 0
