@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 from hypothesis import given, strategies as st
 
 from pgws_sync import PubSub
 from pgws_sync.errors import ConfigError, InvalidChannel, InvalidPayload, PayloadTooLarge
-from pgws_sync.pubsub.control import (Control, close_code, format_control, matches,
-                                      parse_control)
+from pgws_sync.pubsub.control import (Control, change_frames, close_code, format_control,
+                                      matches, parse_control, presence_frame)
 
 from ..fuzzing import FUZZ
 from ..helpers import wait_for
@@ -219,3 +219,46 @@ def test_disconnect_reaches_another_host(server, pg_dsn) -> None:
         for client in here + there:
             client.close()
         other.stop()
+
+
+# ------------------------------------------------------------ presence frames, fuzzed
+
+MEMBER = st.builds(lambda c, i: {"client": c, "info": i}, st.text(min_size=1, max_size=40),
+                   st.dictionaries(st.text(max_size=8), JSON, max_size=3))
+
+
+@FUZZ
+@given(joins=st.lists(MEMBER, max_size=60), leaves=st.lists(MEMBER, max_size=60),
+       total=st.integers(min_value=0, max_value=10**6),
+       channel=st.text(min_size=1, max_size=30).filter(lambda c: c.isprintable()),
+       counts_above=st.integers(min_value=0, max_value=200))
+def test_presence_changes_become_frames_every_client_can_read(
+        joins: List[Dict[str, Any]], leaves: List[Dict[str, Any]], total: int, channel: str,
+        counts_above: int) -> None:
+    from pgws_sync._formats import strict_problem
+    from pgws_sync.sources.presence import Change, Member, format_changes
+
+    change = Change(channel, [Member(m["client"], m["info"]) for m in joins],
+                    [Member(m["client"], m["info"]) for m in leaves], total)
+    try:
+        payloads = format_changes([change])
+    except InvalidPayload:
+        return  # a lone surrogate in a name: never sent
+    assert all(len(p.encode("utf-8")) < 8000 for p in payloads)
+    controls = [parse_control(p) for p in payloads]
+    assert [m for c in controls for m in c.joins] == joins
+    assert [m for c in controls for m in c.leaves] == leaves
+    frames = [f for c in controls for f in change_frames(c, counts_above=counts_above)]
+    if total > counts_above:
+        assert frames == [(None, json.dumps({"event": "presence_count", "channel": channel,
+                                             "count": total}, ensure_ascii=False))] * len(controls)
+    else:
+        assert len(frames) == len(joins) + len(leaves)
+        for about, frame in frames:
+            decoded = json.loads(frame)
+            assert strict_problem(decoded) is None
+            assert decoded["event"] in ("join", "leave") and decoded["channel"] == channel
+            assert decoded["member"]["client"] == about
+    reply = json.loads(presence_frame(channel, "r", total, joins))
+    assert reply == {"event": "presence", "channel": channel, "reply_to": "r", "count": total,
+                     "members": joins}
