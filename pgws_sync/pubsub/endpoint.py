@@ -490,8 +490,17 @@ class PubSub(ListeningEndpoint):
             self.presence.start()
 
     def health(self) -> Health:
-        """The sources' health, and on a durable endpoint the log's: readable and moving."""
-        return self.channels.health(super().health())
+        """The sources' health, and on a durable endpoint the log's: readable and moving.
+        Presence's state is the operator's detail only (it fails alone)."""
+        health = self.channels.health(super().health())
+        if self.presence is None:
+            return health
+        status = self.presence.status()
+        detail = dict(health.detail)
+        detail["presence"] = "failing" if status["error"] else "ok"
+        if status["error"]:
+            detail["presence_error"] = status["error"]
+        return health._replace(detail=detail)
 
     def sample_more(self) -> None:
         self.channels.sample()
