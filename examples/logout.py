@@ -5,8 +5,9 @@ Push knows by the user id. Logging out calls ``disconnect_user`` with close code
 every worker closes that user's sockets, and pgws.js does not reconnect after a code in
 4400-4499 (it fires its ``close`` event with ``willReconnect: false``).
 
-Run:  PGWS_DB_URI=postgresql://localhost/postgres SECRET_KEY=... \
+Run:  PGWS_DB_URI=postgresql://localhost/postgres \
       gunicorn -c python:pgws_sync.gunicorn --threads 200 -w 2 examples.logout:app
+      (set SECRET_KEY in production: every worker signs sessions with it)
 Open: http://127.0.0.1:8000/  (log in as anyone; open several tabs; log out in one)
 """
 

@@ -222,3 +222,24 @@ def test_a_drained_deploy_leaves_no_ghosts(pg_dsn, channel) -> None:
             c.close()
         old.stop()
         new.stop()
+
+
+def test_a_clean_close_leaves_within_a_second(server, channel) -> None:
+    clients = in_both_workers(server, "quick")
+    watcher = clients[0]
+    leaving = next(c for c in clients if c.pid != watcher.pid)  # in the other worker
+    try:
+        for c in clients:
+            subscribe(c, channel)
+        joined(watcher, {leaving.id})
+        started = time.monotonic()
+        leaving.close()
+        frame = watcher.ws.recv_until(lambda f: f.get("event") == "leave", 5.0)
+        took = time.monotonic() - started
+        assert frame["member"]["client"] == leaving.id
+        print(f"clean close: the leave reached the other worker's subscriber in "
+              f"{took * 1000:.0f} ms")
+        assert took < 1.0
+    finally:
+        for c in clients:
+            c.close()
