@@ -127,7 +127,8 @@ export interface PgwsEventMap {
   subscribed: SubscribedEvent;
   /** The server ended a subscription (unsubscribe_matching). */
   unsubscribed: {channel: string; server: true};
-  join: {channel: string; member: PresenceMember};
+  /** `replaces`: the client id of a member whose socket a drain closed, whose place this takes. */
+  join: {channel: string; member: PresenceMember; replaces?: string};
   leave: {channel: string; member: PresenceMember};
   /** A channel above the server's presence_events_max: its member count, instead of join/leave. */
   presence_count: {channel: string; count: number};

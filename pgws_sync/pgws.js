@@ -839,11 +839,13 @@
           return request !== undefined && request.kind === "presence" &&
             shaped(frame, ["event", "channel", "reply_to", "count", "members"]) &&
             this._answered(frame);
-        case "join":
+        case "join": // `replaces`: the member (a drain closed its socket) this one takes the place of
+          if (!shaped(frame, ["event", "channel", "member"], ["replaces"]) || !isObject(frame.member)) return false;
+          this._emit("join", {channel: frame.channel, member: frame.member, replaces: frame.replaces});
+          return true;
         case "leave":
           if (!shaped(frame, ["event", "channel", "member"]) || !isObject(frame.member)) return false;
-          if (frame.event === "join") this._emit("join", {channel: frame.channel, member: frame.member});
-          else this._emit("leave", {channel: frame.channel, member: frame.member});
+          this._emit("leave", {channel: frame.channel, member: frame.member});
           return true;
         case "presence_count":
           if (!shaped(frame, ["event", "channel", "count"])) return false;

@@ -10,7 +10,8 @@ worker (on every host) that listens there acts on its own sockets:
 Presence changes travel on the same channel (written by ``sources/presence.py``):
 
 ``{"op": "presence", "channel": "...", "joins": [member...], "leaves": [member...],
-"count": N}`` where a member is ``{"client": "<connection id>", "info": {...}}``.
+"count": N}`` where a member is ``{"client": "<connection id>", "info": {...}}`` (a join
+may add ``"replaces": "<the client id of a member a drain closed>"``).
 """
 
 from __future__ import annotations
@@ -134,9 +135,12 @@ def _members(value: Any) -> Tuple[Dict[str, Any], ...]:
     if not isinstance(value, list):
         raise InvalidPayload("a presence change's joins and leaves must be lists")
     for member in value:
-        if not (isinstance(member, dict) and set(member) == {"client", "info"}
-                and isinstance(member["client"], str) and isinstance(member["info"], dict)):
-            raise InvalidPayload("a presence member is {\"client\": id, \"info\": {...}}")
+        if not (isinstance(member, dict) and {"client", "info"} <= set(member)
+                <= {"client", "info", "replaces"} and isinstance(member["client"], str)
+                and isinstance(member["info"], dict)
+                and isinstance(member.get("replaces", ""), str)):
+            raise InvalidPayload("a presence member is {\"client\": id, \"info\": {...}} "
+                                 "(a join may name the client it \"replaces\")")
     return tuple(value)
 
 
@@ -144,8 +148,13 @@ def _members(value: Any) -> Tuple[Dict[str, Any], ...]:
 
 
 def member_frame(event: str, channel: str, member: Mapping[str, Any]) -> str:
-    """``{"event": "join" | "leave", "channel": ..., "member": {"client": ..., "info": ...}}``."""
-    return dumps({"event": event, "channel": channel, "member": dict(member)})
+    """``{"event": "join" | "leave", "channel": ..., "member": {"client": ..., "info": ...}}``,
+    and for a join that takes a drained member's place, ``"replaces": <its client id>``."""
+    frame: Dict[str, Any] = {"event": event, "channel": channel,
+                             "member": {"client": member["client"], "info": member["info"]}}
+    if member.get("replaces") is not None:
+        frame["replaces"] = member["replaces"]
+    return dumps(frame)
 
 
 def count_frame(channel: str, count: int) -> str:

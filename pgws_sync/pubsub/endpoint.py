@@ -11,7 +11,7 @@ from .._dsn import Dsn
 from .. import _metrics
 from .._core.connection import APP_JSON, Connection
 from .._core.health import Health
-from .._core.wire import Frame
+from .._core.wire import CloseCode, Frame
 from .._formats import (error_frame, json_message, message_frame, new_message_id, utc_now,
                         validate_channel)
 from .._listening import ListeningEndpoint, listener_dsn
@@ -102,6 +102,9 @@ class PubSub(ListeningEndpoint):
         is exact).
     :param presence_events_max: above this many members a channel's subscribers get
         ``presence_count`` frames instead of ``join`` / ``leave``.
+    :param presence_grace: seconds the memberships of a socket a drain closed (1012) wait,
+        unannounced, for the socket's return to take their place (its ``join`` then names
+        the member it ``replaces``); after that they leave.
     :param **options: those of :class:`WebSocketEndpoint`.
     """
 
@@ -131,6 +134,7 @@ class PubSub(ListeningEndpoint):
         presence_timeout: float = 30.0,
         max_presence_members: int = 1000,
         presence_events_max: int = 100,
+        presence_grace: float = 10.0,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -156,15 +160,17 @@ class PubSub(ListeningEndpoint):
         if self.control_channel == self.pubsub_channel:
             raise ConfigError("control_channel and pubsub_channel must differ")
         if not (presence_timeout >= 1.0 and max_presence_members >= 0
-                and presence_events_max >= 0):
+                and presence_events_max >= 0 and presence_grace >= 0):
             raise ConfigError("presence_timeout must be at least 1 second, "
-                              "max_presence_members and presence_events_max 0 or more")
+                              "max_presence_members, presence_events_max and presence_grace "
+                              "0 or more")
         self.max_presence_members = max_presence_members
         self.presence_events_max = presence_events_max
         #: The presence store of this process (None: presence is off).
         self.presence: Optional[PresenceStore] = (
             PresenceStore(self.publisher.dsn, schema=log_schema, scope=self.control_channel,
-                          timeout=presence_timeout) if presence else None)
+                          timeout=presence_timeout, grace=presence_grace)
+            if presence else None)
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
         # The one choice of delivery: every method below asks self.channels.
         settings: Optional[DurableSettings] = None
@@ -515,7 +521,7 @@ class PubSub(ListeningEndpoint):
         super()._forget(conn)
         self.channels.forget(conn)
         if self.presence is not None:
-            self.presence.gone(conn.id)
+            self.presence.gone(conn.id, drained=conn.close_code == CloseCode.SERVICE_RESTART)
 
     # ---------------------------------------------------- internals
 

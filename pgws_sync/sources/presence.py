@@ -45,9 +45,14 @@ class Member(NamedTuple):
 
     client: str
     info: Dict[str, Any]
+    #: A join that takes the place of a member a drain closed: that member's client id.
+    replaces: Optional[str] = None
 
     def frame_value(self) -> Dict[str, Any]:
-        return {"client": self.client, "info": self.info}
+        value: Dict[str, Any] = {"client": self.client, "info": self.info}
+        if self.replaces is not None:
+            value["replaces"] = self.replaces
+        return value
 
 
 class Change(NamedTuple):
@@ -80,7 +85,11 @@ def presence_sql(schema: str) -> List[str]:
         f" worker text NOT NULL, info jsonb NOT NULL DEFAULT '{{}}',"
         f" joined_at timestamptz NOT NULL DEFAULT now(),"
         f" PRIMARY KEY (scope, channel, client))",
+        # a member whose socket a drain closed: kept for the grace, for its return to replace
+        f"ALTER TABLE {s}.presence ADD COLUMN IF NOT EXISTS leaving_at timestamptz",
         f"CREATE INDEX IF NOT EXISTS presence_by_worker ON {s}.presence (worker)",
+        f"CREATE INDEX IF NOT EXISTS presence_leaving ON {s}.presence (scope, channel)"
+        f" WHERE leaving_at IS NOT NULL",
     ]
 
 
@@ -92,8 +101,9 @@ def setup(conn: Any, schema: str) -> None:
     """Create the presence tables if they are missing (one process at a time; a role without
     the right to create them is fine once ``pgws-sync migrate`` has)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
-                    (f"{_quoted(schema)}.presence", f"{_quoted(schema)}.presence_workers"))
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL AND EXISTS (SELECT FROM pg_attribute "
+                    "WHERE attrelid = to_regclass(%s) AND attname = 'leaving_at')",
+                    (f"{_quoted(schema)}.presence_workers", f"{_quoted(schema)}.presence"))
         if cur.fetchone()[0]:
             return
         cur.execute("BEGIN")
@@ -186,11 +196,14 @@ class PresenceStore:
         heartbeats go every third of it.
     :param max_queue: joins, leaves and queries waiting; past it a query is answered None
         (busy) and a join or leave is dropped with a warning.
+    :param grace: seconds a member whose socket a drain closed stays (unannounced) for the
+        socket's return to take its place; then it leaves.
     """
 
     def __init__(self, dsn: Dsn, *, schema: str, scope: str, timeout: float = 30.0,
-                 max_queue: int = 100_000) -> None:
+                 max_queue: int = 100_000, grace: float = 10.0) -> None:
         self.dsn = libpq_dsn(dsn)
+        self.grace = grace
         self.schema = schema
         self.scope = scope
         self.timeout = timeout
@@ -233,9 +246,11 @@ class PresenceStore:
     def leave(self, channel: str, client: str) -> None:
         self._put(_Op("leave", self.scope, channel, client))
 
-    def gone(self, client: str) -> None:
-        """``client`` closed: it leaves every channel."""
-        self._put(_Op("gone", self.scope, "", client))
+    def gone(self, client: str, *, drained: bool = False) -> None:
+        """``client`` closed: it leaves every channel. ``drained``: a drain closed it, so it
+        is expected back; its memberships wait ``grace`` seconds, unannounced, for a join of
+        equal info on the channel to take their place (else they leave then)."""
+        self._put(_Op("drained" if drained else "gone", self.scope, "", client))
 
     def query(self, channel: str, limit: int, answer: Callable[[Optional[Answer]], None]) -> None:
         """Call ``answer`` on the presence thread with the channel's members (None: the
@@ -322,6 +337,7 @@ class PresenceStore:
         joins: Dict[str, Dict[str, Dict[str, Any]]] = {}  # client -> channel -> info
         leaves: List[Tuple[str, str]] = []
         gone: List[str] = []
+        drained: List[str] = []
         for op in ops:
             if op.kind == "join":
                 self._mine.setdefault(op.client, {})[op.channel] = op.info
@@ -333,7 +349,7 @@ class PresenceStore:
             else:
                 self._mine.pop(op.client, None)
                 joins.pop(op.client, None)
-                gone.append(op.client)
+                (drained if op.kind == "drained" else gone).append(op.client)
         with conn.cursor() as cur:
             cur.execute("BEGIN")
             try:
@@ -350,6 +366,8 @@ class PresenceStore:
                 if gone:
                     cur.execute(self._t["gone"], (self.scope, self.worker, gone))
                     left += cur.fetchall()
+                if drained:  # not announced: the socket is expected back
+                    cur.execute(self._t["drained"], (self.scope, self.worker, drained))
                 joined = self._insert(cur, joins)
                 self._announce(cur, self.scope, joined, left)
                 cur.execute("COMMIT")
@@ -364,14 +382,25 @@ class PresenceStore:
                 self._rewrite(conn)
 
     def _insert(self, cur: Any, joins: Dict[str, Dict[str, Dict[str, Any]]]
-                ) -> List[Tuple[str, str, Dict[str, Any]]]:
+                ) -> List[Tuple[str, str, Dict[str, Any], Optional[str]]]:
+        """Write the joins; each takes the place of a drained member of equal info on its
+        channel if there is one (the announcement names it: ``replaces``)."""
         rows = [(channel, client, dumps(info)) for client, channels in joins.items()
                 for channel, info in channels.items()]
         if not rows:
             return []
+        replaced: Dict[Tuple[str, str], str] = {}
+        cur.execute(self._t["any_leaving"], (self.scope, list({r[0] for r in rows})))
+        if cur.fetchone()[0]:  # after a drain only: one claim per join
+            for channel, client, info in rows:
+                cur.execute(self._t["claim"], (self.scope, channel, info))
+                found = cur.fetchone()
+                if found is not None:
+                    replaced[(channel, client)] = found[0]
         cur.execute(self._t["join"], (self.scope, self.worker, [r[0] for r in rows],
                                       [r[1] for r in rows], [r[2] for r in rows]))
-        return list(cur.fetchall())
+        return [(channel, client, info, replaced.get((channel, client)))
+                for channel, client, info in cur.fetchall()]
 
     def _rewrite(self, conn: Any) -> None:
         """Write every member of this process again (after a reconnect, or an expiry)."""
@@ -387,16 +416,16 @@ class PresenceStore:
                 raise
         self._beat_at = time.monotonic()
 
-    def _announce(self, cur: Any, scope: str, joined: Sequence[Tuple[str, str, Any]],
-                  left: Sequence[Tuple[str, str, Any]]) -> None:
+    def _announce(self, cur: Any, scope: str, joined: Sequence[Tuple[Any, ...]],
+                  left: Sequence[Tuple[Any, ...]]) -> None:
         """NOTIFY the changes (in the writing transaction: they go out at its commit)."""
         if not joined and not left:
             return
         by_channel: Dict[str, Change] = {}
         for rows, kind in ((joined, "joins"), (left, "leaves")):
-            for channel, client, info in rows:
+            for channel, client, info, *replaces in rows:
                 change = by_channel.setdefault(channel, Change(channel, [], [], 0))
-                getattr(change, kind).append(Member(client, info))
+                getattr(change, kind).append(Member(client, info, *replaces))
         channels = list(by_channel)
         cur.execute(self._t["counts"], (scope, channels))
         counts = dict(cur.fetchall())
@@ -411,7 +440,7 @@ class PresenceStore:
             cur.execute("BEGIN")
             try:
                 cur.execute(self._t["expire"], (self.timeout,))
-                cur.execute(self._t["orphans"])
+                cur.execute(self._t["orphans"], (self.grace,))
                 by_scope: Dict[str, List[Tuple[str, str, Any]]] = {}
                 for scope, channel, client, info in cur.fetchall():
                     by_scope.setdefault(scope, []).append((channel, client, info))
@@ -506,10 +535,22 @@ def _tables(schema: str) -> Dict[str, str]:
                   f"WHERE heartbeat_at < now() - make_interval(secs => %s)",
         # members of no live worker: an expired one's (and a stalled one's, written again
         # once it beats)
-        "orphans": f"DELETE FROM {s}.presence p WHERE NOT EXISTS (SELECT FROM "
-                   f"{s}.presence_workers w WHERE w.worker = p.worker) "
+        # and drained members whose grace is over
+        "orphans": f"DELETE FROM {s}.presence p WHERE CASE WHEN p.leaving_at IS NULL "
+                   f"THEN NOT EXISTS (SELECT FROM {s}.presence_workers w "
+                   f"WHERE w.worker = p.worker) "
+                   f"ELSE p.leaving_at < now() - make_interval(secs => %s) END "
                    f"RETURNING p.scope, p.channel, p.client, p.info",
-        "retire": f"DELETE FROM {s}.presence WHERE worker = %s "
+        "drained": f"UPDATE {s}.presence SET leaving_at = now() WHERE scope = %s "
+                   f"AND worker = %s AND client = ANY(%s::text[])",
+        "any_leaving": f"SELECT EXISTS (SELECT FROM {s}.presence WHERE scope = %s "
+                       f"AND channel = ANY(%s::text[]) AND leaving_at IS NOT NULL)",
+        "claim": f"DELETE FROM {s}.presence WHERE ctid = (SELECT ctid FROM {s}.presence "
+                 f"WHERE scope = %s AND channel = %s AND info = %s::jsonb "
+                 f"AND leaving_at IS NOT NULL ORDER BY leaving_at LIMIT 1 "
+                 f"FOR UPDATE SKIP LOCKED) RETURNING client",
+        # a stopping worker's members leave; its drained ones wait for their grace
+        "retire": f"DELETE FROM {s}.presence WHERE worker = %s AND leaving_at IS NULL "
                   f"RETURNING channel, client, info",
         "forget_worker": f"DELETE FROM {s}.presence_workers WHERE worker = %s",
     }

@@ -178,9 +178,11 @@ def test_presence_is_answered_only_to_who_may_subscribe(server) -> None:
         c.close()
 
 
-def test_a_drained_deploy_leaves_no_ghosts(pg_dsn, channel) -> None:
+def test_a_drained_deploy_leaves_no_ghosts_and_no_leave_join_pairs(pg_dsn, channel) -> None:
     """Host A drains (SIGTERM, 1012 closes spread over a second); its clients come back on
-    host B. Afterwards every member is listed once and nobody who is gone is listed."""
+    host B as the same users. Their returns take the drained members' places: subscribers
+    see one ``join`` naming the member it ``replaces`` each, no ``leave``; afterwards every
+    member is listed once, and nobody who is gone."""
     old = serve_pubsub(pg_dsn, OPTIONS, workers=2, extra_env={"PGWS_DRAIN_SECONDS": "1"})
     new = serve_pubsub(pg_dsn, OPTIONS, workers=2)
     watcher = Client(new, headers={"X-User": "watcher"})
@@ -194,9 +196,9 @@ def test_a_drained_deploy_leaves_no_ghosts(pg_dsn, channel) -> None:
             subscribe(c, channel)
         joined(observer, {c.id for c in clients})
         old.proc.send_signal(signal.SIGTERM)
-        for c in clients:  # each comes back on the new host as soon as it is closed
+        for i, c in enumerate(clients):  # each comes back on the new host once it is closed
             assert close_code(c) == 1012
-            again = Client(new, headers={"X-User": "again"})
+            again = Client(new, headers={"X-User": f"u{i}"})
             subscribe(again, channel)
             back.append(again)
         assert old.proc.wait(20) is not None
@@ -206,17 +208,20 @@ def test_a_drained_deploy_leaves_no_ghosts(pg_dsn, channel) -> None:
         reply = ask(watcher, channel, "final")
         assert reply["count"] == len(expected) == len(reply["members"])
         assert {r[0] for r in rows(pg_dsn, channel)} == expected
-        seen = {"join": 0, "leave": 0}
+        seen: Dict[str, List[Dict[str, Any]]] = {"join": [], "leave": []}
         while True:  # everything the observer got since the deploy began, until 1 s of quiet
             frame = observer.ws.client.receive(timeout=1.0)
             if frame is None:
                 break
-            event = json.loads(frame).get("event")
-            if event in seen:
-                seen[event] += 1
-        print(f"drained deploy of {len(clients)} members: the observer saw {seen['leave']} "
-              f"leaves and {seen['join']} joins")
-        assert seen == {"join": len(clients), "leave": len(clients)}
+            decoded = json.loads(frame)
+            if decoded.get("event") in seen:
+                seen[decoded["event"]].append(decoded)
+        print(f"drained deploy of {len(clients)} members: the observer saw "
+              f"{len(seen['leave'])} leaves and {len(seen['join'])} joins, "
+              f"{sum('replaces' in j for j in seen['join'])} of them replacing a drained member")
+        assert seen["leave"] == []
+        assert sorted(j["replaces"] for j in seen["join"]) == sorted(c.id for c in clients)
+        assert {j["member"]["client"] for j in seen["join"]} == {c.id for c in back}
     finally:
         for c in clients + back + [watcher, observer]:
             c.close()

@@ -145,3 +145,29 @@ def test_a_leave_written_while_the_connection_is_lost_is_written_after_it(pg_dsn
     finally:
         store.stop()
     assert count(pg_dsn, rows, scope) == 0
+
+
+def test_a_drained_member_that_does_not_come_back_leaves_after_the_grace(pg_dsn: str) -> None:
+    scope = f"scope-{uuid.uuid4().hex[:8]}"
+    watch = listen(pg_dsn, scope)
+    store = PresenceStore(pg_dsn, schema="pgws_sync", scope=scope, timeout=3.0, grace=1.0)
+    store.start()
+    rows = "SELECT count(*) FROM pgws_sync.presence WHERE scope = %s"
+    try:
+        store.join("room", "d1", {"user": "a"})
+        store.join("room", "d2", {"user": "b"})
+        wait_for(lambda: count(pg_dsn, rows, scope) == 2, 5.0, "both written")
+        store.gone("d1", drained=True)
+        store.gone("d2", drained=True)
+        store.join("room", "d3", {"user": "b"})  # b comes back: it takes d2's place
+        seen: List[Any] = []
+        wait_for(lambda: seen.extend(notes(watch)) or
+                 any(c.joins and c.joins[0].get("replaces") == "d2" for c in seen), 5.0)
+        assert not any(c.leaves for c in seen)
+        # a never comes back: it leaves once the grace is over (at the next expiry look)
+        wait_for(lambda: seen.extend(notes(watch)) or
+                 any(c.leaves and c.leaves[0]["client"] == "d1" for c in seen), 8.0)
+        assert count(pg_dsn, rows, scope) == 1
+    finally:
+        store.stop()
+        watch.close()
