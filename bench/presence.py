@@ -86,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         def one_join(cur: Any) -> None:  # what a lone join costs: a transaction of its own
             n[0] += 1
             cur.execute("BEGIN")
+            cur.execute(t_["any_leaving"], (SCOPE, [channel]))  # any drained member to replace?
             cur.execute(t_["join"], (SCOPE, worker, [channel], [f"extra-{n[0]}"], ['{}']))
             cur.execute(t_["counts"], (SCOPE, [channel]))
             cur.execute("SELECT pg_notify(%s, %s)", (SCOPE, json.dumps(
