@@ -550,6 +550,7 @@ class PubSub(ListeningEndpoint):
         """A presence change: its frames to this process's subscribers of the channel."""
         if self.presence is None:
             return
+        self.presence.changed(str(control.channel))
         members = self.hub.members(subscription_key(str(control.channel)))
         if not members:
             return

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 MAX_INFO_BYTES = 1024
 #: The most changes one NOTIFY carries (and it stays under PostgreSQL's 8000 bytes).
 NOTIFY_BUDGET = 7000
+#: Seconds a presence answer is reused for the same channel, unless a change of it is
+#: announced first (the listener then forgets it).
+ANSWER_TTL = 1.0
 
 
 class Member(NamedTuple):
@@ -220,6 +223,8 @@ class PresenceStore:
         self._conn: Any = None
         #: Writes that failed, done again before the next ones.
         self._pending: List[_Op] = []
+        #: (channel, limit) -> (when, answer): presence answers until the channel changes.
+        self._answers: Dict[Tuple[str, int], Tuple[float, Answer]] = {}
         self._beat_at = 0.0
         self.error: Optional[str] = None
         self._t = _tables(schema)
@@ -370,6 +375,8 @@ class PresenceStore:
                     cur.execute(self._t["drained"], (self.scope, self.worker, drained))
                 joined = self._insert(cur, joins)
                 self._announce(cur, self.scope, joined, left)
+                for channel in {r[0] for r in list(joined) + list(left)}:
+                    self.changed(channel)
                 cur.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
@@ -454,12 +461,29 @@ class PresenceStore:
                 raise
 
     def _answer(self, conn: Any, op: _Op) -> None:
+        """Answer from the cache while no change of the channel was seen since (many clients
+        asking about one channel cost the database one query), else from the database."""
+        key = (op.channel, op.limit)
+        cached = self._answers.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ANSWER_TTL:
+            self._call(op, cached[1])
+            return
         with conn.cursor() as cur:
             cur.execute(self._t["count"], (op.scope, op.channel))
             count = int(cur.fetchone()[0])
             cur.execute(self._t["members"], (op.scope, op.channel, op.limit))
             members = [Member(client, info) for client, info in cur.fetchall()]
-        self._call(op, Answer(count, members))
+        answer = Answer(count, members)
+        if len(self._answers) >= 1000:
+            self._answers.clear()
+        self._answers[key] = (time.monotonic(), answer)
+        self._call(op, answer)
+
+    def changed(self, channel: str) -> None:
+        """A change of ``channel`` was announced (by any worker): forget its cached answers.
+        Called from the listener's thread."""
+        for key in [k for k in list(self._answers) if k[0] == channel]:
+            self._answers.pop(key, None)
 
     def _call(self, op: _Op, answer: Optional[Answer]) -> None:
         if op.answer is None:

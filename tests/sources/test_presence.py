@@ -171,3 +171,34 @@ def test_a_drained_member_that_does_not_come_back_leaves_after_the_grace(pg_dsn:
     finally:
         store.stop()
         watch.close()
+
+
+def test_answers_are_reused_until_the_channel_changes(pg_dsn: str) -> None:
+    scope = f"scope-{uuid.uuid4().hex[:8]}"
+    store = PresenceStore(pg_dsn, schema="pgws_sync", scope=scope, timeout=3.0)
+    store.start()
+
+    def ask() -> Answer:
+        got: List[Answer] = []
+        done = threading.Event()
+        store.query("room", 10, lambda a: (got.append(a), done.set()))  # type: ignore[func-returns-value]
+        assert done.wait(10) and got[0] is not None
+        return got[0]
+
+    try:
+        store.join("room", "c1", {})
+        first = ask()
+        assert first.total == 1 and ask() is first  # the second from the cache
+        conn = psycopg2.connect(pg_dsn)  # a row another worker wrote, not announced yet
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO pgws_sync.presence (scope, channel, client, worker) "
+                        "VALUES (%s, 'room', 'other', %s)", (scope, store.worker))
+        conn.close()
+        assert ask() is first
+        store.changed("room")  # what the listener does when that worker's NOTIFY arrives
+        assert ask().total == 2
+        store.join("room", "c3", {})  # this process's own write forgets it at once
+        assert ask().total == 3
+    finally:
+        store.stop()
