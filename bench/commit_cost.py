@@ -112,17 +112,19 @@ def server_cpu(dsn: str) -> Callable[[], float]:
     """A function giving the CPU seconds used so far by the server's processes (those that
     ended included), or 0.0 for a server on another machine."""
     conn = psycopg2.connect(dsn)
+    postmaster: Optional[psutil.Process] = None
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_backend_pid(), inet_server_addr() IS NULL "
                         "OR inet_server_addr() = inet_client_addr()")
             pid, local = cur.fetchone()
+        if local:  # while this backend still runs: its parent is the postmaster
+            with contextlib.suppress(psutil.Error):
+                postmaster = psutil.Process(pid).parent()
     finally:
         conn.close()
-    try:
-        postmaster = psutil.Process(pid).parent() if local else None
-    except psutil.Error:
-        postmaster = None
+    if postmaster is None:
+        print("(the server is not on this machine: no CPU figures)")
 
     def total() -> float:
         if postmaster is None:

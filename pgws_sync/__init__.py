@@ -17,6 +17,8 @@ from .errors import (
     Refused,
 )
 from .jwt.auth import JwtAuth
+from .live.load import load_live
+from .live.watch import unwatch_table, watch_table
 from .jwt.endpoint import JwtGateway
 from .pgws.endpoint import Pgws
 from .pgws.notify import notify
@@ -49,6 +51,10 @@ __all__ = [
     "publish",
     "publish_durable",
     "migrate",
+    # live tables: a table watched into the log, a page's rows at a log position
+    "watch_table",
+    "unwatch_table",
+    "load_live",
     # JWT, helpers
     "JwtAuth",
     "static_files",

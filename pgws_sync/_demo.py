@@ -23,6 +23,8 @@ import psycopg2
 
 from ._startup import check_bind, parse_bind
 from .errors import CommandFailed, ConfigError, first_line
+from .live.load import load_live
+from .live.watch import watch_table
 from .sources.log import migrate
 from .sources.postgres import close_quietly, connect
 
@@ -78,6 +80,11 @@ INSERT INTO demo_prices (symbol, price) VALUES
 ON CONFLICT DO NOTHING;
 """
 
+#: The channel the demo's table is watched on (pgws-sync watch demo_prices --channel ...).
+LIVE_CHANNEL = "demo_prices"
+#: The rows the page loads (with their position in the log) and then follows.
+LIVE_QUERY = "SELECT symbol, price, updated_at FROM demo_prices ORDER BY symbol"
+
 #: One random row moves by up to 2%: what the demo does every second, and the page's button.
 CHANGE_A_ROW = """
 UPDATE demo_prices SET price = round((price * (0.99 + random() / 50))::numeric, 2), updated_at = now()
@@ -87,8 +94,10 @@ WHERE symbol = (SELECT symbol FROM demo_prices ORDER BY random() LIMIT 1)
 
 def create_app() -> Any:
     """The demo's web app (run by gunicorn in the demo's server process): the page at ``/``, its
-    rows at ``/rows``, a row changed by ``POST /change``, the WebSocket at ``/ws``, a durable
-    channel ``changes`` at ``/log``, and ``POST /restart`` restarting the server's workers."""
+    rows at ``/rows`` (and, with their position in the log, at ``/live``), a row changed by
+    ``POST /change``, the WebSocket at ``/ws``, durable channels (``changes`` and the watched
+    table's ``demo_prices``) at ``/log``, and ``POST /restart`` restarting the server's
+    workers."""
     from flask import Flask, Response, jsonify
 
     from .pgws.endpoint import Pgws
@@ -125,6 +134,14 @@ def create_app() -> Any:
         return jsonify([{"symbol": s, "price": float(p), "updated_at": u.isoformat()}
                         for s, p, u in query("SELECT symbol, price, updated_at FROM demo_prices "
                                              "ORDER BY symbol")])
+
+    @app.route("/live")
+    def live() -> Response:
+        conn = connect(dsn)
+        try:
+            return jsonify(load_live(conn, LIVE_QUERY, LIVE_CHANNEL).to_json())
+        finally:
+            conn.close()
 
     @app.route("/change", methods=["POST"])
     def change() -> Response:
@@ -192,6 +209,7 @@ class Demo:
             with conn.cursor() as cur:
                 migrate(conn)
                 cur.execute(SCHEMA.replace("{channel}", self.channel))
+            watch_table(conn, "demo_prices", channel=LIVE_CHANNEL)
         finally:
             conn.close()
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:pgws_sync.gunicorn",

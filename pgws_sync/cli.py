@@ -1,4 +1,4 @@
-"""The pgws-sync command: serve the gateway, send one notification, or run a self-contained demo."""
+"""The pgws-sync command: serve the gateway, send one notification, migrate the log, watch tables, or run a demo."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ._formats import loads, preview, validate_channel
 from ._dsn import libpq_dsn
 from ._startup import check_bind, check_dsn, wait_until_reachable
 from .errors import CommandFailed, ConfigError, LogUnavailable, PgwsError, first_line
+from .live.watch import OVERSIZE, unwatch_table, watch_table
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
@@ -244,6 +245,36 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------- watch, unwatch
+
+
+def _watch(args: argparse.Namespace) -> int:
+    columns = None
+    if args.columns is not None:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    conn = connect(resolve_dsn(args.dsn, os.environ))
+    try:
+        for line in watch_table(conn, args.table, channel=args.channel,
+                                channel_expr=args.channel_expr, columns=columns,
+                                oversize=args.oversize, log_schema=args.schema):
+            print(line)
+    except LogUnavailable as exc:
+        raise CommandFailed(str(exc)) from None
+    finally:
+        conn.close()
+    return EXIT_OK
+
+
+def _unwatch(args: argparse.Namespace) -> int:
+    conn = connect(resolve_dsn(args.dsn, os.environ))
+    try:
+        for line in unwatch_table(conn, args.table):
+            print(line)
+    finally:
+        conn.close()
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- demo
 
 
@@ -355,6 +386,37 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--grant-publish", action="append", default=[], metavar="ROLE",
                          help="let ROLE publish, and nothing else (repeatable)")
     upgrade.set_defaults(run=_migrate)
+
+    watch = commands.add_parser(
+        "watch", help="publish every change of a table into the durable log (idempotent)",
+        description="Install a row trigger on TABLE that publishes each insert, update and "
+                    "delete into the durable log inside the writing transaction, as "
+                    '{"op", "table", "key", "row", "xid"}. Running it again replaces it.',
+    )
+    watch.add_argument("--dsn", help=dsn_help)
+    watch.add_argument("table", metavar="TABLE", help="schema.table, or a name on the search path")
+    where = watch.add_mutually_exclusive_group()
+    where.add_argument("--channel", metavar="NAME",
+                       help="the channel of every change (default: schema.table)")
+    where.add_argument("--channel-expr", metavar="SQL",
+                       help="a SQL expression over the row's columns giving its channel, e.g. "
+                            "\"'orders:' || customer_id\"")
+    watch.add_argument("--columns", metavar="A,B,...",
+                       help="the columns a change carries (default: all)")
+    watch.add_argument("--oversize", choices=OVERSIZE, default="fail",
+                       help="a change above the log's max_payload fails the writing statement "
+                            "(fail, the default) or is published with its key only")
+    watch.add_argument("--schema", default=DEFAULT_SCHEMA,
+                       help="the schema holding the durable log (default: %(default)s)")
+    watch.set_defaults(run=_watch)
+
+    unwatch = commands.add_parser(
+        "unwatch", help="remove what watch installed on a table (idempotent)",
+        description="Drop the trigger and function 'pgws-sync watch' put on TABLE.",
+    )
+    unwatch.add_argument("--dsn", help=dsn_help)
+    unwatch.add_argument("table", metavar="TABLE")
+    unwatch.set_defaults(run=_unwatch)
 
     demo = commands.add_parser(
         "demo", help="try it without a database: embedded PostgreSQL, server, sample messages",

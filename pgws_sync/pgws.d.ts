@@ -156,6 +156,57 @@ export interface PgwsChannel {
   commit(offset: number, epoch?: string): boolean;
 }
 
+/** What a live collection's `load` returns: pgws_sync.load_live's rows and position. */
+export interface LiveLoad<Row = Record<string, unknown>> {
+  rows: Row[];
+  position: {channel: string; epoch: string; offset: number; snapshot: string; key: string[]};
+}
+
+export interface LiveOptions<Row = Record<string, unknown>> {
+  /** Fetch the rows and their position (a route answering pgws_sync.load_live). */
+  load: () => Promise<LiveLoad<Row>> | LiveLoad<Row>;
+  /** ms before a failed load is tried again (default 2000). */
+  retryDelay?: number;
+}
+
+/** A change of a watched table, as the trigger publishes it. */
+export interface LiveChange<Row = Record<string, unknown>> {
+  op: "insert" | "update" | "delete";
+  key: Record<string, unknown>;
+  /** The new row; null on delete. */
+  row: Row | null;
+  /** The row the collection held before, if any. */
+  previous: Row | undefined;
+  offset: number;
+  change: {op: string; table: string; key: Record<string, unknown>; row: Row | null; xid: number;
+    too_large?: boolean};
+}
+
+export interface LiveEventMap<Row = Record<string, unknown>> {
+  load: {rows: Row[]; position: LiveLoad<Row>["position"]};
+  change: LiveChange<Row>;
+  insert: LiveChange<Row>;
+  update: LiveChange<Row>;
+  delete: LiveChange<Row>;
+  error: {error: string; cause?: unknown};
+}
+
+/** A watched table's rows on one durable channel, kept by primary key (`sock.live`). */
+export interface PgwsLive<Row = Record<string, unknown>> extends EventTarget {
+  readonly socket: PgwsSocket;
+  readonly channel: string;
+  /** The first load is done (and the subscribe answered). */
+  readonly ready: Promise<PgwsLive<Row>>;
+  readonly loaded: boolean;
+  readonly size: number;
+  rows(): Row[];
+  /** The row with these primary key values, in key order. */
+  get(...key: unknown[]): Row | undefined;
+  on<K extends keyof LiveEventMap<Row>>(name: K, fn: (detail: LiveEventMap<Row>[K]) => void): () => void;
+  reload(): Promise<PgwsLive<Row>>;
+  close(): void;
+}
+
 export declare class PgwsSocket extends EventTarget {
   static readonly CONNECTING: 0;
   static readonly OPEN: 1;
@@ -166,6 +217,7 @@ export declare class PgwsSocket extends EventTarget {
   static readonly SUBPROTOCOL: "pgws.v2";
   static readonly DEFAULTS: Readonly<Required<PgwsOptions>>;
   static readonly Channel: new (sock: PgwsSocket, name: string) => PgwsChannel;
+  static readonly Live: new <Row>(sock: PgwsSocket, channel: string, options: LiveOptions<Row>) => PgwsLive<Row>;
   /** ms before reconnect attempt `attempt` (1, 2, ...). */
   static backoff(attempt: number, random?: () => number,
                  options?: Pick<PgwsOptions, "minDelay" | "maxDelay" | "jitter">): number;
@@ -190,6 +242,8 @@ export declare class PgwsSocket extends EventTarget {
   channel(name: string): PgwsChannel;
   subscribe(channel: string, options?: SubscribeOptions): Promise<Record<string, unknown>>;
   unsubscribe(channel: string): Promise<Record<string, unknown>>;
+  /** A watched table's rows on durable `channel`, loaded by `options.load` and followed. */
+  live<Row = Record<string, unknown>>(channel: string, options: LiveOptions<Row>): PgwsLive<Row>;
   publish(channel: string, payload: unknown): Promise<Record<string, unknown>>;
   /** Who is subscribed to `channel` in every worker (PubSub(presence=True)). */
   presence(channel: string): Promise<PresenceReply>;

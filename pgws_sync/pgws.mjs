@@ -20,7 +20,8 @@
  * tabwindow, streams, error; and open, close, reconnecting for the connection itself. On
  * durable channels it keeps the last offset and epoch of each channel (in memory, or in
  * `storage` such as sessionStorage), moved once the app's message handlers have run (or
- * by `commit()`), and resumes with them after every reconnect. See docs/guides/browser-client.md.
+ * by `commit()`), and resumes with them after every reconnect. `live(channel, {load})` keeps a
+ * watched table's rows by key (docs/guides/live-tables.md). See docs/guides/browser-client.md.
  */
 const PgwsSocket = (function (root) {
   "use strict";
@@ -193,6 +194,155 @@ const PgwsSocket = (function (root) {
 
     commit(offset, epoch) {
       return this.socket.commit(this.name, offset, epoch);
+    }
+  }
+
+  // ---------------------------------------------------------------- live tables
+
+  /** Whether transaction `xid` is visible in a snapshot's text "xmin:xmax:xip,...". */
+  function visibleIn(snapshot, xid) {
+    if (snapshot === null || typeof xid !== "number") return false;
+    if (xid < snapshot.xmin) return true;
+    if (xid >= snapshot.xmax) return false;
+    return !snapshot.running.has(xid);
+  }
+
+  function parseSnapshot(text) {
+    const parts = typeof text === "string" ? text.split(":") : [];
+    if (parts.length !== 3) return null;
+    return {xmin: Number(parts[0]), xmax: Number(parts[1]),
+      running: new Set(parts[2] === "" ? [] : parts[2].split(",").map(Number))};
+  }
+
+  /**
+   * A watched table's rows on one durable channel, kept by primary key: `load()` returns
+   * {rows, position} (pgws_sync.load_live), the collection follows every change after it,
+   * resumes across reconnects and loads again after resync_required. Events: load, change,
+   * insert, update, delete, error.
+   */
+  class PgwsLive extends EventTarget {
+    constructor(socket, channel, options) {
+      super();
+      if (!options || typeof options.load !== "function") {
+        throw new TypeError("pgws: live() needs {load}: a function returning {rows, position}");
+      }
+      this.socket = socket;
+      this.channel = channel;
+      this.options = Object.assign({retryDelay: 2000}, options);
+      this.loaded = false;
+      this._rows = new Map();
+      this._key = [];
+      this._snapshot = null;
+      this._loading = null;
+      this._closed = false;
+      this._retry = null;
+      this._off = [
+        socket.on("message", (m) => this._message(m)),
+        socket.on("resync_required", (r) => { if (r.channel === channel) this.reload().catch(() => {}); }),
+      ];
+      this.ready = this.reload();
+      this.ready.catch(() => {});
+    }
+
+    /** The rows, in the order they were loaded or inserted. */
+    rows() {
+      return Array.from(this._rows.values());
+    }
+
+    /** The row with these primary key values (in key order), or undefined. */
+    get(...key) {
+      return this._rows.get(JSON.stringify(key));
+    }
+
+    get size() {
+      return this._rows.size;
+    }
+
+    on(name, fn) {
+      const listener = (event) => fn.call(this, event.detail);
+      this.addEventListener(name, listener);
+      return () => this.removeEventListener(name, listener);
+    }
+
+    /** Load the rows again and follow from their position (what resync_required does). */
+    reload() {
+      if (this._closed) return Promise.reject(new Error("pgws: this live collection is closed"));
+      if (this._loading === null) {
+        this._loading = this._load().finally(() => { this._loading = null; });
+      }
+      return this._loading;
+    }
+
+    /** Stop following: unsubscribe and drop the listeners. */
+    close() {
+      if (this._closed) return;
+      this._closed = true;
+      if (this._retry !== null) clearTimeout(this._retry);
+      for (const off of this._off) off();
+      this.socket._quiet(this.socket.unsubscribe(this.channel));
+    }
+
+    async _load() {
+      this.loaded = false;
+      // frames of an earlier subscription end before the server's answer to this
+      if (this.socket._channels.has(this.channel)) await this.socket.unsubscribe(this.channel).catch(() => {});
+      let data;
+      try {
+        data = await this.options.load();
+      } catch (error) {
+        this._failed(`pgws: loading live channel '${this.channel}' failed: ${error && error.message}`, error);
+        throw error;
+      }
+      const position = data && data.position;
+      if (!data || !Array.isArray(data.rows) || !isObject(position) || !Number.isInteger(position.offset) ||
+          typeof position.epoch !== "string" || !Array.isArray(position.key)) {
+        const error = new TypeError("pgws: live load() must return {rows, position} as pgws_sync.load_live makes");
+        this._failed(error.message, error);
+        throw error;
+      }
+      if (this._closed) return this;
+      this._key = position.key;
+      this._snapshot = parseSnapshot(position.snapshot);
+      this._rows = new Map();
+      for (const row of data.rows) this._rows.set(JSON.stringify(this._key.map((k) => row[k])), row);
+      this.loaded = true;
+      this.dispatchEvent(new CustomEvent("load", {detail: {rows: this.rows(), position}}));
+      try {
+        await this.socket.subscribe(this.channel, {since: position.offset, epoch: position.epoch});
+      } catch (error) {
+        this.dispatchEvent(new CustomEvent("error", {detail: {error: error.message, cause: error}}));
+        throw error;
+      }
+      return this;
+    }
+
+    _failed(message, cause) {
+      this.dispatchEvent(new CustomEvent("error", {detail: {error: message, cause}}));
+      if (!this._closed && this._retry === null) {
+        this._retry = setTimeout(() => {
+          this._retry = null;
+          if (!this._closed) this.reload().catch(() => {});
+        }, this.options.retryDelay);
+      }
+    }
+
+    _message(m) {
+      if (m.channel !== this.channel || m.offset === undefined || !this.loaded) return;
+      const change = m.payload;
+      if (!isObject(change) || !isObject(change.key) || !["insert", "update", "delete"].includes(change.op)) return;
+      if (visibleIn(this._snapshot, change.xid)) return; // already in the loaded rows
+      if (change.too_large) { // the row was above the log's limit: only its key came
+        this.reload().catch(() => {});
+        return;
+      }
+      const id = JSON.stringify(Object.values(change.key));
+      const previous = this._rows.get(id);
+      if (change.op === "delete") this._rows.delete(id);
+      else this._rows.set(id, change.row);
+      const detail = {op: change.op, key: change.key, row: change.op === "delete" ? null : change.row,
+        previous, offset: m.offset, change};
+      this.dispatchEvent(new CustomEvent(change.op, {detail}));
+      this.dispatchEvent(new CustomEvent("change", {detail}));
     }
   }
 
@@ -373,6 +523,16 @@ const PgwsSocket = (function (root) {
       const promise = this._wait(entry.waiters);
       if (this._state === OPEN && (entry.request === null || changed)) this._sendSubscribe(channel, entry);
       return promise;
+    }
+
+    /**
+     * A live table on durable `channel`: `options.load()` returns {rows, position} (a route
+     * answering pgws_sync.load_live), and the collection follows every change after it.
+     */
+    live(channel, options) {
+      checkName("channel", channel);
+      this._usable();
+      return new PgwsLive(this, channel, options);
     }
 
     /** Forget a channel and unsubscribe from it. Resolves with the server's reply (at once if offline). */
@@ -1378,6 +1538,7 @@ const PgwsSocket = (function (root) {
   PgwsSocket.SUBPROTOCOL = SUBPROTOCOL;
   PgwsSocket.DEFAULTS = Object.freeze(Object.assign({}, DEFAULTS));
   PgwsSocket.Channel = PgwsChannel;
+  PgwsSocket.Live = PgwsLive;
 
   return PgwsSocket;
 })(globalThis);

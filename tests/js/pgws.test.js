@@ -404,3 +404,112 @@ test("a page that becomes visible again reconnects at once", async () => {
     delete global.document;
   }
 });
+
+// ------------------------------------------------------------------ live tables
+
+const SNAPSHOT = "100:105:102,104"; // 102 and 104 were running when the rows were read
+
+function loader(rows, offset = 3, key = ["id"]) {
+  const calls = [];
+  const load = async () => {
+    calls.push(Date.now());
+    return {rows: rows(), position: {channel: "items", epoch: "e1", offset, snapshot: SNAPSHOT, key}};
+  };
+  return {load, calls};
+}
+
+const change = (offset, op, id, row, xid) =>
+  durable("items", offset, {op, table: "public.items", key: {id}, row, xid});
+
+test("live() loads, subscribes from the position and keeps rows by key, skipping changes its snapshot holds", async () => {
+  const {sock, ws} = await connected();
+  const {load} = loader(() => [{id: 1, v: 1}, {id: 2, v: 0}]);
+  const live = sock.live("items", {load});
+  const seen = [];
+  for (const name of ["load", "change", "insert", "update", "delete"]) live.on(name, (d) => seen.push([name, d.op, d.key && d.key.id]));
+  await until(() => ws.actions("subscribe").length === 1, 1000, "a subscribe");
+  const action = subscribed(ws, "items", 9);
+  assert.equal(action.since, 3);
+  assert.equal(action.epoch, "e1");
+  await live.ready;
+  assert.deepEqual(live.rows(), [{id: 1, v: 1}, {id: 2, v: 0}]);
+  ws.receive(change(4, "update", 1, {id: 1, v: 1}, 101)); // committed before the snapshot: had it
+  ws.receive(change(5, "update", 2, {id: 2, v: 1}, 102)); // running then: applied
+  ws.receive(change(6, "insert", 3, {id: 3, v: 0}, 105));
+  ws.receive(change(7, "delete", 1, null, 104));
+  ws.receive(change(8, "update", 1, {id: 1, v: 9}, 99)); // visible: old news, skipped
+  assert.deepEqual(live.rows(), [{id: 2, v: 1}, {id: 3, v: 0}]);
+  assert.deepEqual(live.get(3), {id: 3, v: 0});
+  assert.equal(live.size, 2);
+  assert.deepEqual(seen, [["load", undefined, undefined], ["update", "update", 2], ["change", "update", 2],
+    ["insert", "insert", 3], ["change", "insert", 3], ["delete", "delete", 1], ["change", "delete", 1]]);
+  assert.deepEqual(sock.position("items"), {offset: 8, epoch: "e1"});
+  sock.close();
+});
+
+test("live() resumes after a reconnect with the collection kept, and loads again after resync_required", async () => {
+  const {sock, ws} = await connected();
+  let version = 0;
+  const {load, calls} = loader(() => [{id: 1, v: version}]);
+  const live = sock.live("items", {load});
+  await until(() => ws.actions("subscribe").length === 1, 1000, "a subscribe");
+  subscribed(ws, "items", 3);
+  await live.ready;
+  ws.receive(change(4, "update", 1, {id: 1, v: 1}, 200));
+  ws.finish(1006);
+  await until(() => latest() !== ws, 1000, "a reconnect");
+  const again = latest();
+  again.open();
+  await until(() => again.actions("subscribe").length === 1, 1000, "a resubscribe");
+  const resumed = subscribed(again, "items", 5);
+  assert.equal(resumed.since, 4);
+  again.receive(change(5, "update", 1, {id: 1, v: 2}, 201));
+  assert.deepEqual(live.rows(), [{id: 1, v: 2}]);
+  assert.equal(calls.length, 1);
+  version = 7;
+  again.receive({event: "resync_required", channel: "items", reason: "retention", epoch: "e1", offset: 50});
+  await until(() => again.actions("unsubscribe").length === 1, 1000, "an unsubscribe");
+  const bye = again.actions("unsubscribe")[0];
+  again.receive({event: "unsubscribed", channel: "items", reply_to: bye.id});
+  await until(() => again.actions("subscribe").length === 2, 1000, "a subscribe after the reload");
+  assert.equal(calls.length, 2);
+  assert.deepEqual(live.rows(), [{id: 1, v: 7}]);
+  assert.equal(again.actions("subscribe")[1].since, 3);
+  live.close();
+  sock.close();
+});
+
+test("live() refuses a load that is not {rows, position}, says so and tries again", async () => {
+  const {sock} = await connected();
+  let calls = 0;
+  const live = sock.live("items", {load: async () => (++calls === 1 ? {rows: []} : {rows: [],
+    position: {offset: 0, epoch: "e", snapshot: "1:1:", key: ["id"]}}), retryDelay: 10});
+  const errors = [];
+  live.on("error", (e) => errors.push(e.error));
+  await assert.rejects(live.ready, /must return \{rows, position\}/);
+  await until(() => calls === 2, 1000, "a second load");
+  assert.equal(errors.length, 1);
+  assert.throws(() => sock.live("items", {}), /needs \{load\}/);
+  live.close();
+  sock.close();
+});
+
+test("live() loads again when a change came with its key only (too_large)", async () => {
+  const {sock, ws} = await connected();
+  let version = 0;
+  const {load, calls} = loader(() => [{id: 1, v: version}]);
+  const live = sock.live("items", {load});
+  await until(() => ws.actions("subscribe").length === 1, 1000, "a subscribe");
+  subscribed(ws, "items", 3);
+  await live.ready;
+  version = 5;
+  ws.receive(durable("items", 4, {op: "update", table: "public.items", key: {id: 1}, row: null,
+    xid: 300, too_large: true}));
+  await until(() => ws.actions("unsubscribe").length === 1, 1000, "an unsubscribe");
+  ws.receive({event: "unsubscribed", channel: "items", reply_to: ws.actions("unsubscribe")[0].id});
+  await until(() => ws.actions("subscribe").length === 2, 1000, "a subscribe after the reload");
+  assert.equal(calls.length, 2);
+  assert.deepEqual(live.rows(), [{id: 1, v: 5}]);
+  live.close();
+  sock.close();
+});

@@ -18,8 +18,14 @@ sock.joinRoom("lobby").then((r) => console.log(r.room));
 const chat = sock.channel("chat");
 chat.on("message", (m) => console.log(m.payload));
 chat.subscribe().then(() => chat.publish({text: "hi"}));
+interface Item { id: number; name: string }
+const items = sock.live<Item>("items", {load: () => fetch("/items").then((r) => r.json())});
+items.on("change", (c) => console.log(c.op, c.key, c.row?.name, c.previous?.name));
+items.ready.then((l) => console.log(l.rows().map((r) => r.name), l.get(1)?.id, l.size));
 sock.close(4000, "bye");
 // @ts-expect-error: no such event
 sock.on("messages", () => {});
 // @ts-expect-error: commit is "auto" or "manual"
 new PgwsSocket("/ws", {commit: "sometimes"});
+// @ts-expect-error: live() needs {load}
+sock.live("items", {});
