@@ -330,7 +330,7 @@ class PubSub(ListeningEndpoint):
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
         """End ``conn``'s subscription to ``channel``; False if it had none."""
         had = self.channels.unsubscribe(conn, channel)
-        if had and self.presence is not None:
+        if self.presence is not None:  # also a durable subscribe not answered yet
             self.presence.leave(channel, conn.id)
         return had
 
