@@ -108,7 +108,8 @@ def create_app() -> Any:
     app = Flask(__name__)
     listener = Listener(dsn, min_reconnect=1.0, max_reconnect=10.0)
     Pgws(listener, DEMO_CHANNEL).init_app(app, "/ws")
-    PubSub(listener, durable=True, public=True).init_app(app, "/log", client_path=None)
+    PubSub(listener, durable=True, public=True, presence=True).init_app(
+        app, "/log", client_path=None)
     page = resources.files("pgws_sync").joinpath("demo.html").read_text(encoding="utf-8")
 
     def query(sql: str) -> List[Any]:

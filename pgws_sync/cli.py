@@ -23,7 +23,9 @@ from .live.watch import OVERSIZE, unwatch_table, watch_table
 from .pgws.messages import format_pgws
 from .pgws.notify import notify
 from .sources.canary import check_listening
+from .sources import presence
 from .sources.log import DEFAULT_SCHEMA, grant_sql, migrate, migration_sql
+from .sources.presence import grant_presence_sql, presence_sql
 from .sources.postgres import connect
 
 PROG = "pgws-sync"
@@ -220,7 +222,9 @@ def _migrate(args: argparse.Namespace) -> int:
         grants = ([g for r in args.grant for g in grant_sql(args.schema, r)]
                   + [g for r in args.grant_publish
                      for g in grant_sql(args.schema, r, publisher_only=True)])
-        for statement in migration_sql(args.schema) + grants:
+        grants += [g for r in args.grant + args.grant_publish
+                   for g in grant_presence_sql(args.schema, r)]
+        for statement in migration_sql(args.schema) + presence_sql(args.schema) + grants:
             print(statement.rstrip() + ";\n")
         return EXIT_OK
     conn = connect(resolve_dsn(args.dsn, os.environ))
@@ -228,6 +232,12 @@ def _migrate(args: argparse.Namespace) -> int:
         for line in migrate(conn, schema=args.schema, max_payload=args.max_payload,
                             grant=args.grant, grant_publish=args.grant_publish):
             print(line)
+        presence.setup(conn, args.schema)
+        with conn.cursor() as cur:
+            for role in args.grant + args.grant_publish:
+                for statement in presence.grant_presence_sql(args.schema, role):
+                    cur.execute(statement)
+        print(f"presence tables ready in schema {args.schema}")
     except LogUnavailable as exc:  # a right missing: not a usage error
         raise CommandFailed(str(exc)) from None
     finally:

@@ -91,6 +91,23 @@ export interface SubscribedEvent {
   offset?: number;
   epoch?: string;
   reason?: string;
+  /** true: the server subscribed this socket (subscribe_matching), no request of its own. */
+  server?: boolean;
+}
+
+/** A member of a channel (presence): the connection's id and its public info. */
+export interface PresenceMember {
+  client: string;
+  info: Record<string, unknown>;
+}
+
+/** The answer to `presence(channel)`: `count` is exact, `members` cut at the server's limit. */
+export interface PresenceReply {
+  event: "presence";
+  channel: string;
+  reply_to: string;
+  count: number;
+  members: PresenceMember[];
 }
 
 export interface CloseEvent {
@@ -108,6 +125,13 @@ export interface PgwsEventMap {
   reconnecting: {attempt: number};
   message: MessageEvent;
   subscribed: SubscribedEvent;
+  /** The server ended a subscription (unsubscribe_matching). */
+  unsubscribed: {channel: string; server: true};
+  /** `replaces`: the client id of a member whose socket a drain closed, whose place this takes. */
+  join: {channel: string; member: PresenceMember; replaces?: string};
+  leave: {channel: string; member: PresenceMember};
+  /** A channel above the server's presence_events_max: its member count, instead of join/leave. */
+  presence_count: {channel: string; count: number};
   resync: {channels: string[]; reason: string; data: unknown; text: string};
   resync_required: {channel: string; reason: string; offset: number; epoch: string; data: unknown;
     text: string};
@@ -221,6 +245,8 @@ export declare class PgwsSocket extends EventTarget {
   /** A watched table's rows on durable `channel`, loaded by `options.load` and followed. */
   live<Row = Record<string, unknown>>(channel: string, options: LiveOptions<Row>): PgwsLive<Row>;
   publish(channel: string, payload: unknown): Promise<Record<string, unknown>>;
+  /** Who is subscribed to `channel` in every worker (PubSub(presence=True)). */
+  presence(channel: string): Promise<PresenceReply>;
   /** Manual commit: `channel` was handled up to `offset`; false if it moved nothing. */
   commit(channel: string, offset: number, epoch?: string): boolean;
   /** The committed position of a durable channel, or null. */

@@ -15,7 +15,8 @@
  * With a `token` function it fetches a fresh token before every connect, right away when
  * the server closes with 3001 (JWT expired), and when a draining server closes with 1012
  * "reconnect after N s", after N to 2N seconds; a close with 4400-4499 stops it for good.
- * Server frames become events: message, subscribed, resync, resync_required, gap,
+ * Server frames become events: message, subscribed (also when the server subscribes it), unsubscribed
+ * (when the server ends a subscription), join, leave, presence_count, resync, resync_required, gap,
  * tabwindow, streams, error; and open, close, reconnecting for the connection itself. On
  * durable channels it keeps the last offset and epoch of each channel (in memory, or in
  * `storage` such as sessionStorage), moved once the app's message handlers have run (or
@@ -971,6 +972,77 @@ const PgwsSocket = (function (root) {
       this._emit("message", {data: frame, payload: frame, text});
     }
 
+    // ------------------------------------------- presence and server-side control
+
+    /**
+     * Who is subscribed to `channel`, in every worker: resolves with the server's reply,
+     * `{event: "presence", channel, count, members: [{client, info}, ...]}` (`count` exact,
+     * `members` cut at the server's max_presence_members). Needs PubSub(presence=True).
+     */
+    presence(channel) {
+      checkName("channel", channel);
+      try {
+        this._usable();
+        return this._request("presence", channel, {});
+      } catch (error) {
+        return this._quiet(Promise.reject(error));
+      }
+    }
+
+    /**
+     * A presence event (join, leave, presence_count), a presence reply, or a subscription the
+     * server made or ended (subscribe_matching / unsubscribe_matching: no reply_to); false if
+     * `frame` is none of them.
+     */
+    _presenceOrServer(frame, request) {
+      switch (frame.event) {
+        case "presence":
+          return request !== undefined && request.kind === "presence" &&
+            shaped(frame, ["event", "channel", "reply_to", "count", "members"]) &&
+            this._answered(frame);
+        case "join": // `replaces`: the member (a drain closed its socket) this one takes the place of
+          if (!shaped(frame, ["event", "channel", "member"], ["replaces"]) || !isObject(frame.member)) return false;
+          this._emit("join", {channel: frame.channel, member: frame.member, replaces: frame.replaces});
+          return true;
+        case "leave":
+          if (!shaped(frame, ["event", "channel", "member"]) || !isObject(frame.member)) return false;
+          this._emit("leave", {channel: frame.channel, member: frame.member});
+          return true;
+        case "presence_count":
+          if (!shaped(frame, ["event", "channel", "count"])) return false;
+          this._emit("presence_count", {channel: frame.channel, count: frame.count});
+          return true;
+        case "subscribed": { // the server subscribed this socket: followed after reconnects too
+          if ("reply_to" in frame || !shaped(frame, ["event", "channel"], ["server", "offset", "epoch"]) ||
+              typeof frame.channel !== "string") return false;
+          let entry = this._channels.get(frame.channel);
+          if (!entry) {
+            entry = {options: {}, subscribed: true, request: null, since: undefined, head: undefined,
+              waiters: [], retry: null};
+            this._channels.set(frame.channel, entry);
+          }
+          entry.subscribed = true;
+          this._leavingChannels.delete(frame.channel);
+          this._emit("subscribed", {channel: frame.channel, resumed: false, server: true,
+            offset: frame.offset, epoch: frame.epoch});
+          return true;
+        }
+        case "unsubscribed": { // the server ended this subscription: not renewed after reconnects
+          if ("reply_to" in frame || !shaped(frame, ["event", "channel"], ["server"]) ||
+              typeof frame.channel !== "string") return false;
+          const entry = this._channels.get(frame.channel);
+          if (entry) {
+            this._channels.delete(frame.channel);
+            if (entry.retry !== null) clearTimeout(entry.retry);
+          }
+          this._emit("unsubscribed", {channel: frame.channel, server: true});
+          return true;
+        }
+        default:
+          return false;
+      }
+    }
+
     /** Handle a frame of the protocols themselves, in its exact shape; false for the app's. */
     _control(frame, text, first) {
       if (first && shaped(frame, ["tabWindowId"]) && typeof frame.tabWindowId === "string") {
@@ -979,6 +1051,7 @@ const PgwsSocket = (function (root) {
         return true;
       }
       const request = "reply_to" in frame ? this._requests.get(frame.reply_to) : undefined;
+      if (this._presenceOrServer(frame, request)) return true;
       switch (frame.event) {
         case "pong":
           return shaped(frame, ["event", "reply_to"]) && typeof frame.reply_to === "string" &&

@@ -33,7 +33,7 @@ def test_each_guide_s_first_snippet_is_a_complete_app(monkeypatch):
     """The first Python block of the product guides and use cases runs as written: imports,
     app and all (it builds the endpoint; nothing connects until a request)."""
     monkeypatch.setenv("SECRET_KEY", "s" * 32)
-    for page in ("guides/pubsub.md", "guides/durable.md", "guides/push.md",
+    for page in ("guides/pubsub.md", "guides/durable.md", "guides/push.md", "guides/presence.md",
                  "use-cases/live-rows.md", "use-cases/public-feed.md", "guides/live-tables.md"):
         text = (ROOT / "docs" / page).read_text()
         code = re.search(r"```python\n(.*?)```", text, re.S).group(1)

@@ -53,7 +53,7 @@ def _public_health(g):
     return http_get(g.url("/healthz")) == (200, '{"status": "ok"}')
 
 
-@pytest.mark.parametrize("module", ["minimal", "audiences", "push"])
+@pytest.mark.parametrize("module", ["minimal", "audiences", "push", "logout"])
 def test_examples_document_how_to_run(module):
     text = (Path(__file__).parent.parent / "examples" / f"{module}.py").read_text()
     assert "gunicorn -c python:pgws_sync.gunicorn" in text and f"examples.{module}:app" in text
@@ -143,7 +143,7 @@ def run_as_documented(module: str, pg_dsn: str):
 
 
 @pytest.mark.parametrize("module", ["minimal", "audiences", "pubsub", "push", "jwt_gateway",
-                                    "durable", "notes", "chat"])
+                                    "durable", "notes", "chat", "logout"])
 def test_each_example_starts_with_its_documented_command(module, pg_dsn):
     g = run_as_documented(module, pg_dsn)
     try:

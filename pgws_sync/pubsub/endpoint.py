@@ -11,12 +11,14 @@ from .._dsn import Dsn
 from .. import _metrics
 from .._core.connection import APP_JSON, Connection
 from .._core.health import Health
-from .._core.wire import Frame
-from .._formats import error_frame, json_message, message_frame, new_message_id, utc_now
+from .._core.wire import CloseCode, Frame
+from .._formats import (error_frame, json_message, message_frame, new_message_id, utc_now,
+                        validate_channel)
 from .._listening import ListeningEndpoint, listener_dsn
 from ..errors import (
     BatcherStopped,
     ConfigError,
+    InvalidChannel,
     InvalidPayload,
     MessageTooLarge,
     PayloadTooLarge,
@@ -42,7 +44,10 @@ from .publication import (
 )
 from .publisher import Publisher
 from .channels import (SUBSCRIPTION_PREFIX, Channels, DurableChannels, DurableSettings,
-                       NotifyChannels)
+                       NotifyChannels, subscription_key)
+from .control import (CONTROL_SUFFIX, Control, change_frames, format_control, matches,
+                      parse_control, presence_frame)
+from ..sources.presence import Answer, PresenceStore, info_value
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,21 @@ class PubSub(ListeningEndpoint):
         back gets ``resync_required``.
     :param replay_budget: the most messages one connection may have replayed in all; past
         it, a resume gets ``resync_required``.
+    :param control_channel: the NOTIFY channel of :meth:`disconnect`, :meth:`subscribe_matching`
+        and :meth:`unsubscribe_matching`, and of presence changes (default:
+        ``pubsub_channel`` + ``":control"``).
+    :param presence: keep who is subscribed to each channel in the database (every worker
+        and host): clients may ask ``{"action": "presence"}`` and subscribers get ``join``
+        and ``leave`` frames (docs/guides/presence.md).
+    :param presence_timeout: seconds after which the members of a worker that stopped
+        beating (killed, its host lost) leave; heartbeats go every third of it.
+    :param max_presence_members: the most members a ``presence`` reply lists (its ``count``
+        is exact).
+    :param presence_events_max: above this many members a channel's subscribers get
+        ``presence_count`` frames instead of ``join`` / ``leave``.
+    :param presence_grace: seconds the memberships of a socket a drain closed (1012) wait,
+        unannounced, for the socket's return to take their place (its ``join`` then names
+        the member it ``replaces``); after that they leave.
     :param **options: those of :class:`WebSocketEndpoint`.
     """
 
@@ -109,6 +129,12 @@ class PubSub(ListeningEndpoint):
         public: bool = False,
         max_replay: int = 10_000,
         replay_budget: int = 100_000,
+        control_channel: Optional[str] = None,
+        presence: bool = False,
+        presence_timeout: float = 30.0,
+        max_presence_members: int = 1000,
+        presence_events_max: int = 100,
+        presence_grace: float = 10.0,
         **options: Any,
     ) -> None:
         if backpressure not in BACKPRESSURE_POLICIES:
@@ -124,6 +150,27 @@ class PubSub(ListeningEndpoint):
                                    pubsub_channel=pubsub_channel, pool_size=pool_size,
                                    max_queue_usage=max_queue_usage)
         self.pubsub_channel = self.publisher.pubsub_channel
+        try:
+            self.control_channel = validate_channel(
+                self.pubsub_channel + CONTROL_SUFFIX if control_channel is None
+                else control_channel)
+        except InvalidChannel as exc:
+            raise ConfigError(f"control_channel: {exc} (give control_channel=<a shorter "
+                              f"name>)") from None
+        if self.control_channel == self.pubsub_channel:
+            raise ConfigError("control_channel and pubsub_channel must differ")
+        if not (presence_timeout >= 1.0 and max_presence_members >= 0
+                and presence_events_max >= 0 and presence_grace >= 0):
+            raise ConfigError("presence_timeout must be at least 1 second, "
+                              "max_presence_members, presence_events_max and presence_grace "
+                              "0 or more")
+        self.max_presence_members = max_presence_members
+        self.presence_events_max = presence_events_max
+        #: The presence store of this process (None: presence is off).
+        self.presence: Optional[PresenceStore] = (
+            PresenceStore(self.publisher.dsn, schema=log_schema, scope=self.control_channel,
+                          timeout=presence_timeout, grace=presence_grace)
+            if presence else None)
         self.batcher = Batcher(self._send_marker, grace=batch_grace)
         # The one choice of delivery: every method below asks self.channels.
         settings: Optional[DurableSettings] = None
@@ -138,7 +185,7 @@ class PubSub(ListeningEndpoint):
                 retention_messages=retention_messages, prune_interval=prune_interval,
                 sequencer_poll=sequencer_poll, max_replay=max_replay,
                 replay_budget=replay_budget)
-        super().__init__(listener, [self.pubsub_channel] + (
+        super().__init__(listener, [self.pubsub_channel, self.control_channel] + (
             [settings.wake_channel] if settings is not None else []), **options)
         self.channels: Channels = (
             NotifyChannels(self.hub, self.publisher, max_subscriptions=max_subscriptions)
@@ -175,6 +222,12 @@ class PubSub(ListeningEndpoint):
     def can_publish(self, conn: Connection, channel: str) -> bool:
         """Whether ``conn`` may publish to ``channel`` (default: no)."""
         return False
+
+    def presence_info(self, conn: Connection) -> Dict[str, Any]:
+        """The public info of ``conn`` as a member of a channel (JSON, at most 1 KiB): what
+        ``presence`` replies and ``join`` / ``leave`` frames show beside its id (default
+        ``{}``)."""
+        return {}
 
     # ---------------------------------------------------- server-side API
 
@@ -269,15 +322,58 @@ class PubSub(ListeningEndpoint):
         """
         channel_name(channel)
         policy = self._policy(backpressure)
-        return self.channels.join(conn, channel, policy=policy, reply=reply)
+        joined = self.channels.join(conn, channel, policy=policy, reply=reply)
+        if joined:
+            self._present(conn, channel)
+        return joined
 
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
         """End ``conn``'s subscription to ``channel``; False if it had none."""
-        return self.channels.unsubscribe(conn, channel)
+        had = self.channels.unsubscribe(conn, channel)
+        if self.presence is not None:  # also a durable subscribe not answered yet
+            self.presence.leave(channel, conn.id)
+        return had
 
     def subscriptions(self, conn: Connection) -> List[str]:
         """The channels ``conn`` is subscribed to, sorted."""
         return self.channels.subscriptions(conn)
+
+    # ---------------------------------------------------- cluster-wide control
+
+    def disconnect(self, code: int = 4000, reason: str = "", **metadata: Any) -> None:
+        """Close, in every worker and host, every socket of this endpoint whose
+        ``conn.metadata`` holds all of ``metadata`` (none given: every socket), with ``code``
+        (1000 or 3000-4999; 4400-4499 tell pgws.js not to come back) and ``reason``.
+
+        Returns once the control NOTIFY is sent; each worker closes its matching sockets
+        when its listener reads it. Raises :class:`InvalidPayload` for a bad code, reason
+        or metadata (JSON values only), :class:`PublishFailed` when the database does not
+        take it.
+        """
+        self._control(format_control("disconnect", metadata, code=code, reason=reason,
+                                     notify_channel=self.control_channel))
+
+    def subscribe_matching(self, channel: str, **metadata: Any) -> None:
+        """Subscribe, in every worker and host, every socket whose ``conn.metadata`` holds all
+        of ``metadata`` to ``channel`` (no hook is asked, no limit applies). Each gets
+        ``{"event": "subscribed", "channel": ..., "server": true}`` (on a durable endpoint
+        the ``subscribed`` frame naming the epoch and offset). Raises as :meth:`disconnect`,
+        and :class:`InvalidChannel`."""
+        channel_name(channel)
+        self._control(format_control("subscribe", metadata, channel=channel,
+                                     notify_channel=self.control_channel))
+
+    def unsubscribe_matching(self, channel: str, **metadata: Any) -> None:
+        """End, in every worker and host, the subscription to ``channel`` of every socket whose
+        ``conn.metadata`` holds all of ``metadata``; each that had one gets
+        ``{"event": "unsubscribed", "channel": ..., "server": true}``. Raises as
+        :meth:`subscribe_matching`."""
+        channel_name(channel)
+        self._control(format_control("unsubscribe", metadata, channel=channel,
+                                     notify_channel=self.control_channel))
+
+    def _control(self, text: str) -> None:
+        self.publisher.notify(text, channel=self.control_channel)
 
     # ---------------------------------------------------- monitoring
 
@@ -320,6 +416,8 @@ class PubSub(ListeningEndpoint):
         elif action.action == "unsubscribe":
             self.unsubscribe(conn, channel)
             conn.send(reply_frame("unsubscribed", channel, action.id))
+        elif action.action == "presence":
+            self._client_presence(conn, channel, action)
         else:
             self._client_publish(conn, channel, action)
 
@@ -336,6 +434,8 @@ class PubSub(ListeningEndpoint):
         super().close(timeout, drain=drain)
 
     def on_closed(self) -> None:
+        if self.presence is not None:  # its leaves go out while the listener still reads
+            self.presence.stop()
         super().on_closed()
         self.channels.stop()
         self.publisher.close()
@@ -343,7 +443,16 @@ class PubSub(ListeningEndpoint):
     # ---------------------------------------------------- listener sink
 
     def on_notifications(self, batch: Sequence[Notification]) -> None:
-        """Turn each publication into its frame and hand it to its subscribers, in order."""
+        """Turn each publication into its frame and hand it to its subscribers, in order;
+        then act on the control messages."""
+        controls = [n for n in batch if n.channel == self.control_channel]
+        if controls:
+            batch = [n for n in batch if n.channel != self.control_channel]
+        self._deliver(batch)
+        for note in controls:
+            self._act(note)
+
+    def _deliver(self, batch: Sequence[Notification]) -> None:
         pending: List[Tuple[str, Frame]] = []
         for note in self.channels.deliver(batch):
             try:
@@ -383,10 +492,21 @@ class PubSub(ListeningEndpoint):
     def prepare(self) -> None:
         super().prepare()
         self.channels.start()
+        if self.presence is not None:
+            self.presence.start()
 
     def health(self) -> Health:
-        """The sources' health, and on a durable endpoint the log's: readable and moving."""
-        return self.channels.health(super().health())
+        """The sources' health, and on a durable endpoint the log's: readable and moving.
+        Presence's state is the operator's detail only (it fails alone)."""
+        health = self.channels.health(super().health())
+        if self.presence is None:
+            return health
+        status = self.presence.status()
+        detail = dict(health.detail)
+        detail["presence"] = "failing" if status["error"] else "ok"
+        if status["error"]:
+            detail["presence_error"] = status["error"]
+        return health._replace(detail=detail)
 
     def sample_more(self) -> None:
         self.channels.sample()
@@ -400,8 +520,63 @@ class PubSub(ListeningEndpoint):
     def _forget(self, conn: Connection) -> None:
         super()._forget(conn)
         self.channels.forget(conn)
+        if self.presence is not None:
+            self.presence.gone(conn.id, drained=conn.close_code == CloseCode.SERVICE_RESTART)
 
     # ---------------------------------------------------- internals
+
+    def _act(self, note: Notification) -> None:
+        """One control message: act on this process's matching sockets (each alone)."""
+        try:
+            control = parse_control(note.payload)
+        except InvalidPayload as exc:
+            logger.warning("dropped a control message on channel %r: %s", note.channel, exc)
+            return
+        if control.op == "presence":
+            self._presence_change(control)
+            return
+        acted = 0
+        for conn in self.hub.connections():
+            if not matches(conn.metadata, control.match):
+                continue
+            try:
+                acted += self._act_on(conn, control)
+            except Exception:  # one socket's failure stays with it
+                logger.exception("control %r failed for connection %s", control.op, conn.id)
+        logger.info("control %s %s: %d sockets of this worker matched %r", control.op,
+                    control.channel or control.code, acted, control.match)
+
+    def _presence_change(self, control: Control) -> None:
+        """A presence change: its frames to this process's subscribers of the channel."""
+        if self.presence is None:
+            return
+        self.presence.changed(str(control.channel))
+        members = self.hub.members(subscription_key(str(control.channel)))
+        if not members:
+            return
+        for about, frame in change_frames(control, counts_above=self.presence_events_max):
+            for conn in members:
+                if conn.id != about:
+                    conn.send(frame)
+
+    def _act_on(self, conn: Connection, control: Control) -> int:
+        if control.op == "disconnect":
+            conn.request_close(control.code, control.reason)
+            return 1
+        channel = str(control.channel)
+        if control.op == "unsubscribe":
+            if not self.unsubscribe(conn, channel):
+                return 0
+            conn.send(reply_frame("unsubscribed", channel, None, server=True))
+            return 1
+        if subscription_key(channel) in self.hub.keys_of(conn):
+            return 0
+        if self.channels.durable:  # the streams thread sends the subscribed frame
+            return int(self.subscribe(conn, channel, reply=True))
+        if not self.subscribe(conn, channel, reply=False):
+            return 0
+        conn.send(reply_frame("subscribed", channel, None, server=True))
+        return 1
 
     def _client_subscribe(self, conn: Connection, channel: str, action: Action) -> None:
         problem = self._subscribe_problem(conn, channel)
@@ -409,6 +584,39 @@ class PubSub(ListeningEndpoint):
             conn.send(error_frame(problem, reply_to=action.id))
             return
         self.channels.request(conn, channel, action, self._policy(action.backpressure))
+        self._present(conn, channel)
+
+    def _present(self, conn: Connection, channel: str) -> None:
+        """``conn`` is (being) subscribed to ``channel``: it is a member there now."""
+        if self.presence is None:
+            return
+        try:
+            info = info_value(self.presence_info(conn))
+        except Exception:  # an application hook: log, and the member has no info
+            logger.exception("presence_info failed for connection %s", conn.id)
+            info = {}
+        self.presence.join(channel, conn.id, info)
+
+    def _client_presence(self, conn: Connection, channel: str, action: Action) -> None:
+        """``{"action": "presence"}``: answered by the presence thread, never this one."""
+        store = self.presence
+        if store is None:
+            conn.send(error_frame("presence is not enabled on this endpoint",
+                                  reply_to=action.id))
+            return
+        if not self._ask(self.can_subscribe, conn, channel):
+            conn.send(error_frame(f"not allowed to see who is in {channel!r}",
+                                  reply_to=action.id))
+            return
+
+        def answer(found: Optional[Answer]) -> None:
+            if found is None:
+                conn.send(error_frame("presence unavailable, try again", reply_to=action.id))
+                return
+            conn.send(presence_frame(channel, action.id, found.total,
+                                     [m.frame_value() for m in found.members]))
+
+        store.query(channel, self.max_presence_members, answer)
 
     def _subscribe_problem(self, conn: Connection, channel: str,
                            verb: str = "subscribe to") -> Optional[str]:

@@ -16,7 +16,7 @@ from .._formats import (
 from ..errors import ProtocolError
 
 #: What a client may ask for (``message`` goes to the endpoint's ``on_client_message``).
-ACTIONS = ("subscribe", "unsubscribe", "publish", "message")
+ACTIONS = ("subscribe", "unsubscribe", "publish", "message", "presence")
 
 #: What happens to a subscriber whose send queue is full.
 BACKPRESSURE_POLICIES = ("close", "drop")
@@ -72,7 +72,7 @@ def parse_action(data: Union[str, bytes], *, durable: bool = False) -> Action:
     action = fields["action"][0]
     if not isinstance(action, str) or action not in ACTIONS:
         raise ProtocolError(f"unknown action {preview(repr(action))} (expected subscribe, "
-                            f"unsubscribe, publish or message)", reply_to)
+                            f"unsubscribe, publish, message or presence)", reply_to)
     channel: Optional[str] = None
     if "channel" in fields:
         channel = check_channel(fields["channel"][0], reply_to)

@@ -130,9 +130,10 @@ class Push(PubSub):
         super().__init__(listener, **options)
         self._pushes: _Pushes = (_DurablePushes(self) if self.channels.durable
                                  else _NotifyPushes(self))
-        if self.push_source is listener and push_channel == self.pubsub_channel:
-            raise ConfigError(f"push_channel and pubsub_channel are both {push_channel!r}; "
-                              "give them different names")
+        if self.push_source is listener and push_channel in (self.pubsub_channel,
+                                                              self.control_channel):
+            raise ConfigError(f"push_channel is {push_channel!r}, as pubsub_channel or "
+                              "control_channel is; give them different names")
         self.add_source(self.push_source, _PushSink(self), [push_channel], name="push_source")
         if self.push_source is not listener and push_channel != self.pubsub_channel:
             # NOTIFYs on the push channel are read too: both sources at once
@@ -177,6 +178,12 @@ class Push(PubSub):
         """
         return True
 
+    def presence_info(self, conn: Connection) -> Dict[str, Any]:
+        """A room member's public info: ``{"user": <id>}`` when the socket has a user, else
+        ``{}``."""
+        user = conn.metadata.get("user")
+        return {} if user is None else {"user": user}
+
     # ---------------------------------------------------- server-side API
 
     def push_to_user(self, user: str, payload: Any, *,
@@ -201,6 +208,14 @@ class Push(PubSub):
                               "forge one")
         self.send_backend_message(AuthEvent(guest, user,
                                             sign_auth_event(self.auth_key, guest, user)))
+
+    def disconnect_user(self, user: str, *, code: int = 4000, reason: str = "") -> None:
+        """Close every socket of ``user``, in every worker and host, with ``code`` and
+        ``reason`` (:meth:`PubSub.disconnect` with ``user=user``): a logout that reaches
+        every open tab. 4400-4499 tell pgws.js not to reconnect."""
+        if not isinstance(user, str) or not user:
+            raise InvalidPayload("disconnect_user() needs a user id (a non-empty string)")
+        self.disconnect(code=code, reason=reason, user=user)
 
     def send_backend_message(self, message: BackendMessage) -> None:
         """Send ``message`` through the push source, exactly as a backend service would.

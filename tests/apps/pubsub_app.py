@@ -45,6 +45,9 @@ class App(PubSub):
             raise RuntimeError("the hook failed on purpose")
         return not channel.startswith("forbidden")
 
+    def presence_info(self, conn):
+        return {"user": conn.metadata["user"]}
+
     def can_publish(self, conn, channel):
         return conn.metadata["user"] != "anonymous" and not channel.startswith("readonly")
 
@@ -96,6 +99,7 @@ def stats():
         batches=endpoint.batcher.pending(),
         listener=listener.status(),
         streams=endpoint.channels.streams.status() if endpoint.channels.durable else None,
+        presence=endpoint.presence.status() if endpoint.presence is not None else None,
         rss_kb=_rss_kb(),
     )
 
@@ -149,3 +153,17 @@ def prune():
 def close():
     endpoint.close(timeout=5.0)
     return jsonify(closed=True)
+
+
+@app.route("/debug/control", methods=["POST"])
+def control():
+    """disconnect / subscribe_matching / unsubscribe_matching, cluster-wide."""
+    body = request.get_json()
+    match = body.get("match", {})
+    if body["op"] == "disconnect":
+        endpoint.disconnect(code=body.get("code", 4000), reason=body.get("reason", ""), **match)
+    elif body["op"] == "subscribe":
+        endpoint.subscribe_matching(body["channel"], **match)
+    else:
+        endpoint.unsubscribe_matching(body["channel"], **match)
+    return jsonify(pid=os.getpid())
