@@ -211,9 +211,9 @@ def test_a_durable_worker_connects_its_log_from_boot_without_a_request(pg_dsn):
         wait_for(lambda: sessions() == ["sequencer", "sequencer", "streams", "streams"],
                  timeout=30, message="both workers' log reader and sequencer connected")
         # the first request may come before gunicorn accepts: wait until it answers at all
-        server.wait_up()
-        status, body = http_get(server.url("/healthz"))
-        assert (status, body) == (200, '{"status": "ok"}')
+        server.wait_up()  # then healthy once its listener is up too, with no socket opened
+        wait_for(lambda: http_get(server.url("/healthz")) == (200, '{"status": "ok"}'),
+                 timeout=30, message="/healthz to answer 200")
     finally:
         admin.close()
         server.stop()

@@ -5,6 +5,7 @@ stays usable."""
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Iterator
 
 import pytest
@@ -83,6 +84,9 @@ def test_every_subscribe_position_gets_one_strict_answer(server, client, frame):
 
 
 def test_the_fuzzed_durable_server_logged_no_traceback(server, client):
-    answer = one_answer(client, '{"action": "subscribe", "channel": "five", "since": 4, "id": 1}')
-    assert answer["event"] == "subscribed"
+    # the fuzzed frames may have published to "five" too: resume one message before its head
+    head = one_answer(client, '{"action": "subscribe", "channel": "five", "id": 0}')["offset"]
+    answer = one_answer(client, json.dumps({"action": "subscribe", "channel": "five",
+                                            "since": head - 1, "id": 1}))
+    assert answer["event"] == "subscribed", answer
     no_tracebacks(server.log())
