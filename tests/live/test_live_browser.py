@@ -13,7 +13,7 @@ from playwright.sync_api import Page
 from pgws_sync import watch_table
 
 from ..durable_helpers import new_log, wait_numbered
-from ..helpers import Gunicorn
+from ..helpers import Gunicorn, wait_for
 from .test_watch import new_table
 
 
@@ -42,6 +42,7 @@ def test_a_page_follows_a_table_across_a_server_restart(pg_dsn: str, page: Page)
     }""", table)
     page.wait_for_function("items.loaded && items.size === 20", timeout=15_000)
     stop = threading.Event()
+    written = [0]  # statements committed so far
 
     def write() -> None:
         conn = psycopg2.connect(pg_dsn)
@@ -50,6 +51,7 @@ def test_a_page_follows_a_table_across_a_server_restart(pg_dsn: str, page: Page)
         with conn.cursor() as cur:
             while not stop.is_set():
                 n += 1
+                written[0] += 1
                 cur.execute(f"UPDATE {table} SET v = v + 1 WHERE id = %s", (n % 20 + 1,))
                 if n % 5 == 0:
                     cur.execute(f"INSERT INTO {table} VALUES (%s, 0, 1)", (n,))
@@ -64,9 +66,11 @@ def test_a_page_follows_a_table_across_a_server_restart(pg_dsn: str, page: Page)
         page.wait_for_function("window.changes > 30", timeout=15_000)
         port = server.port
         server.stop()  # mid-stream: the page reconnects and resumes after its last offset
-        time.sleep(0.5)
+        during = written[0]
+        wait_for(lambda: written[0] > during + 20, message="20 changes while the server is down")
         server = serve(pg_dsn, log, port=port)
-        time.sleep(1.5)
+        seen = page.evaluate("window.changes")
+        page.wait_for_function(f"window.changes > {seen + 20}", timeout=20_000)  # resumed, live
         stop.set()
         writer.join(10)
         wait_numbered(pg_dsn, log)
