@@ -16,50 +16,20 @@ figures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
-import psutil
 import psycopg2
 
-from bench.commit_cost import SCHEMA, durable_database, run_pgbench, sequencing
+from bench.commit_cost import SCHEMA, durable_database, run_pgbench, sequencing, server_cpu
 
 ROWS = 1000
 BIG = 100_000
 UPDATE_ONE = ("\\set k random(1, 1000)\n"
               "UPDATE items SET price = price + 1, updated_at = now() WHERE id = :k;\n")
-
-
-def server_cpu(dsn: str) -> Callable[[], float]:
-    """CPU seconds used so far by the server's processes (ended ones included), read from
-    the postmaster named in its data directory; 0.0 when that cannot be read (another host)."""
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SHOW data_directory")
-            directory = cur.fetchone()[0]
-    finally:
-        conn.close()
-    try:
-        postmaster: Optional[psutil.Process] = psutil.Process(
-            int((Path(directory) / "postmaster.pid").read_text().split()[0]))
-    except (OSError, ValueError, psutil.Error):
-        postmaster = None
-
-    def total() -> float:
-        if postmaster is None:
-            return 0.0
-        times = postmaster.cpu_times()
-        used = times.user + times.system + times.children_user + times.children_system
-        for child in postmaster.children():
-            with contextlib.suppress(psutil.Error):
-                used += sum(child.cpu_times()[:2])
-        return used
-    return total
 
 
 def prepare(dsn: str) -> None:
