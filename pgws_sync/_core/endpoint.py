@@ -30,10 +30,11 @@ from .limits import TokenBucket
 from .origin import origin_allowed, request_scheme
 from .reader import reading_thread
 from .simple_ws import (
-    PLAIN_READS,
     ConnectionClosed,
     HandshakeFailed,
     accept,
+    accept_plain,
+    chosen_subprotocol,
     header_tokens,
     limit_inbound,
 )
@@ -216,6 +217,28 @@ class _Admitted(NamedTuple):
     key: str
     raw: Any
     address: str
+
+
+class _FrameHandler:
+    """A served socket's ``on_message``: each client frame through the endpoint, in a fresh
+    application context of ``app`` when there is one. The client's rate bucket is made
+    with its first frame (most sockets of a fan-out never send one)."""
+
+    __slots__ = ("endpoint", "conn", "app", "bucket")
+
+    def __init__(self, endpoint: "WebSocketEndpoint", conn: Connection, app: Any) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.app = app
+        self.bucket: Optional[TokenBucket] = None
+
+    def __call__(self, data: Frame) -> None:
+        endpoint = self.endpoint
+        bucket = self.bucket
+        if bucket is None and endpoint.client_rate is not None:
+            bucket = self.bucket = TokenBucket(endpoint.client_rate, endpoint.client_burst)
+        with _hook_context(self.app):
+            endpoint._client_frame(self.conn, bucket, data)
 
 
 class UpgradeRoute:
@@ -686,20 +709,24 @@ class WebSocketEndpoint:
         guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
-        # simple-websocket's handshake reads only the socket and the HTTP_ headers;
-        # the plain one only the key and the subprotocols offered.
-        ws_environ: WSGIEnviron
-        if deflate:
-            ws_environ = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
-        else:
-            ws_environ = {name: environ[name] for name in PLAIN_READS if name in environ}
-        ws_environ[key] = guarded
         try:
-            ws = accept(ws_environ, deflate=deflate, ping_interval=self.ping_interval,
-                        max_message_size=self.max_message_size,
-                        subprotocols=[conn.subprotocol] if conn.subprotocol else None,
-                        event_class=lambda: WakingEvent(conn.wake),
-                        thread_class=reading_thread)
+            if deflate:
+                # simple-websocket's own handshake reads only the socket and the HTTP_ headers
+                ws_environ: WSGIEnviron = {k: v for k, v in environ.items()
+                                           if k.startswith("HTTP_")}
+                ws_environ[key] = guarded
+                ws = accept(ws_environ, deflate=True, ping_interval=self.ping_interval,
+                            max_message_size=self.max_message_size,
+                            subprotocols=[conn.subprotocol] if conn.subprotocol else None,
+                            event_class=lambda: WakingEvent(conn.wake),
+                            thread_class=reading_thread)
+            else:  # the 101 from what the web server parsed and _check_upgrade checked
+                ws = accept_plain(
+                    guarded, environ["HTTP_SEC_WEBSOCKET_KEY"],
+                    chosen_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"),
+                                       conn.subprotocol),
+                    ping_interval=self.ping_interval, max_message_size=self.max_message_size,
+                    event=WakingEvent(conn.wake), thread_class=reading_thread)
         except (HandshakeFailed, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
@@ -712,14 +739,8 @@ class WebSocketEndpoint:
             else:
                 with _hook_context(app):
                     self.on_open(conn)
-            bucket = (None if self.client_rate is None
-                      else TokenBucket(self.client_rate, self.client_burst))
-
-            def on_message(data: Frame) -> None:
-                with _hook_context(app):
-                    self._client_frame(conn, bucket, data)
-
-            conn.serve(close_timeout=self.close_timeout, on_message=on_message,
+            conn.serve(close_timeout=self.close_timeout,
+                       on_message=_FrameHandler(self, conn, app),
                        max_backlog=self.max_backlog)
         finally:
             self.hub.remove(conn)
