@@ -9,8 +9,7 @@ import select
 import socket
 import threading
 import time
-import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from .. import _metrics
 from .._formats import envelope, gap_frame
@@ -127,19 +126,25 @@ class FrameQueue(CountingQueue):
         return 1, 0
 
 
-#: Threads that must never wait on a socket. Not a threading.local: reading one gives
-#: every thread that writes (one per socket) a dict of its own.
-_nonblocking_threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+#: The idents of the threads that must never wait on a socket (ints: a set of threads, or a
+#: threading.local, costs more to ask on every write).
+_nonblocking_threads: Set[int] = set()
 
 
 def forbid_blocking_writes() -> None:
-    """Mark the calling thread as one that must never wait on a socket.
+    """Mark the calling thread as one that must never wait on a socket, until it calls
+    :func:`allow_blocking_writes` (before it ends: a later thread may get its ident).
 
     A :class:`GuardedSocket` written from such a thread (the shared reader)
     sends what the socket takes at once and queues the rest for the
     connection's writer.
     """
-    _nonblocking_threads.add(threading.current_thread())
+    _nonblocking_threads.add(threading.get_ident())
+
+
+def allow_blocking_writes() -> None:
+    """Undo :func:`forbid_blocking_writes` for the calling thread."""
+    _nonblocking_threads.discard(threading.get_ident())
 
 
 class GuardedSocket:
@@ -177,7 +182,7 @@ class GuardedSocket:
             return None
 
     def send(self, data: bytes) -> int:
-        if self._hand_over is not None and threading.current_thread() in _nonblocking_threads:
+        if self._hand_over is not None and threading.get_ident() in _nonblocking_threads:
             self._hand_over(bytes(data))  # never wait here: the connection's writer finishes it
         else:
             self.sendall(data)
@@ -196,8 +201,11 @@ class GuardedSocket:
             return 0
 
     def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
         with self.lock:
+            sent = self.send_nowait(data)
+            if sent == len(data):  # nearly always: the whole write in one call
+                return
+            view = memoryview(data)[sent:]
             deadline: Optional[float] = None
             while view:
                 sent = self.send_nowait(view)
