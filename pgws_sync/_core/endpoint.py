@@ -8,6 +8,7 @@ import threading
 import time
 import weakref
 from contextlib import nullcontext
+from functools import partial
 from typing import (Any, Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
                     Optional, Sequence, Tuple, Union)
 
@@ -368,6 +369,8 @@ class WebSocketEndpoint:
         self.ready_path = ready_path
         self.health_detail = health_detail
         self.close_timeout = close_timeout
+        #: What :func:`limit_inbound` is given for each socket (one tuple, shared).
+        self._inbound_limit = (max_backlog, max(max_backlog_bytes, max_message_size or 0))
         self.slow_close_reason = slow_close_reason
         self.check_origin = check_origin
         #: The ``endpoint`` label of this endpoint's metrics (its class name).
@@ -610,8 +613,10 @@ class WebSocketEndpoint:
         if app is None:
             self._run(admitted, None)
             return _SocketDone()
-        return _ServeAfterRequest(lambda: self._run(admitted, app),
-                                  lambda: self._end(admitted, app))
+        # partials, not lambdas: a lambda here would make cells of this frame's variables
+        # on every call, below Flask too
+        return _ServeAfterRequest(partial(self._run, admitted, app),
+                                  partial(self._end, admitted, app))
 
     def socket_cap(self) -> Optional[int]:
         """The most sockets this worker serves at once for this endpoint (None: no cap)."""
@@ -706,7 +711,8 @@ class WebSocketEndpoint:
 
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any,
                app: Any) -> None:
-        guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
+        wake = conn.wake  # one bound method for the socket guard and the event
+        guarded = GuardedSocket(raw, self.write_timeout, wake, conn.hand_over)
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
         try:
@@ -718,7 +724,7 @@ class WebSocketEndpoint:
                 ws = accept(ws_environ, deflate=True, ping_interval=self.ping_interval,
                             max_message_size=self.max_message_size,
                             subprotocols=[conn.subprotocol] if conn.subprotocol else None,
-                            event_class=lambda: WakingEvent(conn.wake),
+                            event_class=partial(WakingEvent, wake),
                             thread_class=reading_thread)
             else:  # the 101 from what the web server parsed and _check_upgrade checked
                 ws = accept_plain(
@@ -726,12 +732,12 @@ class WebSocketEndpoint:
                     chosen_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"),
                                        conn.subprotocol),
                     ping_interval=self.ping_interval, max_message_size=self.max_message_size,
-                    event=WakingEvent(conn.wake), thread_class=reading_thread)
+                    event=WakingEvent(wake), thread_class=reading_thread)
         except (HandshakeFailed, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return
-        limit_inbound(ws, self.max_backlog, max(self.max_backlog_bytes, self.max_message_size or 0))
+        limit_inbound(ws, self._inbound_limit)
         conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:

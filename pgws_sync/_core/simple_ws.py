@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from simple_websocket import Client as _Client  # type: ignore[import-untyped]
 from simple_websocket import ConnectionClosed, Server
@@ -42,7 +42,7 @@ class PlainServer(Server):  # type: ignore[misc]
                  event: Any, thread_class: Callable[..., Any]) -> None:
         # Server.__init__'s attributes
         self.environ = None
-        self.subprotocols = [subprotocol] if subprotocol else []
+        self.subprotocols = (subprotocol,) if subprotocol else ()  # read by nothing after
         self.mode = "plain"
         # Base.__init__'s attributes, in its order
         self.subprotocol = subprotocol
@@ -163,10 +163,10 @@ def inbound(ws: Any) -> List[Frame]:
     return buffer
 
 
-def limit_inbound(ws: Any, messages: int, size: int) -> None:
-    """Mark ``ws`` so that :func:`inbound_over_limit` says when more than ``messages``
-    messages or ``size`` bytes of them wait to be handled."""
-    ws.pgws_inbound_limit = (messages, size)
+def limit_inbound(ws: Any, limit: Tuple[int, int]) -> None:
+    """Mark ``ws`` so that :func:`inbound_over_limit` says when more than ``limit[0]``
+    messages or ``limit[1]`` bytes of them wait to be handled (a tuple sockets may share)."""
+    ws.pgws_inbound_limit = limit
 
 
 def inbound_over_limit(ws: Any) -> bool:
