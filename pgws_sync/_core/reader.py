@@ -166,7 +166,8 @@ def _gil_holding_epoll_ctl() -> Optional[Callable[[int, int], bool]]:
 
     def register(epfd: int, fd: int) -> bool:
         # select.epoll reads data.fd back: the descriptor in the low 32 bits
-        return epoll_ctl(epfd, ctl_add, fd, ctypes.byref(EpollEvent(_ONE_READ, fd))) == 0
+        done: int = epoll_ctl(epfd, ctl_add, fd, ctypes.byref(EpollEvent(_ONE_READ, fd)))
+        return done == 0
 
     return register
 
