@@ -9,7 +9,8 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .. import _metrics
 from .._formats import envelope, gap_frame
@@ -103,6 +104,9 @@ class Delivery:
             self._enveloped = wrapped  # a race only builds the same frame twice
         return wrapped
 
+
+#: The frame counts of a connection that has dropped none (shared, read-only).
+NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
 #: Bytes of frames queued per connection before it counts as full, unless the endpoint says.
 DEFAULT_MAX_QUEUE_BYTES = 4 << 20
@@ -287,10 +291,11 @@ class Connection:
         # Lock order: the socket's write lock (GuardedSocket.lock), then _gap_lock, then
         # the queue's mutex; never the other way round.
         self._gap_lock = threading.Lock()  # guards _missed and dropped
+        # Both start as one shared read-only mapping: most connections never drop a frame.
         #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
-        self._missed: Dict[str, int] = {}
+        self._missed: Mapping[str, int] = NO_COUNTS
         #: Every frame dropped for this connection so far, by channel.
-        self.dropped: Dict[str, int] = {}
+        self.dropped: Mapping[str, int] = NO_COUNTS
         #: Set once the writer has ended (the socket is over).
         self.closed = Latch()
         self._on_drained: Optional[Callable[[], None]] = None
@@ -359,9 +364,12 @@ class Connection:
         its next frame, or as soon as its queue is empty again.
         """
         with self._gap_lock:
+            missed = self._missed if isinstance(self._missed, dict) else {}
+            dropped = self.dropped if isinstance(self.dropped, dict) else {}
             for channel, n in counts.items():
-                self._missed[channel] = self._missed.get(channel, 0) + n
-                self.dropped[channel] = self.dropped.get(channel, 0) + n
+                missed[channel] = missed.get(channel, 0) + n
+                dropped[channel] = dropped.get(channel, 0) + n
+            self._missed, self.dropped = missed, dropped
         self.wake()
 
     @property
@@ -384,7 +392,7 @@ class Connection:
                 self._queue.put_nowait(item)
             except queue.Full:
                 return False
-            self._missed = {}
+            self._missed = NO_COUNTS
         return True
 
     def _take_gap_if_idle(self) -> Optional[Delivery]:
@@ -393,7 +401,7 @@ class Connection:
             if not self._missed or self._queue.qsize():
                 return None
             gap = self._gap_delivery()
-            self._missed = {}
+            self._missed = NO_COUNTS
             return gap
 
     def _write_now(self, sock: GuardedSocket, wire: bytes) -> None:

@@ -440,7 +440,14 @@ class WebSocketEndpoint:
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
         request = Request(environ)
-        response = self.service_response(request) or self.handle(request)
+        response = self.service_response(request)
+        if response is None:
+            admitted = self._checked_admit(request)
+            del request  # a socket's life holds no request (nor its headers object)
+            if isinstance(admitted, Response):
+                return admitted(environ, start_response)
+            self._run(admitted, None)
+            response = _SocketDone()
         return response(environ, start_response)
 
     def service_response(self, request: Request) -> Optional[Response]:
@@ -592,6 +599,20 @@ class WebSocketEndpoint:
         that serves the socket after Flask has ended the request, and each later hook runs in
         a fresh application context of ``app``, torn down after the call.
         """
+        admitted = self._checked_admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        if app is None:
+            self._run(admitted, None)
+            return _SocketDone()
+        # partials, not lambdas: a lambda here would make cells of this frame's variables
+        # on every call, below Flask too
+        return _ServeAfterRequest(partial(self._run, admitted, app),
+                                  partial(self._end, admitted, app))
+
+    def _checked_admit(self, request: Request) -> Union[Response, _Admitted]:
+        """Check the upgrade and the worker's socket budget, then :meth:`_admit`: the
+        refusing answer, or the socket to serve (counted in the budget)."""
         refusal = self._check_upgrade(request)
         if refusal is not None:
             _metrics.inc("sockets_refused", endpoint=self.label, status=str(refusal.status_code))
@@ -609,14 +630,7 @@ class WebSocketEndpoint:
             raise
         if isinstance(admitted, Response):
             _sockets.give_back(address)
-            return admitted
-        if app is None:
-            self._run(admitted, None)
-            return _SocketDone()
-        # partials, not lambdas: a lambda here would make cells of this frame's variables
-        # on every call, below Flask too
-        return _ServeAfterRequest(partial(self._run, admitted, app),
-                                  partial(self._end, admitted, app))
+        return admitted
 
     def socket_cap(self) -> Optional[int]:
         """The most sockets this worker serves at once for this endpoint (None: no cap)."""
