@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import pytest
 
 from . import programs
-from .helpers import ROOT, Gunicorn, Ws, pg_notify, serve, wait_for
+from .helpers import ROOT, Gunicorn, Ws, pg_notify, replace_once, serve, wait_for
 from .pgserver import free_port
 
 EXAMPLES = ROOT / "examples" / "proxy"
@@ -46,12 +46,6 @@ def unprivileged_group() -> str:
         return "nogroup"
     except KeyError:
         return "nobody"
-
-
-def replace_once(text: str, old: str, new: str) -> str:
-    """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
-    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the example"
-    return text.replace(old, new)
 
 
 # ------------------------------------------------------------------ a certificate
