@@ -12,14 +12,10 @@ import json
 import os
 import random
 import selectors
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
@@ -30,6 +26,7 @@ from bench.wsframes import (OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Handshake, Prot
                             client_frame, close_payload, split_frames, upgrade_request)
 
 from .helpers import ROOT, Gunicorn, free_port, replace_once, wait_for
+from .proxy_process import ProxyProcess, check_haproxy
 from .pubsub_helpers import serve_pubsub
 
 #: The balancer's configuration, as the docs show it.
@@ -41,12 +38,13 @@ EXAMPLE_HOSTS = ("10.0.0.11:8000", "10.0.0.12:8000", "10.0.0.13:8000")
 # ------------------------------------------------------------------ the balancer
 
 
-class Balancer:
-    """HAProxy (``binary``) in the foreground on a free port, in front of ``upstreams``."""
+class Balancer(ProxyProcess):
+    """HAProxy (``binary``) in the foreground on ``port``, in front of ``upstreams``."""
+
+    name = "haproxy"
 
     def __init__(self, binary: str, upstreams: Sequence[int], port: int) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pgws-multihost-"))
-        self.port = port
+        super().__init__(binary, port=port)
         self.stats_path = self.dir / "admin.sock"
         text = EXAMPLE.read_text()
         text = replace_once(text, "bind :80", f"bind 127.0.0.1:{port}")
@@ -58,23 +56,11 @@ class Balancer:
             text = text.replace(line, "")
         config = self.dir / "haproxy.cfg"
         config.write_text(text)
-        check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
-        if check.returncode:
-            raise RuntimeError(f"haproxy refused its configuration: {check.stdout}{check.stderr}")
-        self.log_path = self.dir / "haproxy.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(self._accepts, 20, "haproxy to accept connections")
+        check_haproxy(binary, config)
+        self.run([binary, "-db", "-f", str(config)])
 
-    def _accepts(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"haproxy exited:\n{self.log_path.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+    def ready(self) -> bool:
+        return self.stats_path.exists()
 
     def command(self, line: str) -> str:
         """One command on the stats socket; its answer."""
@@ -102,16 +88,6 @@ class Balancer:
 
     def frontend(self) -> Dict[str, str]:
         return next(row for row in self.stats() if row["svname"] == "FRONTEND")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the rig

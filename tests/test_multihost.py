@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -56,6 +57,37 @@ def on_hosts(rig: Rig, swarm: Swarm) -> List[int]:
 def test_the_scaling_out_page_includes_the_configuration():
     page = (ROOT / "docs" / "scaling-out.md").read_text()
     assert '--8<-- "examples/proxy/haproxy-hosts.cfg"' in page  # the file, not a copy
+
+
+#: The sessions each worker of a durable endpoint with presence holds (counted from the code):
+#: and up to ``pool_size`` (4) "pgws_sync publisher" sessions, opened when it publishes.
+PER_WORKER = {"pgws_sync listener": 1, "pgws_sync streams": 1, "pgws_sync sequencer": 1,
+              "pgws_sync presence": 1, "pgws_sync canary": 1}
+
+
+def sessions(rig: Rig) -> Dict[int, Counter]:
+    """pg_stat_activity's sessions of the rig, per pid (sequencers' names without their pid)."""
+    found: Dict[int, Counter] = {}
+    for _host, pid, name in rig.backends():
+        found.setdefault(pid, Counter())[name.rsplit(" ", 1)[0] if "sequencer" in name else name] += 1
+    return found
+
+
+def test_each_worker_holds_five_sessions_and_the_masters_none(rig):
+    post(rig.hosts[0], "/debug/publish", {"channel": "sessions", "message": {}})
+    workers = {pid for host in rig.hosts for pid in host.worker_pids()}
+
+    def as_counted() -> bool:
+        found = sessions(rig)
+        if set(found) != workers:
+            return False
+        for counts in found.values():
+            publishers = counts.pop("pgws_sync publisher", 0)
+            if dict(counts) != PER_WORKER or publishers > 4:
+                return False
+        return True
+    wait_for(as_counted, 15, message=f"each worker's sessions as counted: {PER_WORKER}")
+    assert sum(sessions(rig)[pid].get("pgws_sync publisher", 0) for pid in workers) >= 1
 
 
 def test_the_balancer_spreads_sockets_over_the_three_hosts(rig):
