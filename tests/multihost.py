@@ -97,8 +97,6 @@ class Rig:
     """``hosts`` gunicorns (``workers`` each, their own masters) serving the pub/sub test app on
     a durable log in ``schema``, behind a :class:`Balancer`."""
 
-    APP = "tests.apps.pubsub_app:app"
-
     def __init__(self, dsn: str, schema: str, haproxy: str, *, hosts: int = 3, workers: int = 2,
                  threads: int = 128, options: Optional[Dict[str, Any]] = None,
                  drain: float = 1.0) -> None:
@@ -109,7 +107,8 @@ class Rig:
         self.hosts: List[Gunicorn] = []
         self.balancer: Optional[Balancer] = None
         try:
-            self.hosts = [self._start() for _ in range(hosts)]
+            for _ in range(hosts):
+                self.hosts.append(self._start())
             for host in self.hosts:
                 host.wait_up()
             self.balancer = Balancer(haproxy, [h.port for h in self.hosts], free_port())
@@ -154,7 +153,7 @@ class Rig:
         return [w.pid for w in workers]
 
     def start(self, i: int) -> None:
-        """Start host ``i`` again on its port; wait until the balancer sends it sockets."""
+        """Start host ``i`` again on its port; wait until it answers /healthz."""
         self.hosts[i] = self._start(self.hosts[i].port).wait_up()
 
     def restart(self, i: int) -> None:
@@ -170,7 +169,7 @@ class Rig:
         for host in self.hosts:
             host.stop()
 
-    def backends(self) -> List[Tuple[Optional[int], int, str]]:
+    def backends(self) -> List[Tuple[int, int, str]]:
         """This rig's sessions on the database, from pg_stat_activity: (host index, the pid of
         the worker or master holding it, application_name), by matching client ports."""
         conn = psycopg2.connect(self.dsn)
@@ -264,7 +263,7 @@ class Resuming:
         self.open = False
         self.pid: Optional[int] = None
         self.ids: List[str] = []
-        self.attempts = 0
+        self.failures = 0
         self.retry_at: Optional[float] = 0.0
         self.positions: Dict[str, Tuple[int, str]] = {}
         self.first: Dict[str, int] = {}
@@ -437,7 +436,7 @@ class Swarm:
                 c.positions[channel] = (frame["offset"], frame["epoch"])
                 c.first[channel] = frame["offset"]
             if len(c.first) == len(c.channels):
-                c.attempts = 0
+                c.failures = 0
         elif event is not None and event not in ("join", "leave", "presence_count"):
             c.problems.append(f"unexpected {frame}")
         elif event is None and "offset" in frame:
@@ -455,9 +454,9 @@ class Swarm:
                 c.positions[channel] = (offset, frame["epoch"])
 
     def _failed(self, c: Resuming, why: str) -> None:
-        c.attempts += 1
+        c.failures += 1
         self.closes[why] = self.closes.get(why, 0) + 1
-        c.retry_at = time.monotonic() + backoff(c.attempts)
+        c.retry_at = time.monotonic() + backoff(c.failures)
 
     def _drop(self, c: Resuming, why: str, *, failed: bool = False, code: int = 1006,
               reason: str = "") -> None:
