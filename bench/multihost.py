@@ -90,6 +90,8 @@ def restart(dsn: str, clients: int, channels: int, rate: float, drain: float) ->
         missed = sum(c.gaps for c in swarm.clients)
         doubled = sum(c.duplicates for c in swarm.clients)
         late = sum(1 for c in swarm.clients for ch in c.channels if c.first.get(ch) != 0)
+        downs = [line.split("] ", 1)[-1] for line in rig.balancer.log().splitlines()
+                 if " is DOWN" in line]
         return {"clients": clients, "hosts": len(rig.hosts), "drain_s": drain,
                 "connect_s": round(connect_s, 1), "restart_s": round(restart_s, 1),
                 "published": sum(published.values()), "delivered": sum(c.received for c in
@@ -102,6 +104,8 @@ def restart(dsn: str, clients: int, channels: int, rate: float, drain: float) ->
                 "clients_peak_attempts_per_s": peak(attempts, 1.0),
                 "clients_peak_101_per_s": peak(connects, 1.0),
                 "failed_first_connects": at_start,
+                "hosts_marked_down": len(downs), "down_reasons": sorted(set(
+                    d.split("reason: ", 1)[-1].split(",")[0] for d in downs)),
                 "closes": {k: v - at_start.get(k, 0) for k, v in swarm.closes.items()
                            if v > at_start.get(k, 0)}}
     finally:

@@ -393,8 +393,10 @@ class Swarm:
             head, _, rest = c.head.partition(b"\r\n\r\n")
             try:
                 Handshake.parse(head).check(c.accept)
-            except ProtocolError as exc:
-                self._drop(c, f"upgrade: {exc}", failed=True)
+            except ProtocolError as exc:  # the body's start says who refused
+                said = rest.decode("utf-8", "replace").strip().splitlines()[:1]
+                self._drop(c, f"upgrade: {exc}" + (f" ({said[0][:60]})" if said else ""),
+                           failed=True)
                 return
             c.open = True
             self.connects.append(time.monotonic())
