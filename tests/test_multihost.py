@@ -69,7 +69,8 @@ def sessions(rig: Rig) -> Dict[int, Counter]:
     """pg_stat_activity's sessions of the rig, per pid (sequencers' names without their pid)."""
     found: Dict[int, Counter] = {}
     for _host, pid, name in rig.backends():
-        found.setdefault(pid, Counter())[name.rsplit(" ", 1)[0] if "sequencer" in name else name] += 1
+        kind = name.rsplit(" ", 1)[0] if "sequencer" in name else name
+        found.setdefault(pid, Counter())[kind] += 1
     return found
 
 
