@@ -7,7 +7,7 @@ import json
 import statistics
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import psycopg2
 import pytest
@@ -27,11 +27,15 @@ def server(pg_dsn: str) -> Iterator[Any]:
     g.stop()
 
 
-def latencies(client: Client, conn: Any, channel: str, n: int = 40) -> List[float]:
-    """Milliseconds from publishing to receiving, ``n`` messages one after the other."""
+def latencies(client: Client, conn: Any, channel: str, n: int = 40,
+              starts: Optional[List[float]] = None) -> List[float]:
+    """Milliseconds from publishing to receiving, ``n`` messages one after the other (when
+    each was published goes into ``starts``, if given)."""
     out = []
     for i in range(n):
         started = time.monotonic()
+        if starts is not None:
+            starts.append(started)
         sql_publish(conn, channel, args=(i,))
         while True:
             frame = client.recv_json()
@@ -51,18 +55,22 @@ def test_a_flooding_client_is_rate_limited_then_closed_and_others_go_on(server, 
     flooder = Client(server)
     frame = json.dumps({"action": "subscribe", "channel": "flood", "id": "f"})
     sent = [0]
+    flood_times: List[float] = []
 
     def flood() -> None:
+        flood_times.append(time.monotonic())
         try:
             for _ in range(20_000):
                 flooder.ws.client.send(frame)
                 sent[0] += 1
         except (simple_websocket.ConnectionClosed, OSError):
             pass
+        flood_times.append(time.monotonic())
 
     thread = threading.Thread(target=flood, name="flood", daemon=True)
     thread.start()
-    busy = latencies(bystander, conn, channel)
+    starts: List[float] = []
+    busy = latencies(bystander, conn, channel, starts=starts)
     answers = {"subscribed": 0, "rate limited": 0}
     with pytest.raises(simple_websocket.ConnectionClosed) as closed:
         while True:
@@ -77,7 +85,10 @@ def test_a_flooding_client_is_rate_limited_then_closed_and_others_go_on(server, 
     print(f"\nflooder sent {sent[0]} frames: {answers}, closed with 1008 "
           f"{closed.value.message!r}; bystander latency median {statistics.median(quiet):.1f} "
           f"ms quiet, {statistics.median(busy):.1f} ms during the flood (p90 "
-          f"{sorted(quiet)[35]:.1f} / {sorted(busy)[35]:.1f} ms)")
+          f"{sorted(quiet)[35]:.1f} / {sorted(busy)[35]:.1f} ms); the flood lasted "
+          f"{(flood_times[-1] - flood_times[0]) * 1000:.0f} ms, "
+          f"{sum(t < flood_times[-1] for t in starts)} of {len(busy)} samples began in it: "
+          f"{[round(ms, 1) for t, ms in zip(starts, busy) if t < flood_times[-1]]} ms")
 
 
 @settings(max_examples=25, deadline=None)
