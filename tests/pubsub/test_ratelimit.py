@@ -105,3 +105,34 @@ def test_fuzz_a_burst_within_client_burst_is_answered_in_full(server, burst):
         assert all(r["event"] == "unsubscribed" for r in replies)
     finally:
         client.close()
+
+
+@settings(max_examples=15, deadline=None)
+@given(frames=st.lists(st.sampled_from(["unsubscribe", "garbage"]), min_size=101,
+                       max_size=190))
+def test_fuzz_a_burst_past_client_burst_is_limited_frame_by_frame(server, frames):
+    """Any burst past the limit's burst (100 here) but short of its close (100 more refused
+    frames), garbage mixed in: every frame gets one answer, the first 100 and no more than
+    the refill are acted on, in order, the rest are answered "rate limited", and the socket
+    stays open: one more frame is answered."""
+    client = Client(server)
+    try:
+        started = time.monotonic()
+        for i, kind in enumerate(frames):
+            if kind == "garbage":
+                client.ws.client.send(f"not json {i}")
+            else:
+                client.send(action="unsubscribe", channel=f"c{i}", id=i)
+        replies = [client.recv_json() for _ in frames]
+        elapsed = time.monotonic() - started
+        limited = [r for r in replies if r == {"event": "error", "error": "rate limited"}]
+        acted = [r for r in replies if r not in limited]
+        assert 100 <= len(acted) <= 100 + 50 * elapsed + 1, (len(acted), elapsed)
+        assert len(acted) + len(limited) == len(frames)
+        ids = [r["reply_to"] for r in acted if "reply_to" in r]
+        assert ids == sorted(ids) and all(frames[i] == "unsubscribe" for i in ids), ids
+        assert [frames[i] for i in range(100)].count("unsubscribe") <= len(ids)
+        after = client.request(action="unsubscribe", channel="after", id="after")
+        assert after.get("reply_to") == "after" or after == limited[0], after
+    finally:
+        client.close()
