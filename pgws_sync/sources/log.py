@@ -144,43 +144,51 @@ DECLARE
     xact xid8;
     seq bigint;
 BEGIN
-    IF publish.channel IS NULL OR publish.channel = '' OR length(publish.channel) > 200
-            OR publish.channel ~ '[[:cntrl:]]' THEN
-        RAISE EXCEPTION 'pgws_sync.publish: invalid channel name %', quote_nullable(publish.channel)
-            USING ERRCODE = '22023';
-    END IF;
-    IF publish.type IS NULL OR publish.type NOT IN ('json', 'text') THEN
-        RAISE EXCEPTION 'pgws_sync.publish: type must be json or text, not %',
-            quote_nullable(publish.type) USING ERRCODE = '22023';
-    END IF;
-    IF publish.payload IS NULL THEN
-        RAISE EXCEPTION 'pgws_sync.publish: the payload is NULL' USING ERRCODE = '22004';
-    END IF;
-    IF octet_length(publish.payload) > limit_bytes THEN
-        RAISE EXCEPTION 'pgws_sync.publish: the message for channel % is % bytes; '
-            'the log takes at most %', publish.channel, octet_length(publish.payload),
-            limit_bytes USING ERRCODE = '54000';
-    END IF;
-    IF publish.type = 'json' THEN
-        -- raises on anything that is not JSON (an assignment, not PERFORM: no query per call)
-        parsed := publish.payload::json IS NULL;
-    END IF;
-    IF publish.id IS NOT NULL AND (publish.id = '' OR length(publish.id) > 200
-            OR publish.id ~ '[[:cntrl:]]') THEN
-        RAISE EXCEPTION 'pgws_sync.publish: invalid message id % (1 to 200 characters, no '
-            'control characters)', left(publish.id, 60) USING ERRCODE = '22023';
-    END IF;
-    IF publish.reply_to IS NOT NULL THEN
-        BEGIN
-            answered := publish.reply_to::jsonb;
-        EXCEPTION WHEN invalid_text_representation THEN
-            answered := NULL;
-        END;
-        IF answered IS NULL OR jsonb_typeof(answered) NOT IN ('string', 'number')
-                OR length(answered #>> '{{}}') > 200 THEN
-            RAISE EXCEPTION 'pgws_sync.publish: reply_to must be the JSON text of a string (at '
-                'most 200 characters) or a number, not %', left(publish.reply_to, 60)
-                USING ERRCODE = '22023';
+    -- the common call, checked in one expression: a fifth less of the function's own cost
+    -- than a statement per check; anything else takes the checks below, which name the fault
+    IF NOT coalesce(publish.channel <> '' AND length(publish.channel) <= 200
+            AND publish.channel !~ '[[:cntrl:]]' AND publish.type IN ('json', 'text')
+            AND octet_length(publish.payload) <= limit_bytes
+            AND (publish.type = 'text' OR publish.payload::json IS NOT NULL)
+            AND publish.id IS NULL AND publish.reply_to IS NULL, false) THEN
+        IF publish.channel IS NULL OR publish.channel = '' OR length(publish.channel) > 200
+                OR publish.channel ~ '[[:cntrl:]]' THEN
+            RAISE EXCEPTION 'pgws_sync.publish: invalid channel name %',
+                quote_nullable(publish.channel) USING ERRCODE = '22023';
+        END IF;
+        IF publish.type IS NULL OR publish.type NOT IN ('json', 'text') THEN
+            RAISE EXCEPTION 'pgws_sync.publish: type must be json or text, not %',
+                quote_nullable(publish.type) USING ERRCODE = '22023';
+        END IF;
+        IF publish.payload IS NULL THEN
+            RAISE EXCEPTION 'pgws_sync.publish: the payload is NULL' USING ERRCODE = '22004';
+        END IF;
+        IF octet_length(publish.payload) > limit_bytes THEN
+            RAISE EXCEPTION 'pgws_sync.publish: the message for channel % is % bytes; '
+                'the log takes at most %', publish.channel, octet_length(publish.payload),
+                limit_bytes USING ERRCODE = '54000';
+        END IF;
+        IF publish.type = 'json' THEN
+            -- raises on anything that is not JSON (an assignment, not PERFORM: no query per call)
+            parsed := publish.payload::json IS NULL;
+        END IF;
+        IF publish.id IS NOT NULL AND (publish.id = '' OR length(publish.id) > 200
+                OR publish.id ~ '[[:cntrl:]]') THEN
+            RAISE EXCEPTION 'pgws_sync.publish: invalid message id % (1 to 200 characters, no '
+                'control characters)', left(publish.id, 60) USING ERRCODE = '22023';
+        END IF;
+        IF publish.reply_to IS NOT NULL THEN
+            BEGIN
+                answered := publish.reply_to::jsonb;
+            EXCEPTION WHEN invalid_text_representation THEN
+                answered := NULL;
+            END;
+            IF answered IS NULL OR jsonb_typeof(answered) NOT IN ('string', 'number')
+                    OR length(answered #>> '{{}}') > 200 THEN
+                RAISE EXCEPTION 'pgws_sync.publish: reply_to must be the JSON text of a string '
+                    '(at most 200 characters) or a number, not %', left(publish.reply_to, 60)
+                    USING ERRCODE = '22023';
+            END IF;
         END IF;
     END IF;
     -- the transaction id before the seq: a transaction holding a seq the sequencer cannot
