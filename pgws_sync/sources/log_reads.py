@@ -35,6 +35,10 @@ PROBE_FIRST = 1.0
 PROBE_MAX = 10.0
 #: The longest a probe waits for the replica to reach the primary's position.
 PROBE_WAIT = 0.1
+#: Seconds between two looks at the replica's replay position while waiting: at first, and
+#: at most (doubled in between).
+POLL_FIRST = 0.0005
+POLL_MAX = 0.005
 #: Seconds connecting to the replica may take.
 CONNECT_TIMEOUT = 2
 
@@ -158,7 +162,7 @@ class ReplicaReads(PrimaryReads):
         """Whether the replica replays up to ``target`` within ``wait`` seconds (None: the
         thread is stopping). Raises psycopg2's errors, and for a server not in recovery."""
         deadline = time.monotonic() + wait
-        delay = 0.001
+        delay = POLL_FIRST
         while True:
             with self._conn.cursor() as cur:
                 cur.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
@@ -174,7 +178,7 @@ class ReplicaReads(PrimaryReads):
                 return False
             if self.pause(min(delay, left)):
                 return None
-            delay = min(delay * 2, 0.02)
+            delay = min(delay * 2, POLL_MAX)
 
     def _fall_back(self, reason: str, why: str) -> None:
         """Read from the primary until a probe finds the replica caught up."""
