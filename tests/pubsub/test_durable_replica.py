@@ -3,7 +3,8 @@ a paused replay delays delivery and loses nothing, a lost replica hands reads to
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple
+import contextlib
+from typing import Any, Iterator, List, Tuple
 
 import psycopg2
 import pytest
@@ -12,9 +13,8 @@ from pgws_sync import ConfigError, Listener, PubSub
 from pgws_sync.sources.log_reads import lsn
 
 from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
-from ..helpers import Gunicorn, wait_for
+from ..helpers import Gunicorn, value, wait_for
 from ..pgserver import PgServer
-from ..test_metrics import value
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,23 @@ def replayed(primary: PgServer, standby: PgServer) -> None:
              message="the standby to replay the primary's WAL")
 
 
-def serve(servers: Tuple[PgServer, PgServer], **options: Any) -> Tuple[Gunicorn, str]:
+@contextlib.contextmanager
+def served(servers: Tuple[PgServer, PgServer], clients: int = 1, workers: int = 1,
+           **options: Any) -> Iterator[Tuple[Gunicorn, str, List[Resumer]]]:
+    """A durable app reading a new log from the standby, and clients of it (not connected)."""
     primary, standby = servers
-    workers = options.pop("workers", 1)
     schema = new_log(primary.dsn)
     replayed(primary, standby)
-    return serve_durable(primary.dsn, schema, {"log_read_dsn": standby.dsn,
-                                               "metrics_path": "/metrics", **options},
-                         workers=workers), schema
+    g = serve_durable(primary.dsn, schema, {"log_read_dsn": standby.dsn,
+                                            "metrics_path": "/metrics", **options},
+                      workers=workers)
+    resumers = [Resumer(g) for _ in range(clients)]
+    try:
+        yield g, schema, resumers
+    finally:
+        for c in resumers:
+            c.close()
+        g.stop()
 
 
 def reads(server: Gunicorn, source: str) -> float:
@@ -67,9 +76,7 @@ def reads(server: Gunicorn, source: str) -> float:
 
 def test_messages_are_read_from_the_replica_in_order_by_two_workers(servers):
     primary, _ = servers
-    g, schema = serve(servers, workers=2)
-    clients = [Resumer(g) for _ in range(4)]  # on both workers, most likely
-    try:
+    with served(servers, clients=4, workers=2) as (g, schema, clients):
         for c in clients:
             c.connect(["a", "b"])
         for batch in range(4):
@@ -86,17 +93,11 @@ def test_messages_are_read_from_the_replica_in_order_by_two_workers(servers):
         assert reads(g, "replica") > 0 and reads(g, "primary") == 0
         assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
         assert value(g, 'pgws_sync_log_replica_in_use{endpoint="App"}') >= 1
-    finally:
-        for c in clients:
-            c.close()
-        g.stop()
 
 
 def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
     primary, standby = servers
-    g, schema = serve(servers, log_read_max_wait=60)
-    c = Resumer(g)
-    try:
+    with served(servers, log_read_max_wait=60) as (g, schema, [c]), resumed(standby):
         c.connect(["p"])
         publish_many(primary.dsn, schema, [("p", n) for n in range(5)])
         c.read_all({"p": 5})
@@ -112,16 +113,19 @@ def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
         assert c.received["p"] == list(range(25))
         assert reads(g, "primary") == 0
         assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
+
+
+@contextlib.contextmanager
+def resumed(standby: PgServer) -> Iterator[None]:
+    """Whatever happens inside: the standby is replaying again afterwards."""
+    try:
+        yield
     finally:
         one(standby.dsn, "SELECT pg_wal_replay_resume()")
-        c.close()
-        g.stop()
 
 
 def test_a_replica_that_lags_too_long_or_is_lost_hands_reads_to_the_primary(servers):
     primary, standby = servers
-    g, schema = serve(servers, log_read_max_wait=1.0)
-    c = Resumer(g)
     sent = 0
 
     def publish(n: int) -> None:
@@ -134,7 +138,7 @@ def test_a_replica_that_lags_too_long_or_is_lost_hands_reads_to_the_primary(serv
         c.read_all({"f": sent})
         return value(g, 'pgws_sync_log_replica_in_use{endpoint="App"}') == 1
 
-    try:
+    with served(servers, log_read_max_wait=1.0) as (g, schema, [c]), running(primary, standby):
         c.connect(["f"])
         publish(3)
         c.read_all({"f": 3})
@@ -164,21 +168,20 @@ def test_a_replica_that_lags_too_long_or_is_lost_hands_reads_to_the_primary(serv
         c.read_all({"f": sent})
         assert reads(g, "replica") > from_replica
         assert c.received["f"] == list(range(sent))  # in order, nothing doubled
+
+
+@contextlib.contextmanager
+def running(primary: PgServer, standby: PgServer) -> Iterator[None]:
+    """Whatever happens inside: the standby is up, streaming and replaying afterwards."""
+    try:
+        yield
     finally:
-        c.close()
-        g.stop()
-        if not is_up(standby):
+        try:
+            one(standby.dsn, "SELECT 1")
+        except psycopg2.OperationalError:
             standby.start()
             primary.wait_streaming()
         one(standby.dsn, "SELECT pg_wal_replay_resume()")
-
-
-def is_up(server: PgServer) -> bool:
-    try:
-        one(server.dsn, "SELECT 1")
-    except psycopg2.OperationalError:
-        return False
-    return True
 
 
 def test_a_bad_read_dsn_or_wait_is_refused_in_one_line(pg_dsn):
