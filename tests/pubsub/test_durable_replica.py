@@ -4,6 +4,7 @@ a paused replay delays delivery and loses nothing, a lost replica hands reads to
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Iterator, List, Tuple
 
 import psycopg2
@@ -13,7 +14,7 @@ from pgws_sync import ConfigError, Listener, PubSub
 from pgws_sync.sources.log_reads import lsn
 
 from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
-from ..helpers import Gunicorn, value, wait_for
+from ..helpers import Gunicorn, Ws, value, wait_for
 from ..pgserver import PgServer
 
 
@@ -108,9 +109,17 @@ def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
                  message="the reader to see the replica behind")
         c.read_all({"p": 5})
         assert len(c.received["p"]) == 5
+        # a client that read offset 25 elsewhere resumes here: not "beyond the newest offset"
+        ahead = Ws(g.ws_url())
+        assert ahead.recv_json()["event"] == "welcome"
+        ahead.client.send(json.dumps({"action": "subscribe", "channel": "p", "since": 25,
+                                      "epoch": c.positions["p"][1], "id": 1}))
         one(standby.dsn, "SELECT pg_wal_replay_resume()")
         c.read_all({"p": 25}, timeout=15)  # no further wake-up: the waiting read delivers
         assert c.received["p"] == list(range(25))
+        reply = ahead.recv_json(15)
+        assert reply["event"] == "subscribed" and reply["offset"] == 25, reply
+        ahead.close()
         assert reads(g, "primary") == 0
         assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
 
@@ -147,6 +156,8 @@ def test_a_replica_that_lags_too_long_or_is_lost_hands_reads_to_the_primary(serv
         c.read_all({"f": 8})
         assert value(g, 'pgws_sync_log_replica_fallbacks_total{endpoint="App",'
                         'reason="lag"}') >= 1
+        c.close()  # resumes from an offset the paused replica has not replayed
+        assert c.connect(["f"])[0]["event"] == "subscribed"
         one(standby.dsn, "SELECT pg_wal_replay_resume()")
         wait_for(back_on_the_replica, 30, "reads to go back to the replica")
 
