@@ -42,6 +42,23 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
+def scrape(server: Gunicorn) -> Dict[str, float]:
+    """The server's /metrics as {sample with labels: value}."""
+    status, body = http_get(server.url("/metrics"))
+    assert status == 200, body
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def value(server: Gunicorn, prefix: str) -> float:
+    """The sum of the server's metric samples whose name (with labels) starts with ``prefix``."""
+    return sum(v for k, v in scrape(server).items() if k.startswith(prefix))
+
+
 class Gunicorn:
     """A real gunicorn serving ``app`` on a free port, configured by environment variables."""
 

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import pytest
 
 from . import programs
-from .helpers import ROOT, Gunicorn, Ws, pg_notify, replace_once, serve
+from .helpers import ROOT, Gunicorn, Ws, pg_notify, replace_once, serve, wait_for, wait_sockets
 from .proxy_process import ProxyProcess, check_haproxy
 
 EXAMPLES = ROOT / "examples" / "proxy"
@@ -252,6 +252,31 @@ def test_nginx_passing_host_without_its_port_refused_the_page(app):
         page = f"https://localhost:{proxy.port}"
         assert tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 403
     finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("kind, cap", [(Nginx, {"limit_conn per_address 50;":
+                                                 "limit_conn per_address 2;"}),
+                                         (HAProxy, {"gt 50 }": "gt 2 }"})],
+                         ids=["nginx", "haproxy"])
+def test_the_proxy_caps_the_sockets_of_one_address(app, kind, cap):
+    """The examples' per-address cap (50, here 2): the third socket of one address gets 503
+    from the proxy, gunicorn never sees it, and a closed socket makes room again."""
+    proxy = kind(app.port, edit=cap)
+    page = f"https://localhost:{proxy.port}"
+    socks = []
+    try:
+        socks = [Ws(f"wss://localhost:{proxy.port}/ws", headers={"Origin": page},
+                    ssl_context=proxy.context()) for _ in range(2)]
+        wait_sockets(app, 2)
+        assert tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 503
+        assert app.stats()["sockets"] == 2
+        socks.pop().close()
+        wait_for(lambda: tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 101,
+                 message="room for a socket again")
+    finally:
+        for ws in socks:
+            ws.close()
         proxy.stop()
 
 
