@@ -35,6 +35,13 @@ def http_get(url: str, headers: Optional[Dict[str, str]] = None, timeout: float 
         return exc.code, exc.read().decode()
 
 
+def replace_once(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
+    if text.count(old) != 1:
+        raise AssertionError(f"{old!r} occurs {text.count(old)} times in the example")
+    return text.replace(old, new)
+
+
 def scrape(server: Gunicorn) -> Dict[str, float]:
     """The server's /metrics as {sample with labels: value}."""
     status, body = http_get(server.url("/metrics"))
