@@ -1,7 +1,8 @@
 """The app ``python -m bench.fanout --mode pubsub|durable`` serves: a PubSub endpoint on /ws
 that subscribes every socket to the channel ``bench`` as it connects (durable with
 BENCH_MODE=durable, its log in the schema BENCH_LOG_SCHEMA, default pgws_sync). With
-BENCH_CHANNELS=K above 1, every socket is subscribed to ``bench0`` ... ``bench<K-1>``."""
+BENCH_CHANNELS=K above 1, every socket is subscribed to ``bench0`` ... ``bench<K-1>``. With
+BENCH_LOG_READ_DSN, the durable log is read from that streaming replica."""
 
 import os
 
@@ -23,5 +24,6 @@ class AutoSubscribe(PubSub):
 app = Flask(__name__)
 listener = Listener(os.environ.get("PGWS_DB_URI", ""))
 endpoint = AutoSubscribe(listener, durable=os.environ.get("BENCH_MODE") == "durable", public=True,
-                         log_schema=os.environ.get("BENCH_LOG_SCHEMA", "pgws_sync"))
+                         log_schema=os.environ.get("BENCH_LOG_SCHEMA", "pgws_sync"),
+                         log_read_dsn=os.environ.get("BENCH_LOG_READ_DSN") or None)
 endpoint.init_app(app, "/ws")

@@ -192,14 +192,15 @@ def backend_cpu_s(dsn: str) -> Tuple[float, int]:
     return total, len(pids)
 
 
-def rows_read(dsn: str) -> int:
+def rows_read(dsn: str, schema: str = SCHEMA) -> int:
+    """Rows read from the log's messages table so far (index fetches and sequential reads)."""
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT pg_stat_force_next_flush()")
         cur.execute("SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0) FROM "
                     "pg_stat_user_tables WHERE schemaname = %s AND relname = 'messages'",
-                    (SCHEMA,))
+                    (schema,))
         row = cur.fetchone()
     conn.close()
     return int(row[0]) if row else 0

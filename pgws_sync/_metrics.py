@@ -67,6 +67,15 @@ DEFINITIONS: Tuple[Tuple[str, str, str, Tuple[str, ...], Dict[str, Any]], ...] =
      "to be numbered (the sequencer's lag)", ("endpoint",), {"multiprocess_mode": "livemax"}),
     ("gauge", "log_delivery_stalled_seconds", "How long durable delivery has not moved although "
      "it had work (0 while it moves)", ("endpoint",), {"multiprocess_mode": "livemax"}),
+    ("counter", "log_reads", "Reads of the durable log by a process given log_read_dsn, by "
+     "where they went: 'replica' or 'primary'", ("endpoint", "source"), {}),
+    ("counter", "log_replica_fallbacks", "Times durable log reads went back to the primary, by "
+     "why: 'lag' (the replica had not replayed far enough in log_read_max_wait) or 'lost'",
+     ("endpoint", "reason"), {}),
+    ("gauge", "log_replica_in_use", "1 while this process reads the durable log from the "
+     "replica (summed: the processes that do)", ("endpoint",), {"multiprocess_mode": "livesum"}),
+    ("gauge", "log_replica_lag_bytes", "Bytes of WAL the replica had still to replay when the "
+     "log was last read (0: caught up)", ("endpoint",), {"multiprocess_mode": "livemax"}),
     ("counter", "log_sequenced", "Durable messages numbered by this process's sequencer",
      ("log",), {}),
     ("gauge", "log_sequencer_elected", "1 while this process is the durable log's elected "

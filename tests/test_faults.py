@@ -17,6 +17,7 @@ from .helpers import (
     read_frame,
     serve,
     socket_closed_by_peer,
+    value,
     wait_for,
     wait_sockets,
 )
@@ -264,17 +265,22 @@ def test_pongs_never_interleave_with_large_frames(pg_dsn, sender):
 
 def test_sockets_past_the_workers_cap_get_503_and_plain_requests_still_answer(pg_dsn, sender):
     """--threads 16: max_sockets="auto" leaves 4 threads to plain requests, so the 13th
-    socket gets 503 with Retry-After before any upgrade, and a plain GET answers at once."""
-    g = serve(pg_dsn, threads=16, options={"max_sockets_per_address": 20}).wait_up()
+    socket gets 503 with Retry-After before any upgrade (counted), and a plain GET answers
+    at once."""
+    g = serve(pg_dsn, threads=16, options={"max_sockets_per_address": 20,
+                                           "metrics_path": "/metrics"}).wait_up()
+    refused = 'pgws_sync_sockets_refused_total{endpoint="Pgws",status="503"}'
     socks = []
     try:
         socks = [Ws(g.ws_url()) for _ in range(12)]
         wait_sockets(g, 12)
-        sock, head = raw_upgrade(g.port)
-        sock.close()
-        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head, head
-        for _ in range(5):  # the app's own requests keep their threads
-            status, _body = http_get(g.url("/healthz"), timeout=5)
+        for _ in range(3):
+            sock, head = raw_upgrade(g.port)
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head, head
+        assert value(g, refused) == 3
+        for path in ("/healthz", "/debug/stats") * 3:  # the app's own requests keep threads
+            status, _body = http_get(g.url(path), timeout=5)
             assert status == 200
         pg_notify(sender, "pgws", 'default,{"still": "delivering"}')
         assert all(ws.recv_json()["payload"] == {"still": "delivering"} for ws in socks)

@@ -22,26 +22,10 @@ from pgws_sync.jwt.settings import create_gateway_app, settings_from_environ
 from pgws_sync.pgws.gateway import create_app
 
 from . import programs
-from .helpers import Gunicorn, ROOT, Ws, http_get, raw_upgrade, serve, wait_for
+from .helpers import Gunicorn, ROOT, Ws, http_get, raw_upgrade, scrape, serve, value, wait_for
 from .pgserver import free_port
 from .pubsub_helpers import Client, serve_pubsub
 from .durable_helpers import new_log, publish_many, serve_durable
-
-
-def scrape(server: Gunicorn) -> Dict[str, float]:
-    """The server's /metrics as {sample with labels: value}."""
-    status, body = http_get(server.url("/metrics"))
-    assert status == 200, body
-    samples = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def value(server: Gunicorn, prefix: str) -> float:
-    return sum(v for k, v in scrape(server).items() if k.startswith(prefix))
 
 
 class Prometheus:

@@ -13,19 +13,16 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 
 from . import programs
-from .helpers import ROOT, Gunicorn, Ws, pg_notify, serve, wait_for
-from .pgserver import free_port
+from .helpers import ROOT, Gunicorn, Ws, pg_notify, replace_once, serve, wait_for, wait_sockets
+from .proxy_process import ProxyProcess, check_haproxy
 
 EXAMPLES = ROOT / "examples" / "proxy"
 #: What the examples name, replaced by what the tests run.
@@ -46,12 +43,6 @@ def unprivileged_group() -> str:
         return "nogroup"
     except KeyError:
         return "nobody"
-
-
-def replace_once(text: str, old: str, new: str) -> str:
-    """``text`` with ``old`` replaced; it must occur exactly once (else the docs changed)."""
-    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the example"
-    return text.replace(old, new)
 
 
 # ------------------------------------------------------------------ a certificate
@@ -87,21 +78,13 @@ def self_signed(directory: Path) -> Tuple[Path, Path]:
 # ------------------------------------------------------------------ the proxies
 
 
-class Proxy:
+class Proxy(ProxyProcess):
     """A proxy process ending TLS on 127.0.0.1:``port`` in front of gunicorn on ``upstream``."""
 
-    name = ""
-
     def __init__(self, upstream: int, *, edit: Optional[Dict[str, str]] = None) -> None:
-        self.binary = program(self.name)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"pgws-{self.name}-"))
-        self.port = free_port()
+        super().__init__(program(self.name))
         self.cert, self.key = self_signed(self.dir)
-        self.log_path = self.dir / "proxy.log"
-        command = self.configure(upstream, edit or {})
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._accepts, 20, f"{self.name} to accept connections")
+        self.run(self.configure(upstream, edit or {}))
 
     def configure(self, upstream: int, edit: Dict[str, str]) -> list:
         """Write the configuration into ``self.dir``; return the command that runs it."""
@@ -113,31 +96,9 @@ class Proxy:
             text = replace_once(text, old, new)
         return text
 
-    def _accepts(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited:\n{self.log()}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
     def context(self) -> ssl.SSLContext:
         """A client context trusting only this proxy's certificate."""
         return ssl.create_default_context(cafile=str(self.cert))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Nginx(Proxy):
@@ -187,9 +148,7 @@ class HAProxy(Proxy):
             f"server gunicorn {GUNICORN}": f"server gunicorn 127.0.0.1:{upstream}",
             **edit})
         (self.dir / "haproxy.cfg").write_text(config)
-        check = subprocess.run([self.binary, "-c", "-f", str(self.dir / "haproxy.cfg")],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
+        check_haproxy(self.binary, self.dir / "haproxy.cfg")
         return [self.binary, "-db", "-f", str(self.dir / "haproxy.cfg")]
 
 
@@ -293,6 +252,31 @@ def test_nginx_passing_host_without_its_port_refused_the_page(app):
         page = f"https://localhost:{proxy.port}"
         assert tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 403
     finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("kind, cap", [(Nginx, {"limit_conn per_address 50;":
+                                                 "limit_conn per_address 2;"}),
+                                         (HAProxy, {"gt 50 }": "gt 2 }"})],
+                         ids=["nginx", "haproxy"])
+def test_the_proxy_caps_the_sockets_of_one_address(app, kind, cap):
+    """The examples' per-address cap (50, here 2): the third socket of one address gets 503
+    from the proxy, gunicorn never sees it, and a closed socket makes room again."""
+    proxy = kind(app.port, edit=cap)
+    page = f"https://localhost:{proxy.port}"
+    socks = []
+    try:
+        socks = [Ws(f"wss://localhost:{proxy.port}/ws", headers={"Origin": page},
+                    ssl_context=proxy.context()) for _ in range(2)]
+        wait_sockets(app, 2)
+        assert tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 503
+        assert app.stats()["sockets"] == 2
+        socks.pop().close()
+        wait_for(lambda: tls_upgrade(proxy, f"localhost:{proxy.port}", page) == 101,
+                 message="room for a socket again")
+    finally:
+        for ws in socks:
+            ws.close()
         proxy.stop()
 
 

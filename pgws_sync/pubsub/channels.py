@@ -13,12 +13,15 @@ import abc
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import psycopg2
+
 from .._core.connection import Connection
 from .._core.health import LOG_STALLED, LOG_UNAVAILABLE, Health
 from .._core.hub import Hub
 from .._core.wire import Frame
 from .._formats import Raw, error_frame, format_time, loads, new_message_id
-from ..errors import ConfigError, LogUnavailable
+from .._dsn import Dsn, libpq_dsn
+from ..errors import ConfigError, LogUnavailable, first_line
 from ..sources import log
 from ..sources.base import Notification
 from ..sources.log import Row
@@ -158,7 +161,8 @@ class DurableSettings:
 
     def __init__(self, *, schema: str, retention_seconds: float, retention_messages: int,
                  prune_interval: Optional[float], sequencer_poll: float, max_replay: int,
-                 replay_budget: int) -> None:
+                 replay_budget: int, read_dsn: Optional[Dsn] = None,
+                 read_max_wait: float = 2.0) -> None:
         if not (retention_seconds > 0 and retention_messages >= 1):
             raise ConfigError("retention_seconds must be above 0 and retention_messages at "
                               "least 1")
@@ -170,6 +174,19 @@ class DurableSettings:
         if prune_interval is not None and not prune_interval > 0:
             raise ConfigError(f"prune_interval must be above 0 seconds (or None), got "
                               f"{prune_interval!r}")
+        if not 0 < read_max_wait <= 60:
+            raise ConfigError(f"log_read_max_wait must be above 0 and at most 60 seconds, got "
+                              f"{read_max_wait!r}")
+        #: The streaming replica the log is read from (None: the primary).
+        self.read_dsn: Optional[str] = None
+        if read_dsn is not None:
+            self.read_dsn = libpq_dsn(read_dsn)
+            try:
+                psycopg2.extensions.parse_dsn(self.read_dsn)
+            except psycopg2.Error as exc:
+                raise ConfigError(f"log_read_dsn is not a connection string or URI: "
+                                  f"{first_line(exc)}") from None
+        self.read_max_wait = read_max_wait
         self.schema = schema
         self.retention_seconds = retention_seconds
         self.retention_messages = retention_messages
@@ -211,7 +228,8 @@ class DurableChannels(Channels):
             retention_messages=settings.retention_messages,
             prune_every=settings.prune_interval, max_queue=max_queue,
             max_queue_bytes=max_queue_bytes, sequencer_poll=settings.sequencer_poll,
-            max_replay=settings.max_replay, replay_budget=settings.replay_budget)
+            max_replay=settings.max_replay, replay_budget=settings.replay_budget,
+            read_dsn=settings.read_dsn, read_max_wait=settings.read_max_wait)
 
     def _counted(self, conn: Connection) -> Sequence[str]:
         return sorted(self.streams.claimed(conn))

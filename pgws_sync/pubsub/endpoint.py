@@ -84,6 +84,11 @@ class PubSub(ListeningEndpoint):
         worker at a time prunes).
     :param sequencer_poll: seconds between two looks for newly committed durable messages by
         the elected sequencer (one worker per database).
+    :param log_read_dsn: a streaming replica of the database to read the durable log from
+        (catch-up, paging, heads); wake-ups, numbering, publishing and pruning stay on the
+        primary (docs/scaling-out.md).
+    :param log_read_max_wait: seconds a read waits for the replica to replay what the
+        primary held when the read began, before reading from the primary instead.
     :param public: a durable endpoint whose every channel anyone may read, history included
         (without it, a durable endpoint needs its own :meth:`can_subscribe`).
     :param max_replay: the most messages one durable resume replays; a ``since`` further
@@ -126,6 +131,8 @@ class PubSub(ListeningEndpoint):
         retention_messages: int = 100_000,
         prune_interval: Optional[float] = 30.0,
         sequencer_poll: float = 0.005,
+        log_read_dsn: Optional[Dsn] = None,
+        log_read_max_wait: float = 2.0,
         public: bool = False,
         max_replay: int = 10_000,
         replay_budget: int = 100_000,
@@ -184,7 +191,8 @@ class PubSub(ListeningEndpoint):
                 schema=log_schema, retention_seconds=retention_seconds,
                 retention_messages=retention_messages, prune_interval=prune_interval,
                 sequencer_poll=sequencer_poll, max_replay=max_replay,
-                replay_budget=replay_budget)
+                replay_budget=replay_budget, read_dsn=log_read_dsn,
+                read_max_wait=log_read_max_wait)
         super().__init__(listener, [self.pubsub_channel, self.control_channel] + (
             [settings.wake_channel] if settings is not None else []), **options)
         self.channels: Channels = (

@@ -37,6 +37,7 @@ from .._core.wire import Frame
 from .._formats import dumps, error_frame
 from ..errors import LogUnavailable, first_line
 from ..sources import log
+from ..sources.log_reads import PrimaryReads, ReplicaReads
 from ..sources.postgres import close_quietly, connect
 from ..sources.sequencer import Sequencer
 
@@ -125,6 +126,9 @@ class Streams:
         is the elected sequencer.
     :param max_replay: the most messages one resume replays (further back: resync_required).
     :param replay_budget: the most messages one connection may have replayed in all.
+    :param read_dsn: a streaming replica of ``dsn`` to read the log from (None: the primary).
+    :param read_max_wait: seconds a read waits for the replica to replay what the primary
+        held when the work began, before reading from the primary instead.
     """
 
     def __init__(self, dsn: str, *, schema: str, hub: Hub, key: Callable[[str], str],
@@ -132,8 +136,11 @@ class Streams:
                  retention_messages: int, prune_every: Optional[float] = 30.0,
                  check_interval: float = 30.0, max_queue: int = 1024,
                  max_queue_bytes: int = 4 << 20, sequencer_poll: float = 0.005,
-                 max_replay: int = 10_000, replay_budget: int = 100_000) -> None:
+                 max_replay: int = 10_000, replay_budget: int = 100_000,
+                 read_dsn: Optional[str] = None, read_max_wait: float = 2.0) -> None:
         self.dsn = dsn
+        self.read_dsn = read_dsn
+        self.read_max_wait = read_max_wait
         self.schema = schema
         self.hub = hub
         self.key = key
@@ -179,6 +186,7 @@ class Streams:
         self._replayed: Dict[Connection, int] = {}
         self._warned: Set[str] = set()  # channels whose bad rows were logged already
         self._conn: Any = None
+        self._reads = self._make_reads()
         self._pid: Optional[int] = None
         self._threads: List[threading.Thread] = []
         self._stop_pruning = threading.Event()
@@ -197,6 +205,7 @@ class Streams:
             self._positions, self._subs, self._conn = {}, {}, None
             self._recent, self._recent_bytes, self._by_conn = OrderedDict(), 0, {}
             self._replayed = {}
+            self._reads = self._make_reads()
             self._threads = [threading.Thread(target=self._run, name=f"pgws-streams-{pid}",
                                               daemon=True)]
             if self.prune_every is not None:
@@ -205,6 +214,17 @@ class Streams:
         for thread in self._threads:
             thread.start()
         self.sequencer.start()
+
+    def _make_reads(self) -> PrimaryReads:
+        if self.read_dsn is None:
+            return PrimaryReads()
+        return ReplicaReads(self.read_dsn, max_wait=self.read_max_wait, label=self.label,
+                            pause=self._pause)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less: True once stopping."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._stopped, seconds)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the threads (waits up to ``timeout`` seconds)."""
@@ -279,7 +299,8 @@ class Streams:
         stalled = self.stalled_for() >= STALL_SECONDS
         return {"connected": self.connected, "error": None if self.connected else self.error,
                 "epoch": self.epoch, "stalled": stalled,
-                "sequencer": "elected" if self.sequencer.elected else "standby"}
+                "sequencer": "elected" if self.sequencer.elected else "standby",
+                **self._reads.status()}
 
     def prune(self) -> Optional[int]:
         """One pruning pass now, on this thread: rows deleted, or None if another process
@@ -340,6 +361,7 @@ class Streams:
         finally:
             close_quietly(self._conn)
             self._conn = None
+            self._reads.close()
             self.connected = False
 
     def _serve(self) -> None:
@@ -378,6 +400,7 @@ class Streams:
             close_quietly(conn)
             raise
         self._conn = conn
+        self._reads.begin()
         self.max_payload = info.max_payload
         if self.epoch is not None and info.epoch != self.epoch:
             self._new_epoch(info.epoch)
@@ -404,6 +427,7 @@ class Streams:
             ready, self._ready = self._ready, set()
         if self.busy_since is None:  # until this work is done, even across reconnects
             self.busy_since = time.monotonic()
+        self._reads.begin()
         for request in [r for r in requests  # only a subscribe needs the database
                         if r.kind == "subscribe" and r.attempts > REQUEST_ATTEMPTS]:
             requests.remove(request)
@@ -576,15 +600,14 @@ class Streams:
     # ------------------------------------------------------------ delivery
 
     def _heads(self, channels: List[str]) -> Dict[str, Head]:
-        with self._conn.cursor() as cur:
-            found = log.heads(cur, self.schema, channels)
+        found = self._reads.run(self._conn, lambda cur: log.heads(cur, self.schema, channels))
         return {channel: Head(*head) for channel, head in found.items()}
 
     def _read(self, positions: List[Tuple[str, int]], limit: int) -> Dict[str, List[log.Row]]:
         """What :func:`log.read_after` finds; nothing if the log was recreated meanwhile
         (every subscriber then starts again from the new log, see :meth:`_new_epoch`)."""
-        with self._conn.cursor() as cur:
-            epoch, found = log.read_after(cur, self.schema, positions, limit, self.page_bytes)
+        epoch, found = self._reads.run(self._conn, lambda cur: log.read_after(
+            cur, self.schema, positions, limit, self.page_bytes))
         if epoch != self.epoch:
             self._new_epoch(epoch)
             return {}

@@ -45,9 +45,10 @@ def sign_auth_event(key: Union[str, bytes], guest: str, user: str) -> str:
 
 
 def auth_event_signed(key: Union[str, bytes], event: AuthEvent) -> bool:
-    """Whether ``event`` carries the right ``sig`` for ``key`` (compared in constant time)."""
+    """Whether ``event`` carries the right ``sig`` for ``key`` (compared in constant time, as
+    bytes: compare_digest refuses a str that is not ASCII, and anyone can send one)."""
     return event.sig is not None and hmac.compare_digest(
-        event.sig, sign_auth_event(key, event.guest, event.user))
+        event.sig.encode("utf-8"), sign_auth_event(key, event.guest, event.user).encode("ascii"))
 
 
 BackendMessage = Union[ToUser, ToRoom, AuthEvent]

@@ -145,7 +145,8 @@ class Canary:
                 token = secrets.token_hex(8)
                 try:
                     if conn is None:
-                        conn = connect(self.dsn, connect_timeout=max(1, int(self.interval)))
+                        conn = connect(self.dsn, connect_timeout=max(1, int(self.interval)),
+                                       application_name="pgws_sync canary")
                     with self._lock:
                         self._sent = (token, time.monotonic())
                     with conn.cursor() as cur:

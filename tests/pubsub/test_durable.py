@@ -49,8 +49,10 @@ def test_migrate_is_idempotent_and_says_what_it_did(pg_dsn):
         with conn, conn.cursor() as cur:  # as an earlier 2.x release made it
             cur.execute(f"ALTER TABLE {schema}.messages ALTER COLUMN id SET NOT NULL, "
                         f"ADD CHECK (type IN ('json', 'text'))")
+            cur.execute(f"CREATE INDEX offsets_seq ON {schema}.offsets (seq)")
         assert migrate(conn, schema=schema) == [
-            f"relaxed {schema}.messages: no CHECK, id may be NULL (publishing costs less)"]
+            f"relaxed {schema}.messages: no CHECK, id may be NULL (publishing costs less)",
+            f"dropped the index {schema}.offsets_seq (numbering costs less)"]
         assert migrate(conn, schema=schema)[0].endswith("nothing to do")
     finally:
         conn.close()
@@ -298,6 +300,29 @@ def test_offsets_keep_growing_after_everything_was_pruned(pg_dsn, channel):
         assert number_all(pg_dsn, schema) == 1
         with conn.cursor() as cur:
             assert heads(cur, schema, [channel]) == {channel: (4, 4)}
+    finally:
+        conn.close()
+
+
+def test_pruning_by_age_takes_each_channel_s_expired_offsets_and_keeps_the_rest(pg_dsn):
+    schema = new_log(pg_dsn)
+    publish_many(pg_dsn, schema, (("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)),
+                 numbered=False)
+    assert number_all(pg_dsn, schema) == 5
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:  # the three oldest (a1, b1, a2) are an hour old
+            cur.execute(f"UPDATE {schema}.messages SET published_at = now() - interval '1 hour' "
+                        f"WHERE seq IN (SELECT seq FROM {schema}.messages ORDER BY seq LIMIT 3)")
+        assert prune(conn, schema, max_age=60, keep=1000) == 3
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT channel, array_agg("offset" ORDER BY "offset") '
+                        f"FROM {schema}.offsets GROUP BY channel ORDER BY channel")
+            assert cur.fetchall() == [("a", [3]), ("b", [2])]
+            cur.execute(f"SELECT channel, pruned_to, head FROM {schema}.streams ORDER BY channel")
+            assert cur.fetchall() == [("a", 2, 3), ("b", 1, 2)]
+        assert prune(conn, schema, max_age=60, keep=1000) == 0
     finally:
         conn.close()
 

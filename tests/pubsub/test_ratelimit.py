@@ -7,7 +7,7 @@ import json
 import statistics
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import psycopg2
 import pytest
@@ -27,11 +27,15 @@ def server(pg_dsn: str) -> Iterator[Any]:
     g.stop()
 
 
-def latencies(client: Client, conn: Any, channel: str, n: int = 40) -> List[float]:
-    """Milliseconds from publishing to receiving, ``n`` messages one after the other."""
+def latencies(client: Client, conn: Any, channel: str, n: int = 40,
+              starts: Optional[List[float]] = None) -> List[float]:
+    """Milliseconds from publishing to receiving, ``n`` messages one after the other (when
+    each was published goes into ``starts``, if given)."""
     out = []
     for i in range(n):
         started = time.monotonic()
+        if starts is not None:
+            starts.append(started)
         sql_publish(conn, channel, args=(i,))
         while True:
             frame = client.recv_json()
@@ -51,18 +55,22 @@ def test_a_flooding_client_is_rate_limited_then_closed_and_others_go_on(server, 
     flooder = Client(server)
     frame = json.dumps({"action": "subscribe", "channel": "flood", "id": "f"})
     sent = [0]
+    flood_times: List[float] = []
 
     def flood() -> None:
+        flood_times.append(time.monotonic())
         try:
             for _ in range(20_000):
                 flooder.ws.client.send(frame)
                 sent[0] += 1
         except (simple_websocket.ConnectionClosed, OSError):
             pass
+        flood_times.append(time.monotonic())
 
     thread = threading.Thread(target=flood, name="flood", daemon=True)
     thread.start()
-    busy = latencies(bystander, conn, channel)
+    starts: List[float] = []
+    busy = latencies(bystander, conn, channel, starts=starts)
     answers = {"subscribed": 0, "rate limited": 0}
     with pytest.raises(simple_websocket.ConnectionClosed) as closed:
         while True:
@@ -77,7 +85,10 @@ def test_a_flooding_client_is_rate_limited_then_closed_and_others_go_on(server, 
     print(f"\nflooder sent {sent[0]} frames: {answers}, closed with 1008 "
           f"{closed.value.message!r}; bystander latency median {statistics.median(quiet):.1f} "
           f"ms quiet, {statistics.median(busy):.1f} ms during the flood (p90 "
-          f"{sorted(quiet)[35]:.1f} / {sorted(busy)[35]:.1f} ms)")
+          f"{sorted(quiet)[35]:.1f} / {sorted(busy)[35]:.1f} ms); the flood lasted "
+          f"{(flood_times[-1] - flood_times[0]) * 1000:.0f} ms, "
+          f"{sum(t < flood_times[-1] for t in starts)} of {len(busy)} samples began in it: "
+          f"{[round(ms, 1) for t, ms in zip(starts, busy) if t < flood_times[-1]]} ms")
 
 
 @settings(max_examples=25, deadline=None)
@@ -92,5 +103,36 @@ def test_fuzz_a_burst_within_client_burst_is_answered_in_full(server, burst):
         replies = [client.recv_json() for _ in range(burst)]
         assert [r.get("reply_to") for r in replies] == list(range(burst)), replies
         assert all(r["event"] == "unsubscribed" for r in replies)
+    finally:
+        client.close()
+
+
+@settings(max_examples=15, deadline=None)
+@given(frames=st.lists(st.sampled_from(["unsubscribe", "garbage"]), min_size=101,
+                       max_size=190))
+def test_fuzz_a_burst_past_client_burst_is_limited_frame_by_frame(server, frames):
+    """Any burst past the limit's burst (100 here) but short of its close (100 more refused
+    frames), garbage mixed in: every frame gets one answer, the first 100 and no more than
+    the refill are acted on, in order, the rest are answered "rate limited", and the socket
+    stays open: one more frame is answered."""
+    client = Client(server)
+    try:
+        started = time.monotonic()
+        for i, kind in enumerate(frames):
+            if kind == "garbage":
+                client.ws.client.send(f"not json {i}")
+            else:
+                client.send(action="unsubscribe", channel=f"c{i}", id=i)
+        replies = [client.recv_json() for _ in frames]
+        elapsed = time.monotonic() - started
+        limited = [r for r in replies if r == {"event": "error", "error": "rate limited"}]
+        acted = [r for r in replies if r not in limited]
+        assert 100 <= len(acted) <= 100 + 50 * elapsed + 1, (len(acted), elapsed)
+        assert len(acted) + len(limited) == len(frames)
+        ids = [r["reply_to"] for r in acted if "reply_to" in r]
+        assert ids == sorted(ids) and all(frames[i] == "unsubscribe" for i in ids), ids
+        assert [frames[i] for i in range(100)].count("unsubscribe") <= len(ids)
+        after = client.request(action="unsubscribe", channel="after", id="after")
+        assert after.get("reply_to") == "after" or after == limited[0], after
     finally:
         client.close()

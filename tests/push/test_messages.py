@@ -13,11 +13,13 @@ from pgws_sync.push.messages import (
     RoomRequest,
     ToRoom,
     ToUser,
+    auth_event_signed,
     format_backend_message,
     parse_backend_message,
     parse_room_request,
     room_error_frame,
     room_frame,
+    sign_auth_event,
     tab_window_frame,
 )
 
@@ -41,6 +43,26 @@ def test_push_to_room_with_any_json_payload():
 
 def test_auth_event():
     assert parse_backend_message('{"guestId": "g", "authUserId": "u"}') == AuthEvent("g", "u")
+
+
+KEY = "a key of at least 16 characters"
+
+
+def test_an_auth_event_is_signed_for_its_guest_user_and_key_only():
+    sig = sign_auth_event(KEY, "g", "u")
+    assert auth_event_signed(KEY, AuthEvent("g", "u", sig))
+    assert auth_event_signed(KEY.encode(), AuthEvent("g", "u", sig))
+    for event in (AuthEvent("g", "u"), AuthEvent("g", "v", sig), AuthEvent("h", "u", sig),
+                  AuthEvent("g", "u", sig.upper()), AuthEvent("g\x00u", "", sig)):
+        assert not auth_event_signed(KEY, event), event
+    assert not auth_event_signed("another key, 16+ long", AuthEvent("g", "u", sig))
+
+
+@given(sig=st.text(max_size=80))
+def test_fuzz_any_forged_sig_is_refused_never_raises(sig):
+    """Whatever text a forger puts in ``sig`` (not ASCII included), the check says no."""
+    event = parse_backend_message(json.dumps({"guestId": "g", "authUserId": "u", "sig": sig}))
+    assert auth_event_signed(KEY, event) == (sig == sign_auth_event(KEY, "g", "u"))
 
 
 @pytest.mark.parametrize("text, problem", [

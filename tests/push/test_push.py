@@ -5,6 +5,8 @@ import itertools
 import json
 import re
 
+import psycopg2
+import psycopg2.extensions
 import pytest
 
 from pgws_sync.push.messages import sign_auth_event
@@ -206,6 +208,43 @@ def test_guest_sockets_move_to_the_user_who_logged_in(server, tabs):
     moved = [c for c in stats(server)["connections"]
              if c["metadata"].get("tabWindowId") in (g1.tab, g2.tab)]
     assert [c["metadata"]["user"] for c in moved] == [user, user]
+
+
+def test_auth_events_forged_by_another_database_role_move_no_guest(server, tabs, pg_dsn):
+    """A role that is not the app's, with no grant at all, NOTIFYs AuthEvents for a guest: no
+    sig, a wrong one, one that is not ASCII. None moves the guest, and what the same
+    transaction sends after them is still delivered (the check refuses, it does not fail)."""
+    guest, room = fresh("guest-"), fresh("room-")
+    g = tabs(server, guest=guest)
+    g.join(room)
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP ROLE IF EXISTS pgws_forger")
+        cur.execute("CREATE ROLE pgws_forger LOGIN")
+    forger = psycopg2.connect(psycopg2.extensions.make_dsn(pg_dsn, user="pgws_forger"))
+    try:
+        with forger:  # one transaction: one batch for the push source
+            for sig in (None, sign_auth_event("not the app's key, 16+", guest, "mallory"),
+                        "é" * 64):
+                event = {"guestId": guest, "authUserId": "mallory"}
+                pg_notify(forger, "BackgroundPush", json.dumps(
+                    event if sig is None else {**event, "sig": sig}))
+            pg_notify(forger, "BackgroundPush",
+                      json.dumps({"pushToRoom": room, "payload": "after the forgeries"}))
+        assert g.recv_json() == "after the forgeries"
+        push(server, {"pushToUser": "mallory", "payload": "for mallory"})
+        sentinel(server, [g])  # nothing for mallory came first
+        (conn,) = [c for c in stats(server)["connections"]
+                   if c["metadata"].get("tabWindowId") == g.tab]
+        assert conn["metadata"].get("guest") == guest and "user" not in conn["metadata"]
+        wait_for(lambda: server.log().count("ignored an AuthEvent for guest "
+                                            f"{guest!r}") == 3, message="a warning each")
+    finally:
+        forger.close()
+        with admin.cursor() as cur:
+            cur.execute("DROP ROLE pgws_forger")
+        admin.close()
 
 
 def test_server_side_api(server, tabs):

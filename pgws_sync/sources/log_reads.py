@@ -1,0 +1,201 @@
+"""Where a process reads the durable log: the primary, or a streaming replica that has replayed enough.
+
+A standby cannot LISTEN, number or prune, so only the streams thread's reads
+(catch-up, pages, heads) may go to it. Each unit of that thread's work
+(:meth:`ReplicaReads.begin`) first asks the primary how far its WAL is flushed
+(``pg_current_wal_flush_lsn()``, one call of no table) and reads from the
+replica only once its ``pg_last_wal_replay_lsn()`` has reached that point:
+everything the primary had committed when the work began, the wake-up's
+numbering included, is then visible there, so nothing is delivered past what
+was replayed and no wake-up is spent on rows not replayed yet. The replica
+gets ``max_wait`` seconds to get there; a replica further behind, or one that
+cannot be reached, hands the reads to the primary (a WARNING and a metric)
+until a probe, every few seconds while there is work, finds it caught up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, Optional, TypeVar
+
+import psycopg2
+
+from .. import _metrics
+from ..errors import first_line
+from .postgres import close_quietly, connect
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds between two probes of a replica that lagged or was lost, at first; doubled after
+#: each failed probe up to :data:`PROBE_MAX`.
+PROBE_FIRST = 1.0
+PROBE_MAX = 10.0
+#: The longest a probe waits for the replica to reach the primary's position.
+PROBE_WAIT = 0.1
+#: Seconds between two looks at the replica's replay position while waiting: at first, and
+#: at most (doubled in between).
+POLL_FIRST = 0.0005
+POLL_MAX = 0.005
+#: Seconds connecting to the replica may take.
+CONNECT_TIMEOUT = 2
+
+
+def lsn(text: Optional[str]) -> int:
+    """A ``pg_lsn`` (``'16/B374D848'``) as a number of bytes; None (nothing replayed) is 0."""
+    if not text:
+        return 0
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+class PrimaryReads:
+    """Every read on the primary (the default)."""
+
+    #: Where the reads of the current work go.
+    source = "primary"
+
+    def begin(self) -> None:
+        """New work: what it reads must include what the primary holds now."""
+
+    def run(self, primary: Any, read: Callable[[Any], T]) -> T:
+        """``read(cursor)`` on the chosen server (the primary here)."""
+        with primary.cursor() as cur:
+            return read(cur)
+
+    def close(self) -> None:
+        """Close what this holds open."""
+
+    def status(self) -> Dict[str, Any]:
+        return {"reads": self.source}
+
+
+class ReplicaReads(PrimaryReads):
+    """Reads on a streaming replica once it has replayed what the primary held when the work
+    began, else on the primary (see the module).
+
+    :param dsn: the replica.
+    :param max_wait: seconds a unit of work waits for the replica to replay that far before
+        reading from the primary instead.
+    :param label: the ``endpoint`` label of the metrics.
+    :param pause: ``pause(seconds)`` waits that long, or less and returns True once the
+        thread is to stop.
+    """
+
+    def __init__(self, dsn: str, *, max_wait: float, label: str,
+                 pause: Callable[[float], bool]) -> None:
+        self.dsn = dsn
+        self.max_wait = max_wait
+        self.label = label
+        self.pause = pause
+        self.source = "primary"
+        #: Replica bytes behind the primary at the last look (None: not looked yet).
+        self.lag_bytes: Optional[int] = None
+        self._conn: Any = None
+        self._on_replica: Optional[bool] = None  # where the current work reads, once chosen
+        self._usable = True  # False after a fallback, until a probe finds it caught up
+        self._probe_at = 0.0
+        self._probe_every = PROBE_FIRST
+
+    def begin(self) -> None:
+        self._on_replica = None
+
+    def run(self, primary: Any, read: Callable[[Any], T]) -> T:
+        if self._on_replica is None:
+            self._on_replica = self._choose(primary)
+        if self._on_replica:
+            try:
+                with self._conn.cursor() as cur:
+                    result = read(cur)
+                _metrics.inc("log_reads", endpoint=self.label, source="replica")
+                return result
+            except psycopg2.Error as exc:
+                self._fall_back("lost", f"reading from the replica failed: {first_line(exc)}")
+                self._on_replica = False
+        with primary.cursor() as cur:
+            result = read(cur)
+        _metrics.inc("log_reads", endpoint=self.label, source="primary")
+        return result
+
+    def close(self) -> None:
+        close_quietly(self._conn)
+        self._conn = None
+
+    def status(self) -> Dict[str, Any]:
+        return {"reads": self.source, "replica_lag_bytes": self.lag_bytes}
+
+    # ------------------------------------------------------------ choosing
+
+    def _choose(self, primary: Any) -> bool:
+        """Whether to read from the replica: it reaches the primary's flushed position in time."""
+        now = time.monotonic()
+        if not self._usable and now < self._probe_at:
+            return False
+        with primary.cursor() as cur:  # a failure here is the primary's: the caller's to handle
+            cur.execute("SELECT pg_current_wal_flush_lsn()")
+            target = lsn(cur.fetchone()[0])
+        wait = self.max_wait if self._usable else min(self.max_wait, PROBE_WAIT)
+        try:
+            if self._conn is None:
+                self._conn = connect(self.dsn, connect_timeout=CONNECT_TIMEOUT,
+                                     application_name="pgws_sync streams (replica)")
+            reached = self._wait_for(target, wait)
+        except psycopg2.Error as exc:
+            self._fall_back("lost", f"the replica cannot be reached: {first_line(exc)}")
+            return False
+        if reached is None:  # stopping
+            return False
+        if not reached:
+            self._fall_back("lag", f"the replica is still {self.lag_bytes} bytes of WAL "
+                            f"behind after waiting {wait:g} s")
+            return False
+        if not self._usable:
+            logger.info("the replica has caught up: durable log reads of %s go to it again",
+                        self.label)
+        self._usable, self._probe_every = True, PROBE_FIRST
+        self._set_source("replica")
+        return True
+
+    def _wait_for(self, target: int, wait: float) -> Optional[bool]:
+        """Whether the replica replays up to ``target`` within ``wait`` seconds (None: the
+        thread is stopping). Raises psycopg2's errors, and for a server not in recovery."""
+        deadline = time.monotonic() + wait
+        delay = POLL_FIRST
+        while True:
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
+                recovering, replayed = cur.fetchone()
+            if not recovering:
+                raise psycopg2.OperationalError("log_read_dsn is not a standby (not in recovery)")
+            self.lag_bytes = max(0, target - lsn(replayed))
+            _metrics.set_gauge("log_replica_lag_bytes", self.lag_bytes, endpoint=self.label)
+            if not self.lag_bytes:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.pause(min(delay, left)):
+                return None
+            delay = min(delay * 2, POLL_MAX)
+
+    def _fall_back(self, reason: str, why: str) -> None:
+        """Read from the primary until a probe finds the replica caught up."""
+        if reason == "lost":
+            close_quietly(self._conn)
+            self._conn = None
+        if self._usable:
+            logger.warning("durable log reads of %s go to the primary until the replica "
+                           "catches up: %s", self.label, why)
+            _metrics.inc("log_replica_fallbacks", endpoint=self.label, reason=reason)
+        else:
+            self._probe_every = min(PROBE_MAX, self._probe_every * 2)
+        self._usable = False
+        self._probe_at = time.monotonic() + self._probe_every
+        self._set_source("primary")
+
+    def _set_source(self, source: str) -> None:
+        self.source = source
+        _metrics.set_gauge("log_replica_in_use", 1.0 if source == "replica" else 0.0,
+                           endpoint=self.label)

@@ -1,0 +1,203 @@
+"""Durable channels read from a real streaming replica: nothing delivered past what it replayed,
+a paused replay delays delivery and loses nothing, a lost replica hands reads to the primary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Iterator, List, Tuple
+
+import psycopg2
+import pytest
+
+from pgws_sync import ConfigError, Listener, PubSub
+from pgws_sync.sources.log_reads import lsn
+
+from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
+from ..helpers import Gunicorn, Ws, value, wait_for
+from ..pgserver import PgServer
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Tuple[PgServer, PgServer]]:
+    """A primary that streams its WAL and a hot standby made from it with pg_basebackup."""
+    primary = PgServer()
+    primary.options = "-c wal_level=replica -c max_wal_senders=4"
+    primary.start()
+    try:
+        standby = primary.replica()
+        try:
+            yield primary, standby
+        finally:
+            standby.destroy()
+    finally:
+        primary.destroy()
+
+
+def one(dsn: str, query: str) -> Any:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def replayed(primary: PgServer, standby: PgServer) -> None:
+    """Wait until the standby has replayed everything the primary has flushed."""
+    target = lsn(one(primary.dsn, "SELECT pg_current_wal_flush_lsn()"))
+    wait_for(lambda: lsn(one(standby.dsn, "SELECT pg_last_wal_replay_lsn()")) >= target,
+             message="the standby to replay the primary's WAL")
+
+
+@contextlib.contextmanager
+def served(servers: Tuple[PgServer, PgServer], clients: int = 1, workers: int = 1,
+           **options: Any) -> Iterator[Tuple[Gunicorn, str, List[Resumer]]]:
+    """A durable app reading a new log from the standby, and clients of it (not connected)."""
+    primary, standby = servers
+    schema = new_log(primary.dsn)
+    replayed(primary, standby)
+    g = serve_durable(primary.dsn, schema, {"log_read_dsn": standby.dsn,
+                                            "metrics_path": "/metrics", **options},
+                      workers=workers)
+    resumers = [Resumer(g) for _ in range(clients)]
+    try:
+        yield g, schema, resumers
+    finally:
+        for c in resumers:
+            c.close()
+        g.stop()
+
+
+def reads(server: Gunicorn, source: str) -> float:
+    return value(server, f'pgws_sync_log_reads_total{{endpoint="App",source="{source}"}}')
+
+
+def test_messages_are_read_from_the_replica_in_order_by_two_workers(servers):
+    primary, _ = servers
+    with served(servers, clients=4, workers=2) as (g, schema, clients):
+        for c in clients:
+            c.connect(["a", "b"])
+        for batch in range(4):
+            publish_many(primary.dsn, schema, [(("a", "b")[n % 2], {"batch": batch, "n": n})
+                                               for n in range(50)])
+        for c in clients:
+            c.read_all({"a": 100, "b": 100})
+            assert [m["n"] for m in c.received["a"]] == list(range(0, 50, 2)) * 4
+        late = Resumer(g)  # a resume pages from the replica too
+        late.positions = {"a": (37, clients[0].positions["a"][1])}
+        late.connect(["a"])
+        late.read_all({"a": 63})
+        assert late.positions["a"][0] == 100
+        assert reads(g, "replica") > 0 and reads(g, "primary") == 0
+        assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
+        assert value(g, 'pgws_sync_log_replica_in_use{endpoint="App"}') >= 1
+
+
+def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
+    primary, standby = servers
+    with served(servers, log_read_max_wait=60) as (g, schema, [c]), resumed(standby):
+        c.connect(["p"])
+        publish_many(primary.dsn, schema, [("p", n) for n in range(5)])
+        c.read_all({"p": 5})
+        one(standby.dsn, "SELECT pg_wal_replay_pause()")
+        publish_many(primary.dsn, schema, [("p", n) for n in range(5, 25)])
+        # the reader was woken and waits for the replica: nothing more may have arrived
+        wait_for(lambda: value(g, 'pgws_sync_log_replica_lag_bytes{endpoint="App"}') > 0,
+                 message="the reader to see the replica behind")
+        c.read_all({"p": 5})
+        assert len(c.received["p"]) == 5
+        # a client that read offset 25 elsewhere resumes here: not "beyond the newest offset"
+        ahead = Ws(g.ws_url())
+        assert ahead.recv_json()["event"] == "welcome"
+        ahead.client.send(json.dumps({"action": "subscribe", "channel": "p", "since": 25,
+                                      "epoch": c.positions["p"][1], "id": 1}))
+        one(standby.dsn, "SELECT pg_wal_replay_resume()")
+        c.read_all({"p": 25}, timeout=15)  # no further wake-up: the waiting read delivers
+        assert c.received["p"] == list(range(25))
+        reply = ahead.recv_json(15)
+        assert reply["event"] == "subscribed" and reply["offset"] == 25, reply
+        ahead.close()
+        assert reads(g, "primary") == 0
+        assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
+
+
+@contextlib.contextmanager
+def resumed(standby: PgServer) -> Iterator[None]:
+    """Whatever happens inside: the standby is replaying again afterwards."""
+    try:
+        yield
+    finally:
+        one(standby.dsn, "SELECT pg_wal_replay_resume()")
+
+
+def test_a_replica_that_lags_too_long_or_is_lost_hands_reads_to_the_primary(servers):
+    primary, standby = servers
+    sent = 0
+
+    def publish(n: int) -> None:
+        nonlocal sent
+        publish_many(primary.dsn, schema, [("f", sent + i) for i in range(n)])
+        sent += n
+
+    def back_on_the_replica() -> bool:
+        publish(1)
+        c.read_all({"f": sent})
+        return value(g, 'pgws_sync_log_replica_in_use{endpoint="App"}') == 1
+
+    with served(servers, log_read_max_wait=1.0) as (g, schema, [c]), running(primary, standby):
+        c.connect(["f"])
+        publish(3)
+        c.read_all({"f": 3})
+        one(standby.dsn, "SELECT pg_wal_replay_pause()")  # lags past log_read_max_wait
+        publish(5)
+        c.read_all({"f": 8})
+        assert value(g, 'pgws_sync_log_replica_fallbacks_total{endpoint="App",'
+                        'reason="lag"}') >= 1
+        c.close()  # resumes from an offset the paused replica has not replayed
+        assert c.connect(["f"])[0]["event"] == "subscribed"
+        one(standby.dsn, "SELECT pg_wal_replay_resume()")
+        wait_for(back_on_the_replica, 30, "reads to go back to the replica")
+
+        standby.stop()  # lost: every read goes to the primary, nothing waits
+        publish(10)
+        c.read_all({"f": sent})
+        assert value(g, 'pgws_sync_log_replica_fallbacks_total{endpoint="App",'
+                        'reason="lost"}') >= 1
+        warnings = [line for line in g.log().splitlines()
+                    if "WARNING" in line and "go to the primary" in line]
+        assert "bytes of WAL behind after waiting 1 s" in warnings[0]
+        assert "the replica cannot be reached" in warnings[-1] or \
+            "reading from the replica failed" in warnings[-1]
+        from_replica = reads(g, "replica")
+        standby.start()
+        primary.wait_streaming()
+        wait_for(back_on_the_replica, 30, "reads to go back to the replica")
+        publish(5)
+        c.read_all({"f": sent})
+        assert reads(g, "replica") > from_replica
+        assert c.received["f"] == list(range(sent))  # in order, nothing doubled
+
+
+@contextlib.contextmanager
+def running(primary: PgServer, standby: PgServer) -> Iterator[None]:
+    """Whatever happens inside: the standby is up, streaming and replaying afterwards."""
+    try:
+        yield
+    finally:
+        try:
+            one(standby.dsn, "SELECT 1")
+        except psycopg2.OperationalError:
+            standby.start()
+            primary.wait_streaming()
+        one(standby.dsn, "SELECT pg_wal_replay_resume()")
+
+
+def test_a_bad_read_dsn_or_wait_is_refused_in_one_line(pg_dsn):
+    with pytest.raises(ConfigError, match="log_read_dsn is not a connection string"):
+        PubSub(Listener(pg_dsn), durable=True, public=True, log_read_dsn="host=x port")
+    with pytest.raises(ConfigError, match="log_read_max_wait must be above 0"):
+        PubSub(Listener(pg_dsn), durable=True, public=True, log_read_dsn=pg_dsn,
+               log_read_max_wait=0)
