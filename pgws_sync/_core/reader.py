@@ -154,19 +154,23 @@ def _gil_holding_epoll_ctl() -> Optional[Callable[[int, int], bool]]:
     except (OSError, AttributeError):
         return None
 
+    class EpollData(ctypes.Union):
+        _fields_ = [("fd", ctypes.c_int), ("u64", ctypes.c_uint64)]
+
     class EpollEvent(ctypes.Structure):
         # <sys/epoll.h>: packed on x86-64 only
-        if platform.machine() in ("x86_64", "AMD64", "i386", "i686"):
+        if platform.machine() in ("x86_64", "i386", "i686"):
             _pack_ = 1
-        _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+        _fields_ = [("events", ctypes.c_uint32), ("data", EpollData)]
 
     epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(EpollEvent)]
     epoll_ctl.restype = ctypes.c_int
     ctl_add = 1  # EPOLL_CTL_ADD
 
     def register(epfd: int, fd: int) -> bool:
-        # select.epoll reads data.fd back: the descriptor in the low 32 bits
-        done: int = epoll_ctl(epfd, ctl_add, fd, ctypes.byref(EpollEvent(_ONE_READ, fd)))
+        event = EpollEvent(_ONE_READ)
+        event.data.fd = fd  # what select.epoll reads back, as its own register writes it
+        done: int = epoll_ctl(epfd, ctl_add, fd, ctypes.byref(event))
         return done == 0
 
     return register

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 import threading
 from typing import Any, Iterator, List
@@ -16,6 +17,7 @@ from wsproto.events import CloseConnection, Ping, TextMessage
 from pgws_sync._core import simple_ws
 from pgws_sync._core.connection import GuardedSocket
 from pgws_sync._threads import WakingEvent
+from pgws_sync._core import reader
 from pgws_sync._core.reader import reading_thread
 
 from ..helpers import wait_for
@@ -125,3 +127,23 @@ def test_a_new_socket_on_a_closed_ones_descriptor_replaces_it(sockets):
     assert not old.ws.connected
     new.send(TextMessage("hello"))
     wait_for(lambda: simple_ws.inbound(new.ws) == ["hello"], message="the new socket's message")
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
+def test_registration_keeping_the_gil_is_one_shot_and_read_back_by_select_epoll():
+    poller = select.epoll()
+    server, client = socket.socketpair()
+    try:
+        assert reader._register_holding_gil is not reader._register_fallback
+        assert reader._register_holding_gil(poller.fileno(), server.fileno())
+        client.send(b"x")
+        assert poller.poll(5) == [(server.fileno(), select.EPOLLIN)]
+        assert poller.poll(0.05) == []  # one-shot: disarmed until re-armed
+        poller.modify(server.fileno(), reader._ONE_READ)
+        assert poller.poll(5) == [(server.fileno(), select.EPOLLIN)]
+        # registered already: refused, and the caller falls back to select.epoll
+        assert not reader._register_holding_gil(poller.fileno(), server.fileno())
+    finally:
+        poller.close()
+        server.close()
+        client.close()
