@@ -85,13 +85,15 @@ class Gunicorn:
         if _has_setting("control_socket_disable"):  # gunicorn 25+: one shared default path
             self.args.append("--no-control-socket")
         self.args += extra
-        cmd = [sys.executable, "-m", "gunicorn", "-c", config,
-               "-b", f"127.0.0.1:{self.port}", *self.args, app]
+        self._start([sys.executable, "-m", "gunicorn", "-c", config,
+                     "-b", f"127.0.0.1:{self.port}", *self.args, app], dsn)
+
+    def _start(self, cmd: Sequence[str], dsn: str) -> None:
         env = dict(os.environ, PGWS_DB_URI=dsn)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         fd, self.log_path = tempfile.mkstemp(prefix="pgws-bench-gunicorn-", suffix=".log")
         self._log = os.fdopen(fd, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log,
+        self.proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -140,6 +142,18 @@ class Gunicorn:
             os.unlink(self.log_path)
         except OSError:
             pass
+
+
+class GatewayServe(Gunicorn):
+    """The ready-made gateway, ``pgws-sync serve``, on 127.0.0.1 (its own gunicorn settings:
+    the hook's, ``--worker-connections`` the larger of 1000 and twice the threads)."""
+
+    def __init__(self, dsn: str, *, threads: int, workers: int = 1,
+                 extra: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.args = ["--workers", str(workers), "--threads", str(threads), *extra]
+        self._start([sys.executable, "-m", "pgws_sync", "serve", "--dsn", dsn,
+                     "--bind", f"127.0.0.1:{self.port}", *self.args], dsn)
 
 
 def _has_setting(name: str) -> bool:

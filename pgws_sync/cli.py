@@ -130,6 +130,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def serve_worker_connections(threads: int) -> int:
+    """gunicorn's ``worker_connections`` for ``serve`` with ``threads`` threads per worker."""
+    return max(1000, 2 * threads)
+
+
 def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) -> int:
     """Serve the WSGI app ``load()`` builds in each worker under gunicorn's gthread worker."""
     from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
@@ -141,7 +146,7 @@ def _run_gunicorn(load: Callable[[], Any], bind: str, args: argparse.Namespace) 
         "workers": args.workers,
         "threads": args.threads,
         "worker_class": "gthread",
-        "worker_connections": max(1000, 2 * args.threads),
+        "worker_connections": serve_worker_connections(args.threads),
         "graceful_timeout": hooks.graceful_timeout,
         "reuse_port": hooks.reuse_port,
         "post_worker_init": hooks.post_worker_init,

@@ -144,3 +144,19 @@ def test_bad_answers() -> None:
         split_frames(bytearray(b"\x81\x85abcd12345"))
     with pytest.raises(ProtocolError, match="compressed"):
         Inflater().inflate(b"\xff\xff\xff")
+
+
+def test_connect_compares_the_gateway_with_the_bare_floor(pg_dsn: str) -> None:
+    """bench.connect: the gateway and gunicorn's bare 101, same settings, both timed."""
+    proc = subprocess.run([sys.executable, "-m", "bench.connect", "--clients", "20",
+                           "--rounds", "1", "--workers", "1", "--json", "--dsn", pg_dsn],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert [run["server"] for run in r["runs"]] == ["gateway", "bare"]
+    for run in r["runs"]:
+        assert run["opened"] == 20 and run["failed"] == 0 and run["workers"] == 1
+        assert run["connect_s"] > 0 and run["cpu_ms_per_socket"] > 0
+    (summary,) = r["summary"]
+    assert summary["ratio_of_medians"] == round(
+        summary["gateway"]["connect_s"] / summary["bare"]["connect_s"], 3)

@@ -9,8 +9,8 @@ import select
 import socket
 import threading
 import time
-import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .. import _metrics
 from .._formats import envelope, gap_frame
@@ -105,6 +105,9 @@ class Delivery:
         return wrapped
 
 
+#: The frame counts of a connection that has dropped none (shared, read-only).
+NO_COUNTS: Mapping[str, int] = MappingProxyType({})
+
 #: Bytes of frames queued per connection before it counts as full, unless the endpoint says.
 DEFAULT_MAX_QUEUE_BYTES = 4 << 20
 
@@ -127,19 +130,25 @@ class FrameQueue(CountingQueue):
         return 1, 0
 
 
-#: Threads that must never wait on a socket. Not a threading.local: reading one gives
-#: every thread that writes (one per socket) a dict of its own.
-_nonblocking_threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+#: The idents of the threads that must never wait on a socket (ints: a set of threads, or a
+#: threading.local, costs more to ask on every write).
+_nonblocking_threads: Set[int] = set()
 
 
 def forbid_blocking_writes() -> None:
-    """Mark the calling thread as one that must never wait on a socket.
+    """Mark the calling thread as one that must never wait on a socket, until it calls
+    :func:`allow_blocking_writes` (before it ends: a later thread may get its ident).
 
     A :class:`GuardedSocket` written from such a thread (the shared reader)
     sends what the socket takes at once and queues the rest for the
     connection's writer.
     """
-    _nonblocking_threads.add(threading.current_thread())
+    _nonblocking_threads.add(threading.get_ident())
+
+
+def allow_blocking_writes() -> None:
+    """Undo :func:`forbid_blocking_writes` for the calling thread."""
+    _nonblocking_threads.discard(threading.get_ident())
 
 
 class GuardedSocket:
@@ -177,7 +186,7 @@ class GuardedSocket:
             return None
 
     def send(self, data: bytes) -> int:
-        if self._hand_over is not None and threading.current_thread() in _nonblocking_threads:
+        if self._hand_over is not None and threading.get_ident() in _nonblocking_threads:
             self._hand_over(bytes(data))  # never wait here: the connection's writer finishes it
         else:
             self.sendall(data)
@@ -196,8 +205,11 @@ class GuardedSocket:
             return 0
 
     def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
         with self.lock:
+            sent = self.send_nowait(data)
+            if sent == len(data):  # nearly always: the whole write in one call
+                return
+            view = memoryview(data)[sent:]
             deadline: Optional[float] = None
             while view:
                 sent = self.send_nowait(view)
@@ -279,10 +291,11 @@ class Connection:
         # Lock order: the socket's write lock (GuardedSocket.lock), then _gap_lock, then
         # the queue's mutex; never the other way round.
         self._gap_lock = threading.Lock()  # guards _missed and dropped
+        # Both start as one shared read-only mapping: most connections never drop a frame.
         #: Frames dropped since the last gap frame, by channel (the ``drop`` policy).
-        self._missed: Dict[str, int] = {}
+        self._missed: Mapping[str, int] = NO_COUNTS
         #: Every frame dropped for this connection so far, by channel.
-        self.dropped: Dict[str, int] = {}
+        self.dropped: Mapping[str, int] = NO_COUNTS
         #: Set once the writer has ended (the socket is over).
         self.closed = Latch()
         self._on_drained: Optional[Callable[[], None]] = None
@@ -351,9 +364,12 @@ class Connection:
         its next frame, or as soon as its queue is empty again.
         """
         with self._gap_lock:
+            missed = self._missed if isinstance(self._missed, dict) else {}
+            dropped = self.dropped if isinstance(self.dropped, dict) else {}
             for channel, n in counts.items():
-                self._missed[channel] = self._missed.get(channel, 0) + n
-                self.dropped[channel] = self.dropped.get(channel, 0) + n
+                missed[channel] = missed.get(channel, 0) + n
+                dropped[channel] = dropped.get(channel, 0) + n
+            self._missed, self.dropped = missed, dropped
         self.wake()
 
     @property
@@ -376,7 +392,7 @@ class Connection:
                 self._queue.put_nowait(item)
             except queue.Full:
                 return False
-            self._missed = {}
+            self._missed = NO_COUNTS
         return True
 
     def _take_gap_if_idle(self) -> Optional[Delivery]:
@@ -385,7 +401,7 @@ class Connection:
             if not self._missed or self._queue.qsize():
                 return None
             gap = self._gap_delivery()
-            self._missed = {}
+            self._missed = NO_COUNTS
             return gap
 
     def _write_now(self, sock: GuardedSocket, wire: bytes) -> None:

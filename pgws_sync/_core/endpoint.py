@@ -8,6 +8,7 @@ import threading
 import time
 import weakref
 from contextlib import nullcontext
+from functools import partial
 from typing import (Any, Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
                     Optional, Sequence, Tuple, Union)
 
@@ -30,10 +31,11 @@ from .limits import TokenBucket
 from .origin import origin_allowed, request_scheme
 from .reader import reading_thread
 from .simple_ws import (
-    PLAIN_READS,
     ConnectionClosed,
     HandshakeFailed,
     accept,
+    accept_plain,
+    chosen_subprotocol,
     header_tokens,
     limit_inbound,
 )
@@ -218,6 +220,28 @@ class _Admitted(NamedTuple):
     address: str
 
 
+class _FrameHandler:
+    """A served socket's ``on_message``: each client frame through the endpoint, in a fresh
+    application context of ``app`` when there is one. The client's rate bucket is made
+    with its first frame (most sockets of a fan-out never send one)."""
+
+    __slots__ = ("endpoint", "conn", "app", "bucket")
+
+    def __init__(self, endpoint: "WebSocketEndpoint", conn: Connection, app: Any) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.app = app
+        self.bucket: Optional[TokenBucket] = None
+
+    def __call__(self, data: Frame) -> None:
+        endpoint = self.endpoint
+        bucket = self.bucket
+        if bucket is None and endpoint.client_rate is not None:
+            bucket = self.bucket = TokenBucket(endpoint.client_rate, endpoint.client_burst)
+        with _hook_context(self.app):
+            endpoint._client_frame(self.conn, bucket, data)
+
+
 class UpgradeRoute:
     """WSGI middleware: WebSocket upgrades on one path go to an endpoint, all else to ``app``."""
 
@@ -345,6 +369,8 @@ class WebSocketEndpoint:
         self.ready_path = ready_path
         self.health_detail = health_detail
         self.close_timeout = close_timeout
+        #: What :func:`limit_inbound` is given for each socket (one tuple, shared).
+        self._inbound_limit = (max_backlog, max(max_backlog_bytes, max_message_size or 0))
         self.slow_close_reason = slow_close_reason
         self.check_origin = check_origin
         #: The ``endpoint`` label of this endpoint's metrics (its class name).
@@ -414,7 +440,14 @@ class WebSocketEndpoint:
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Any:
         request = Request(environ)
-        response = self.service_response(request) or self.handle(request)
+        response = self.service_response(request)
+        if response is None:
+            admitted = self._checked_admit(request)
+            del request  # a socket's life holds no request (nor its headers object)
+            if isinstance(admitted, Response):
+                return admitted(environ, start_response)
+            self._run(admitted, None)
+            response = _SocketDone()
         return response(environ, start_response)
 
     def service_response(self, request: Request) -> Optional[Response]:
@@ -566,6 +599,20 @@ class WebSocketEndpoint:
         that serves the socket after Flask has ended the request, and each later hook runs in
         a fresh application context of ``app``, torn down after the call.
         """
+        admitted = self._checked_admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        if app is None:
+            self._run(admitted, None)
+            return _SocketDone()
+        # partials, not lambdas: a lambda here would make cells of this frame's variables
+        # on every call, below Flask too
+        return _ServeAfterRequest(partial(self._run, admitted, app),
+                                  partial(self._end, admitted, app))
+
+    def _checked_admit(self, request: Request) -> Union[Response, _Admitted]:
+        """Check the upgrade and the worker's socket budget, then :meth:`_admit`: the
+        refusing answer, or the socket to serve (counted in the budget)."""
         refusal = self._check_upgrade(request)
         if refusal is not None:
             _metrics.inc("sockets_refused", endpoint=self.label, status=str(refusal.status_code))
@@ -583,12 +630,7 @@ class WebSocketEndpoint:
             raise
         if isinstance(admitted, Response):
             _sockets.give_back(address)
-            return admitted
-        if app is None:
-            self._run(admitted, None)
-            return _SocketDone()
-        return _ServeAfterRequest(lambda: self._run(admitted, app),
-                                  lambda: self._end(admitted, app))
+        return admitted
 
     def socket_cap(self) -> Optional[int]:
         """The most sockets this worker serves at once for this endpoint (None: no cap)."""
@@ -683,28 +725,33 @@ class WebSocketEndpoint:
 
     def _serve(self, conn: Connection, environ: WSGIEnviron, key: str, raw: Any,
                app: Any) -> None:
-        guarded = GuardedSocket(raw, self.write_timeout, conn.wake, conn.hand_over)
+        wake = conn.wake  # one bound method for the socket guard and the event
+        guarded = GuardedSocket(raw, self.write_timeout, wake, conn.hand_over)
         deflate = self.compression and "permessage-deflate" in environ.get(
             "HTTP_SEC_WEBSOCKET_EXTENSIONS", "").lower()
-        # simple-websocket's handshake reads only the socket and the HTTP_ headers;
-        # the plain one only the key and the subprotocols offered.
-        ws_environ: WSGIEnviron
-        if deflate:
-            ws_environ = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
-        else:
-            ws_environ = {name: environ[name] for name in PLAIN_READS if name in environ}
-        ws_environ[key] = guarded
         try:
-            ws = accept(ws_environ, deflate=deflate, ping_interval=self.ping_interval,
-                        max_message_size=self.max_message_size,
-                        subprotocols=[conn.subprotocol] if conn.subprotocol else None,
-                        event_class=lambda: WakingEvent(conn.wake),
-                        thread_class=reading_thread)
+            if deflate:
+                # simple-websocket's own handshake reads only the socket and the HTTP_ headers
+                ws_environ: WSGIEnviron = {k: v for k, v in environ.items()
+                                           if k.startswith("HTTP_")}
+                ws_environ[key] = guarded
+                ws = accept(ws_environ, deflate=True, ping_interval=self.ping_interval,
+                            max_message_size=self.max_message_size,
+                            subprotocols=[conn.subprotocol] if conn.subprotocol else None,
+                            event_class=partial(WakingEvent, wake),
+                            thread_class=reading_thread)
+            else:  # the 101 from what the web server parsed and _check_upgrade checked
+                ws = accept_plain(
+                    guarded, environ["HTTP_SEC_WEBSOCKET_KEY"],
+                    chosen_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"),
+                                       conn.subprotocol),
+                    ping_interval=self.ping_interval, max_message_size=self.max_message_size,
+                    event=WakingEvent(wake), thread_class=reading_thread)
         except (HandshakeFailed, ConnectionClosed, OSError) as exc:
             logger.info("WebSocket handshake failed: %s", exc)
             guarded.abort()
             return
-        limit_inbound(ws, self.max_backlog, max(self.max_backlog_bytes, self.max_message_size or 0))
+        limit_inbound(ws, self._inbound_limit)
         conn.attach(ws, guarded, compression=deflate)
         try:
             if self._closing:
@@ -712,14 +759,8 @@ class WebSocketEndpoint:
             else:
                 with _hook_context(app):
                     self.on_open(conn)
-            bucket = (None if self.client_rate is None
-                      else TokenBucket(self.client_rate, self.client_burst))
-
-            def on_message(data: Frame) -> None:
-                with _hook_context(app):
-                    self._client_frame(conn, bucket, data)
-
-            conn.serve(close_timeout=self.close_timeout, on_message=on_message,
+            conn.serve(close_timeout=self.close_timeout,
+                       on_message=_FrameHandler(self, conn, app),
                        max_backlog=self.max_backlog)
         finally:
             self.hub.remove(conn)

@@ -58,14 +58,19 @@ def encode_text(text: str) -> bytes:
 HANDSHAKE_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
 def valid_key(key: Optional[str]) -> bool:
-    """Whether ``key`` is a Sec-WebSocket-Key: base64 of 16 bytes."""
+    """Whether ``key`` is a Sec-WebSocket-Key: base64 of 16 bytes (22 characters and ``==``)."""
     if not key:
         return False
     try:
-        return len(base64.b64decode(key.strip(), validate=True)) == 16
-    except (binascii.Error, ValueError):
+        data = key.strip().encode("ascii")
+    except UnicodeEncodeError:
         return False
+    return len(data) == 24 and data.endswith(b"==") and \
+        data.translate(None, _BASE64_ALPHABET) == b"=="
 
 
 def accept_key(key: str) -> str:
@@ -74,13 +79,19 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+_ANSWER_HEAD = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
+_GUID = HANDSHAKE_GUID.encode("ascii")
+
+
 def switching_protocols(key: str, subprotocol: Optional[str] = None) -> bytes:
     """The complete 101 answer to an upgrade request with ``key`` (no extensions)."""
-    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Accept: {accept_key(key)}"]
+    accept = binascii.b2a_base64(hashlib.sha1(key.strip().encode("ascii") + _GUID).digest(),
+                                 newline=False)
     if subprotocol:
-        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return b"".join((_ANSWER_HEAD, accept, b"\r\nSec-WebSocket-Protocol: ",
+                         subprotocol.encode("latin-1"), b"\r\n\r\n"))
+    return _ANSWER_HEAD + accept + b"\r\n\r\n"
 
 
 def warm_up() -> None:

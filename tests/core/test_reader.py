@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 import threading
 from typing import Any, Iterator, List
@@ -16,6 +17,7 @@ from wsproto.events import CloseConnection, Ping, TextMessage
 from pgws_sync._core import simple_ws
 from pgws_sync._core.connection import GuardedSocket
 from pgws_sync._threads import WakingEvent
+from pgws_sync._core import reader
 from pgws_sync._core.reader import reading_thread
 
 from ..helpers import wait_for
@@ -24,8 +26,8 @@ from ..helpers import wait_for
 class Socket:
     """One server socket read by the shared reader, and the wsproto client at its other end."""
 
-    def __init__(self, ping_interval: Any = None) -> None:
-        self.server, self.client_sock = socket.socketpair()
+    def __init__(self, ping_interval: Any = None, server: Any = None) -> None:
+        self.server, self.client_sock = server or socket.socketpair()
         self.wakes = threading.Event()
         guarded = GuardedSocket(self.server, 5.0, on_close=self.wakes.set)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -94,3 +96,54 @@ def test_pings_go_out_and_a_missing_pong_closes_with_1008(sockets):
     close = next(e for e in got if isinstance(e, CloseConnection))
     assert close.code == 1008 and sum(isinstance(e, Ping) for e in got) >= 2
     wait_for(lambda: not s.ws.thread.is_alive(), message="the socket to end")
+
+
+def test_a_socket_is_read_again_after_each_read(sockets):
+    """Registrations are one-shot: the reader re-arms a socket after reading it."""
+    s = Socket()
+    sockets.append(s)
+    for i in range(3):
+        s.send(TextMessage(f"message {i}"))
+        wait_for(lambda: len(simple_ws.inbound(s.ws)) == i + 1, message=f"message {i}")
+    assert simple_ws.inbound(s.ws) == ["message 0", "message 1", "message 2"]
+    assert s.ws.thread.is_alive()
+
+
+def test_a_new_socket_on_a_closed_ones_descriptor_replaces_it(sockets):
+    """A socket closed without the reader seeing it: the next socket given its descriptor
+    number ends it and is read in its place."""
+    old = Socket()
+    sockets.append(old)
+    number = old.server.fileno()
+    old.server.close()  # the kernel drops its registration; the reader sees nothing
+    server, client_sock = socket.socketpair()
+    if server.fileno() != number:  # give the new socket the old one's number
+        os.dup2(server.fileno(), number)
+        server.close()
+        server = socket.socket(fileno=number)
+    new = Socket(server=(server, client_sock))
+    sockets.append(new)
+    wait_for(lambda: not old.ws.thread.is_alive(), message="the old socket to be ended")
+    assert not old.ws.connected
+    new.send(TextMessage("hello"))
+    wait_for(lambda: simple_ws.inbound(new.ws) == ["hello"], message="the new socket's message")
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
+def test_registration_keeping_the_gil_is_one_shot_and_read_back_by_select_epoll():
+    poller = select.epoll()
+    server, client = socket.socketpair()
+    try:
+        assert reader._register_holding_gil is not reader._register_fallback
+        assert reader._register_holding_gil(poller.fileno(), server.fileno())
+        client.send(b"x")
+        assert poller.poll(5) == [(server.fileno(), select.EPOLLIN)]
+        assert poller.poll(0.05) == []  # one-shot: disarmed until re-armed
+        poller.modify(server.fileno(), reader._ONE_READ)
+        assert poller.poll(5) == [(server.fileno(), select.EPOLLIN)]
+        # registered already: refused, and the caller falls back to select.epoll
+        assert not reader._register_holding_gil(poller.fileno(), server.fileno())
+    finally:
+        poller.close()
+        server.close()
+        client.close()
