@@ -53,12 +53,24 @@ class Socket:
         self.client_sock.close()
 
 
-@pytest.fixture
-def sockets() -> Iterator[List[Socket]]:
+@pytest.fixture(params=["epoll", "selector"])
+def sockets(request, monkeypatch) -> Iterator[List[Socket]]:
+    """Sockets read by a shared reader of its own, polling with epoll (Linux) or with the
+    selector every other platform uses."""
+    if request.param == "selector":
+        monkeypatch.setattr(reader, "_EpollPoller", reader._SelectorPoller)
+    elif not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this platform")
+    reader.stop_reader()  # the next socket starts a reader with this poller
     made: List[Socket] = []
     yield made
+    started = reader._state["reader"]
+    if made and started is not None:  # the sockets were read by the poller asked for
+        assert isinstance(started._poller, reader._SelectorPoller) == (
+            request.param == "selector")
     for s in made:
         s.close()
+    reader.stop_reader()
 
 
 def test_messages_from_many_sockets_reach_their_own_buffers(sockets):
