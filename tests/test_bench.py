@@ -156,7 +156,8 @@ def test_connect_compares_the_gateway_with_the_bare_floor(pg_dsn: str) -> None:
     assert [run["server"] for run in r["runs"]] == ["gateway", "bare"]
     for run in r["runs"]:
         assert run["opened"] == 20 and run["failed"] == 0 and run["workers"] == 1
-        assert run["connect_s"] > 0 and run["cpu_ms_per_socket"] > 0
+        # CPU time counts in clock ticks (10 ms): 20 sockets may take less than one
+        assert run["connect_s"] > 0 and run["cpu_ms_per_socket"] >= 0
     (summary,) = r["summary"]
     assert summary["ratio_of_medians"] == round(
         summary["gateway"]["connect_s"] / summary["bare"]["connect_s"], 3)
