@@ -4,6 +4,7 @@ close_at, the inbound backlog bound, and on_disconnect exactly once."""
 import json
 import socket
 import threading
+import time
 
 import pytest
 import simple_websocket
@@ -152,7 +153,20 @@ def test_an_inbound_flood_of_large_frames_is_bounded_in_bytes(pg_dsn, clients):
 
         sender = threading.Thread(target=flood, name="flood", daemon=True)
         sender.start()
-        wait_for(lambda: not sender.is_alive() or len(sent) >= 5, message="5 frames sent")
+        progress = {"sent": -1, "at": time.monotonic()}
+
+        def stalled() -> bool:
+            """The sender made no progress for a second: the server stopped reading."""
+            now = time.monotonic()
+            if len(sent) != progress["sent"]:
+                progress.update(sent=len(sent), at=now)
+                return False
+            return now - progress["at"] > 1.0
+
+        # released before the backlog passed its limit, the handler could keep up with the
+        # flood and rightly never close: release once the server has stopped reading
+        wait_for(lambda: not sender.is_alive() or (len(sent) >= 5 and stalled()), 60,
+                 message="the server to stop reading the flood")
         http_get(g.url("/debug/release"))
         echoes = 0
         with pytest.raises(simple_websocket.ConnectionClosed) as closed:

@@ -156,6 +156,8 @@ def test_a_lost_connection_reconnects_and_every_sink_resyncs(server, source):
     server.accepted[-1].close()
     wait_for(lambda: sink.resyncs, message="a resync")
     assert sink.resyncs == ["line source reconnected after: the server closed the connection"]
+    # the source saw its new connection before the test server's accept loop noted it
+    wait_for(lambda: len(server.accepted) == 2, message="the second connection")
     assert len(server.accepted) == 2 and source.wait_connected(10)
     server.send("a after\n")
     wait_for(lambda: sink.payloads() == ["after"], message="delivery after the reconnect")
