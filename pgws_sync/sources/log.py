@@ -145,7 +145,7 @@ DECLARE
     xact xid8;
     seq bigint;
 BEGIN
-    -- the common call, checked in one expression: a fifth less of the function's own cost
+    -- the common call, checked in one expression: a sixth less of the function's own cost
     -- than a statement per check; anything else takes the checks below, which name the fault
     IF NOT coalesce(publish.channel <> '' AND length(publish.channel) <= 200
             AND publish.channel !~ '[[:cntrl:]]' AND publish.type IN ('json', 'text')
