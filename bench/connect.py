@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import signal
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Dict, List, Optional, Sequence
-
-import psycopg2
 
 from . import servers
 from .clients import raise_fd_limit
-from .fanout import CLIENTS_PER_PROC, ClientProc, split
-from .servers import StartError
+from .fanout import CLIENTS_PER_PROC, ClientProc, run_main, split
 
 #: The servers compared, in the order of even rounds (odd rounds reverse it).
 SERVERS = ("gateway", "bare")
@@ -181,24 +175,8 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        result = run(args)
-    except (StartError, psycopg2.OperationalError) as exc:
-        print(f"bench: could not start: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result) if args.json else table(result))
-    return 0
+    return run_main(parse_args(argv), run, table)
 
 
 if __name__ == "__main__":

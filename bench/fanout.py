@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import psycopg2
 
@@ -402,10 +402,12 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    # Stop cleanly (clients, gunicorn, PostgreSQL) on Ctrl-C or SIGTERM, even when
-    # started in the background with SIGINT ignored.
+def run_main(args: Any, run: Callable[[Any], Dict[str, Any]],
+             table: Callable[[Dict[str, Any]], str]) -> int:
+    """Run a benchmark from the command line: stop cleanly (clients, gunicorn, PostgreSQL)
+    on Ctrl-C or SIGTERM, even when started in the background with SIGINT ignored; print
+    its result as JSON (``args.json``) or as a table; exit 2 if something it needs could
+    not start."""
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     try:
@@ -418,6 +420,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     print(json.dumps(result) if args.json else table(result))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(parse_args(argv), run, table)
 
 
 if __name__ == "__main__":
