@@ -135,10 +135,7 @@ def test_the_demo_page_follows_its_table_across_a_server_restart(tmp_path: Any,
         before = int(page.text_content("#updates") or 0)
         page.wait_for_function(f"Number(document.getElementById('updates').textContent) > "
                                f"{before + 1}", timeout=30_000)
-        deadline = time.monotonic() + 15
-        while not equal():
-            assert time.monotonic() < deadline, "the page's rows never equalled the table's"
-            time.sleep(0.1)
+        wait_for(equal, 15, message="the page's rows to equal the table's")
         assert page.evaluate("prices.size") == 5
         db.close()
     finally:
