@@ -134,7 +134,10 @@ def refuse_setups_that_cannot_work(worker: Any) -> None:
     durable endpoint's log is missing or this role lacks rights on it.
 
     One ERROR line names the cause and the fix. A database that cannot be reached is not
-    refused: the listener keeps trying.
+    refused: the listener keeps trying. Only the workers gunicorn starts with refuse: a
+    worker that joins a running instance (one that replaces a worker, or a TTIN) starts
+    anyway, its ``/readyz`` 503 until the fault is fixed, since gunicorn answers exit 3 by
+    stopping every worker, those that serve included.
     """
     try:
         for source in live_sources():
@@ -144,8 +147,19 @@ def refuse_setups_that_cannot_work(worker: Any) -> None:
         for endpoint in live_endpoints():
             endpoint.check_setup()
     except PgwsError as exc:
+        if joins_a_running_instance(worker):
+            logger.error("pgws_sync: %s (this worker replaces one of a running instance: it "
+                         "starts anyway, and its /readyz answers 503 until that is fixed)", exc)
+            return
         logger.error("pgws_sync refuses to start: %s", exc)
         raise SystemExit(3) from None
+
+
+def joins_a_running_instance(worker: Any) -> bool:
+    """Whether gunicorn started ``worker`` after the instance's first workers: it numbers
+    the workers it starts (``age``) from 1, and the first ``workers`` of them are the boot."""
+    age, first = getattr(worker, "age", None), getattr(worker.cfg, "workers", None)
+    return isinstance(age, int) and isinstance(first, int) and age > first
 
 
 def use_gunicorn_logging(worker: Any) -> bool:

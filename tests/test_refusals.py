@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import json
 import pytest
 import psycopg2
 
-from pgws_sync import ConfigError, Listener, Pgws
+from pgws_sync import ConfigError, Listener, Pgws, migrate, publish_durable
 from pgws_sync.sources.canary import check_listening
 
 from . import programs
@@ -23,6 +24,7 @@ from .clirun import no_database_env, run_cli
 from .helpers import Gunicorn, http_get, wait_for
 from .pgserver import SYSTEM_USER, PgServer, free_port
 from .durable_helpers import new_log
+from .pubsub_helpers import Client
 
 
 class PgBouncer:
@@ -155,8 +157,8 @@ def test_readyz_needs_a_canary_back_and_says_why_not(primary):
     assert status.get_json() == {"status": "unavailable", "reason": "shutting down"}
 
 
-def durable_app(dsn: str, schema: str) -> Gunicorn:
-    return Gunicorn("tests.apps.pubsub_app:app", env={
+def durable_app(dsn: str, schema: str, workers: int = 1) -> Gunicorn:
+    return Gunicorn("tests.apps.pubsub_app:app", workers=workers, env={
         "PGWS_DB_URI": dsn, "PGWS_OPTIONS": json.dumps({"durable": True, "log_schema": schema})})
 
 
@@ -170,6 +172,57 @@ def test_a_durable_endpoint_without_its_log_refuses_to_boot_and_says_how_to_fix_
         assert "pgws-sync migrate --dsn" in refusals[0]
     finally:
         g.stop()
+
+
+def test_a_worker_joining_a_running_instance_without_its_log_starts_and_recovers(pg_dsn):
+    # gunicorn answers a worker's exit 3 by stopping every worker: a replacement worker
+    # that finds the log gone must not take down the instance that serves
+    schema = new_log(pg_dsn)
+    server = durable_app(pg_dsn, schema, workers=2).wait_up()
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    try:
+        first = set(server.worker_pids())
+        seen = set()
+
+        def both_serve() -> bool:  # a worker still booting when the log goes would refuse
+            client = Client(server)
+            seen.add(client.pid)
+            client.close()
+            return seen == first
+        wait_for(both_serve, 30, "both workers to serve")
+        with admin.cursor() as cur:
+            cur.execute(f"DROP SCHEMA {schema} CASCADE")
+        os.kill(min(first), signal.SIGKILL)
+        joined = "this worker replaces one of a running instance: it starts anyway"
+        wait_for(lambda: joined in server.log(), 30, "the replacement worker's ERROR line")
+        line = next(line for line in server.log().splitlines() if joined in line)
+        assert f"the durable log is missing: no table {schema}.meta" in line
+        assert "refuses to start" not in server.log()
+        new = (set(server.worker_pids()) - first).pop()
+        assert server.proc.poll() is None and http_get(server.url("/healthz"))[0] in (200, 503)
+        migrate(admin, schema=schema)
+
+        def on_the_new_worker() -> Client:
+            while True:
+                client = Client(server)
+                if client.pid == new:
+                    return client
+                client.close()
+        client = on_the_new_worker()  # reuse_port: the kernel picks; some land there
+        reply: dict = {}
+
+        def subscribed() -> bool:
+            reply.update(client.request(action="subscribe", channel="back", id="s"))
+            return reply.get("event") == "subscribed"
+        wait_for(subscribed, 30, "the new worker to use the recreated log")
+        publish_durable(admin, "back", {"n": 1}, schema=schema)
+        frame = client.recv_json(timeout=15)
+        assert (frame["channel"], frame["payload"], frame["offset"]) == ("back", {"n": 1}, 1)
+        client.close()
+    finally:
+        admin.close()
+        server.stop()
 
 
 def test_a_role_without_rights_on_the_log_is_refused_naming_the_right(pg_dsn):
