@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import psutil
+import psycopg2.extensions
 import pytest
 
 from pgws_sync.gunicorn import drain_setting, prestart_setting, prestart_threads
@@ -271,7 +272,12 @@ def test_library_logs_go_through_gunicorns_error_log(pg_dsn):
         wait_sockets(g, 0)
         line = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[(\w+)\] "
         log = g.log()
-        assert re.search(line.replace(r"(\w+)", "INFO") + r"listener connected \(backend pid", log)
+        connected = re.search(line.replace(r"(\w+)", "INFO") + r"listener connected to "
+                              r"database '([^']+)' on (\S+) as '[^']+' \(backend pid", log)
+        assert connected, log  # named: an empty DSN would listen on libpq's defaults
+        params = psycopg2.extensions.parse_dsn(pg_dsn)
+        assert connected.group(1) == params["dbname"]
+        assert connected.group(2) == f"{params['host']}:{params['port']}"
         assert re.search(line.replace(r"(\w+)", "DEBUG") + r"socket [0-9a-f-]+ open", log)
         assert re.search(line.replace(r"(\w+)", "DEBUG") + r"socket [0-9a-f-]+ closed", log)
     finally:

@@ -88,8 +88,11 @@ class Listener(SourceThread):
     def _open(self) -> None:
         self._conn = self._connect()
         self._reconcile(self._conn)
+        info = self._conn.info  # named: a DSN left empty takes libpq's defaults, silently
         logger.info(
-            "listener connected (backend pid %s), listening on %s",
+            "listener connected to database %r on %s as %r (backend pid %s), listening on %s",
+            info.dbname, f"{info.host}:{info.port}" if info.host and info.host[0] != "/"
+            else f"the socket in {info.host or 'the default directory'}", info.user,
             self._backend_pid, sorted(self._listening),
         )
 
