@@ -164,10 +164,12 @@ class Streams:
         #: time.monotonic() when the thread began work it has not finished yet (None: idle).
         self.busy_since: Optional[float] = None
 
-        self._lock = threading.Lock()  # guards the six fields below
+        self._lock = threading.Lock()  # guards the seven fields below
         self._changed = threading.Condition(self._lock)
         self._requests: Deque[Request] = deque()
         self._dirty: Set[str] = set()
+        #: Per woken channel, the head and WAL position its wake-up named (see ReplicaReads).
+        self._targets: Dict[str, Tuple[int, Optional[int]]] = {}
         self._all_dirty = False
         self._ready: Set[Subscriber] = set()
         self._stopped = False
@@ -218,8 +220,8 @@ class Streams:
     def _make_reads(self) -> PrimaryReads:
         if self.read_dsn is None:
             return PrimaryReads()
-        return ReplicaReads(self.read_dsn, max_wait=self.read_max_wait, label=self.label,
-                            pause=self._pause)
+        return ReplicaReads(self.read_dsn, schema=self.schema, max_wait=self.read_max_wait,
+                            label=self.label, pause=self._pause)
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds``, or less: True once stopping."""
@@ -276,10 +278,16 @@ class Streams:
         with self._lock:
             return set(self._claimed.get(conn, ()))
 
-    def wake(self, channels: Iterable[str]) -> None:
-        """New messages were numbered on ``channels`` (a wake-up NOTIFY arrived)."""
+    def wake(self, payloads: Iterable[str]) -> None:
+        """New messages were numbered: ``payloads`` are wake-up NOTIFYs' (``log.wake_target``)."""
+        woken = [log.wake_target(payload) for payload in payloads]
         with self._lock:
-            self._dirty.update(channels)
+            for target in woken:
+                self._dirty.add(target.channel)
+                if target.head is not None:
+                    head, wal = self._targets.get(target.channel, (0, None))
+                    self._targets[target.channel] = (
+                        max(head, target.head), max(wal or 0, target.wal or 0) or None)
             self._changed.notify()
 
     def wake_all(self) -> None:
@@ -420,14 +428,21 @@ class Streams:
                 return False
             requests, self._requests = self._requests, deque()
             dirty, self._dirty = self._dirty, set()
+            targets, self._targets = self._targets, {}
             for request in requests:
                 request.attempts += 1
             if self._all_dirty:
                 dirty, self._all_dirty = set(self._subs), False
+                targets = {}
             ready, self._ready = self._ready, set()
         if self.busy_since is None:  # until this work is done, even across reconnects
             self.busy_since = time.monotonic()
-        self._reads.begin()
+        followed = dirty & set(self._subs)
+        if not requests and not ready and followed and followed <= targets.keys():
+            # only wake-ups that name their heads: what must be read is known
+            self._reads.begin({c: targets[c] for c in followed}, self.epoch)
+        else:
+            self._reads.begin()
         for request in [r for r in requests  # only a subscribe needs the database
                         if r.kind == "subscribe" and r.attempts > REQUEST_ATTEMPTS]:
             requests.remove(request)

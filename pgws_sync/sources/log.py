@@ -268,10 +268,13 @@ BEGIN
         FROM taken t JOIN counted c ON c.channel = t.channel JOIN bumped b ON b.channel = t.channel
     )
     -- a name no subscriber can hold (written around publish) wakes nobody: a NOTIFY of
-    -- it could fail and stop numbering for every channel
+    -- it could fail and stop numbering for every channel. The wake-up names the channel,
+    -- its new head and where the WAL was (a replica reader waits for that head, see
+    -- wake_target)
     SELECT b.channel, b.head, c.n FROM bumped b JOIN counted c ON c.channel = b.channel
         CROSS JOIN LATERAL (SELECT CASE WHEN b.channel <> '' AND length(b.channel) <= 200
-            THEN pg_notify(m.wake_channel, b.channel) END) n;
+            AND b.channel !~ '[[:cntrl:]]' THEN pg_notify(m.wake_channel, b.channel
+                || chr(9) || b.head || chr(9) || pg_current_wal_insert_lsn()) END) n;
 END
 $fn$""",
     # publishing runs with the log owner's rights: only roles granted EXECUTE may publish
@@ -339,6 +342,31 @@ class LogInfo(NamedTuple):
 def wake_channel_for(schema: str) -> str:
     """The NOTIFY channel a log's sequencer wakes readers on."""
     return f"{schema}_log"
+
+
+class WakeTarget(NamedTuple):
+    """What a wake-up says: new messages were numbered on ``channel``, up to ``head``."""
+
+    channel: str
+    #: The channel's head after the numbering (None: a wake-up of an earlier build).
+    head: Optional[int]
+    #: The primary's WAL insert position before the numbering committed, in bytes.
+    wal: Optional[int]
+
+
+def wake_target(payload: str) -> WakeTarget:
+    """Parse a wake-up's payload: ``channel<TAB>head<TAB>lsn``, or a bare channel name
+    (earlier builds). A woken name never holds a control character (see ``sequence``)."""
+    channel, tab, rest = payload.partition("\t")
+    head, _, wal = rest.partition("\t")
+    if not tab or not head.isdigit():
+        return WakeTarget(payload, None, None)
+    high, slash, low = wal.partition("/")
+    try:
+        position = (int(high, 16) << 32) + int(low, 16) if slash else None
+    except ValueError:
+        position = None
+    return WakeTarget(channel, int(head), position)
 
 
 def migrate(conn: Any, *, schema: str = DEFAULT_SCHEMA,

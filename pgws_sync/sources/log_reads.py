@@ -1,14 +1,17 @@
 """Where a process reads the durable log: the primary, or a streaming replica that has replayed enough.
 
 A standby cannot LISTEN, number or prune, so only the streams thread's reads
-(catch-up, pages, heads) may go to it. Each unit of that thread's work
-(:meth:`ReplicaReads.begin`) first asks the primary how far its WAL is flushed
-(``pg_current_wal_flush_lsn()``, one call of no table) and reads from the
-replica only once its ``pg_last_wal_replay_lsn()`` has reached that point:
-everything the primary had committed when the work began, the wake-up's
-numbering included, is then visible there, so nothing is delivered past what
-was replayed and no wake-up is spent on rows not replayed yet. The replica
-gets ``max_wait`` seconds to get there; a replica further behind, or one that
+(catch-up, pages, heads) may go to it. A unit of that thread's work that only
+follows wake-ups (:meth:`ReplicaReads.begin` with their heads) reads from the
+replica once its ``streams`` rows have reached the heads the wake-ups named: the
+numbering they announced is then visible there, and no query goes to the
+primary. Any other work (subscribes, pages, the safety net) first asks the
+primary how far its WAL is flushed (``pg_current_wal_flush_lsn()``, one call of
+no table) and reads from the replica only once its
+``pg_last_wal_replay_lsn()`` has reached that point: everything the primary had
+committed when the work began is then visible there. Either way nothing is
+delivered past what was replayed and no wake-up is spent on rows not replayed
+yet. The replica gets ``max_wait`` seconds to get there; a replica further behind, or one that
 cannot be reached, hands the reads to the primary (a WARNING and a metric)
 until a probe, every few seconds while there is work, finds it caught up again.
 """
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import psycopg2
+from psycopg2 import sql
 
 from .. import _metrics
 from ..errors import first_line
@@ -28,6 +32,8 @@ from .postgres import close_quietly, connect
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Per channel, the head a wake-up named and the primary's WAL position it gave.
+Heads = Dict[str, Tuple[int, Optional[int]]]
 
 #: Seconds between two probes of a replica that lagged or was lost, at first; doubled after
 #: each failed probe up to :data:`PROBE_MAX`.
@@ -57,8 +63,9 @@ class PrimaryReads:
     #: Where the reads of the current work go.
     source = "primary"
 
-    def begin(self) -> None:
-        """New work: what it reads must include what the primary holds now."""
+    def begin(self, heads: Optional[Heads] = None, epoch: Optional[str] = None) -> None:
+        """New work: what it reads must include what the primary holds now, or, with
+        ``heads``, those channels' heads in the log of ``epoch``."""
 
     def run(self, primary: Any, read: Callable[[Any], T]) -> T:
         """``read(cursor)`` on the chosen server (the primary here)."""
@@ -77,6 +84,7 @@ class ReplicaReads(PrimaryReads):
     began, else on the primary (see the module).
 
     :param dsn: the replica.
+    :param schema: the log's schema.
     :param max_wait: seconds a unit of work waits for the replica to replay that far before
         reading from the primary instead.
     :param label: the ``endpoint`` label of the metrics.
@@ -84,9 +92,14 @@ class ReplicaReads(PrimaryReads):
         thread is to stop.
     """
 
-    def __init__(self, dsn: str, *, max_wait: float, label: str,
+    def __init__(self, dsn: str, *, schema: str, max_wait: float, label: str,
                  pause: Callable[[float], bool]) -> None:
         self.dsn = dsn
+        self._reached = sql.SQL(
+            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), (SELECT epoch FROM {s}.meta), "
+            "(SELECT count(*) FROM unnest(%s::text[], %s::bigint[]) AS t(channel, head) "
+            "JOIN {s}.streams s ON s.channel = t.channel AND s.head >= t.head)"
+        ).format(s=sql.Identifier(schema))
         self.max_wait = max_wait
         self.label = label
         self.pause = pause
@@ -95,12 +108,15 @@ class ReplicaReads(PrimaryReads):
         self.lag_bytes: Optional[int] = None
         self._conn: Any = None
         self._on_replica: Optional[bool] = None  # where the current work reads, once chosen
+        self._heads: Optional[Heads] = None  # what the current work waits for, if known
+        self._epoch: Optional[str] = None
         self._usable = True  # False after a fallback, until a probe finds it caught up
         self._probe_at = 0.0
         self._probe_every = PROBE_FIRST
 
-    def begin(self) -> None:
+    def begin(self, heads: Optional[Heads] = None, epoch: Optional[str] = None) -> None:
         self._on_replica = None
+        self._heads, self._epoch = (heads, epoch) if heads and epoch is not None else (None, None)
 
     def run(self, primary: Any, read: Callable[[Any], T]) -> T:
         if self._on_replica is None:
@@ -129,13 +145,16 @@ class ReplicaReads(PrimaryReads):
     # ------------------------------------------------------------ choosing
 
     def _choose(self, primary: Any) -> bool:
-        """Whether to read from the replica: it reaches the primary's flushed position in time."""
+        """Whether to read from the replica: it reaches the wake-ups' heads, or else the
+        primary's flushed position, in time."""
         now = time.monotonic()
         if not self._usable and now < self._probe_at:
             return False
-        with primary.cursor() as cur:  # a failure here is the primary's: the caller's to handle
-            cur.execute("SELECT pg_current_wal_flush_lsn()")
-            target = lsn(cur.fetchone()[0])
+        target = 0
+        if self._heads is None:  # a failure here is the primary's: the caller's to handle
+            with primary.cursor() as cur:
+                cur.execute("SELECT pg_current_wal_flush_lsn()")
+                target = lsn(cur.fetchone()[0])
         wait = self.max_wait if self._usable else min(self.max_wait, PROBE_WAIT)
         try:
             if self._conn is None:
@@ -159,19 +178,19 @@ class ReplicaReads(PrimaryReads):
         return True
 
     def _wait_for(self, target: int, wait: float) -> Optional[bool]:
-        """Whether the replica replays up to ``target`` within ``wait`` seconds (None: the
-        thread is stopping). Raises psycopg2's errors, and for a server not in recovery."""
+        """Whether the replica replays up to ``target`` (or the heads of :meth:`begin`) within
+        ``wait`` seconds (None: the thread is stopping). Raises psycopg2's errors, and for
+        a server not in recovery."""
         deadline = time.monotonic() + wait
         delay = POLL_FIRST
         while True:
-            with self._conn.cursor() as cur:
-                cur.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
-                recovering, replayed = cur.fetchone()
-            if not recovering:
-                raise psycopg2.OperationalError("log_read_dsn is not a standby (not in recovery)")
-            self.lag_bytes = max(0, target - lsn(replayed))
-            _metrics.set_gauge("log_replica_lag_bytes", self.lag_bytes, endpoint=self.label)
-            if not self.lag_bytes:
+            if self._heads is None:
+                reached, lag = self._replayed_upto(target)
+            else:
+                reached, lag = self._replayed_heads(self._heads)
+            self.lag_bytes = lag
+            _metrics.set_gauge("log_replica_lag_bytes", lag, endpoint=self.label)
+            if reached:
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
@@ -179,6 +198,33 @@ class ReplicaReads(PrimaryReads):
             if self.pause(min(delay, left)):
                 return None
             delay = min(delay * 2, POLL_MAX)
+
+    def _replayed_upto(self, target: int) -> Tuple[bool, int]:
+        """Whether the replica has replayed up to the WAL position ``target``; its lag."""
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
+            recovering, replayed = cur.fetchone()
+        self._check_recovering(recovering)
+        lag = max(0, target - lsn(replayed))
+        return not lag, lag
+
+    def _replayed_heads(self, heads: Heads) -> Tuple[bool, int]:
+        """Whether the replica's ``streams`` rows reached ``heads`` in the same log; its lag
+        (at least 1 byte while not: the numbering's commit is past the position it gave)."""
+        channels = sorted(heads)
+        with self._conn.cursor() as cur:
+            cur.execute(self._reached, (channels, [heads[c][0] for c in channels]))
+            recovering, replayed, epoch, found = cur.fetchone()
+        self._check_recovering(recovering)
+        if epoch == self._epoch and found == len(channels):
+            return True, 0
+        wal = max(w or 0 for _, w in heads.values())
+        return False, max(1, wal - lsn(replayed))
+
+    @staticmethod
+    def _check_recovering(recovering: bool) -> None:
+        if not recovering:
+            raise psycopg2.OperationalError("log_read_dsn is not a standby (not in recovery)")
 
     def _fall_back(self, reason: str, why: str) -> None:
         """Read from the primary until a probe finds the replica caught up."""

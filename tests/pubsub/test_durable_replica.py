@@ -96,6 +96,37 @@ def test_messages_are_read_from_the_replica_in_order_by_two_workers(servers):
         assert value(g, 'pgws_sync_log_replica_in_use{endpoint="App"}') >= 1
 
 
+def streams_session(primary: PgServer) -> Tuple[Any, ...]:
+    """The primary's view of the worker's streams connection: pid, last query and its start."""
+    conn = psycopg2.connect(primary.dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pid, query_start, query FROM pg_stat_activity "
+                        "WHERE application_name = 'pgws_sync streams'")
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 1, rows
+    return tuple(rows[0])
+
+
+def test_wake_ups_are_read_from_the_replica_without_a_query_to_the_primary(servers):
+    # a wake-up names the head it announces: the reader waits for the replica to reach it,
+    # instead of asking the primary how far its WAL is flushed for every wake-up
+    primary, _ = servers
+    with served(servers) as (g, schema, [c]):
+        c.connect(["w"])
+        publish_many(primary.dsn, schema, [("w", 0)])
+        c.read_all({"w": 1})
+        before = streams_session(primary)
+        for n in range(1, 21):  # twenty transactions: twenty numberings and wake-ups
+            publish_many(primary.dsn, schema, [("w", n)])
+        c.read_all({"w": 21})
+        assert c.received["w"] == list(range(21))
+        assert streams_session(primary) == before  # not one query since
+        assert reads(g, "primary") == 0 and reads(g, "replica") >= 20
+
+
 def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
     primary, standby = servers
     with served(servers, log_read_max_wait=60) as (g, schema, [c]), resumed(standby):

@@ -1,13 +1,49 @@
-"""The sequencer's pacing: a quiet log is looked at every poll, a busy one in larger batches."""
+"""The sequencer's pacing (a quiet log is looked at every poll, a busy one in larger batches)
+and its wake-ups (each names a channel, its new head and the WAL position)."""
 
 from __future__ import annotations
 
+import psycopg2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from pgws_sync.sources.log import WakeTarget, wake_channel_for, wake_target
+from pgws_sync.sources.log_reads import lsn
 from pgws_sync.sources.sequencer import FILL, MAX_STRETCH, pause
+
+from ..durable_helpers import new_log, number_all, publish_many
+from ..helpers import wait_for
 
 
 @pytest.mark.parametrize("numbered, stretch", [
     (0, 1.0), (1, 1.0), (FILL, 1.0), (2 * FILL, 2.0), (3 * FILL, 3.0), (1000, MAX_STRETCH)])
 def test_the_wait_grows_with_what_a_call_numbered_up_to_the_cap(numbered, stretch):
     assert pause(0.005, numbered) == pytest.approx(0.005 * stretch)
+
+
+@given(channel=st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1,
+                       max_size=200), head=st.integers(0, 2**62), wal=st.integers(0, 2**64 - 1))
+def test_a_wake_up_gives_back_its_channel_head_and_wal_position(channel, head, wal):
+    payload = f"{channel}\t{head}\t{wal >> 32:X}/{wal & 0xFFFFFFFF:X}"
+    assert wake_target(payload) == WakeTarget(channel, head, wal)
+    assert wake_target(channel) == WakeTarget(channel, None, None)  # an earlier build's
+
+
+def test_the_sequencer_s_wake_ups_name_each_channel_s_new_head(pg_dsn):
+    schema = new_log(pg_dsn)
+    listening = psycopg2.connect(pg_dsn)
+    listening.autocommit = True
+    try:
+        with listening.cursor() as cur:
+            cur.execute(f'LISTEN "{wake_channel_for(schema)}"')
+            cur.execute("SELECT pg_current_wal_insert_lsn()")
+            before = lsn(cur.fetchone()[0])
+        publish_many(pg_dsn, schema, [("a b", 1), ("x", 2), ("a b", 3)], numbered=False)
+        number_all(pg_dsn, schema)
+        wait_for(lambda: listening.poll() or len(listening.notifies) >= 2, 10, "two wake-ups")
+        woken = sorted(wake_target(n.payload) for n in listening.notifies)
+        assert [(w.channel, w.head) for w in woken] == [("a b", 2), ("x", 1)]
+        assert all(w.wal is not None and w.wal > before for w in woken)
+    finally:
+        listening.close()
