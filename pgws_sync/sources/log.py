@@ -359,8 +359,8 @@ def wake_target(payload: str) -> WakeTarget:
     (earlier builds). A woken name never holds a control character (see ``sequence``)."""
     channel, tab, rest = payload.partition("\t")
     head, _, wal = rest.partition("\t")
-    if not tab or not head.isdigit():
-        return WakeTarget(payload, None, None)
+    if not tab or not head.isdigit() or not head.isascii() or int(head) >= 2**63:
+        return WakeTarget(payload, None, None)  # no head a log can hold (a bigint)
     high, slash, low = wal.partition("/")
     try:
         position = (int(high, 16) << 32) + int(low, 16) if slash else None

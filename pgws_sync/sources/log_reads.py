@@ -45,6 +45,10 @@ PROBE_WAIT = 0.1
 #: at most (doubled in between).
 POLL_FIRST = 0.0005
 POLL_MAX = 0.005
+#: Seconds a unit of work that only follows wake-ups waits for the replica to reach their
+#: heads before it asks the primary how far its WAL is flushed and waits for that instead
+#: (a forged wake-up naming a head the log never reaches costs no more than this).
+HEADS_WAIT = 0.05
 #: Seconds connecting to the replica may take.
 CONNECT_TIMEOUT = 2
 
@@ -145,30 +149,45 @@ class ReplicaReads(PrimaryReads):
     # ------------------------------------------------------------ choosing
 
     def _choose(self, primary: Any) -> bool:
-        """Whether to read from the replica: it reaches the wake-ups' heads, or else the
-        primary's flushed position, in time."""
+        """Whether to read from the replica: it reaches the wake-ups' heads within
+        :data:`HEADS_WAIT`, or else the primary's flushed position within the wait."""
         now = time.monotonic()
         if not self._usable and now < self._probe_at:
             return False
-        target = 0
-        if self._heads is None:  # a failure here is the primary's: the caller's to handle
-            with primary.cursor() as cur:
-                cur.execute("SELECT pg_current_wal_flush_lsn()")
-                target = lsn(cur.fetchone()[0])
         wait = self.max_wait if self._usable else min(self.max_wait, PROBE_WAIT)
+        if self._heads is not None:
+            reached = self._try(0, min(wait, HEADS_WAIT))
+            if reached is None or reached:
+                return self._chosen(reached)
+            # a replica lagging more than usual, or a head no numbering gave (anyone
+            # connected may NOTIFY): what the primary has flushed decides, as for other work
+            self._heads = None
+        with primary.cursor() as cur:  # a failure here is the primary's: the caller's to handle
+            cur.execute("SELECT pg_current_wal_flush_lsn()")
+            target = lsn(cur.fetchone()[0])
+        reached = self._try(target, wait)
+        if reached is False:
+            self._fall_back("lag", f"the replica is still {self.lag_bytes} bytes of WAL "
+                            f"behind after waiting {wait:g} s")
+            return False
+        return self._chosen(reached)
+
+    def _try(self, target: int, wait: float) -> Optional[bool]:
+        """What :meth:`_wait_for` says, connecting first; a replica that cannot be reached
+        is lost (None, after the fallback)."""
         try:
             if self._conn is None:
                 self._conn = connect(self.dsn, connect_timeout=CONNECT_TIMEOUT,
                                      application_name="pgws_sync streams (replica)")
-            reached = self._wait_for(target, wait)
+            return self._wait_for(target, wait)
         except psycopg2.Error as exc:
             self._fall_back("lost", f"the replica cannot be reached: {first_line(exc)}")
-            return False
-        if reached is None:  # stopping
-            return False
+            self._heads = None
+            return None
+
+    def _chosen(self, reached: Optional[bool]) -> bool:
+        """The replica reached what the work needs (True), or not (None: stopping or lost)."""
         if not reached:
-            self._fall_back("lag", f"the replica is still {self.lag_bytes} bytes of WAL "
-                            f"behind after waiting {wait:g} s")
             return False
         if not self._usable:
             logger.info("the replica has caught up: durable log reads of %s go to it again",

@@ -30,6 +30,16 @@ def test_a_wake_up_gives_back_its_channel_head_and_wal_position(channel, head, w
     assert wake_target(channel) == WakeTarget(channel, None, None)  # an earlier build's
 
 
+@given(payload=st.text() | st.from_regex(r"[^\t]{0,5}\t-?[0-9]{0,25}\t[0-9A-Fa-f/x-]{0,20}",
+                                          fullmatch=True))
+def test_any_payload_on_the_wake_up_channel_parses_to_a_head_a_log_can_hold(payload):
+    # anyone connected may NOTIFY there: a forged payload must neither raise nor name a
+    # head the log's bigint cannot hold (the replica's check would fail on it)
+    target = wake_target(payload)
+    assert target.head is None or 0 <= target.head < 2**63
+    assert target.head is not None or target.channel == payload
+
+
 def test_the_sequencer_s_wake_ups_name_each_channel_s_new_head(pg_dsn):
     schema = new_log(pg_dsn)
     listening = psycopg2.connect(pg_dsn)
