@@ -58,6 +58,8 @@ RECENT_TOTAL_BYTES = 64 << 20
 STALL_SECONDS = 10.0
 #: Attempts at a request that fails while the connection is lost, before it is dropped.
 REQUEST_ATTEMPTS = 3
+#: Seconds between two WARNINGs about wake-ups that named a head the log does not hold.
+HEADS_WARNING_EVERY = 60.0
 #: The most requests waiting for the streams thread; past it a request is answered busy.
 MAX_PENDING_REQUESTS = 10_000
 
@@ -187,6 +189,7 @@ class Streams:
         #: Per socket, the messages its resumes have replayed so far.
         self._replayed: Dict[Connection, int] = {}
         self._warned: Set[str] = set()  # channels whose bad rows were logged already
+        self._heads_warned_at = -HEADS_WARNING_EVERY  # when a forged wake-up was last logged
         self._conn: Any = None
         self._reads = self._make_reads()
         self._pid: Optional[int] = None
@@ -452,7 +455,10 @@ class Streams:
             while requests:
                 self._handle(requests[0], lows)
                 requests.popleft()
+            epoch = self.epoch
             self._catch_up(dirty & set(self._subs))
+            if self.epoch == epoch:  # a new log's heads start again
+                self._check_heads(targets, followed)
             while ready:
                 sub = next(iter(ready))
                 self._page_alone(sub)
@@ -641,6 +647,23 @@ class Streams:
                     if len(rows) == self.page_size or rows[-1].running_bytes >= self.page_bytes:
                         full.add(channel)
             channels = full
+
+    def _check_heads(self, targets: Dict[str, Tuple[int, Optional[int]]],
+                     followed: Set[str]) -> None:
+        """Once caught up: a wake-up that named a head past what the log holds was not the
+        sequencer's (anyone who can log in may NOTIFY). Logged, at most once a minute."""
+        past = sorted((c, targets[c][0]) for c in followed & targets.keys()
+                      if c in self._positions and self._positions[c] < targets[c][0])
+        now = time.monotonic()
+        if not past or now < self._heads_warned_at + HEADS_WARNING_EVERY:
+            return
+        self._heads_warned_at = now
+        channel, head = past[0]
+        logger.warning("a wake-up on %r named offset %d of channel %r, past the %d the log "
+                       "holds (%d such channels): something other than the sequencer NOTIFYs "
+                       "on that channel; it delivers nothing, but costs every worker a read",
+                       log.wake_channel_for(self.schema), head, channel,
+                       self._positions[channel], len(past))
 
     def _deliver_live_alone(self, channel: str, rows: List[log.Row]) -> None:
         """Run :meth:`_deliver_live`; a failure (a bug) costs this channel's subscribers these

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any, Iterator, List, Tuple
 
 import psycopg2
@@ -122,6 +123,7 @@ def test_wake_ups_are_read_from_the_replica_without_a_query_to_the_primary(serve
         # HEADS_WAIT to replay the numbering (none on a quiet machine)
         assert flush_questions(primary) - before <= 5
         assert reads(g, "primary") == 0 and reads(g, "replica") > 0
+        assert "named offset" not in g.log()  # the sequencer's wake-ups are not taken for forged
 
 
 def test_a_forged_wake_up_naming_a_head_the_log_never_reaches_stalls_nobody(servers):
@@ -144,6 +146,10 @@ def test_a_forged_wake_up_naming_a_head_the_log_never_reaches_stalls_nobody(serv
         assert c.received["fw"] == [0, 1, 2, 3]
         assert value(g, "pgws_sync_log_replica_fallbacks_total") == 0
         assert reads(g, "primary") == 0
+        warned = [line for line in g.log().splitlines() if "named offset" in line]
+        assert len(warned) == 1 and "WARNING" in warned[0], warned  # once a minute at most
+        assert re.search(f"a wake-up on '{wake_channel_for(schema)}' named offset 999999999 "
+                         f"of channel 'fw', past the [1-4] the log holds", warned[0]), warned
 
 
 def test_a_paused_replay_delays_delivery_and_loses_nothing(servers):
