@@ -11,9 +11,10 @@ no table) and reads from the replica only once its
 ``pg_last_wal_replay_lsn()`` has reached that point: everything the primary had
 committed when the work began is then visible there. Either way nothing is
 delivered past what was replayed and no wake-up is spent on rows not replayed
-yet. The replica gets ``max_wait`` seconds to get there; a replica further behind, or one that
-cannot be reached, hands the reads to the primary (a WARNING and a metric)
-until a probe, every few seconds while there is work, finds it caught up again.
+yet. The replica gets ``max_wait`` seconds to get there; a replica further
+behind, or one that cannot be reached, hands the reads to the primary (a WARNING
+and a metric) until a probe, every few seconds while there is work, finds it
+caught up again.
 """
 
 from __future__ import annotations
