@@ -349,6 +349,43 @@ def test_fuzz_every_committed_sql_publish_reaches_a_live_subscriber(
         assert frame["reply_to"] == json.loads(reply_to)
 
 
+@pytest.fixture(scope="module")
+def woken_client(durable) -> Iterator[Client]:
+    server, _schema = durable
+    client = Client(server)
+    client.request(action="subscribe", channel="woken", id="s")
+    yield client
+    client.ws.close()
+
+
+#: What anyone who can log in may NOTIFY on a log's wake-up channel: any text, and the
+#: sequencer's own form with heads and positions no numbering gave.
+wake_payloads = st.text(st.characters(blacklist_characters="\x00"), max_size=300) | st.builds(
+    lambda channel, head, wal: f"{channel}\t{head}\t{wal}",
+    st.sampled_from(["woken", "other", "", "woken\t1"]),
+    st.integers(-5, 2**64) | st.text(max_size=5).filter(lambda t: "\x00" not in t),
+    st.from_regex(r"[0-9A-F]{1,9}/[0-9A-F]{1,9}", fullmatch=True)
+    | st.text(max_size=10).filter(lambda t: "\x00" not in t))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(payload=wake_payloads)
+def test_fuzz_a_forged_wake_up_delivers_nothing_and_stalls_nobody(durable, pg_dsn,
+                                                                   woken_client, payload):
+    _server, schema = durable
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_notify(%s, %s)", (f"{schema}_log", payload))
+    finally:
+        conn.close()
+    assert sql_publish(pg_dsn, schema, "woken", '"sentinel"') is None
+    frame = woken_client.ws.recv_json(20)  # the next frame is the real message, at once
+    assert (frame["channel"], frame["payload"]) == ("woken", "sentinel"), frame
+
+
 def test_a_pooled_publisher_whose_connection_died_idle_publishes_once(pg_dsn, channel):
     """The endpoint's pool: its idle connection's backend is terminated; the next publish
     notices before sending, uses a fresh connection, and the message is in the log once."""
