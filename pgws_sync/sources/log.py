@@ -701,6 +701,17 @@ def sequence(conn: Any, schema: str = DEFAULT_SCHEMA, batch: int = SEQUENCE_BATC
         return [Numbered(channel, int(head), int(n)) for channel, head, n in cur.fetchall()]
 
 
+def has_work_sql(schema: str, conn: Any) -> str:
+    """A query saying whether :func:`sequence` has anything to do: a committed message
+    above ``numbered_upto``, or a gap to look at again. Prepared once, it costs far less
+    than a call that finds nothing (no function, lock or snapshot), which a quiet log
+    would otherwise pay every poll."""
+    return sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {s}.messages m WHERE m.seq > e.numbered_upto) "
+        "OR EXISTS (SELECT 1 FROM {s}.gaps) FROM {s}.meta e").format(
+            s=sql.Identifier(schema)).as_string(conn)
+
+
 # --------------------------------------------------------------------- reading
 
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from pgws_sync.sources.log import WakeTarget, wake_channel_for, wake_target
 from pgws_sync.sources.log_reads import lsn
-from pgws_sync.sources.sequencer import FILL, MAX_STRETCH, pause
+from pgws_sync import publish_durable
+from pgws_sync.sources.sequencer import FILL, MAX_STRETCH, Sequencer, pause
 
 from ..durable_helpers import new_log, number_all, publish_many
 from ..helpers import wait_for
@@ -57,3 +58,35 @@ def test_the_sequencer_s_wake_ups_name_each_channel_s_new_head(pg_dsn):
         assert all(w.wal is not None and w.wal > before for w in woken)
     finally:
         listening.close()
+
+
+def test_a_quiet_sequencer_still_numbers_a_gap_that_commits_late(pg_dsn):
+    # after a call that numbered nothing the sequencer only looks (has_work): a gap, a
+    # message below numbered_upto whose transaction commits late, must still count
+    schema = new_log(pg_dsn)
+    sequencer = Sequencer(pg_dsn, schema=schema, poll_interval=0.005)
+    late = psycopg2.connect(pg_dsn)
+    try:
+        publish_durable(late, "g", {"n": "late"}, schema=schema)  # seq 1, not committed
+        publish_many(pg_dsn, schema, [("g", "early")], numbered=False)  # seq 2, committed
+        sequencer.start()
+        wait_for(lambda: one_value(pg_dsn, f"SELECT numbered_upto FROM {schema}.meta") == 2
+                 and sequencer._quiet, 20, "seq 2 numbered and the sequencer quiet")
+        assert one_value(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 1
+        late.commit()
+        wait_for(lambda: one_value(pg_dsn, f"SELECT count(*) FROM {schema}.offsets") == 2,
+                 20, "the late message numbered")
+        assert one_value(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 0
+    finally:
+        sequencer.stop()
+        late.close()
+
+
+def one_value(dsn, query):
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
