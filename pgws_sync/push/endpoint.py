@@ -12,7 +12,7 @@ from werkzeug.wrappers import Request
 from .._core.connection import Connection
 from .._core.wire import Frame
 from .._formats import check_notify_size, dumps, json_message, name_problem, preview
-from ..errors import ConfigError, InvalidPayload, ProtocolError, Refused
+from ..errors import ConfigError, InvalidPayload, LogUnavailable, ProtocolError, Refused
 from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
 from ..pubsub.publication import message_body
 from ..sources.base import Notification, Source
@@ -316,7 +316,11 @@ class Push(PubSub):
             if problem is not None:
                 conn.send(room_error_frame(problem, request.room))
                 return
-            self.subscribe(conn, request.room, reply=False)
+            try:
+                self.subscribe(conn, request.room, reply=False)
+            except LogUnavailable as exc:  # the durable log is not answering: try again
+                conn.send(room_error_frame(str(exc), request.room))
+                return
         else:
             self.unsubscribe(conn, request.room)
         conn.send(room_frame(request))

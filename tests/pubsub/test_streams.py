@@ -173,3 +173,49 @@ def test_a_stalled_read_shows_in_status_and_delivery_resumes_when_it_ends(
     wait_for(lambda: conn.messages("stall"), timeout=15, message="the message after the stall")
     wait_for(lambda: not streams.status()["stalled"], message="not stalled any more")
     assert json.loads(conn.messages("stall")[0]["payload"]) == "after the stall"
+
+
+def test_while_the_log_does_not_answer_new_subscribes_are_answered_busy(
+        make_streams, pg_dsn, monkeypatch):
+    """The requests waiting for a stalled streams thread are bounded: past the bound a
+    subscribe is refused at once with "busy", and once the log answers again the waiting
+    ones are answered and new ones taken."""
+    monkeypatch.setattr(streams_module, "MAX_PENDING_REQUESTS", 3)
+    monkeypatch.setattr(streams_module, "STALL_SECONDS", 0.3)
+    streams = make_streams()
+    conn = connect(streams)
+    subscribed(conn, streams, "first")  # so the safety net's read needs the locked tables
+    locker = psycopg2.connect(pg_dsn)
+    try:
+        locker.cursor().execute(f"LOCK TABLE {streams.schema}.offsets, "
+                                f"{streams.schema}.streams IN ACCESS EXCLUSIVE MODE")
+        wait_for(lambda: streams.status()["stalled"], timeout=5, message="a blocked read")
+        waiting = [streams.subscribe(conn, f"w{i}", reply_to=f"w{i}") for i in range(3)]
+        assert waiting == [None, None, None]
+        refused = streams.subscribe(conn, "w3", reply_to="w3")
+        assert refused == "busy: the durable log is not answering; try again later"
+    finally:
+        locker.rollback()
+        locker.close()
+    for i in range(3):
+        wait_for(lambda i=i: any(f.get("reply_to") == f"w{i}" for f in conn.seen()),
+                 message=f"the reply to waiting subscribe w{i}")
+    subscribed(conn, streams, "w3")  # taken again once the log answers
+
+
+def test_a_durable_room_join_while_the_log_is_busy_gets_an_error_frame(
+        pg_dsn, monkeypatch):
+    """Push's joinRoom answers the refusal with an error frame naming the room, instead of
+    letting LogUnavailable escape the message handler; the socket stays."""
+    from pgws_sync import Listener, Push
+
+    monkeypatch.setattr(streams_module, "MAX_PENDING_REQUESTS", 2)
+    push = Push(Listener(pg_dsn), durable=True, public=True, log_schema=new_log(pg_dsn))
+    conn = Recording()  # its streams thread is never started: requests only wait
+    push.hub.add(conn)
+    for room in ("a", "b", "c"):
+        push.on_message(conn, json.dumps({"joinRoom": room}))
+    assert [f.get("event") for f in conn.seen()] == ["joined", "joined", "error"]
+    assert conn.seen()[2] == {"event": "error", "room": "c", "error":
+                              "busy: the durable log is not answering; try again later"}
+    push.close(0)
