@@ -28,6 +28,18 @@ def new_log(dsn: str, **options: Any) -> str:
     return schema
 
 
+def one(dsn: str, query: str) -> Any:
+    """The first column of the first row ``query`` returns, on a connection of its own."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def serve_durable(dsn: str, schema: str, options: Optional[Dict[str, Any]] = None,
                   **kwargs: Any) -> Gunicorn:
     return serve_pubsub(dsn, {"durable": True, "log_schema": schema, **(options or {})},

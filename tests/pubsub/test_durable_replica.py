@@ -15,7 +15,7 @@ from pgws_sync import ConfigError, Listener, PubSub
 from pgws_sync.sources.log import wake_channel_for
 from pgws_sync.sources.log_reads import lsn
 
-from ..durable_helpers import Resumer, new_log, publish_many, serve_durable
+from ..durable_helpers import Resumer, new_log, one, publish_many, serve_durable
 from ..helpers import Gunicorn, Ws, value, wait_for
 from ..pgserver import PgServer
 
@@ -36,17 +36,6 @@ def servers() -> Iterator[Tuple[PgServer, PgServer]]:
             standby.destroy()
     finally:
         primary.destroy()
-
-
-def one(dsn: str, query: str) -> Any:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
 
 
 def replayed(primary: PgServer, standby: PgServer) -> None:

@@ -309,13 +309,17 @@ ids = st.none() | st.text(max_size=210)
 reply_tos = st.none() | st.text(max_size=20) | json_values.map(json.dumps)
 
 
-@pytest.fixture(scope="module")
-def fuzz_client(durable) -> Iterator[Client]:
-    server, _schema = durable
-    client = Client(server)
-    client.request(action="subscribe", channel="fuzz", id="s")
+def subscribed_client(durable: Tuple[Any, str], channel: str) -> Iterator[Client]:
+    """A client of the module's server subscribed to ``channel``, closed at the end."""
+    client = Client(durable[0])
+    client.request(action="subscribe", channel=channel, id="s")
     yield client
     client.ws.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(durable) -> Iterator[Client]:
+    yield from subscribed_client(durable, "fuzz")
 
 
 @settings(max_examples=60, deadline=None,
@@ -351,11 +355,7 @@ def test_fuzz_every_committed_sql_publish_reaches_a_live_subscriber(
 
 @pytest.fixture(scope="module")
 def woken_client(durable) -> Iterator[Client]:
-    server, _schema = durable
-    client = Client(server)
-    client.request(action="subscribe", channel="woken", id="s")
-    yield client
-    client.ws.close()
+    yield from subscribed_client(durable, "woken")
 
 
 #: What anyone who can log in may NOTIFY on a log's wake-up channel: any text, and the

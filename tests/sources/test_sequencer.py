@@ -13,7 +13,7 @@ from pgws_sync.sources.log_reads import lsn
 from pgws_sync import publish_durable
 from pgws_sync.sources.sequencer import FILL, MAX_STRETCH, Sequencer, pause
 
-from ..durable_helpers import new_log, number_all, publish_many
+from ..durable_helpers import new_log, number_all, one, publish_many
 from ..helpers import wait_for
 
 
@@ -70,23 +70,14 @@ def test_a_quiet_sequencer_still_numbers_a_gap_that_commits_late(pg_dsn):
         publish_durable(late, "g", {"n": "late"}, schema=schema)  # seq 1, not committed
         publish_many(pg_dsn, schema, [("g", "early")], numbered=False)  # seq 2, committed
         sequencer.start()
-        wait_for(lambda: one_value(pg_dsn, f"SELECT numbered_upto FROM {schema}.meta") == 2
+        wait_for(lambda: one(pg_dsn, f"SELECT numbered_upto FROM {schema}.meta") == 2
                  and sequencer._quiet, 20, "seq 2 numbered and the sequencer quiet")
-        assert one_value(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 1
+        assert one(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 1
         late.commit()
-        wait_for(lambda: one_value(pg_dsn, f"SELECT count(*) FROM {schema}.offsets") == 2,
+        wait_for(lambda: one(pg_dsn, f"SELECT count(*) FROM {schema}.offsets") == 2,
                  20, "the late message numbered")
-        assert one_value(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 0
+        assert one(pg_dsn, f"SELECT count(*) FROM {schema}.gaps") == 0
     finally:
         sequencer.stop()
         late.close()
 
-
-def one_value(dsn, query):
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
