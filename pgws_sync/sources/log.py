@@ -354,6 +354,15 @@ class WakeTarget(NamedTuple):
     wal: Optional[int]
 
 
+def lsn(text: Optional[str]) -> int:
+    """A ``pg_lsn`` (``'16/B374D848'``) as a number of bytes; None (nothing replayed) is 0.
+    Raises ValueError for text that is not one."""
+    if not text:
+        return 0
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
 def wake_target(payload: str) -> WakeTarget:
     """Parse a wake-up's payload: ``channel<TAB>head<TAB>lsn``, or a bare channel name
     (earlier builds). A woken name never holds a control character (see ``sequence``)."""
@@ -361,9 +370,8 @@ def wake_target(payload: str) -> WakeTarget:
     head, _, wal = rest.partition("\t")
     if not tab or not head.isdigit() or not head.isascii() or int(head) >= 2**63:
         return WakeTarget(payload, None, None)  # no head a log can hold (a bigint)
-    high, slash, low = wal.partition("/")
     try:
-        position = (int(high, 16) << 32) + int(low, 16) if slash else None
+        position: Optional[int] = lsn(wal) if "/" in wal else None
     except ValueError:
         position = None
     return WakeTarget(channel, int(head), position)

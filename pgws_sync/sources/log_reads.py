@@ -28,6 +28,7 @@ from psycopg2 import sql
 
 from .. import _metrics
 from ..errors import first_line
+from .log import lsn
 from .postgres import close_quietly, connect
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,6 @@ POLL_MAX = 0.005
 HEADS_WAIT = 0.05
 #: Seconds connecting to the replica may take.
 CONNECT_TIMEOUT = 2
-
-
-def lsn(text: Optional[str]) -> int:
-    """A ``pg_lsn`` (``'16/B374D848'``) as a number of bytes; None (nothing replayed) is 0."""
-    if not text:
-        return 0
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
 
 
 class PrimaryReads:

@@ -12,8 +12,7 @@ import psycopg2
 import pytest
 
 from pgws_sync import ConfigError, Listener, PubSub
-from pgws_sync.sources.log import wake_channel_for
-from pgws_sync.sources.log_reads import lsn
+from pgws_sync.sources.log import lsn, wake_channel_for
 
 from ..durable_helpers import Resumer, new_log, one, publish_many, serve_durable
 from ..helpers import Gunicorn, Ws, value, wait_for

@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgws_sync.sources.log import WakeTarget, wake_channel_for, wake_target
-from pgws_sync.sources.log_reads import lsn
 from pgws_sync import publish_durable
+from pgws_sync.sources.log import WakeTarget, lsn, wake_channel_for, wake_target
 from pgws_sync.sources.sequencer import FILL, MAX_STRETCH, Sequencer, pause
 
 from ..durable_helpers import new_log, number_all, one, publish_many
