@@ -156,10 +156,11 @@ def intake_left(dsn: str) -> int:
         conn.close()
 
 
-def side_by_side(dsn: str, seconds: float, workdir: Path) -> Dict[str, Tuple[float, float]]:
+def side_by_side(dsn: str, seconds: float, workdir: Path,
+                 publish_first: bool = False) -> Dict[str, Tuple[float, float]]:
     """The updaters' commits/s while 32 others insert plain rows, and while they publish."""
     out: Dict[str, Tuple[float, float]] = {}
-    for variant in ("insert", "publish"):
+    for variant in ("publish", "insert") if publish_first else ("insert", "publish"):
         script = APP_UPDATE.format(channels=32, then=VARIANTS[variant])
         results: Dict[str, float] = {}
 
@@ -188,10 +189,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def paired(runs: Dict[str, List[Tuple[float, float]]], name: str) -> float:
+    """The median over rounds of ``name``'s commits/s over the plain insert's in the same
+    round: a machine whose speed drifts between rounds (a shared one's does, by up to
+    2.5 times for one client) moves both runs of a round alike, so the ratio holds."""
+    return statistics.median(a[0] / b[0] for a, b in zip(runs[name], runs["insert"]))
+
+
 def report(dsn: str, workdir: Path, seconds: float, rounds: int) -> None:
     """Run every variant and print the table (medians of ``rounds``, variants interleaved)."""
     print(f"commits/s of: UPDATE one row; then insert a plain row / NOTIFY / durable "
-          f"publish ({seconds:g} s each, median of {rounds} interleaved rounds)")
+          f"publish ({seconds:g} s each, median of {rounds} interleaved rounds, the order "
+          f"reversed every other round; the ratios are medians of each round's ratio)")
     print("cpu: microseconds of the database's CPU (every server process, the sequencer's "
           "included) per commit, and insert's over publish's (a figure other load on the "
           "machine disturbs less than commits/s)")
@@ -202,8 +211,9 @@ def report(dsn: str, workdir: Path, seconds: float, rounds: int) -> None:
     for channels in (1, 32):
         for clients in (1, 8, 32):
             runs: Dict[str, List[Tuple[float, float]]] = {name: [] for name in VARIANTS}
-            for _ in range(rounds):
-                for name, then in VARIANTS.items():
+            for rnd in range(rounds):
+                order = list(VARIANTS.items())
+                for name, then in order if rnd % 2 == 0 else order[::-1]:
                     before = cpu_of()
                     tps = run_pgbench(dsn, APP_UPDATE.format(channels=channels, then=then),
                                       clients, seconds, workdir)
@@ -212,18 +222,20 @@ def report(dsn: str, workdir: Path, seconds: float, rounds: int) -> None:
             tps = {name: statistics.median(t for t, _ in got) for name, got in runs.items()}
             cpu = {name: statistics.median(c for _, c in got) for name, got in runs.items()}
             print(f"{channels:>8} {clients:>7} {tps['insert']:>9.0f} {tps['notify']:>9.0f} "
-                  f"{tps['publish']:>9.0f} {tps['publish'] / tps['insert']:>15.2f} "
-                  f"{tps['notify'] / tps['insert']:>14.2f} {cpu['insert'] * 1e6:>7.0f} "
+                  f"{tps['publish']:>9.0f} {paired(runs, 'publish'):>15.2f} "
+                  f"{paired(runs, 'notify'):>14.2f} {cpu['insert'] * 1e6:>7.0f} "
                   f"{cpu['publish'] * 1e6:>7.0f} {cpu['insert'] / cpu['publish']:>9.2f}",
                   flush=True)
-    sides = [side_by_side(dsn, seconds, workdir) for _ in range(rounds)]
+    sides = [side_by_side(dsn, seconds, workdir, publish_first=rnd % 2 == 1)
+             for rnd in range(rounds)]
     plain = (statistics.median(b["insert"][0] for b in sides),
              statistics.median(b["insert"][1] for b in sides))
     publishing = (statistics.median(b["publish"][0] for b in sides),
                   statistics.median(b["publish"][1] for b in sides))
+    ratio = statistics.median(b["publish"][0] / b["insert"][0] for b in sides)
     print(f"32 updaters beside 32 plain inserters: {plain[0]:.0f} commits/s "
           f"(inserters {plain[1]:.0f}); beside 32 publishers: {publishing[0]:.0f} "
-          f"(publishers {publishing[1]:.0f}); ratio {publishing[0] / plain[0]:.2f}")
+          f"(publishers {publishing[1]:.0f}); ratio {ratio:.2f}")
     print(f"messages still waiting for the sequencer at the end: {intake_left(dsn)}")
 
 
