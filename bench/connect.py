@@ -98,6 +98,9 @@ def one_run(kind: str, dsn: str, workers: int, args: argparse.Namespace) -> Dict
                                      connect_phase=300.0, deflate=False)
     try:
         server.wait_healthy("/healthz", args.start_timeout)
+        if not servers.wait_workers_idle(server.pid, workers):
+            print(f"bench: {kind}'s workers were still busy after 30 s; timing anyway",
+                  file=sys.stderr)
         cpu0, switches0 = servers.cpu_s(server.pid) or 0.0, context_switches(server.pid)
         for i, count in enumerate(split(args.clients, args.procs)):
             procs.append(ClientProc(server.url("/ws"), count, client_args,

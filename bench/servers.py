@@ -230,3 +230,20 @@ def settled_rss_kb(pid: Optional[int], timeout: float = 3.0, interval: float = 0
             return now
         last = now
     return last
+
+
+def wait_workers_idle(pid: int, workers: int, timeout: float = 30.0, window: float = 0.3,
+                      busy_s: float = 0.01) -> bool:
+    """Until the master has ``workers`` workers and the tree used at most ``busy_s`` CPU
+    seconds over the last ``window`` (every worker has booted: /healthz answering 200 says
+    only that one of them has). False if that did not happen within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = cpu_s(pid) or 0.0
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_s(pid) or 0.0
+        if len(worker_pids(pid)) == workers and now - last <= busy_s:
+            return True
+        last = now
+    return False
+
