@@ -226,14 +226,19 @@ BEGIN
         INTO fresh, fresh_channels
         FROM (SELECT x.seq, x.channel FROM {s}.messages x WHERE x.seq > m.numbered_upto
               ORDER BY x.seq LIMIT batch) f;
-    SELECT coalesce(array_agg(x.seq ORDER BY x.seq), '{{}}'),
-           coalesce(array_agg(x.channel ORDER BY x.seq), '{{}}')
-        INTO filled, filled_channels  -- by primary key, whatever the statistics say
-        FROM {s}.messages x WHERE x.seq = ANY(ARRAY(SELECT g.seq FROM {s}.gaps g));
-    -- gaps whose transaction committed are numbered now; those whose every possible
-    -- transaction had ended before this call began (the oldest running id is past the
-    -- horizon), and still unseen, were rolled back
-    DELETE FROM {s}.gaps g WHERE g.seq = ANY(filled) OR g.horizon <= pg_snapshot_xmin(before);
+    filled := '{{}}';
+    filled_channels := '{{}}';
+    IF EXISTS (SELECT FROM {s}.gaps) THEN  -- nearly always empty: one look instead of two
+        SELECT coalesce(array_agg(x.seq ORDER BY x.seq), '{{}}'),
+               coalesce(array_agg(x.channel ORDER BY x.seq), '{{}}')
+            INTO filled, filled_channels  -- by primary key, whatever the statistics say
+            FROM {s}.messages x WHERE x.seq = ANY(ARRAY(SELECT g.seq FROM {s}.gaps g));
+        -- gaps whose transaction committed are numbered now; those whose every possible
+        -- transaction had ended before this call began (the oldest running id is past the
+        -- horizon), and still unseen, were rolled back
+        DELETE FROM {s}.gaps g
+            WHERE g.seq = ANY(filled) OR g.horizon <= pg_snapshot_xmin(before);
+    END IF;
     IF cardinality(fresh) > 0 THEN
         top := fresh[cardinality(fresh)];
         -- the horizon: this transaction's own id, taken after the rows were read; every
