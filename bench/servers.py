@@ -246,4 +246,3 @@ def wait_workers_idle(pid: int, workers: int, timeout: float = 30.0, window: flo
             return True
         last = now
     return False
-
