@@ -150,7 +150,7 @@ export interface PgwsChannel {
   subscribe(options?: SubscribeOptions): Promise<Record<string, unknown>>;
   unsubscribe(): Promise<Record<string, unknown>>;
   publish(payload: unknown): Promise<Record<string, unknown>>;
-  joinRoom(): Promise<{event: "joined"; room: string}>;
+  joinRoom(): Promise<{event: "joined"; room: string; offset?: number; epoch?: string}>;
   leaveRoom(): Promise<{event: "left"; room: string}>;
   position(): Position | null;
   commit(offset: number, epoch?: string): boolean;
@@ -251,7 +251,7 @@ export declare class PgwsSocket extends EventTarget {
   commit(channel: string, offset: number, epoch?: string): boolean;
   /** The committed position of a durable channel, or null. */
   position(channel: string): Position | null;
-  joinRoom(room: string): Promise<{event: "joined"; room: string}>;
+  joinRoom(room: string): Promise<{event: "joined"; room: string; offset?: number; epoch?: string}>;
   leaveRoom(room: string): Promise<{event: "left"; room: string}>;
   send(message: string | ArrayBuffer | ArrayBufferView | Blob | unknown): void;
   /** For good; throws RangeError (changing nothing) for a code other than 1000 or 3000-4999. */

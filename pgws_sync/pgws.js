@@ -1066,8 +1066,8 @@
             shaped(frame, ["event", "channel", "reply_to"], ["id"]) && this._answered(frame);
         case "error":
           return typeof frame.error === "string" && this._refused(frame, request);
-        case "joined":
-          if (!shaped(frame, ["event", "room"]) || typeof frame.room !== "string") return false;
+        case "joined": // on a durable Push endpoint with the position the room is live from
+          if (!shaped(frame, ["event", "room"], ["offset", "epoch"]) || typeof frame.room !== "string") return false;
           if (!this._rooms.has(frame.room) || this._rooms.get(frame.room).joined) return false;
           this._roomAnswer(frame);
           return true;
@@ -1223,6 +1223,12 @@
     _roomAnswer(frame) {
       if (frame.event === "joined") {
         const entry = this._rooms.get(frame.room);
+        if (typeof frame.offset === "number" && typeof frame.epoch === "string" && entry &&
+            !this._positions.get(frame.room)) { // resumable from here, before any message
+          const at = {offset: frame.offset, epoch: frame.epoch};
+          this._seen.set(frame.room, at);
+          this._setPosition(frame.room, at);
+        }
         if (entry) {
           entry.joined = true;
           this._settle(entry.waiters, frame, null);
@@ -1321,8 +1327,9 @@
     }
 
     /**
-     * Join a room: `{"joinRoom": r}`, or on a durable Push endpoint, once a room message gave
-     * it a position, a subscribe with `since` (joining is subscribing), so nothing is missed.
+     * Join a room: `{"joinRoom": r}`, or on a durable Push endpoint, once the `joined` answer or a
+     * room message gave it a position, a subscribe with `since` (joining is subscribing), so
+     * nothing is missed.
      */
     _sendJoin(room) {
       const position = this._positions.get(room);

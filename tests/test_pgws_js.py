@@ -642,6 +642,36 @@ def test_a_durable_push_page_gets_what_was_pushed_to_its_user_tab_and_room_while
         server.stop()
 
 
+def test_a_durable_push_room_joined_before_its_first_message_misses_nothing_while_away(
+        pg_dsn: str, page: Page) -> None:
+    """The joined answer names where the room is live from: a page whose server goes away
+    before the room's first message rejoins from there and gets what was published."""
+    schema = new_log(pg_dsn)
+    options = {"durable": True, "log_schema": schema}
+    server = serve_push(pg_dsn, options=options)
+    load_client(page, server)
+    page.evaluate(RECORDER, EVENTS)
+    page.evaluate("""() => record(new PgwsSocket("/ws?user=ann", {minDelay: 100, maxDelay: 400}))""")
+    joined = page.evaluate("() => within(sock.joinRoom('quiet'))")
+    assert (joined["event"], joined["room"], joined["offset"]) == ("joined", "quiet", 0)
+    assert page.evaluate("sock.position('quiet')") == {"offset": 0, "epoch": joined["epoch"]}
+    port = server.port
+    server.stop()
+
+    conn = psycopg2.connect(pg_dsn)  # while the page is away
+    with conn:
+        publish_durable(conn, "quiet", {"n": 1}, schema=schema)
+        publish_durable(conn, "quiet", {"n": 2}, schema=schema)
+    conn.close()
+    server = serve_push(pg_dsn, options=options, port=port)
+    try:
+        wait_message(page, '"n":2', timeout=30)
+        got = [(e["offset"], e["payload"]) for e in events(page, "message") if e.get("offset")]
+        assert got == [(1, {"n": 1}), (2, {"n": 2})]
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------- heartbeat, pgws.v2, tab streams (issue 26)
 
 

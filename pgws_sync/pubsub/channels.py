@@ -28,7 +28,7 @@ from ..sources.log import Row
 from .protocol import Action, reply_frame
 from .publication import format_publication, message_type
 from .publisher import Publisher
-from .streams import Streams
+from .streams import Reply, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Channels(abc.ABC):
         """The channels the limit counts for ``conn``."""
 
     @abc.abstractmethod
-    def join(self, conn: Connection, channel: str, *, policy: str, reply: bool) -> bool:
+    def join(self, conn: Connection, channel: str, *, policy: str, reply: Reply) -> bool:
         """Subscribe ``conn`` from the server (no hook, no limit); False if it is gone.
         Raises :class:`LogUnavailable` when a durable log cannot take it now."""
 
@@ -136,7 +136,7 @@ class NotifyChannels(Channels):
     def _counted(self, conn: Connection) -> Sequence[str]:
         return self.subscriptions(conn)
 
-    def join(self, conn: Connection, channel: str, *, policy: str, reply: bool) -> bool:
+    def join(self, conn: Connection, channel: str, *, policy: str, reply: Reply) -> bool:
         return self.hub.join(conn, subscription_key(channel),
                              drop_as=channel if policy == "drop" else None)
 
@@ -234,7 +234,7 @@ class DurableChannels(Channels):
     def _counted(self, conn: Connection) -> Sequence[str]:
         return sorted(self.streams.claimed(conn))
 
-    def join(self, conn: Connection, channel: str, *, policy: str, reply: bool) -> bool:
+    def join(self, conn: Connection, channel: str, *, policy: str, reply: Reply) -> bool:
         if self.hub.get(conn.id) is None:  # live from the channel's head; the reply says which
             return False
         refused = self.streams.subscribe(conn, channel, reply=reply)

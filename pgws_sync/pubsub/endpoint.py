@@ -43,6 +43,7 @@ from .publication import (
     publication_frame,
 )
 from .publisher import Publisher
+from .streams import Reply
 from .channels import (SUBSCRIPTION_PREFIX, Channels, DurableChannels, DurableSettings,
                        NotifyChannels, subscription_key)
 from .control import (CONTROL_SUFFIX, Control, change_frames, format_control, matches,
@@ -319,13 +320,14 @@ class PubSub(ListeningEndpoint):
         return was_open
 
     def subscribe(self, conn: Connection, channel: str, *,
-                  backpressure: Optional[str] = None, reply: bool = True) -> bool:
+                  backpressure: Optional[str] = None, reply: Reply = True) -> bool:
         """Subscribe ``conn`` (e.g. from :meth:`on_connect`); False if it is gone.
 
         ``backpressure`` overrides the endpoint's policy for this channel.
         No hook is asked and no limit applies. On a durable endpoint the socket
         gets a ``subscribed`` frame naming the epoch and offset, unless ``reply``
-        is False. Raises :class:`InvalidChannel` for a bad channel name,
+        is False (or a :class:`~pgws_sync.pubsub.streams.SubscribeAnswer`: its frames
+        instead of ``subscribed`` and ``error``). Raises :class:`InvalidChannel` for a bad channel name,
         :class:`LogUnavailable` when the durable log cannot take it now.
         """
         channel_name(channel)

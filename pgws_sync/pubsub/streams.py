@@ -25,7 +25,8 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple,
+                    Union)
 
 import psycopg2
 
@@ -76,6 +77,21 @@ class Subscriber:
         self.cursor = cursor
 
 
+class SubscribeAnswer(NamedTuple):
+    """The frames answering a subscribe the server made on a client's behalf, where a
+    protocol has its own (a Push ``joinRoom``): instead of ``subscribed`` and ``error``."""
+
+    #: The frame for a socket subscribed live from ``offset`` of the log's ``epoch``.
+    subscribed: Callable[[int, str], str]
+    #: The frame for a subscribe that failed, from the reason.
+    failed: Callable[[str], str]
+
+
+#: How a subscribe is answered: True, the ``subscribed`` frame; False, none (a
+#: ``resync_required`` or an error always goes); a :class:`SubscribeAnswer`, its frames.
+Reply = Union[bool, SubscribeAnswer]
+
+
 class Request:
     """A subscribe, unsubscribe or forget, handed from a socket's thread to the streams thread."""
 
@@ -83,14 +99,14 @@ class Request:
 
     def __init__(self, kind: str, conn: Connection, channel: Optional[str] = None,
                  since: Optional[int] = None, epoch: Optional[str] = None,
-                 reply_to: Any = None, reply: bool = True) -> None:
+                 reply_to: Any = None, reply: Reply = True) -> None:
         self.kind = kind
         self.conn = conn
         self.channel = channel
         self.since = since
         self.epoch = epoch
         self.reply_to = reply_to
-        #: Send the ``subscribed`` frame (a ``resync_required`` or an error always goes).
+        #: How to answer (see :data:`Reply`).
         self.reply = reply
         #: How many times the streams thread began it.
         self.attempts = 0
@@ -242,10 +258,10 @@ class Streams:
             gather(self._threads, timeout)
 
     def subscribe(self, conn: Connection, channel: str, *, since: Optional[int] = None,
-                  epoch: Optional[str] = None, reply_to: Any = None, reply: bool = True,
+                  epoch: Optional[str] = None, reply_to: Any = None, reply: Reply = True,
                   limit: Optional[int] = None) -> Optional[str]:
-        """Subscribe ``conn``; the reply frame (none with ``reply=False``, unless it is a
-        ``resync_required``) follows on the streams thread.
+        """Subscribe ``conn``; the reply frame (see :data:`Reply`) follows on the streams
+        thread.
 
         Returns None once the request is taken, else why it was refused at once:
         ``conn`` already asked for ``limit`` other channels, or too many requests wait
@@ -516,8 +532,11 @@ class Streams:
         if request.kind == "subscribe" and request.channel is not None:
             self._unclaim(request.conn, request.channel)
             self._drop_position_if_unused(request.channel)
-            request.conn.send(error_frame(f"subscribe to {request.channel!r} failed: {reason}",
-                                          channel=request.channel, reply_to=request.reply_to))
+            text = f"subscribe to {request.channel!r} failed: {reason}"
+            answer = request.reply
+            request.conn.send(answer.failed(text) if isinstance(answer, SubscribeAnswer) else
+                              error_frame(text, channel=request.channel,
+                                          reply_to=request.reply_to))
 
     def _unclaim(self, conn: Connection, channel: str) -> None:
         with self._lock:
@@ -569,7 +588,9 @@ class Streams:
             return False  # the socket is gone
         if request.reply_to is not None:
             reply["reply_to"] = request.reply_to
-        if request.reply or reply["event"] != "subscribed":
+        if isinstance(request.reply, SubscribeAnswer) and reply["event"] == "subscribed":
+            conn.send(request.reply.subscribed(head, reply["epoch"]))
+        elif request.reply or reply["event"] != "subscribed":
             conn.send(dumps(reply))
         sub = Subscriber(conn, channel, cursor)
         self._subs.setdefault(channel, {})[conn] = sub

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from werkzeug.wrappers import Request
@@ -15,6 +16,7 @@ from .._formats import check_notify_size, dumps, json_message, name_problem, pre
 from ..errors import ConfigError, InvalidPayload, LogUnavailable, ProtocolError, Refused
 from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
 from ..pubsub.publication import message_body
+from ..pubsub.streams import SubscribeAnswer
 from ..sources.base import Notification, Source
 from .messages import (
     DEFAULT_PUSH_CHANNEL,
@@ -26,6 +28,7 @@ from .messages import (
     ToUser,
     format_backend_message,
     parse_backend_message,
+    joined_at_frame,
     parse_room_request,
     room_error_frame,
     room_frame,
@@ -316,10 +319,18 @@ class Push(PubSub):
             if problem is not None:
                 conn.send(room_error_frame(problem, request.room))
                 return
+            # durable: the streams thread answers once the room is joined, with the position
+            # it is live from, so a client can resume it before any message came
+            durable = self.channels.durable
+            answer: Union[bool, SubscribeAnswer] = SubscribeAnswer(
+                partial(joined_at_frame, request.room),
+                partial(room_error_frame, room=request.room)) if durable else False
             try:
-                self.subscribe(conn, request.room, reply=False)
+                self.subscribe(conn, request.room, reply=answer)
             except LogUnavailable as exc:  # the durable log is not answering: try again
                 conn.send(room_error_frame(str(exc), request.room))
+                return
+            if durable:
                 return
         else:
             self.unsubscribe(conn, request.room)

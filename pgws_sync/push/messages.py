@@ -156,6 +156,13 @@ def room_frame(request: RoomRequest) -> str:
                  compact=True)
 
 
+def joined_at_frame(room: str, offset: int, epoch: str) -> str:
+    """``{"event": "joined", "room": r, "offset": N, "epoch": E}``: a durable room joined live
+    after ``offset`` of the log's ``epoch`` (a client resumes the room from there)."""
+    return dumps({"event": "joined", "room": room, "offset": offset, "epoch": epoch},
+                 compact=True)
+
+
 def room_error_frame(error: str, room: Optional[str] = None) -> str:
     """``{"event": "error", "error": reason, "room": r}``: a refused or invalid room request."""
     return error_frame(error, compact=True, room=room)

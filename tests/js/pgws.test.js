@@ -362,6 +362,29 @@ test("a durable Push room is rejoined after its position, not from its head", as
   sock.close();
 });
 
+test("a durable Push room is resumable from its joined answer before any message", async () => {
+  const {sock, ws, named} = await connected();
+  const joined = sock.joinRoom("lobby");
+  assert.deepEqual(ws.frames().pop(), {joinRoom: "lobby"});
+  ws.receive({event: "joined", room: "lobby", offset: 7, epoch: "e1"});
+  assert.deepEqual(await joined, {event: "joined", room: "lobby", offset: 7, epoch: "e1"});
+  assert.deepEqual(sock.position("lobby"), {offset: 7, epoch: "e1"});
+  assert.deepEqual(named("message"), []); // the answer is no message
+  ws.receive(durable("lobby", 7)); // at the position: had it
+  assert.deepEqual(named("message"), []);
+  ws.finish(1006);
+  await until(() => latest() !== ws, 1000, "a reconnect");
+  const again = latest();
+  again.open();
+  const rejoin = again.frames().pop();
+  assert.deepEqual([rejoin.action, rejoin.channel, rejoin.since, rejoin.epoch],
+    ["subscribe", "lobby", 7, "e1"]);
+  again.receive({event: "subscribed", channel: "lobby", epoch: "e1", offset: 9, reply_to: rejoin.id});
+  again.receive(durable("lobby", 8));
+  assert.deepEqual(named("message").map((m) => m.offset), [8]);
+  sock.close();
+});
+
 test("a channel handle has its own events and the socket's calls", async () => {
   const {sock, ws, named} = await connected();
   const chat = sock.channel("chat");

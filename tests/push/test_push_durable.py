@@ -79,9 +79,11 @@ def test_rooms_resume_with_since_and_join_room_starts_live(durable_push):
     server = durable_push
     tab = DurableTab(server, "ann")
     tab.ws.client.send(json.dumps({"joinRoom": "lobby"}))
-    assert tab.ws.recv_json() == {"event": "joined", "room": "lobby"}
+    joined = tab.ws.recv_json()
+    assert joined == {"event": "joined", "room": "lobby", "offset": 0, "epoch": joined["epoch"]}
     api(server, {"room": "lobby", "payload": "hello"})
     first = tab.ws.recv_json()
+    assert first["epoch"] == joined["epoch"]
     assert (first["channel"], first["payload"], first["offset"]) == ("lobby", "hello", 1)
     tab.ws.close()
     api(server, {"room": "lobby", "payload": "while away"})
@@ -89,6 +91,26 @@ def test_rooms_resume_with_since_and_join_room_starts_live(durable_push):
     back = DurableTab(server, "ann", positions={"lobby": [1, first["epoch"]]})
     assert back.subscribe("lobby")["offset"] == 2
     assert back.message()["payload"] == "while away"
+    back.ws.close()
+
+
+def test_a_room_resumes_from_its_joined_answer_before_any_message(durable_push):
+    """The joined answer names the position the room is live from: a tab that leaves before
+    the room's first message resumes from there and misses nothing."""
+    server = durable_push
+    api(server, {"room": "quiet", "payload": "before anyone came"})
+    server.numbered()
+    tab = DurableTab(server, "ann")
+    tab.ws.client.send(json.dumps({"joinRoom": "quiet"}))
+    joined = tab.ws.recv_json()
+    assert (joined["event"], joined["room"], joined["offset"]) == ("joined", "quiet", 1)
+    tab.ws.close()
+    api(server, {"room": "quiet", "payload": "while away 1"})
+    api(server, {"room": "quiet", "payload": "while away 2"})
+    server.numbered()
+    back = DurableTab(server, "ann", positions={"quiet": [joined["offset"], joined["epoch"]]})
+    assert back.subscribe("quiet")["offset"] == 3
+    assert [back.message()["payload"] for _ in range(2)] == ["while away 1", "while away 2"]
     back.ws.close()
 
 
