@@ -1223,13 +1223,13 @@
     _roomAnswer(frame) {
       if (frame.event === "joined") {
         const entry = this._rooms.get(frame.room);
-        if (typeof frame.offset === "number" && typeof frame.epoch === "string" && entry &&
-            !this._positions.get(frame.room)) { // resumable from here, before any message
-          const at = {offset: frame.offset, epoch: frame.epoch};
-          this._seen.set(frame.room, at);
-          this._setPosition(frame.room, at);
-        }
         if (entry) {
+          if (typeof frame.offset === "number" && typeof frame.epoch === "string" &&
+              !this._positions.get(frame.room)) { // resumable from here, before any message
+            const at = {offset: frame.offset, epoch: frame.epoch};
+            this._seen.set(frame.room, at);
+            this._setPosition(frame.room, at);
+          }
           entry.joined = true;
           this._settle(entry.waiters, frame, null);
         }

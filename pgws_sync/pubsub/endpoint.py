@@ -327,8 +327,8 @@ class PubSub(ListeningEndpoint):
         No hook is asked and no limit applies. On a durable endpoint the socket
         gets a ``subscribed`` frame naming the epoch and offset, unless ``reply``
         is False (or a :class:`~pgws_sync.pubsub.streams.SubscribeAnswer`: its frames
-        instead of ``subscribed`` and ``error``). Raises :class:`InvalidChannel` for a bad channel name,
-        :class:`LogUnavailable` when the durable log cannot take it now.
+        instead of ``subscribed`` and ``error``). Raises :class:`InvalidChannel` for a bad
+        channel name, :class:`LogUnavailable` when the durable log cannot take it now.
         """
         channel_name(channel)
         policy = self._policy(backpressure)

@@ -16,7 +16,7 @@ from .._formats import check_notify_size, dumps, json_message, name_problem, pre
 from ..errors import ConfigError, InvalidPayload, LogUnavailable, ProtocolError, Refused
 from ..pubsub.endpoint import SUBSCRIPTION_PREFIX, PubSub
 from ..pubsub.publication import message_body
-from ..pubsub.streams import SubscribeAnswer
+from ..pubsub.streams import Reply, SubscribeAnswer
 from ..sources.base import Notification, Source
 from .messages import (
     DEFAULT_PUSH_CHANNEL,
@@ -27,8 +27,8 @@ from .messages import (
     ToRoom,
     ToUser,
     format_backend_message,
-    parse_backend_message,
     joined_at_frame,
+    parse_backend_message,
     parse_room_request,
     room_error_frame,
     room_frame,
@@ -322,7 +322,7 @@ class Push(PubSub):
             # durable: the streams thread answers once the room is joined, with the position
             # it is live from, so a client can resume it before any message came
             durable = self.channels.durable
-            answer: Union[bool, SubscribeAnswer] = SubscribeAnswer(
+            answer: Reply = SubscribeAnswer(
                 partial(joined_at_frame, request.room),
                 partial(room_error_frame, room=request.room)) if durable else False
             try:

@@ -213,8 +213,8 @@ DECLARE
     before pg_snapshot;
     fresh bigint[];
     fresh_channels text[];
-    filled bigint[];
-    filled_channels text[];
+    filled bigint[] := '{{}}';  -- committed gaps, read only when there are gaps
+    filled_channels text[] := '{{}}';
     top bigint;
 BEGIN
     -- one numbering transaction at a time, whoever calls (and the pruner, when it drops a row)
@@ -226,8 +226,6 @@ BEGIN
         INTO fresh, fresh_channels
         FROM (SELECT x.seq, x.channel FROM {s}.messages x WHERE x.seq > m.numbered_upto
               ORDER BY x.seq LIMIT batch) f;
-    filled := '{{}}';
-    filled_channels := '{{}}';
     IF EXISTS (SELECT FROM {s}.gaps) THEN  -- nearly always empty: one look instead of two
         SELECT coalesce(array_agg(x.seq ORDER BY x.seq), '{{}}'),
                coalesce(array_agg(x.channel ORDER BY x.seq), '{{}}')
